@@ -1,0 +1,306 @@
+// robe_dist._C: the ROBE-Z pooled lookup on CPU (forward, exact backward, fused SGD backward).
+//
+// One 1-D array M of m floats holds every embedding of every table. Element j of the
+// embedding of id x in table t is M[start(t, x, j / Z) + j % Z]: an embedding is cut in
+// blocks of Z contiguous floats and each block starts at a hashed offset in [0, m - Z].
+// The two mappings (docs/robe.md):
+//   universal: h = fmix64(x ^ key_t); start = (fmix64(h + (c + 1) * G) >> 1) mod (m - Z + 1)
+//   paper:     g = x + offset_t;      start = ((g * A + c * B + C) mod P) mod (m - Z + 1)
+// (fmix64 is MurmurHash3's 64-bit finaliser, G = 0x9E3779B97F4A7C15, all in uint64 arithmetic.)
+//
+// Layout of the inputs (built by robe_dist/ops.py from a KeyedJaggedTensor):
+//   values       int64 [N]        the KJT's ids (all keys; only the selected features are read)
+//   weights      float [N] or []  per-sample weights (weighted features), same indexing as values
+//   bag_offsets  int64 [F, B+1]   bag b of feature f is values[bag_offsets[f][b] : bag_offsets[f][b+1]]
+//   meta         int64 [F, 6]     per feature: table key (universal) / global offset (paper),
+//                                 num_embeddings (paper: ids must be below it), dim, output
+//                                 column, pooling (0 sum, 1 mean), start index into `starts`
+// Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts`, the int64 start of every
+// (feature, id, block), kept for the backward: one index per block, never one per element.
+//
+// The backward partitions the array's slots between threads: each thread walks every block
+// in a fixed order and adds only into the slots it owns. No atomics, no per-thread copies
+// of the array, and the summation order of each slot is independent of the thread count, so
+// gradients are bit-for-bit deterministic.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace {
+
+constexpr int64_t kHashUniversal = 0;
+constexpr int64_t kHashPaper = 1;
+constexpr int64_t kPoolSum = 0;
+constexpr int64_t kPoolMean = 1;
+
+enum MetaCol : int64_t {
+  kKey = 0,            // universal: table key (uint64 bits); paper: global id offset
+  kNumEmbeddings = 1,  // paper: ids must lie in [0, num_embeddings)
+  kDim = 2,
+  kOutCol = 3,
+  kPooling = 4,
+  kStartBase = 5,
+  kMetaCols = 6,
+};
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+
+inline uint64_t fmix64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ULL;
+  k ^= k >> 33;
+  return k;
+}
+
+struct Hash {
+  int64_t mode;
+  int64_t z;
+  uint64_t num_starts;  // m - Z + 1
+  int64_t a, b, c, p;   // paper constants
+
+  // Fills starts[0..nb) for one id of one feature. Returns false for an out-of-range
+  // id in the paper mapping (the caller reports it).
+  inline bool starts_for(int64_t id, const int64_t* meta, int64_t nb, int64_t* starts) const {
+    if (mode == kHashUniversal) {
+      const uint64_t h = fmix64(static_cast<uint64_t>(id) ^ static_cast<uint64_t>(meta[kKey]));
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const uint64_t hb = fmix64(h + static_cast<uint64_t>(blk + 1) * kGolden);
+        starts[blk] = static_cast<int64_t>((hb >> 1) % num_starts);
+      }
+      return true;
+    }
+    if (id < 0 || id >= meta[kNumEmbeddings]) return false;
+    const int64_t g = id + meta[kKey];
+    const int64_t base = g * a + c;  // g < 2^33 and a < 2^31: no overflow
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      starts[blk] = static_cast<int64_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts);
+    }
+    return true;
+  }
+};
+
+struct Problem {
+  int64_t num_features;
+  int64_t batch;
+  const int64_t* values;
+  const int64_t* bag_offsets;
+  const int64_t* meta;
+};
+
+Problem make_problem(const at::Tensor& values, const at::Tensor& bag_offsets, const at::Tensor& meta) {
+  TORCH_CHECK(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
+              "robe: values must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(bag_offsets.dtype() == at::kLong && bag_offsets.dim() == 2 && bag_offsets.is_contiguous(),
+              "robe: bag_offsets must be a contiguous int64 [F, B+1] tensor");
+  TORCH_CHECK(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaCols && meta.is_contiguous(),
+              "robe: meta must be a contiguous int64 [F, 6] tensor");
+  TORCH_CHECK(meta.size(0) == bag_offsets.size(0), "robe: meta and bag_offsets disagree on the feature count");
+  TORCH_CHECK(!values.is_cuda(), "robe: the C++ operator is CPU-only; CUDA tensors use the PyTorch path");
+  return Problem{bag_offsets.size(0), bag_offsets.size(1) - 1, values.data_ptr<int64_t>(),
+                 bag_offsets.data_ptr<int64_t>(), meta.data_ptr<int64_t>()};
+}
+
+Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper) {
+  TORCH_CHECK(mode == kHashUniversal || mode == kHashPaper, "robe: unknown hash mode ", mode);
+  TORCH_CHECK(z >= 1 && array_size >= z, "robe: need 1 <= block_size <= array_size");
+  TORCH_CHECK(paper.size() == 4, "robe: paper constants must be [A, B, C, P]");
+  return Hash{mode, z, static_cast<uint64_t>(array_size - z + 1), paper[0], paper[1], paper[2], paper[3]};
+}
+
+// Number of blocks (for `starts`) every feature needs; meta[kStartBase] must already be set.
+int64_t total_blocks(const Problem& pb, int64_t z) {
+  if (pb.num_features == 0) return 0;
+  const int64_t f = pb.num_features - 1;
+  const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+  const int64_t* m = pb.meta + f * kMetaCols;
+  return m[kStartBase] + (off[pb.batch] - off[0]) * (m[kDim] / z);
+}
+
+template <typename scalar_t>
+void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, const scalar_t* weights,
+                  scalar_t* out, int64_t out_dim, int64_t* starts) {
+  std::atomic<int64_t> bad_feature{-1};
+  std::atomic<int64_t> bad_id{0};
+  const int64_t z = hash.z;
+  at::parallel_for(0, pb.num_features * pb.batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t fb = begin; fb < end; ++fb) {
+      const int64_t f = fb / pb.batch;
+      const int64_t b = fb % pb.batch;
+      const int64_t* m = pb.meta + f * kMetaCols;
+      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+      const int64_t dim = m[kDim];
+      const int64_t nb = dim / z;
+      scalar_t* row = out + b * out_dim + m[kOutCol];
+      const int64_t lo = off[b], hi = off[b + 1];
+      for (int64_t i = lo; i < hi; ++i) {
+        int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+        if (!hash.starts_for(pb.values[i], m, nb, st)) {
+          int64_t expected = -1;
+          if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
+          for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
+          continue;
+        }
+        const scalar_t w = weights ? weights[i] : scalar_t(1);
+        for (int64_t blk = 0; blk < nb; ++blk) {
+          const scalar_t* src = array + st[blk];
+          scalar_t* dst = row + blk * z;
+#pragma omp simd
+          for (int64_t j = 0; j < z; ++j) dst[j] += w * src[j];
+        }
+      }
+      if (m[kPooling] == kPoolMean && hi > lo) {
+        const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(hi - lo);
+        for (int64_t j = 0; j < dim; ++j) row[j] *= inv;
+      }
+    }
+  });
+  const int64_t f = bad_feature.load();
+  TORCH_CHECK(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
+              " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
+              ") of its table; the 'paper' mapping needs ids below num_embeddings");
+}
+
+// Walks every (feature, bag, id, block) in a fixed order and calls fn(slot_start, scale, grad_row)
+// for the blocks that touch [lo, hi); fn handles the clipping to the range.
+template <typename scalar_t, typename Fn>
+void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
+                    int64_t out_dim, const int64_t* starts, int64_t lo, int64_t hi, Fn&& fn) {
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    const int64_t* m = pb.meta + f * kMetaCols;
+    const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+    const int64_t nb = m[kDim] / z;
+    const bool mean = m[kPooling] == kPoolMean;
+    for (int64_t b = 0; b < pb.batch; ++b) {
+      const int64_t bag_lo = off[b], bag_hi = off[b + 1];
+      if (bag_hi == bag_lo) continue;
+      const scalar_t bag_scale = mean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
+      const scalar_t* grow = grad_out + b * out_dim + m[kOutCol];
+      for (int64_t i = bag_lo; i < bag_hi; ++i) {
+        const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+        const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
+        for (int64_t blk = 0; blk < nb; ++blk) {
+          const int64_t s = st[blk];
+          if (s + z <= lo || s >= hi) continue;
+          fn(s, scale, grow + blk * z);
+        }
+      }
+    }
+  }
+}
+
+// dst[s + j] += alpha * g[j] for the j with lo <= s + j < hi.
+template <typename scalar_t>
+inline void add_block(scalar_t* dst, int64_t s, int64_t z, int64_t lo, int64_t hi, scalar_t alpha,
+                      const scalar_t* g) {
+  if (s >= lo && s + z <= hi) {
+    scalar_t* d = dst + s;
+#pragma omp simd
+    for (int64_t j = 0; j < z; ++j) d[j] += alpha * g[j];
+    return;
+  }
+  const int64_t j0 = std::max<int64_t>(0, lo - s), j1 = std::min<int64_t>(z, hi - s);
+  for (int64_t j = j0; j < j1; ++j) dst[s + j] += alpha * g[j];
+}
+
+// Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself
+// with alpha = -lr for the fused SGD update).
+template <typename scalar_t>
+void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
+                   int64_t out_dim, const int64_t* starts, scalar_t* target, int64_t array_size,
+                   scalar_t alpha) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Slot ranges aligned to 16 floats (one 64-byte line) so no two threads write one line.
+  const int64_t chunk = ((array_size + threads - 1) / threads + 15) / 16 * 16;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t lo = t * chunk, hi = std::min(array_size, lo + chunk);
+      if (lo >= hi) continue;
+      for_each_block<scalar_t>(pb, z, weights, grad_out, out_dim, starts, lo, hi,
+                               [&](int64_t s, scalar_t scale, const scalar_t* g) {
+                                 add_block<scalar_t>(target, s, z, lo, hi, alpha * scale, g);
+                               });
+    }
+  });
+}
+
+void set_start_bases(const Problem& pb, at::Tensor& meta, int64_t z) {
+  int64_t* m = meta.data_ptr<int64_t>();
+  int64_t base = 0;
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+    TORCH_CHECK(m[f * kMetaCols + kDim] % z == 0, "robe: feature #", f, " has embedding_dim ",
+                m[f * kMetaCols + kDim], ", not a multiple of block_size ", z);
+    m[f * kMetaCols + kStartBase] = base;
+    base += (off[pb.batch] - off[0]) * (m[f * kMetaCols + kDim] / z);
+  }
+}
+
+}  // namespace
+
+// Returns (out [B, out_dim], starts [num_blocks]). `meta`'s start-base column is filled in place.
+std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
+                                     const at::Tensor& weights, const at::Tensor& bag_offsets,
+                                     at::Tensor meta, int64_t out_dim, int64_t hash_mode, int64_t block_size,
+                                     std::vector<int64_t> paper_constants) {
+  TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
+  Problem pb = make_problem(values, bag_offsets, meta);
+  const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
+  set_start_bases(pb, meta, block_size);
+  auto starts = at::empty({total_blocks(pb, block_size)}, values.options());
+  auto out = at::zeros({pb.batch, out_dim}, array.options());
+  AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
+    const scalar_t* w = nullptr;
+    if (weights.numel() > 0) {
+      TORCH_CHECK(weights.scalar_type() == array.scalar_type() && weights.numel() == values.numel() &&
+                      weights.is_contiguous(),
+                  "robe: weights must be contiguous, of the array's dtype and one per id");
+      w = weights.data_ptr<scalar_t>();
+    }
+    forward_impl<scalar_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
+                           starts.data_ptr<int64_t>());
+  });
+  return {out, starts};
+}
+
+// Dense gradient of the array (exact: the sum over every element that maps to each slot).
+at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& weights,
+                         const at::Tensor& bag_offsets, const at::Tensor& meta, const at::Tensor& starts,
+                         int64_t array_size, int64_t block_size) {
+  Problem pb = make_problem(values, bag_offsets, meta);
+  auto g = grad_out.contiguous();
+  auto grad = at::zeros({array_size}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robe_backward", [&] {
+    const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
+    backward_impl<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
+                            grad.data_ptr<scalar_t>(), array_size, scalar_t(1));
+  });
+  return grad;
+}
+
+// Fused SGD: array -= lr * dL/dM, touching only the slots hit in this step (no dense gradient).
+void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::Tensor& values,
+                       const at::Tensor& weights, const at::Tensor& bag_offsets, const at::Tensor& meta,
+                       const at::Tensor& starts, int64_t block_size, double lr) {
+  TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
+  Problem pb = make_problem(values, bag_offsets, meta);
+  auto g = grad_out.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_backward_sgd", [&] {
+    const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
+    backward_impl<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
+                            array.data_ptr<scalar_t>(), array.size(0), static_cast<scalar_t>(-lr));
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "robe_dist CPU operators: ROBE-Z pooled lookup, exact backward, fused SGD backward";
+  m.def("robe_forward", &robe_forward);
+  m.def("robe_backward", &robe_backward);
+  m.def("robe_backward_sgd", &robe_backward_sgd);
+}

@@ -1,0 +1,5 @@
+"""Plain (unsharded) modules, as in ``torchrec.modules``."""
+
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+
+__all__ = ["RobeEmbeddingBagCollection"]

@@ -1,0 +1,276 @@
+"""RobeEmbeddingBagCollection: TorchRec's EmbeddingBagCollection, with every table in one ROBE array."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from robe_dist import hashing
+from robe_dist.config import RobeConfig
+from robe_dist.ops import LookupSpec, robe_pooled_lookup
+
+_SIGNATURE_VERSION = 1
+_PAPER_MAX_GLOBAL_ID = 2**33  # products g * A stay below 2**63
+_INIT_CAP = 2**31
+
+
+class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """A collection of pooled embedding tables that all live in ONE shared ROBE array.
+
+    Drop-in for ``torchrec.EmbeddingBagCollection``: same constructor tables, same input
+    (``KeyedJaggedTensor``), same output (``KeyedTensor`` with the same keys, order and widths).
+    Instead of a ``num_embeddings x embedding_dim`` weight per table, the module holds one
+    parameter ``array`` of ``robe.array_size`` floats; element ``j`` of the embedding of id ``x``
+    in table ``t`` is ``array[start(t, x, j // Z) + j % Z]`` (docs/robe.md). Pooling: SUM or
+    MEAN, multi-hot bags, empty bags (zeros), per-sample weights (``is_weighted``).
+
+    Args:
+        tables (List[EmbeddingBagConfig]): the tables; they share the array. ``embedding_dim``
+            must be a multiple of ``robe.block_size``. With ``robe.hash == "universal"``,
+            ``num_embeddings`` is only used for sizing helpers and the default init (ids may take
+            any int64 value); with ``"paper"`` ids must lie in ``[0, num_embeddings)``.
+        robe (RobeConfig): array size, block size Z, hash mapping and seed.
+        device (Optional[torch.device]): where the array lives (``"meta"`` allowed).
+        is_weighted (bool): the features carry per-sample weights (``KeyedJaggedTensor.weights()``);
+            each id's embedding is multiplied by its weight before pooling.
+        fused_sgd_lr (Optional[float]): single-process fast path: the backward applies
+            ``array -= lr * grad`` in place, touching only the slots hit in the step, and
+            ``array.grad`` stays ``None`` (the dense optimiser then skips it). Not for replicated
+            training, where the gradient must be all-reduced first. CPU operator only.
+
+    Call args:
+        features (KeyedJaggedTensor): ids of shape ``[sum of all bag lengths]`` keyed by feature;
+            must contain every feature of ``tables`` (extra keys are ignored).
+
+    Returns:
+        KeyedTensor: values ``[B, sum of embedding dims]``, one key per (table, feature).
+
+    Example::
+
+        tables = [
+            EmbeddingBagConfig(name="t1", embedding_dim=64, num_embeddings=10**9, feature_names=["f1"]),
+            EmbeddingBagConfig(name="t2", embedding_dim=32, num_embeddings=10**6, feature_names=["f2"]),
+        ]
+        ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=1 << 20, block_size=32))
+
+        #        0       1        2  <-- batch
+        # "f1"   [0,1] None    [2]
+        # "f2"   [3]    [4]    [5,6,7]
+        features = KeyedJaggedTensor(
+            keys=["f1", "f2"],
+            values=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]),
+            lengths=torch.tensor([2, 0, 1, 1, 1, 3]),
+        )
+        pooled = ebc(features)
+        pooled.values().shape   # torch.Size([3, 96])
+        pooled.keys()           # ['f1', 'f2']
+        pooled["f2"].shape      # torch.Size([3, 32])
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        robe: RobeConfig,
+        device: Optional[torch.device] = None,
+        is_weighted: bool = False,
+        fused_sgd_lr: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        torch._C._log_api_usage_once(f"robe_dist.modules.{self.__class__.__name__}")
+        self._check_tables(tables, robe)
+        self._embedding_bag_configs = list(tables)
+        self._robe = robe
+        self._is_weighted = is_weighted
+        self.fused_sgd_lr = fused_sgd_lr
+        if fused_sgd_lr is not None and not fused_sgd_lr > 0:
+            raise ValueError(f"fused_sgd_lr must be a positive float or None, got {fused_sgd_lr!r}")
+
+        self._feature_names: List[List[str]] = [t.feature_names for t in tables]
+        self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._lengths_per_embedding: List[int] = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._input_features: List[str] = [f for t in tables for f in t.feature_names]
+
+        keys, offset = [], 0
+        for t in tables:
+            keys.append(hashing.table_key(t.name, robe.seed) if robe.hash == "universal" else offset)
+            offset += t.num_embeddings
+        per_feature = [(i, t) for i, t in enumerate(tables) for _ in t.feature_names]
+        out_cols = [0]
+        for _, t in per_feature:
+            out_cols.append(out_cols[-1] + t.embedding_dim)
+        self._spec = LookupSpec(
+            hash=robe.hash,
+            block_size=robe.block_size,
+            array_size=robe.array_size,
+            paper_constants=hashing.paper_constants(robe.seed) if robe.hash == "paper" else (0, 0, 0, 1),
+            keys=tuple(keys[i] for i, _ in per_feature),
+            num_embeddings=tuple(t.num_embeddings for _, t in per_feature),
+            dims=tuple(t.embedding_dim for _, t in per_feature),
+            out_cols=tuple(out_cols[:-1]),
+            poolings=tuple(t.pooling.name for _, t in per_feature),
+            out_dim=out_cols[-1],
+        )
+        self._meta = self._spec.meta()
+
+        self.array = nn.Parameter(torch.empty(robe.array_size, device=device, dtype=torch.float32))
+        # (version, mapping, seed, Z, m, table-layout fingerprint): saved with the model, checked on load.
+        self.register_buffer(
+            "hash_signature", torch.tensor(self._expected_signature(), dtype=torch.long, device=device)
+        )
+        self._signature_version_checked = self.hash_signature._version
+        self._register_load_state_dict_pre_hook(self._check_loaded_signature, with_module=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _check_tables(tables: List[EmbeddingBagConfig], robe: RobeConfig) -> None:
+        if not tables:
+            raise ValueError("RobeEmbeddingBagCollection needs at least one EmbeddingBagConfig")
+        names = set()
+        for t in tables:
+            if t.name in names:
+                raise ValueError(f"table name {t.name!r} appears twice; table names must be unique")
+            names.add(t.name)
+            if t.embedding_dim % robe.block_size != 0:
+                raise ValueError(
+                    f"table {t.name!r}: embedding_dim ({t.embedding_dim}) must be a multiple of "
+                    f"RobeConfig.block_size ({robe.block_size})"
+                )
+            if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"table {t.name!r}: pooling {t.pooling.name} is not supported (SUM or MEAN)")
+            if not t.feature_names:
+                raise ValueError(f"table {t.name!r} has no feature_names")
+            if t.num_embeddings < 1:
+                raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
+            if t.need_pos:
+                raise ValueError(f"table {t.name!r}: need_pos is not supported")
+        if robe.hash == "paper":
+            total = sum(t.num_embeddings for t in tables)
+            if total > _PAPER_MAX_GLOBAL_ID:
+                raise ValueError(
+                    f"hash='paper' lays tables end to end: the sum of num_embeddings ({total}) must stay "
+                    f"below 2**33; use hash='universal' for raw ids"
+                )
+
+    def _expected_signature(self) -> List[int]:
+        layout = ";".join(f"{t.name}:{t.num_embeddings}:{t.embedding_dim}" for t in self._embedding_bag_configs)
+        fingerprint = hashing._signed(hashing.fnv1a64(layout.encode()))
+        mode = 0 if self._robe.hash == "universal" else 1
+        return [_SIGNATURE_VERSION, mode, self._robe.seed, self._robe.block_size, self._robe.array_size, fingerprint]
+
+    def reset_parameters(self) -> None:
+        """Uniform in ``[-s, s]``, ``s = robe.init_scale`` or ``sqrt(1 / largest num_embeddings)``."""
+        if self.array.device.type == "meta":
+            return
+        scale = self._robe.init_scale
+        if scale is None:
+            largest = min(max(t.num_embeddings for t in self._embedding_bag_configs), _INIT_CAP)
+            scale = math.sqrt(1.0 / largest)
+        with torch.no_grad():
+            self.array.uniform_(-scale, scale)
+
+    # ------------------------------------------------------------------ state checks
+    def _describe_signature(self, sig: List[int]) -> str:
+        mode = {0: "universal", 1: "paper"}.get(sig[1], f"?{sig[1]}")
+        return f"hash={mode} seed={sig[2]} block_size={sig[3]} array_size={sig[4]} tables=#{sig[5] & 0xFFFFFFFF:08x}"
+
+    def _verify_signature(self, found: List[int], where: str) -> None:
+        expected = self._expected_signature()
+        if found != expected:
+            raise RuntimeError(
+                f"{where}: the ROBE hash signature does not match this module: checkpoint has "
+                f"[{self._describe_signature(found)}], module has [{self._describe_signature(expected)}]. "
+                "Embeddings hashed with another mapping, seed, block size, array size or table layout "
+                "would be read from the wrong slots; rebuild the module with the checkpoint's RobeConfig."
+            )
+
+    def _check_loaded_signature(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "hash_signature"
+        if key in state_dict:
+            self._verify_signature(state_dict[key].tolist(), "load_state_dict")
+
+    def _check_signature_unchanged(self) -> None:
+        # In-place loads (torch.distributed.checkpoint.load) bypass load_state_dict hooks; the
+        # buffer's version counter tells when it was written, and the check then runs once.
+        version = self.hash_signature._version
+        if version != self._signature_version_checked:
+            self._verify_signature(self.hash_signature.tolist(), "loaded state")
+            self._signature_version_checked = version
+
+    # ------------------------------------------------------------------ TorchRec interface
+    @property
+    def robe_config(self) -> RobeConfig:
+        return self._robe
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def lookup_spec(self) -> LookupSpec:
+        return self._spec
+
+    def _bag_offsets(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """int64 ``[F, B + 1]`` bag offsets of the module's features into ``features.values()``."""
+        keys = features.keys()
+        index: Dict[str, int] = {k: i for i, k in enumerate(keys)}
+        missing = [f for f in self._input_features if f not in index]
+        if missing:
+            raise ValueError(
+                f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
+                f"KeyedJaggedTensor (keys: {keys})"
+            )
+        if features.variable_stride_per_key():
+            raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
+        batch = features.stride()
+        offsets = features.offsets()
+        rows = torch.tensor([index[f] for f in self._input_features], device=offsets.device) * batch
+        cols = torch.arange(batch + 1, device=offsets.device)
+        return offsets.long()[rows.unsqueeze(1) + cols.unsqueeze(0)]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings of ``features``: KeyedTensor of values ``[B, sum of dims]``."""
+        values = features.values()
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(
+                f"RobeEmbeddingBagCollection: ids must be an integer tensor (int64 or int32), got {values.dtype}"
+            )
+        self._check_signature_unchanged()
+        weights = None
+        if self._is_weighted:
+            weights = features.weights_or_none()
+            if weights is None:
+                raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
+        pooled = robe_pooled_lookup(
+            self.array,
+            values.long(),
+            weights,
+            self._bag_offsets(features),
+            self._spec,
+            meta=self._meta,
+            fused_sgd_lr=self.fused_sgd_lr,
+        )
+        return KeyedTensor(
+            keys=self._embedding_names,
+            values=pooled,
+            length_per_key=self._lengths_per_embedding,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.array.device
+
+    def extra_repr(self) -> str:
+        r = self._robe
+        return (
+            f"tables={[t.name for t in self._embedding_bag_configs]}, array_size={r.array_size}, "
+            f"block_size={r.block_size}, hash={r.hash!r}, seed={r.seed}"
+        )
