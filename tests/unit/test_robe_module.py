@@ -1,0 +1,293 @@
+"""RobeEmbeddingBagCollection against a loop reference, TorchRec's EBC layout, and its error messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from robe_reference import reference_lookup
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from robe_dist import RobeConfig, RobeEmbeddingBagCollection, ops
+from robe_dist.ops import _lookup_torch
+
+HASHES = ["universal", "paper"]
+
+
+def make_tables(pooling=PoolingType.SUM):
+    return [
+        EmbeddingBagConfig(name="t_big", embedding_dim=32, num_embeddings=5000, feature_names=["f1"], pooling=pooling),
+        EmbeddingBagConfig(name="t_two", embedding_dim=16, num_embeddings=300, feature_names=["f2", "f3"], pooling=pooling),
+        EmbeddingBagConfig(name="t_one", embedding_dim=8, num_embeddings=7, feature_names=["f4"], pooling=pooling),
+    ]
+
+
+def make_kjt(tables, batch=5, seed=0, max_len=4, weighted=False, extra_key=True):
+    """A KJT with multi-hot and empty bags, ids in range for every table, and an unrelated key."""
+    g = torch.Generator().manual_seed(seed)
+    keys, lengths, values = [], [], []
+    for t in tables:
+        for f in t.feature_names:
+            ls = torch.randint(0, max_len + 1, (batch,), generator=g)
+            ls[0] = 0  # always one empty bag
+            keys.append(f)
+            lengths.append(ls)
+            values.append(torch.randint(0, t.num_embeddings, (int(ls.sum()),), generator=g))
+    if extra_key:  # extra keys are ignored, as TorchRec does
+        keys.insert(1, "unused")
+        ls = torch.full((batch,), 2)
+        lengths.insert(1, ls)
+        values.insert(1, torch.full((2 * batch,), -12345))
+    vals = torch.cat(values)
+    weights = torch.rand(vals.numel(), generator=g) + 0.5 if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=vals, lengths=torch.cat(lengths), weights=weights)
+
+
+def make_ebc(tables, hash="universal", array_size=2003, block_size=8, **kw):
+    torch.manual_seed(0)
+    return RobeEmbeddingBagCollection(tables, RobeConfig(array_size=array_size, block_size=block_size, hash=hash), **kw)
+
+
+@pytest.mark.parametrize("hash", HASHES)
+@pytest.mark.parametrize("pooling", [PoolingType.SUM, PoolingType.MEAN])
+def test_forward_matches_loop_reference(hash, pooling):
+    tables = make_tables(pooling)
+    ebc = make_ebc(tables, hash)
+    kjt = make_kjt(tables)
+    out = ebc(kjt)
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt)
+    torch.testing.assert_close(out.values(), ref, rtol=1e-5, atol=1e-6)
+    # the first bag of every feature is empty: zeros
+    assert out.values()[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("hash", HASHES)
+def test_weighted_bags_match_reference(hash):
+    tables = make_tables()
+    ebc = make_ebc(tables, hash, is_weighted=True)
+    kjt = make_kjt(tables, weighted=True)
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt, weighted=True)
+    torch.testing.assert_close(ebc(kjt).values(), ref, rtol=1e-5, atol=1e-6)
+    assert ebc.is_weighted()
+    with pytest.raises(ValueError, match="needs a KeyedJaggedTensor with weights"):
+        ebc(make_kjt(tables, weighted=False))
+
+
+def test_layout_matches_torchrec_ebc():
+    """Same keys, order, widths as torchrec.EmbeddingBagCollection, shared features keyed feature@table."""
+    tables = make_tables() + [
+        EmbeddingBagConfig(name="t_shared", embedding_dim=16, num_embeddings=300, feature_names=["f2"])
+    ]
+    kjt = make_kjt(tables[:3])
+    ours = make_ebc(tables)(kjt)
+    theirs = EmbeddingBagCollection(tables)(kjt)
+    assert ours.keys() == theirs.keys()
+    assert ours.length_per_key() == theirs.length_per_key()
+    assert ours.values().shape == theirs.values().shape
+    assert "f2@t_two" in ours.keys() and "f2@t_shared" in ours.keys()
+    assert [c.name for c in make_ebc(tables).embedding_bag_configs()] == [t.name for t in tables]
+
+
+@pytest.mark.parametrize("hash", HASHES)
+def test_cpp_operator_matches_torch_path(hash):
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    tables = make_tables(PoolingType.MEAN)
+    ebc = make_ebc(tables, hash, is_weighted=True)
+    kjt = make_kjt(tables, batch=64, weighted=True, max_len=6)
+    out = ebc(kjt).values()
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    grad_cpp = ebc.array.grad.clone()
+    ebc.array.grad = None
+    ref = _lookup_torch(ebc.array, kjt.values(), kjt.weights(), ebc._bag_offsets(kjt), ebc.lookup_spec)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_cpp, ebc.array.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hash", HASHES)
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_gradient_is_exact_float64(hash, path):
+    """gradcheck of d(pooled)/d(array) in float64 (MEAN + weights, so every scale is exercised)."""
+    if path == "cpp" and not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=9, feature_names=["fb"]),
+    ]
+    ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=23, block_size=4, hash=hash), is_weighted=True)
+    kjt = make_kjt(tables, batch=3, weighted=True, extra_key=False)
+    spec, offsets = ebc.lookup_spec, ebc._bag_offsets(kjt)
+    array = torch.randn(23, dtype=torch.float64, requires_grad=True)
+    weights = kjt.weights().double()
+    if path == "cpp":
+        fn = lambda a: ops.robe_pooled_lookup(a, kjt.values(), weights, offsets, spec)  # noqa: E731
+    else:
+        fn = lambda a: _lookup_torch(a, kjt.values(), weights, offsets, spec)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (array,), eps=1e-6, atol=1e-8)
+
+
+def test_backward_is_bit_identical_across_thread_counts():
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=100_003, block_size=8)
+    kjt = make_kjt(tables, batch=512, max_len=8)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ebc.array.grad = None
+            out = ebc(kjt).values()
+            out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+            grads.append(ebc.array.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+def test_fused_sgd_equals_dense_sgd():
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    tables = make_tables()
+    kjt = make_kjt(tables, batch=128, max_len=5)
+    dense = make_ebc(tables)
+    fused = make_ebc(tables, fused_sgd_lr=0.5)
+    opt = torch.optim.SGD(dense.parameters(), lr=0.5)
+    start = dense.array.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        out_d, out_f = dense(kjt).values(), fused(kjt).values()
+        torch.testing.assert_close(out_d, out_f, rtol=1e-4, atol=1e-4)  # rounding: fused adds per item
+        (out_d**2).sum().backward()
+        (out_f**2).sum().backward()
+        opt.step()
+    assert fused.array.grad is None
+    assert not torch.equal(dense.array.detach(), start)
+    torch.testing.assert_close(fused.array.detach(), dense.array.detach(), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="fused_sgd_lr"):
+        make_ebc(tables, fused_sgd_lr=-1.0)
+
+
+def test_int32_ids_and_device_meta():
+    tables = make_tables()
+    ebc = make_ebc(tables)
+    kjt = make_kjt(tables)
+    kjt32 = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().int(), lengths=kjt.lengths())
+    torch.testing.assert_close(ebc(kjt).values(), ebc(kjt32).values())
+    meta = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=10**6, block_size=8), device=torch.device("meta"))
+    assert meta.array.is_meta and meta.array.shape == (10**6,)
+
+
+def test_universal_takes_raw_ids_beyond_num_embeddings():
+    tables = [EmbeddingBagConfig(name="raw", embedding_dim=8, num_embeddings=10, feature_names=["f"])]
+    ebc = make_ebc(tables, block_size=8)
+    ids = torch.tensor([0, 2**40 + 7, -5, 2**63 - 1, -(2**63)])
+    kjt = KeyedJaggedTensor(keys=["f"], values=ids, lengths=torch.ones(5, dtype=torch.long))
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt)
+    torch.testing.assert_close(ebc(kjt).values(), ref)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_paper_mapping_rejects_out_of_range_ids():
+    tables = make_tables()
+    ebc = make_ebc(tables, "paper")
+    kjt = KeyedJaggedTensor(
+        keys=["f1", "f2", "f3", "f4"], values=torch.tensor([1, 2, 3, 7]), lengths=torch.ones(4, dtype=torch.long)
+    )
+    with pytest.raises((ValueError, RuntimeError), match=r"id 7 of feature #3 is outside \[0, num_embeddings\) = \[0, 7\)"):
+        ebc(kjt)
+    neg = KeyedJaggedTensor(
+        keys=["f1", "f2", "f3", "f4"], values=torch.tensor([-1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.long)
+    )
+    with pytest.raises((ValueError, RuntimeError), match="id -1 of feature #0"):
+        ebc(neg)
+
+
+def test_missing_feature_is_named():
+    tables = make_tables()
+    kjt = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([1, 2]), lengths=torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\['f3', 'f4'\] of its tables are missing"):
+        make_ebc(tables)(kjt)
+
+
+def test_non_integer_ids_are_refused():
+    tables = make_tables()
+    kjt = make_kjt(tables)
+    bad = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values().float(), lengths=kjt.lengths())
+    with pytest.raises(TypeError, match="ids must be an integer tensor"):
+        make_ebc(tables)(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(array_size=7, block_size=8), r"array_size \(7\) must be >= block_size \(8\)"),
+        (dict(array_size=0), "array_size must be a positive int"),
+        (dict(array_size=100, hash="murmur"), "RobeConfig.hash must be one of"),
+        (dict(array_size=100, seed=-1), "RobeConfig.seed"),
+        (dict(array_size=100, init_scale=float("nan")), "RobeConfig.init_scale"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RobeConfig(**kwargs)
+
+
+def test_embedding_dim_must_be_multiple_of_block():
+    tables = [EmbeddingBagConfig(name="odd", embedding_dim=12, num_embeddings=10, feature_names=["f"])]
+    with pytest.raises(ValueError, match=r"table 'odd': embedding_dim \(12\) must be a multiple of RobeConfig.block_size \(8\)"):
+        RobeEmbeddingBagCollection(tables, RobeConfig(array_size=100, block_size=8))
+
+
+def test_config_sizing_helpers():
+    tables = make_tables()
+    full = 5000 * 32 + 300 * 16 + 7 * 8
+    robe = RobeConfig.from_compression(tables, ratio=10, block_size=8)
+    assert robe.array_size == full // 10
+    assert RobeConfig.from_bytes(4000).array_size == 1000
+    assert RobeConfig(array_size=27_000_000).num_bytes == 108_000_000
+    assert RobeConfig(array_size=100, hash="paper").seed == 1024
+    assert RobeConfig(array_size=100).seed == 0
+
+
+# ---------------------------------------------------------------------------- state
+def test_state_dict_carries_and_checks_the_hash_signature():
+    tables = make_tables()
+    ebc = make_ebc(tables)
+    sd = ebc.state_dict()
+    assert set(sd) == {"array", "hash_signature"}
+    other = make_ebc(tables)
+    other.load_state_dict(sd)
+    assert torch.equal(other.array, ebc.array)
+    wrong_seed = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8, seed=5))
+    with pytest.raises(RuntimeError, match="hash signature does not match.*seed=0.*seed=5"):
+        wrong_seed.load_state_dict(sd)
+    wrong_mode = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8, hash="paper"))
+    with pytest.raises(RuntimeError, match="hash=universal"):
+        wrong_mode.load_state_dict(sd)
+    # an in-place overwrite (as torch.distributed.checkpoint.load does) is caught at the next forward
+    in_place = make_ebc(tables)
+    with torch.no_grad():
+        in_place.hash_signature.copy_(wrong_seed.hash_signature)
+    with pytest.raises(RuntimeError, match="loaded state: the ROBE hash signature"):
+        in_place(make_kjt(tables))
+
+
+def test_cuda_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    tables = make_tables(PoolingType.MEAN)
+    ebc = make_ebc(tables, is_weighted=True)
+    kjt = make_kjt(tables, batch=64, weighted=True)
+    out = ebc(kjt).values()
+    out.sum().backward()
+    gpu = make_ebc(tables, is_weighted=True, device=torch.device("cuda"))
+    with torch.no_grad():
+        gpu.array.copy_(ebc.array)
+    out_gpu = gpu(kjt.to(torch.device("cuda"))).values()
+    out_gpu.sum().backward()
+    torch.testing.assert_close(out_gpu.cpu(), out.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu.array.grad.cpu(), ebc.array.grad, rtol=1e-5, atol=1e-6)
