@@ -32,6 +32,18 @@ def has_cpp_extension() -> bool:
     return _C is not None
 
 
+def new_array(size: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A zeroed 1-D buffer for a ROBE array; on CPU, backed by transparent huge pages.
+
+    Blocks are read at random offsets, so with 4 KiB pages nearly every block misses the TLB;
+    the C++ operator maps large buffers 2 MiB-aligned with ``MADV_HUGEPAGE``.
+    """
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "cpu" and _C is not None:
+        return _C.hugepage_zeros([size], dtype)
+    return torch.zeros(size, device=device, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class LookupSpec:
     """Static description of one collection's lookup: one entry per output feature, in output order.

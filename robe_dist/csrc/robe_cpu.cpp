@@ -26,6 +26,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdint>
 #include <limits>
@@ -242,7 +244,29 @@ void set_start_bases(const Problem& pb, at::Tensor& meta, int64_t z) {
   }
 }
 
+constexpr size_t kHugePage = size_t(2) << 20;
+
 }  // namespace
+
+// A zero-filled 1-D tensor in its own anonymous mapping, 2 MiB aligned and advised to use
+// transparent huge pages (MADV_HUGEPAGE). ROBE reads and writes blocks at random offsets of
+// large buffers (the array, its gradient, the pooled output): with 4 KiB pages nearly every
+// block is a TLB miss, with 2 MiB pages the whole 108 MB array needs 54 TLB entries. Fresh
+// anonymous pages are zero, so no memset is needed either. Falls back to at::zeros when the
+// mapping fails.
+at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+  const int64_t numel = c10::multiply_integers(sizes);
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+  if (bytes < kHugePage) return at::zeros(sizes, at::TensorOptions().dtype(dtype));
+  const size_t total = bytes + kHugePage;  // room to align the start
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return at::zeros(sizes, at::TensorOptions().dtype(dtype));
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+  return at::from_blob(
+      reinterpret_cast<void*>(aligned), sizes, [base, total](void*) { munmap(base, total); },
+      at::TensorOptions().dtype(dtype));
+}
 
 // Returns (out [B, out_dim], starts [num_blocks]). `meta`'s start-base column is filled in place.
 std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
@@ -254,7 +278,7 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
   set_start_bases(pb, meta, block_size);
   auto starts = at::empty({total_blocks(pb, block_size)}, values.options());
-  auto out = at::zeros({pb.batch, out_dim}, array.options());
+  auto out = hugepage_zeros({pb.batch, out_dim}, array.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
     const scalar_t* w = nullptr;
     if (weights.numel() > 0) {
@@ -275,7 +299,7 @@ at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, c
                          int64_t array_size, int64_t block_size) {
   Problem pb = make_problem(values, bag_offsets, meta);
   auto g = grad_out.contiguous();
-  auto grad = at::zeros({array_size}, g.options());
+  auto grad = hugepage_zeros({array_size}, g.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robe_backward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
     backward_impl<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
@@ -303,4 +327,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("robe_forward", &robe_forward);
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);
+  m.def("hugepage_zeros", &hugepage_zeros);
 }

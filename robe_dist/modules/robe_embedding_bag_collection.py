@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist import hashing
 from robe_dist.config import RobeConfig
-from robe_dist.ops import LookupSpec, robe_pooled_lookup
+from robe_dist.ops import LookupSpec, new_array, robe_pooled_lookup
 
 _SIGNATURE_VERSION = 1
 _PAPER_MAX_GLOBAL_ID = 2**33  # products g * A stay below 2**63
@@ -118,7 +118,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._meta = self._spec.meta()
 
-        self.array = nn.Parameter(torch.empty(robe.array_size, device=device, dtype=torch.float32))
+        self.array = nn.Parameter(new_array(robe.array_size, device))
         # (version, mapping, seed, Z, m, table-layout fingerprint): saved with the model, checked on load.
         self.register_buffer(
             "hash_signature", torch.tensor(self._expected_signature(), dtype=torch.long, device=device)
