@@ -1,0 +1,214 @@
+"""``robe-data``: convert, generate, re-index and inspect Criteo datasets (see docs/data.md).
+
+Exit codes: 0 success, 2 bad arguments or input (missing/empty path, wrong format), 1 other
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from robe_dist.data.criteo import MLPERF_MAX_IND_RANGE
+from robe_dist.data.layout import DataError
+
+_LAYOUT = (
+    "Output layout per input NAME (the file name without extensions, e.g. day_0): NAME_dense.npy "
+    "float32 [N,13] = log(1+max(x,0)), missing 0; NAME_sparse.npy int64 [N,26] = the hex ids as "
+    "uint32, missing 0; NAME_labels.npy int32 [N,1]; and manifest.json (rows, bad rows, source, "
+    "checksum). The same layout as TorchRec's Criteo scripts."
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="robe-data",
+        description="Criteo data for robe_dist: raw TSV -> memory-mappable .npy, synthetic data with a "
+        "known best AUC, dense vocabularies for full-table baselines, and dataset summaries.",
+        epilog="Run 'robe-data COMMAND --help' for each command. Docs: docs/data.md.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ing = sub.add_parser(
+        "ingest",
+        help="convert raw Criteo TSV/CSV (plain or .gz) to .npy files",
+        description="Convert raw Criteo click logs (label, 13 integer, 26 hex categorical columns; "
+        "1TB day_N files or Kaggle train.txt; plain or gzip) into .npy files, one process per file. "
+        "Resumable: finished files (per manifest.json, source unchanged) are skipped, interrupted ones "
+        "redone. Bad rows: lines with 15-39 fields are padded with missing values; lines with more "
+        "than 40 or fewer than 15 fields, or unparsable values, are skipped and counted per file. " + _LAYOUT,
+    )
+    ing.add_argument(
+        "--input",
+        "-i",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_DIR",
+        help="input files, or directories holding day_* / *.tsv / *.txt / *.csv (optionally .gz)",
+    )
+    ing.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (created if needed)")
+    ing.add_argument(
+        "--workers",
+        "-j",
+        type=int,
+        default=None,
+        metavar="N",
+        help="parallel processes, one file each (default: number of CPUs, at most one per file)",
+    )
+    ing.add_argument(
+        "--format",
+        choices=("tsv", "csv"),
+        default=None,
+        help="input format (default: detect; CSV = comma separated, a 'label,...' header line is skipped)",
+    )
+    ing.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    syn = sub.add_parser(
+        "synth",
+        help="generate a synthetic Criteo-like dataset with a planted model",
+        description="Generate day_0..day_{K-1} of Criteo-like data: 13 dense and 26 sparse features, per-table "
+        "cardinalities = MLPerf's 26 table sizes x SCALE (at least 16), Zipf-like raw 32-bit hashed ids, "
+        "labels from a hidden DLRM-like logistic model whose best achievable AUC (planted_auc) is "
+        "computed on the data, printed and stored in manifest.json. Deterministic per seed; a rerun with "
+        "the same parameters does nothing. " + _LAYOUT,
+    )
+    syn.add_argument("--rows", type=int, required=True, metavar="N", help="total rows, split evenly over the days")
+    syn.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
+    syn.add_argument(
+        "--days",
+        type=int,
+        default=3,
+        metavar="K",
+        help="day files (default 3; train = all but the last, which is split into val and test)",
+    )
+    syn.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    syn.add_argument(
+        "--scale",
+        type=float,
+        default=1e-3,
+        metavar="F",
+        help="table size factor on MLPerf's sizes (default 1e-3; 1 = full 188M ids)",
+    )
+    syn.add_argument(
+        "--multi-hot",
+        action="store_true",
+        help="also write MLPerf v3 multi-hot bags (NAME_sparse_multi_hot.npy, fixed bag size per table)",
+    )
+    syn.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of id frequencies (default 1.05)")
+    syn.add_argument("--ctr", type=float, default=0.25, help="mean click rate (default 0.25)")
+
+    voc = sub.add_parser(
+        "vocab",
+        help="dense per-table ids (MLPerf modulo cap + frequency threshold) for full-table baselines",
+        description="Map each table's ids to 0..K_t: ids are capped (id % MAX_IND_RANGE, MLPerf's "
+        "40,000,000; 0 = no cap), values seen at least MIN_COUNT times get 1..K_t (ascending), the rest 0. "
+        "Writes a complete dataset to --out (int32 sparse ids, dense/labels hard-linked) and "
+        "cardinalities.json with the per-table sizes K_t + 1 for the model config.",
+    )
+    voc.add_argument("--data", "-d", required=True, metavar="DIR", help="source dataset directory")
+    voc.add_argument("--out", "-o", required=True, metavar="DIR", help="output dataset directory")
+    voc.add_argument(
+        "--max-ind-range",
+        type=int,
+        default=MLPERF_MAX_IND_RANGE,
+        metavar="M",
+        help=f"modulo cap on ids before counting (default {MLPERF_MAX_IND_RANGE:,}; 0 = raw ids)",
+    )
+    voc.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        metavar="T",
+        help="keep values seen at least T times (default 1: every seen value)",
+    )
+    voc.add_argument("--train-only", action="store_true", help="count only the train split (all files but the last)")
+
+    inf = sub.add_parser(
+        "info",
+        help="summarise a dataset directory",
+        description="Print a dataset's files, rows, bad rows, split sizes, table sizes and planted AUC.",
+    )
+    inf.add_argument("dir", metavar="DIR", help="dataset directory (robe_dist manifest or TorchRec day_*_*.npy files)")
+    inf.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return p
+
+
+def _info(path: str, as_json: bool) -> None:
+    from robe_dist.data.dataset import read_manifest, split_range
+
+    m = read_manifest(path)
+    if as_json:
+        print(json.dumps(m, indent=1))
+        return
+    print(
+        f"{m['path']}: {m.get('kind')} dataset, {m['rows']:,} rows in {len(m['files'])} files"
+        + ("" if m.get("complete", True) else " (INCOMPLETE: rerun the command that wrote it)")
+    )
+    for f in m["files"]:
+        bad = f" ({f['bad_rows']:,} bad rows skipped)" if f.get("bad_rows") else ""
+        print(f"  {f['name']}: {f['rows']:,} rows{bad}")
+    rows = [f["rows"] for f in m["files"]]
+    if m["rows"]:
+        spans = {s: split_range(rows, s) for s in ("train", "val", "test")}
+        print("  splits: " + ", ".join(f"{s} {b - a:,}" for s, (a, b) in spans.items()))
+    if m.get("table_sizes"):
+        print(f"  table sizes: {m['table_sizes']} (sum {sum(m['table_sizes']):,})")
+    if m.get("multi_hot_sizes"):
+        print(f"  multi-hot bag sizes: {m['multi_hot_sizes']}")
+    if m.get("planted_auc") is not None:
+        by = m.get("planted_auc_by_split") or {}
+        print(
+            f"  planted (best achievable) AUC: {m['planted_auc']:.4f} "
+            + " ".join(f"{k} {v:.4f}" for k, v in by.items() if v is not None)
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "ingest":
+            from robe_dist.data.ingest import ingest
+
+            manifest = ingest(
+                args.input, args.out, workers=args.workers, fmt=args.format, progress=not args.no_progress
+            )
+            bad = manifest["bad_rows"]
+            print(
+                f"ingested {manifest['rows']:,} rows into {args.out}"
+                + (f"; {bad:,} bad rows skipped (see manifest.json)" if bad else "")
+            )
+        elif args.command == "synth":
+            from robe_dist.data.synthetic import generate
+
+            generate(
+                args.out,
+                args.rows,
+                days=args.days,
+                seed=args.seed,
+                scale=args.scale,
+                multi_hot=args.multi_hot,
+                alpha=args.alpha,
+                ctr=args.ctr,
+            )
+        elif args.command == "vocab":
+            from robe_dist.data.vocab import build_vocab
+
+            build_vocab(
+                args.data,
+                args.out,
+                max_ind_range=args.max_ind_range,
+                min_count=args.min_count,
+                train_only=args.train_only,
+            )
+        elif args.command == "info":
+            _info(args.dir, args.json)
+    except (DataError, ValueError) as e:
+        print(f"robe-data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Raw Criteo text (TSV or CSV, plain or gzip) -> the binary layout of :mod:`robe_dist.data.layout`.
+
+Each input file is streamed in chunks of whole lines (bounded memory), parsed by
+:func:`robe_dist.data.parse.parse_buffer` and appended to ``NAME_{dense,sparse,labels}.npy``
+written under temporary names; the three are renamed into place when the file is finished, and
+``manifest.json`` (the only place a unit is marked done) is rewritten after that. A rerun skips
+units the manifest marks done whose source is unchanged (same size and mtime) and redoes the
+others from scratch, so an interrupted unit is never mistaken for a finished one.
+Files are converted in parallel, one process per file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT, MISSING_CAT_ID
+from robe_dist.data.layout import (
+    FORMAT, PARTS, VERSION, DataError, load_manifest_file, natural_key, part_path, write_manifest,
+)  # fmt: skip
+from robe_dist.data.npy import PARTIAL_SUFFIX, NpyAppender, commit, partial_path
+from robe_dist.data.parse import COMMA, PAD, TAB, ParseStats, parse_buffer
+from robe_dist.data.reader import LineBlocks, detect_format, is_header, open_text
+
+INPUT_SUFFIXES = (".tsv", ".txt", ".csv")
+FORMATS = ("tsv", "csv")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file to convert into ``out_dir/NAME_*.npy``."""
+
+    source: Path
+    name: str
+    out_dir: Path
+    fmt: str | None  # None: detect
+
+
+def unit_name(path: Path) -> str:
+    """Output name of an input: its file name without extensions (``day_0.tsv.gz`` -> ``day_0``)."""
+    name = path.name
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix in INPUT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_input_name(path: Path) -> bool:
+    base = path.name.removesuffix(".gz")
+    if path.name.startswith(".") or base.endswith((".npy", ".json", PARTIAL_SUFFIX)):
+        return False
+    return base.startswith("day_") or base.endswith(INPUT_SUFFIXES)
+
+
+def discover_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Input files from files and directories (a directory contributes its ``day_*`` and
+    ``*.tsv|txt|csv`` files, optionally ``.gz``), in natural order of their unit names.
+
+    Raises :class:`DataError` for a path that does not exist, an empty file, a directory with
+    no input files, or two inputs with the same unit name."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = [p for p in path.iterdir() if p.is_file() and _is_input_name(p)]
+            if not inside:
+                raise DataError(f"{path}: directory has no input files (day_* or *.tsv, *.txt, *.csv, optionally .gz)")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"{path}: input not found")
+    for path in found:
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: input file is empty")
+    found.sort(key=lambda p: natural_key(unit_name(p)))
+    names = [unit_name(p) for p in found]
+    for name in sorted(set(names)):
+        if names.count(name) > 1:
+            clash = [str(p) for p in found if unit_name(p) == name]
+            raise DataError(f"inputs {clash} would all be written as {name}_*.npy; rename one")
+    return found
+
+
+def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dict:
+    """Convert one raw Criteo file; returns its manifest entry. Outputs appear atomically."""
+    t0 = time.perf_counter()
+    source = job.source
+    stat = source.stat()
+    stats = ParseStats()
+    outs = {part: part_path(job.out_dir, job.name, part) for part in PARTS}
+    raw, stream = open_text(source)
+    reported = 0
+
+    def on_bytes() -> None:
+        nonlocal reported
+        if progress is not None and raw.bytes > reported:
+            progress(raw.bytes - reported)
+            reported = raw.bytes
+
+    writers = [
+        NpyAppender(partial_path(outs["dense"]), np.float32, (INT_FEATURE_COUNT,)),
+        NpyAppender(partial_path(outs["sparse"]), np.int64, (CAT_FEATURE_COUNT,)),
+        NpyAppender(partial_path(outs["labels"]), np.int32, (1,)),
+    ]
+    fmt, header = job.fmt, False
+    blocks = LineBlocks(stream, on_bytes)
+    try:
+        line_no = 1
+        for i, buf in enumerate(blocks):
+            if i == 0:
+                first = bytes(buf[PAD : buf.find(b"\n", PAD)])
+                fmt = fmt or detect_format(first, source)
+                delimiter = COMMA if fmt == "csv" else TAB
+                if is_header(first, delimiter):
+                    header, line_no = True, 2
+                    del buf[PAD : PAD + len(first) + 1]
+            parsed = parse_buffer(buf, delimiter=delimiter, first_line=line_no)
+            line_no += parsed.stats.lines
+            stats.add(parsed.stats)
+            for writer, arr in zip(writers, (parsed.dense, parsed.sparse, parsed.labels)):
+                writer.append(arr)
+        for writer in writers:
+            writer.finish()
+        if blocks.too_long:
+            stats.lines += blocks.too_long
+            stats.bad["line_too_long"] += blocks.too_long
+    except BaseException as e:
+        for writer in writers:
+            writer.abort()
+        if isinstance(e, (EOFError, OSError, zlib.error)) and not isinstance(e, FileNotFoundError):
+            raise DataError(
+                f"{source}: cannot read it ({type(e).__name__}: {e}); a truncated or corrupt download?"
+            ) from e
+        raise
+    finally:
+        stream.close()
+    commit(list(outs.values()))
+    seconds = time.perf_counter() - t0
+    return {
+        "name": job.name,
+        "status": "done",
+        "source": str(source.resolve()),
+        "source_bytes": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns,
+        "source_crc32": f"{raw.crc:08x}",
+        "format": fmt or "tsv",
+        "header_skipped": header,
+        "missing_final_newline": blocks.missing_final_newline,
+        **stats.to_json(),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(stats.lines / seconds) if seconds > 0 else None,
+    }
+
+
+def _is_done(entry: dict | None, source: Path, out_dir: Path) -> bool:
+    if not entry or entry.get("status") != "done":
+        return False
+    st = source.stat()
+    if (entry.get("source_bytes"), entry.get("source_mtime_ns")) != (st.st_size, st.st_mtime_ns):
+        return False
+    return all(part_path(out_dir, entry["name"], p).is_file() for p in PARTS)
+
+
+# ------------------------------------------------------------------------ worker processes
+_progress_queue: mp.Queue[int] | None = None
+
+
+def _init_worker(q: mp.Queue[int]) -> None:
+    global _progress_queue
+    _progress_queue = q
+
+
+def _worker(job: Job) -> dict:
+    q = _progress_queue
+    return convert_file(job, progress=(lambda n: q.put(n)) if q is not None else None)
+
+
+def _mp_context() -> mp.context.BaseContext:
+    # fork starts workers instantly (the package imports torch); workers only run numpy.
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def ingest(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    fmt: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Convert raw Criteo files (or directories of them) into ``out_dir``; returns the manifest.
+
+    ``fmt``: "tsv", "csv" or None (detect: ``.csv`` name, or commas and no tabs on the first line).
+    ``workers``: processes (default: one per file, at most the CPU count); 1 runs in-process.
+    Finished units with unchanged sources are skipped; everything else is (re)done.
+    """
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"format {fmt!r}: expected one of {FORMATS}")
+    sources = discover_inputs(inputs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest_file(out) or {}
+    if manifest and manifest.get("kind") != "criteo":
+        raise DataError(f"{out}: holds a {manifest.get('kind')!r} dataset; ingest into an empty directory")
+    previous = {e["name"]: e for e in manifest.get("files", [])}
+    jobs: list[Job] = []
+    entries: dict[str, dict] = {}
+    for src in sources:
+        name = unit_name(src)
+        if _is_done(previous.get(name), src, out):
+            entries[name] = previous[name]
+            log(f"{name}: already done ({entries[name]['rows']:,} rows), skipped")
+        else:
+            jobs.append(Job(src, name, out, fmt))
+    scheduled = {j.name for j in jobs}
+    for name, entry in previous.items():  # units ingested by earlier runs from other inputs
+        if name not in entries and name not in scheduled and all(part_path(out, name, p).is_file() for p in PARTS):
+            entries[name] = entry
+
+    def save(complete: bool) -> dict:
+        files = [entries[n] for n in sorted(entries, key=natural_key)]
+        doc = {
+            "format": FORMAT, "version": VERSION, "kind": "criteo", "complete": complete,
+            "dense_transform": "log(1 + max(x, 0)), missing -> 0", "missing_cat_id": MISSING_CAT_ID,
+            "table_sizes": None, "multi_hot_sizes": None, "files": files,
+            "rows": sum(e["rows"] for e in files), "bad_rows": sum(e["bad_rows"] for e in files),
+        }  # fmt: skip
+        write_manifest(out, doc)
+        return doc
+
+    doc = save(complete=not jobs)  # a unit being redone is no longer listed as done
+    if not jobs:
+        return doc
+    total = sum(j.source.stat().st_size for j in jobs)
+    bar = _progress_bar(total, progress)
+
+    def finished(entry: dict) -> None:
+        entries[entry["name"]] = entry
+        save(complete=False)
+        bar.clear()
+        log(_summary(entry))
+        bar.refresh()
+
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if n_workers == 1:
+        for job in jobs:
+            finished(convert_file(job, progress=bar.update))
+    else:
+        ctx = _mp_context()
+        q: mp.Queue[int] = ctx.Queue()
+        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(q,)) as pool:
+            pending = [pool.apply_async(_worker, (job,)) for job in jobs]
+            while pending:
+                try:
+                    bar.update(q.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+                for res in [r for r in pending if r.ready()]:
+                    pending.remove(res)
+                    finished(res.get())  # re-raises a worker's exception
+    bar.close()
+    doc = save(complete=True)
+    log(f"total: {doc['rows']:,} rows, {doc['bad_rows']:,} bad rows skipped, {len(doc['files'])} files in {out}")
+    return doc
+
+
+def _summary(e: dict) -> str:
+    extra = []
+    if e["bad_rows"]:
+        extra.append("bad: " + ", ".join(f"{k} {v:,}" for k, v in e["bad_reasons"].items()))
+    if e["padded_rows"]:
+        extra.append(f"padded {e['padded_rows']:,} short lines")
+    if e["stripped_fields"]:
+        extra.append(f"stripped whitespace in {e['stripped_fields']:,} fields")
+    if e["header_skipped"]:
+        extra.append("header line skipped")
+    if e["missing_final_newline"]:
+        extra.append("last line had no newline")
+    note = f" ({'; '.join(extra)})" if extra else ""
+    return (
+        f"{e['name']}: {e['rows']:,} rows, {e['bad_rows']:,} bad rows skipped{note}; "
+        f"{e['seconds']:.1f} s, {e['rows_per_s'] or 0:,} lines/s"
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="ingest", file=sys.stderr)

@@ -1,0 +1,133 @@
+"""On-disk layout of a binary Criteo dataset directory, and its manifest.
+
+One directory holds, per input unit ``NAME`` (``day_0``, ``train``, ...), the TorchRec layout::
+
+    NAME_dense.npy     float32 [N, 13]   log(1 + max(x, 0)) of the integer features, missing -> 0
+    NAME_sparse.npy    int64   [N, 26]   categorical ids (hex parsed as uint32), missing -> 0
+                                         (int32 after ``robe-data vocab``: dense per-table indices)
+    NAME_labels.npy    int32   [N, 1]    click label 0/1
+
+and optionally, for multi-hot data (fixed bag size ``s_t`` per table, as MLPerf DLRMv2)::
+
+    NAME_sparse_multi_hot.npy  int64 [N, sum(s_t)]  table t's bag in columns
+                                                    offsets[t] : offsets[t] + s_t; the first id
+                                                    of each bag equals NAME_sparse.npy[:, t]
+
+plus ``manifest.json`` (written last, atomically: a unit listed there is complete)::
+
+    {"format": "robe_dist.criteo-npy", "version": 1, "kind": "criteo" | "synthetic" | "vocab",
+     "files": [{"name": "day_0", "rows": N, ...}, ...],   # in day order
+     "table_sizes": [...] | null, "multi_hot_sizes": [...] | null, ...}
+
+A directory written by TorchRec's scripts (``day_{i}_{dense,sparse,labels}.npy``, no manifest)
+is read as is: :func:`read_manifest` builds the manifest from the ``.npy`` headers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
+from robe_dist.data.npy import npy_header, partial_path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "robe_dist.criteo-npy"
+VERSION = 1
+PARTS = ("dense", "sparse", "labels")
+MULTI_HOT_PART = "sparse_multi_hot"
+
+
+class DataError(Exception):
+    """A data file or directory is missing, empty or not what was expected (the CLI exits 2)."""
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``day_2`` before ``day_10``."""
+    return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
+
+
+def part_path(directory: str | os.PathLike, name: str, part: str) -> Path:
+    """``DIR/NAME_PART.npy``."""
+    return Path(directory) / f"{name}_{part}.npy"
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``manifest.json`` atomically (temporary name, fsync, rename)."""
+    path = Path(directory) / MANIFEST_NAME
+    tmp = partial_path(path)
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest_file(directory: str | os.PathLike) -> dict | None:
+    """The parsed ``manifest.json`` of ``directory``, or None if there is none."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a robe_dist manifest (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    return manifest
+
+
+def _check_unit(directory: Path, name: str, multi_hot_width: int | None) -> int:
+    """Validate one unit's files from their headers; return its row count."""
+    expected = {"dense": (INT_FEATURE_COUNT,), "sparse": (CAT_FEATURE_COUNT,), "labels": (1,)}
+    if multi_hot_width is not None:
+        expected[MULTI_HOT_PART] = (multi_hot_width,)
+    rows = None
+    for part, tail in expected.items():
+        path = part_path(directory, name, part)
+        if not path.is_file():
+            raise DataError(f"{path}: missing (every unit needs {', '.join(f'{name}_{p}.npy' for p in expected)})")
+        shape, _ = npy_header(path)
+        if len(shape) != 2 or shape[1:] != tail:
+            raise DataError(f"{path}: shape {shape}, expected [N, {tail[0]}]")
+        if rows is not None and shape[0] != rows:
+            raise DataError(f"{path}: {shape[0]} rows, but {name}_dense.npy has {rows}")
+        rows = shape[0]
+    assert rows is not None
+    return rows
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of a dataset directory, its files checked against their ``.npy`` headers.
+
+    Reads ``manifest.json`` if present; otherwise (a directory from TorchRec's Criteo scripts)
+    builds one from every ``NAME_dense.npy`` with matching ``NAME_sparse.npy`` and
+    ``NAME_labels.npy``, in natural order of NAME. Raises :class:`DataError` naming the offending
+    path if the directory or a file is missing or inconsistent.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: dataset directory not found")
+    manifest = load_manifest_file(directory)
+    if manifest is None:
+        names = sorted((p.name[: -len("_dense.npy")] for p in directory.glob("*_dense.npy")), key=natural_key)
+        if not names:
+            raise DataError(f"{directory}: no manifest.json and no NAME_dense.npy files (not a Criteo dataset)")
+        manifest = {
+            "format": FORMAT, "version": VERSION, "kind": "torchrec-npy", "table_sizes": None,
+            "multi_hot_sizes": None, "files": [{"name": n} for n in names],
+        }  # fmt: skip
+    mh = manifest.get("multi_hot_sizes")
+    width = sum(mh) if mh else None
+    for entry in manifest["files"]:
+        rows = _check_unit(directory, entry["name"], width)
+        if entry.setdefault("rows", rows) != rows:
+            raise DataError(
+                f"{part_path(directory, entry['name'], 'dense')}: {rows} rows, manifest says {entry['rows']}"
+            )
+    manifest["rows"] = sum(e["rows"] for e in manifest["files"])
+    manifest["path"] = str(directory.resolve())
+    return manifest

@@ -1,0 +1,199 @@
+"""Dense per-table ids for full-table baselines: MLPerf's modulo cap and a frequency vocabulary.
+
+For each table ``t``, every id ``x`` is first capped, ``v = x % max_ind_range`` (MLPerf:
+40,000,000; ``max_ind_range <= 0`` keeps raw ids), then counted over the counted files. Values
+seen at least ``min_count`` times get indices ``1 .. K_t`` in increasing order of ``v``; all
+others (rare, or unseen in the counted files) map to index 0. So table ``t`` needs
+``K_t + 1`` rows: ``table_sizes`` in the output manifest and in ``cardinalities.json``.
+
+The output directory is a complete dataset: remapped ``NAME_sparse.npy`` (int32, and
+``NAME_sparse_multi_hot.npy`` if present), the dense and label files hard-linked (or copied)
+from the source, and a manifest (kind "vocab") written last.
+
+Cost: one pass to count, one to remap, in chunks of ``CHUNK_ROWS`` rows. Counts are sorted
+(value, count) arrays per table; with the cap, a table with more than ``max_ind_range / 16``
+distinct values switches to a dense uint32 array (``4 * max_ind_range`` bytes: 160 MB at 40M,
+so at most 4.2 GB for 26 tables), and remapping uses a dense int32 lookup array for tables with
+more than ``DENSE_LUT_MIN_KEPT`` kept values (same size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
+from robe_dist.data.layout import (
+    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_manifest,
+)  # fmt: skip
+from robe_dist.data.npy import NpyAppender, commit, partial_path
+
+CHUNK_ROWS = 1 << 20
+#: Above this many kept values a table is remapped through a dense lookup array of size
+#: max_ind_range (fast); below, by binary search in the sorted kept values (small memory).
+DENSE_LUT_MIN_KEPT = 1 << 20
+CARDINALITIES_NAME = "cardinalities.json"
+
+
+class _TableCounter:
+    """Occurrence counts of one table's (capped) values: sorted (value, count) arrays, switched to a
+    dense uint32 array of size ``cap`` once the table has more than ``cap / 16`` distinct values."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.dense: np.ndarray | None = None
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        u, c = np.unique(values, return_counts=True)
+        if self.dense is not None:
+            self.dense[u] = np.minimum(self.dense[u] + c, np.iinfo(np.uint32).max)  # saturate, never wrap
+            return
+        pos = np.searchsorted(self.keys, u)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == u[found]
+        self.counts[pos[found]] += c[found]  # u is unique, so no index repeats
+        if not found.all():
+            new = ~found
+            self.keys = np.insert(self.keys, pos[new], u[new])
+            self.counts = np.insert(self.counts, pos[new], c[new])
+        if 0 < self.cap < 16 * len(self.keys):
+            self.dense = np.zeros(self.cap, dtype=np.uint32)
+            self.dense[self.keys] = np.minimum(self.counts, np.iinfo(np.uint32).max)
+            self.keys = self.counts = np.zeros(0, dtype=np.int64)
+
+    def kept(self, min_count: int) -> np.ndarray:
+        """Sorted values seen at least ``min_count`` (>= 1) times."""
+        if self.dense is not None:
+            return np.flatnonzero(self.dense >= max(min_count, 1))
+        return self.keys[self.counts >= max(min_count, 1)]
+
+
+class _TableMap:
+    """value -> index in 1..K (kept values, ascending) or 0."""
+
+    def __init__(self, kept: np.ndarray, cap: int) -> None:
+        self.kept = kept
+        self.lut: np.ndarray | None = None
+        if cap > 0 and len(kept) >= DENSE_LUT_MIN_KEPT:
+            self.lut = np.zeros(cap, dtype=np.int32)
+            self.lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
+
+    def __call__(self, values: np.ndarray) -> np.ndarray:
+        if self.lut is not None:
+            return self.lut[values]
+        if len(self.kept) == 0:
+            return np.zeros(values.shape, dtype=np.int32)
+        pos = np.searchsorted(self.kept, values)
+        hit = self.kept[np.minimum(pos, len(self.kept) - 1)] == values
+        return np.where(hit, pos + 1, 0).astype(np.int32)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = partial_path(dst)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+
+
+def build_vocab(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    max_ind_range: int = MLPERF_MAX_IND_RANGE,
+    min_count: int = 1,
+    train_only: bool = False,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Write ``src`` with dense per-table ids to ``out``; returns the new manifest (see module doc).
+
+    ``train_only`` counts only the files of the train split (all but the last), so values that
+    first appear in validation/test data map to 0, as unseen ids would in production."""
+    t0 = time.perf_counter()
+    src_dir, out_dir = Path(src), Path(out)
+    manifest = read_manifest(src_dir)
+    if manifest.get("complete") is False:
+        raise DataError(f"{src_dir}: dataset is incomplete; finish ingesting it first")
+    if out_dir.resolve() == src_dir.resolve():
+        raise DataError(f"{out_dir}: output directory must differ from the source")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = load_manifest_file(out_dir)
+    if old is not None and old.get("kind") != "vocab":
+        raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+
+    names = [f["name"] for f in manifest["files"]]
+    bag_sizes = manifest.get("multi_hot_sizes")
+    id_part = MULTI_HOT_PART if bag_sizes else "sparse"
+    columns = np.repeat(np.arange(CAT_FEATURE_COUNT), bag_sizes) if bag_sizes else np.arange(CAT_FEATURE_COUNT)
+    counted = names[:-1] if train_only and len(names) > 1 else names
+
+    def capped(block: np.ndarray) -> np.ndarray:
+        block = block.astype(np.int64)
+        return block % max_ind_range if max_ind_range > 0 else block
+
+    counters = [_TableCounter(max_ind_range) for _ in range(CAT_FEATURE_COUNT)]
+    for name in counted:
+        ids = np.load(part_path(src_dir, name, id_part), mmap_mode="r")
+        for lo in range(0, len(ids), CHUNK_ROWS):
+            block = capped(ids[lo : lo + CHUNK_ROWS])
+            for t in range(CAT_FEATURE_COUNT):
+                counters[t].add(block[:, columns == t].reshape(-1))
+        if log:
+            log(f"counted {name} ({len(ids):,} rows)")
+    maps = []
+    for t in range(CAT_FEATURE_COUNT):
+        maps.append(_TableMap(counters[t].kept(min_count), max_ind_range))
+        counters[t] = None  # type: ignore[call-overload]  # free the counts
+    table_sizes = [len(m.kept) + 1 for m in maps]
+
+    parts = ["sparse"] + ([MULTI_HOT_PART] if bag_sizes else [])
+    for name in names:
+        outs = []
+        for part in parts:
+            ids = np.load(part_path(src_dir, name, part), mmap_mode="r")
+            cols = columns if part == MULTI_HOT_PART else np.arange(CAT_FEATURE_COUNT)
+            dst = part_path(out_dir, name, part)
+            with NpyAppender(partial_path(dst), np.int32, (ids.shape[1],)) as writer:
+                for lo in range(0, len(ids), CHUNK_ROWS):
+                    block = capped(ids[lo : lo + CHUNK_ROWS])
+                    mapped = np.empty(block.shape, dtype=np.int32)
+                    for t in range(CAT_FEATURE_COUNT):
+                        sel = cols == t
+                        mapped[:, sel] = maps[t](block[:, sel])
+                    writer.append(mapped)
+            outs.append(dst)
+        for part in ("dense", "labels"):
+            dst = part_path(out_dir, name, part)
+            _link_or_copy(part_path(src_dir, name, part), dst)
+            outs.append(dst)
+        commit(outs)
+        if log:
+            log(f"remapped {name}")
+
+    params = {"max_ind_range": max_ind_range, "min_count": min_count, "train_only": train_only, "oov_index": 0}
+    cards = {"table_sizes": table_sizes, "feature_names": list(DEFAULT_CAT_NAMES), **params, "source": manifest["path"]}
+    with open(partial_path(out_dir / CARDINALITIES_NAME), "w") as f:
+        json.dump(cards, f, indent=1)
+    os.replace(partial_path(out_dir / CARDINALITIES_NAME), out_dir / CARDINALITIES_NAME)
+    # everything else (multi_hot_sizes, params, planted_auc: the labels are unchanged) carries over
+    new = {k: v for k, v in manifest.items() if k not in ("path", "rows")}
+    new.update({
+        "kind": "vocab", "complete": True, "table_sizes": table_sizes, "vocab": params,
+        "source": manifest["path"], "source_kind": manifest.get("kind"),
+        "files": [{"name": f["name"], "rows": f["rows"]} for f in manifest["files"]],
+        "seconds": round(time.perf_counter() - t0, 2),
+    })  # fmt: skip
+    write_manifest(out_dir, new)
+    if log:
+        log(f"{out_dir}: table sizes {table_sizes} (sum {sum(table_sizes):,}); {out_dir / CARDINALITIES_NAME}")
+    return read_manifest(out_dir)

@@ -1,0 +1,103 @@
+"""Dense per-table vocabularies: modulo cap, frequency threshold, cardinalities, remapped dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robe_dist.data import vocab as V
+from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
+from robe_dist.data.layout import DataError
+from robe_dist.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vsrc")
+    generate(out, 6000, days=3, seed=1, log=None)
+    return out
+
+
+def expected_map(ids: np.ndarray, cap: int, min_count: int) -> tuple[dict[int, int], int]:
+    """Reference: value -> index (1.., ascending value) for values seen >= min_count times."""
+    vals = ids % cap if cap > 0 else ids
+    u, c = np.unique(vals, return_counts=True)
+    kept = [int(v) for v, n in zip(u, c) if n >= min_count]
+    return {v: i + 1 for i, v in enumerate(kept)}, len(kept) + 1
+
+
+@pytest.mark.parametrize("cap, min_count", [(40_000_000, 1), (1000, 1), (0, 3), (1000, 2)])
+def test_remap_matches_reference(src: Path, tmp_path: Path, cap: int, min_count: int) -> None:
+    m = V.build_vocab(src, tmp_path, max_ind_range=cap, min_count=min_count, log=None)
+    raw = np.concatenate([np.load(src / f"day_{d}_sparse.npy") for d in range(3)])
+    new = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in range(3)])
+    assert new.dtype == np.int32 and new.shape == raw.shape
+    for t in (0, 5, 9, 19, 25):
+        mapping, size = expected_map(raw[:, t], cap, min_count)
+        vals = raw[:, t] % cap if cap > 0 else raw[:, t]
+        assert new[:, t].tolist() == [mapping.get(int(v), 0) for v in vals]
+        assert m["table_sizes"][t] == size and new[:, t].max() < size
+    cards = json.loads((tmp_path / "cardinalities.json").read_text())
+    assert cards["table_sizes"] == m["table_sizes"] and cards["feature_names"][0] == "cat_0"
+    assert cards["max_ind_range"] == cap and cards["min_count"] == min_count and cards["oov_index"] == 0
+
+
+def test_cap_and_threshold_shrink_tables(src: Path, tmp_path: Path) -> None:
+    full = V.build_vocab(src, tmp_path / "a", max_ind_range=0, log=None)["table_sizes"]
+    capped = V.build_vocab(src, tmp_path / "b", max_ind_range=100, log=None)["table_sizes"]
+    frequent = V.build_vocab(src, tmp_path / "c", max_ind_range=0, min_count=5, log=None)["table_sizes"]
+    assert max(capped) <= 101 and capped[0] < full[0]
+    assert frequent[0] < full[0] // 2 and frequent[5] == full[5]  # the 3-value table keeps all
+
+
+def test_output_is_a_complete_dataset_with_same_dense_and_labels(src: Path, tmp_path: Path) -> None:
+    V.build_vocab(src, tmp_path, min_count=2, log=None)
+    m = read_manifest(tmp_path)
+    assert m["kind"] == "vocab" and m["complete"] and m["rows"] == 6000 and m["planted_auc"] > 0.7
+    for d in range(3):
+        for part in ("dense", "labels"):
+            np.testing.assert_array_equal(
+                np.load(tmp_path / f"day_{d}_{part}.npy"), np.load(src / f"day_{d}_{part}.npy")
+            )
+    b = next(iter(CriteoIterableDataset(tmp_path, "train", batch_size=32)))
+    assert b.sparse_features.values().dtype == torch.int64
+    assert int(b.sparse_features["cat_0"].values().max()) < m["table_sizes"][0]
+
+
+def test_train_only_maps_unseen_eval_values_to_zero(src: Path, tmp_path: Path) -> None:
+    m = V.build_vocab(src, tmp_path, max_ind_range=0, train_only=True, log=None)
+    train_vals = set(np.concatenate([np.load(src / f"day_{d}_sparse.npy")[:, 0] for d in range(2)]).tolist())
+    raw = np.load(src / "day_2_sparse.npy")[:, 0]
+    new = np.load(tmp_path / "day_2_sparse.npy")[:, 0]
+    unseen = np.array([v not in train_vals for v in raw.tolist()])
+    assert unseen.any() and (new[unseen] == 0).all() and (new[~unseen] > 0).all()
+    assert m["table_sizes"][0] == len(train_vals) + 1
+
+
+def test_dense_lookup_and_dense_counts_agree_with_sparse_paths(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = V.build_vocab(src, tmp_path / "a", max_ind_range=5000, log=None)
+    monkeypatch.setattr(V, "DENSE_LUT_MIN_KEPT", 1)  # every table through the dense lookup array
+    counter = V._TableCounter(5000)
+    counter.add(np.arange(400) % 5000)  # 400 distinct > 5000 / 16: switches to dense counts
+    assert counter.dense is not None and counter.kept(1).tolist() == list(range(400))
+    b = V.build_vocab(src, tmp_path / "b", max_ind_range=5000, log=None)
+    assert a["table_sizes"] == b["table_sizes"]
+    for d in range(3):
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "a" / f"day_{d}_sparse.npy"), np.load(tmp_path / "b" / f"day_{d}_sparse.npy")
+        )
+
+
+def test_refuses_in_place_and_foreign_outputs(src: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="must differ"):
+        V.build_vocab(src, src, log=None)
+    other = tmp_path / "other"
+    generate(other, 100, days=1, log=None)
+    with pytest.raises(DataError, match="synthetic"):
+        V.build_vocab(src, other, log=None)
