@@ -19,6 +19,10 @@ _EXPORTS = {
     "full_table_bytes": "robe_dist.config",
     "full_table_elements": "robe_dist.config",
     "RobeEmbeddingBagCollection": "robe_dist.modules.robe_embedding_bag_collection",
+    "RobeHybridEmbeddingBagCollection": "robe_dist.modules.hybrid",
+    "RobeEmbeddingBagCollectionSharder": "robe_dist.distributed",
+    "ShardedRobeEmbeddingBagCollection": "robe_dist.distributed",
+    "get_default_sharders": "robe_dist.distributed",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,3 +38,4 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
+

@@ -121,7 +121,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.array = nn.Parameter(new_array(robe.array_size, device))
         # (version, mapping, seed, Z, m, table-layout fingerprint): saved with the model, checked on load.
         self.register_buffer(
-            "hash_signature", torch.tensor(self._expected_signature(), dtype=torch.long, device=device)
+            "hash_signature", torch.tensor(self.expected_signature(), dtype=torch.long, device=device)
         )
         self._signature_version_checked = self.hash_signature._version
         self._register_load_state_dict_pre_hook(self._check_loaded_signature, with_module=False)
@@ -158,7 +158,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     f"below 2**33; use hash='universal' for raw ids"
                 )
 
-    def _expected_signature(self) -> List[int]:
+    def expected_signature(self) -> List[int]:
+        """``[format version, mapping (0 universal, 1 paper), seed, Z, m, table-layout fingerprint]``."""
         layout = ";".join(f"{t.name}:{t.num_embeddings}:{t.embedding_dim}" for t in self._embedding_bag_configs)
         fingerprint = hashing._signed(hashing.fnv1a64(layout.encode()))
         mode = 0 if self._robe.hash == "universal" else 1
@@ -176,16 +177,18 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.array.uniform_(-scale, scale)
 
     # ------------------------------------------------------------------ state checks
-    def _describe_signature(self, sig: List[int]) -> str:
+    def describe_signature(self, sig: List[int]) -> str:
+        """A readable form of a ``hash_signature`` (mapping, seed, Z, m, table fingerprint)."""
         mode = {0: "universal", 1: "paper"}.get(sig[1], f"?{sig[1]}")
         return f"hash={mode} seed={sig[2]} block_size={sig[3]} array_size={sig[4]} tables=#{sig[5] & 0xFFFFFFFF:08x}"
 
-    def _verify_signature(self, found: List[int], where: str) -> None:
-        expected = self._expected_signature()
+    def verify_signature(self, found: List[int], where: str) -> None:
+        """Raises ``RuntimeError`` naming both sides when ``found`` is not this module's signature."""
+        expected = self.expected_signature()
         if found != expected:
             raise RuntimeError(
                 f"{where}: the ROBE hash signature does not match this module: checkpoint has "
-                f"[{self._describe_signature(found)}], module has [{self._describe_signature(expected)}]. "
+                f"[{self.describe_signature(found)}], module has [{self.describe_signature(expected)}]. "
                 "Embeddings hashed with another mapping, seed, block size, array size or table layout "
                 "would be read from the wrong slots; rebuild the module with the checkpoint's RobeConfig."
             )
@@ -193,14 +196,17 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _check_loaded_signature(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "hash_signature"
         if key in state_dict:
-            self._verify_signature(state_dict[key].tolist(), "load_state_dict")
+            self.verify_signature(state_dict[key].tolist(), "load_state_dict")
 
-    def _check_signature_unchanged(self) -> None:
-        # In-place loads (torch.distributed.checkpoint.load) bypass load_state_dict hooks; the
-        # buffer's version counter tells when it was written, and the check then runs once.
+    def check_signature_unchanged(self, force: bool = False) -> None:
+        """Verifies ``hash_signature`` if it was written since the last check (or always, with ``force``).
+
+        In-place loads (``torch.distributed.checkpoint.load``) bypass ``load_state_dict`` hooks;
+        the buffer's version counter tells when it was written, and the check then runs once.
+        """
         version = self.hash_signature._version
-        if version != self._signature_version_checked:
-            self._verify_signature(self.hash_signature.tolist(), "loaded state")
+        if force or version != self._signature_version_checked:
+            self.verify_signature(self.hash_signature.tolist(), "loaded state")
             self._signature_version_checked = version
 
     # ------------------------------------------------------------------ TorchRec interface
@@ -243,7 +249,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise TypeError(
                 f"RobeEmbeddingBagCollection: ids must be an integer tensor (int64 or int32), got {values.dtype}"
             )
-        self._check_signature_unchanged()
+        self.check_signature_unchanged()
         weights = None
         if self._is_weighted:
             weights = features.weights_or_none()

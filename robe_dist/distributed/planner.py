@@ -1,0 +1,130 @@
+"""Planning models that hold ROBE collections with TorchRec's ``EmbeddingShardingPlanner``.
+
+TorchRec's planner keys ``ParameterConstraints`` by the names its sharders give to shardable
+tensors. A ROBE collection has ONE shardable tensor, its array, named ``"array"``: constraints for
+it go under ``constraints["array"]``. Constraints keyed by the name of a table that lives inside a
+ROBE collection would be silently ignored by TorchRec's planner (no tensor carries that name);
+``check_robe_constraints`` refuses them, and ``RobeShardingPlanner`` runs that check (on every
+rank) before planning.
+
+What ``constraints["array"]`` may hold:
+
+* honoured: ``sharding_types`` / ``compute_kernels`` (they must allow ``data_parallel`` /
+  ``dense``), ``pooling_factors``, ``num_poolings``, ``batch_sizes`` (the planner's estimate of the
+  lookup's input/output buffers: give one pooling factor per feature of the collection),
+  ``is_weighted``, ``feature_names``;
+* refused (a replicated dense array has no use for them): ``min_partition``, ``cache_params``,
+  ``enforce_hbm``, ``stochastic_rounding``, ``bounds_check_mode``, ``output_dtype``,
+  ``device_group``, ``key_value_params``, ``use_virtual_table``.
+
+Example::
+
+    constraints = {
+        "array": ParameterConstraints(sharding_types=["data_parallel"], pooling_factors=[1.0] * 26),
+        "big_table": ParameterConstraints(sharding_types=["table_wise"]),   # an ordinary EBC table
+    }
+    planner = RobeShardingPlanner(topology=topology, constraints=constraints)
+    plan = planner.collective_plan(model, get_default_sharders(), pg)
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+
+from robe_dist.distributed.robe_embedding_bag_collection import ARRAY_PARAMETER_NAME
+from robe_dist.distributed.sharding_plan import get_default_sharders
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+
+_REFUSED_FIELDS = {
+    # field: value that means "not set"
+    "min_partition": None,
+    "cache_params": None,
+    "enforce_hbm": None,
+    "stochastic_rounding": None,
+    "bounds_check_mode": None,
+    "output_dtype": None,
+    "device_group": None,
+    "key_value_params": None,
+    "use_virtual_table": False,
+}
+
+
+def find_robe_collections(module: nn.Module) -> Dict[str, RobeEmbeddingBagCollection]:
+    """``{module path: collection}`` of the (unsharded) ROBE collections in ``module``."""
+    return {path: m for path, m in module.named_modules() if type(m) is RobeEmbeddingBagCollection}
+
+
+def check_robe_constraints(
+    module: nn.Module, constraints: Optional[Dict[str, ParameterConstraints]]
+) -> None:
+    """Refuses planner constraints that cannot apply to ``module``'s ROBE collections.
+
+    Raises:
+        ValueError: a constraint names a table of a ROBE collection, or ``constraints["array"]``
+            excludes data_parallel / dense, or sets a field a replicated array cannot honour.
+    """
+    if not constraints:
+        return
+    collections = find_robe_collections(module)
+    if not collections:
+        return
+    robe_tables = {t.name: path for path, m in collections.items() for t in m.embedding_bag_configs()}
+    for name in constraints:
+        if name in robe_tables:
+            raise ValueError(
+                f"constraints[{name!r}]: {name!r} is a table of the ROBE collection at {robe_tables[name]!r}; "
+                f"its tables share one array and are planned together, under the name {ARRAY_PARAMETER_NAME!r}. "
+                f"Put the constraint under constraints[{ARRAY_PARAMETER_NAME!r}] (data_parallel / dense only; "
+                "pooling_factors: one per feature of the collection)."
+            )
+    c = constraints.get(ARRAY_PARAMETER_NAME)
+    if c is None:
+        return
+    dp, dense = ShardingType.DATA_PARALLEL.value, EmbeddingComputeKernel.DENSE.value
+    if c.sharding_types and dp not in c.sharding_types:
+        raise ValueError(
+            f"constraints[{ARRAY_PARAMETER_NAME!r}].sharding_types={c.sharding_types}: a ROBE array is replicated on "
+            f"every rank, the only sharding type is {dp!r}"
+        )
+    if c.compute_kernels and dense not in c.compute_kernels:
+        raise ValueError(
+            f"constraints[{ARRAY_PARAMETER_NAME!r}].compute_kernels={c.compute_kernels}: a ROBE array runs on the "
+            f"{dense!r} kernel only"
+        )
+    for fname, unset in _REFUSED_FIELDS.items():
+        value = getattr(c, fname)
+        if value != unset:
+            raise ValueError(
+                f"constraints[{ARRAY_PARAMETER_NAME!r}].{fname}={value!r} cannot apply to a replicated ROBE array "
+                f"(data_parallel, dense kernel); leave it at {unset!r}"
+            )
+
+
+class RobeShardingPlanner(EmbeddingShardingPlanner):
+    """``EmbeddingShardingPlanner`` that first refuses constraints ROBE collections cannot honour.
+
+    Same arguments and results as TorchRec's planner (``check_robe_constraints`` for the rules);
+    without ``sharders`` it plans with ``robe_dist.distributed.get_default_sharders()``.
+    The check runs on every rank before ``collective_plan``'s rank-0 planning, so a refusal raises
+    everywhere instead of leaving the other ranks waiting for the plan.
+    """
+
+    def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        check_robe_constraints(module, self._constraints)
+        return super().plan(module, sharders if sharders is not None else get_default_sharders())
+
+    def collective_plan(
+        self,
+        module: nn.Module,
+        sharders: Optional[List[ModuleSharder[nn.Module]]] = None,
+        pg: Optional[dist.ProcessGroup] = None,
+    ) -> ShardingPlan:
+        check_robe_constraints(module, self._constraints)
+        return super().collective_plan(module, sharders if sharders is not None else get_default_sharders(), pg)

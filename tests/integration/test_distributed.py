@@ -1,0 +1,291 @@
+"""ROBE under TorchRec's planner and DistributedModelParallel, on 2 gloo ranks (CPU).
+
+Every ``_rank_*`` function runs on both ranks of the session's process-group pool (conftest
+``pg2``) and returns plain Python data that the test asserts on.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.constants import BATCH_SIZE
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from robe_dist import RobeConfig, RobeEmbeddingBagCollection
+from robe_dist.distributed import (
+    RobeEmbeddingBagCollectionSharder,
+    ShardedRobeEmbeddingBagCollection,
+    get_default_sharders,
+)
+
+pytestmark = pytest.mark.integration
+
+DIM = 32
+ARRAY = 1 << 14
+N_ROBE, N_FULL = 3, 2
+ROBE_FEATURES = [f"rf{i}" for i in range(N_ROBE)]
+FULL_FEATURES = [f"f{i}" for i in range(N_FULL)]
+FEATURES = ROBE_FEATURES + FULL_FEATURES
+OPTIMIZERS = {"sgd": (torch.optim.SGD, {"lr": 0.5}), "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
+              "adam": (torch.optim.Adam, {"lr": 0.01})}
+# fused (in-backward) optimisers of the TorchRec-sharded tables: FBGEMM's CPU kernels have no Adam
+TABLE_OPTIMIZERS = {"sgd": OPTIMIZERS["sgd"], "adagrad": OPTIMIZERS["adagrad"], "adam": OPTIMIZERS["adagrad"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data shared by the rank functions
+def robe_tables() -> List[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=f"r{i}", embedding_dim=DIM, num_embeddings=10**9, feature_names=[f])
+            for i, f in enumerate(ROBE_FEATURES)]
+
+
+def full_tables() -> List[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=200, feature_names=[f])
+            for i, f in enumerate(FULL_FEATURES)]
+
+
+class MixedModel(nn.Module):
+    """A ROBE collection (3 tables) + an EmbeddingBagCollection (2 tables) + a linear head."""
+
+    def __init__(self, seed: int = 0, with_full: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.robe = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=ARRAY, block_size=16))
+        self.ebc = EmbeddingBagCollection(full_tables()) if with_full else None
+        width = DIM * (N_ROBE + (N_FULL if with_full else 0))
+        self.head = nn.Sequential(nn.Linear(width, 16), nn.Tanh(), nn.Linear(16, 1))  # smooth: no ReLU kinks to amplify float noise
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        parts = [self.robe(kjt).values()]
+        if self.ebc is not None:
+            parts.append(self.ebc(kjt).values())
+        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+
+
+def global_batch(step: int, batch_size: int) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+    """lengths [F, B], per-feature values, labels [B] of a global batch (same on every rank)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    lengths = torch.randint(0, 4, (len(FEATURES), batch_size), generator=g)
+    values = [torch.randint(0, 200, (int(lengths[f].sum()),), generator=g) for f in range(len(FEATURES))]
+    labels = torch.randint(0, 2, (batch_size,), generator=g).float()
+    return lengths, values, labels
+
+
+def batch_slice(step: int, batch_size: int, lo: int, hi: int) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    """Samples ``[lo, hi)`` of global batch ``step`` as (KeyedJaggedTensor, labels)."""
+    lengths, values, labels = global_batch(step, batch_size)
+    vals, lens = [], []
+    for f in range(len(FEATURES)):
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths[f].cumsum(0)])
+        vals.append(values[f][offsets[lo]:offsets[hi]])
+        lens.append(lengths[f, lo:hi])
+    return KeyedJaggedTensor(keys=FEATURES, values=torch.cat(vals), lengths=torch.cat(lens)), labels[lo:hi]
+
+
+def local_batch(step: int, global_size: int, rank: int, world_size: int) -> Tuple[KeyedJaggedTensor, torch.Tensor]:
+    per = global_size // world_size
+    return batch_slice(step, global_size, rank * per, (rank + 1) * per)
+
+
+def plan_and_wrap(model: nn.Module, world_size: int, pg=None, robe_sharder=None, table_optimizer=None,
+                  load_initial: bool = True):
+    """Plans with TorchRec's planner (ROBE + TorchRec sharders) and wraps with DMP; the wrapped
+    model starts from ``model``'s weights (TorchRec re-initialises CPU tables when sharding)."""
+    initial = copy.deepcopy(model.state_dict())
+    if table_optimizer is not None and getattr(model, "ebc", None) is not None:
+        cls, kwargs = table_optimizer
+        apply_optimizer_in_backward(cls, model.ebc.parameters(), dict(kwargs))
+    sharders = [robe_sharder or RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    pg = pg or dist.GroupMember.WORLD
+    topology = Topology(world_size=world_size, compute_device="cpu")
+    # the options the planner chooses from, with its storage estimates (same estimator, every rank)
+    options = EmbeddingEnumerator(topology=topology, batch_size=BATCH_SIZE).enumerate(model, sharders)
+    plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, sharders, pg)
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders)
+    if load_initial:
+        dmp.load_state_dict(initial)
+    return dmp, plan, options
+
+
+def make_optimizer(dmp: DistributedModelParallel, dense: Tuple[type, Dict]) -> CombinedOptimizer:
+    cls, kwargs = dense
+    dense_opt = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                      lambda params: cls(params, **dict(kwargs)))
+    return CombinedOptimizer([dmp.fused_optimizer, dense_opt])
+
+
+def gather(t: torch.Tensor) -> List[torch.Tensor]:
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rank functions
+def _rank_replicas(rank: int, world_size: int, gradient_sync: str, optimizer: str, steps: int) -> Dict:
+    model = MixedModel(seed=rank)  # every rank initialises differently: the wrap must broadcast rank 0's array
+    before = model.robe.array.detach().clone()
+    opt_cls, opt_kwargs = OPTIMIZERS[optimizer]
+    sharder = RobeEmbeddingBagCollectionSharder(optimizer_class=opt_cls, optimizer_kwargs=opt_kwargs,
+                                                gradient_sync=gradient_sync)
+    dmp, plan, options = plan_and_wrap(model, world_size, robe_sharder=sharder,
+                                        table_optimizer=TABLE_OPTIMIZERS[optimizer], load_initial=False)
+    sharded = dmp.module.robe
+    opt = make_optimizer(dmp, OPTIMIZERS[optimizer])
+    in_dense = [k for k in opt.params if k.endswith("robe.array")]
+    in_fused = [k for k in dmp.fused_optimizer.params if "robe" in k]
+    after_wrap = [t.clone() for t in gather(sharded.array.detach())]
+    losses = []
+    for step in range(steps):
+        kjt, labels = local_batch(step, 32, rank, world_size)
+        loss = nn.functional.binary_cross_entropy_with_logits(dmp(kjt), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    arrays = gather(sharded.array.detach())
+    heads = gather(torch.cat([p.detach().flatten() for p in dmp.module.head.parameters()]))
+    # memory: what the planner charged each rank for the array vs what this process holds for it
+    robe_option = [so for so in options if so.path == "robe"][0]
+    io = _planner_io_bytes(robe_option)
+    array_param = sharded.array
+    state = opt.state[array_param] if array_param in opt.state else {}
+    state_bytes = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {
+        "plan_robe": {k: (v.sharding_type, v.compute_kernel, v.ranks) for k, v in plan.plan["robe"].items()},
+        "plan_ebc": {k: (v.sharding_type, v.compute_kernel) for k, v in plan.plan["ebc"].items()},
+        "inits_differed": not torch.equal(before, gather(before)[1 - rank]),
+        "wrap_identical": torch.equal(after_wrap[0], after_wrap[1]),
+        "wrap_is_rank0": torch.equal(after_wrap[rank], after_wrap[0]),
+        "array_max_diff": (arrays[0] - arrays[1]).abs().max().item(),
+        "array_moved": not torch.equal(arrays[0], after_wrap[0]),
+        "head_max_diff": (heads[0] - heads[1]).abs().max().item(),
+        "losses_finite": all(l == l for l in losses),
+        "array_in_dense_optimizer": in_dense,
+        "robe_in_fused_optimizer": in_fused,
+        "in_backward_attr": hasattr(array_param, "_in_backward_optimizers"),
+        "planner_storage": [s.storage.ddr for s in robe_option.shards],
+        "planner_io": io,
+        "held_bytes": array_param.numel() * array_param.element_size() + state_bytes,
+        "sharded_type": type(sharded).__name__,
+    }
+
+
+def _planner_io_bytes(option) -> int:
+    """Input + output buffer bytes TorchRec's storage estimator adds to a data-parallel shard on CPU."""
+    import math
+    pf, bs = option.input_lengths, [option.batch_size] * len(option.input_lengths)
+    inputs = sum(p * b for p, b in zip(pf, bs))
+    outputs = sum(min(1.0, p) * b for p, b in zip(pf, bs))
+    return math.ceil(inputs * 8) + math.ceil(outputs * option.tensor.shape[1] * option.tensor.element_size())
+
+
+@pytest.mark.parametrize(
+    "gradient_sync,optimizer",
+    [("hook", "sgd"), ("hook", "adagrad"), ("hook", "adam"), ("ddp", "sgd"), ("ddp", "adagrad"), ("ddp", "adam")],
+)
+def test_replicas_stay_bit_identical_and_planner_budget_matches(pg2, gradient_sync, optimizer):
+    r0, r1 = pg2.run(_rank_replicas, gradient_sync=gradient_sync, optimizer=optimizer, steps=50)
+    for r in (r0, r1):
+        assert r["sharded_type"] == "ShardedRobeEmbeddingBagCollection"
+        assert r["plan_robe"] == {"array": ("data_parallel", "dense", [0, 1])}
+        assert set(r["plan_ebc"]) == {"t0", "t1"}
+        assert all(st == "table_wise" for st, _ in r["plan_ebc"].values())
+        assert r["inits_differed"] and r["wrap_identical"] and r["wrap_is_rank0"]
+        assert r["array_moved"] and r["losses_finite"]
+        assert r["array_max_diff"] == 0.0  # exact: same averaged gradient, same update, every rank
+        assert r["head_max_diff"] == 0.0
+        assert r["array_in_dense_optimizer"] == ["robe.array"]
+        assert r["robe_in_fused_optimizer"] == [] and not r["in_backward_attr"]
+        # the planner charged (array + optimiser state) + its io estimate, and that is what we hold
+        assert r["planner_storage"][0] == r["planner_storage"][1]
+        assert r["planner_storage"][0] - r["planner_io"] == r["held_bytes"]
+    slots = {"sgd": 0, "adagrad": 1, "adam": 2}[optimizer]
+    assert r0["held_bytes"] == ARRAY * 4 * (1 + slots)
+
+
+def _rank_one_vs_two(rank: int, world_size: int, steps: int, batch_size: int) -> Dict:
+    lr = 0.3
+    # two processes, each half of every global batch
+    dmp2, _, _ = plan_and_wrap(MixedModel(seed=7), world_size, table_optimizer=(torch.optim.SGD, {"lr": lr}))
+    opt2 = make_optimizer(dmp2, (torch.optim.SGD, {"lr": lr}))
+    # one process (rank 0, in a process group of its own), the whole global batch
+    solo = dist.new_group(ranks=[0])
+    if rank == 0:
+        dmp1, _, _ = plan_and_wrap(MixedModel(seed=7), 1, pg=solo, table_optimizer=(torch.optim.SGD, {"lr": lr}))
+        opt1 = make_optimizer(dmp1, (torch.optim.SGD, {"lr": lr}))
+    for step in range(steps):
+        kjt, labels = local_batch(step, batch_size, rank, world_size)
+        loss = nn.functional.binary_cross_entropy_with_logits(dmp2(kjt), labels)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+        if rank == 0:
+            kjt, labels = batch_slice(step, batch_size, 0, batch_size)
+            loss = nn.functional.binary_cross_entropy_with_logits(dmp1(kjt), labels)
+            opt1.zero_grad()
+            loss.backward()
+            opt1.step()
+    kjt, _ = local_batch(999, batch_size, rank, world_size)
+    with torch.no_grad():
+        out2 = torch.cat(gather(dmp2(kjt)))
+    result = {}
+    if rank == 0:
+        kjt, _ = batch_slice(999, batch_size, 0, batch_size)
+        with torch.no_grad():
+            out1 = dmp1(kjt)
+        result = {
+            "array_diff": (dmp1.module.robe.array - dmp2.module.robe.array).abs().max().item(),
+            "array_change": (dmp2.module.robe.array - MixedModel(seed=7).robe.array).abs().max().item(),
+            "out_diff": (out1 - out2).abs().max().item(),
+            "out_scale": out1.abs().max().item(),
+        }
+    dist.barrier()
+    return result
+
+
+def test_one_process_equals_two_processes_on_the_same_global_batch(pg2):
+    r0, _ = pg2.run(_rank_one_vs_two, steps=10, batch_size=32)
+    assert r0["array_change"] > 1e-3  # training moved the array
+    assert r0["array_diff"] < 1e-6
+    assert r0["out_diff"] < 1e-5 * max(1.0, r0["out_scale"])
+
+
+def _rank_default_sharders_and_refusals(rank: int, world_size: int) -> Dict:
+    model = MixedModel(seed=0)
+    sharders = get_default_sharders()
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu")).collective_plan(
+        model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+    kjt, _ = local_batch(0, 8, rank, world_size)
+    out = dmp(kjt)
+    # a rank built with another RobeConfig is refused when the module is sharded, on every rank
+    bad = MixedModel(seed=0)
+    if rank == 1:
+        bad.robe = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=ARRAY, block_size=16, seed=5))
+    try:
+        DistributedModelParallel(bad, plan=plan, sharders=sharders)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    return {"types": type(dmp.module.robe).__name__, "out_shape": list(out.shape), "refused": refused}
+
+
+def test_default_sharders_and_config_mismatch_between_ranks(pg2):
+    for r in pg2.run(_rank_default_sharders_and_refusals):
+        assert r["types"] == "ShardedRobeEmbeddingBagCollection"
+        assert r["out_shape"] == [4]
+        assert "another configuration" in r["refused"] and "seed=5" in r["refused"]

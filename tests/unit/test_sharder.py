@@ -1,0 +1,274 @@
+"""RobeEmbeddingBagCollectionSharder, the planner's view of ROBE, and single-process sharding."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.constants import BATCH_SIZE
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_default_sharders
+from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from robe_dist import RobeConfig, RobeEmbeddingBagCollection
+from robe_dist.distributed import (
+    ARRAY_PARAMETER_NAME,
+    RobeEmbeddingBagCollectionSharder,
+    RobeShardingPlanner,
+    ShardedRobeEmbeddingBagCollection,
+    check_robe_constraints,
+    get_default_sharders,
+    optimizer_state_slots,
+    planning_shape,
+)
+
+M = 1 << 15  # array elements
+DP, TW, DENSE = ShardingType.DATA_PARALLEL.value, ShardingType.TABLE_WISE.value, EmbeddingComputeKernel.DENSE.value
+
+
+def robe_tables(dim: int = 64, n: int = 3):
+    return [EmbeddingBagConfig(name=f"r{i}", embedding_dim=dim, num_embeddings=10**9, feature_names=[f"rf{i}"])
+            for i in range(n)]
+
+
+def full_tables():
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=500, feature_names=[f"f{i}"])
+            for i in range(2)]
+
+
+class Mixed(nn.Module):
+    def __init__(self, array_size: int = M) -> None:
+        super().__init__()
+        self.robe = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=array_size, block_size=32))
+        self.ebc = EmbeddingBagCollection(full_tables())
+        self.dense = nn.Linear(4, 4)
+
+
+def kjt(batch: int = 4, seed: int = 0) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    keys = ["rf0", "rf1", "rf2", "f0", "f1"]
+    lengths = torch.randint(0, 3, (len(keys) * batch,), generator=g)
+    return KeyedJaggedTensor(keys=keys, values=torch.randint(0, 500, (int(lengths.sum()),), generator=g), lengths=lengths)
+
+
+def dp_plan(ranks=None):
+    return {ARRAY_PARAMETER_NAME: ParameterSharding(sharding_type=DP, compute_kernel=DENSE, ranks=ranks)}
+
+
+def plan(model, world_size=2, sharders=None, constraints=None, planner_cls=EmbeddingShardingPlanner):
+    sharders = sharders or [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    planner = planner_cls(topology=Topology(world_size=world_size, compute_device="cpu"), constraints=constraints)
+    return planner.plan(model, sharders)
+
+
+def robe_storage(model, world_size, sharder, constraints=None):
+    """(per-rank ddr the planner charges for the array, the io part of it, planning tensor)."""
+    topology = Topology(world_size=world_size, compute_device="cpu")
+    options = EmbeddingEnumerator(topology=topology, batch_size=BATCH_SIZE, constraints=constraints).enumerate(
+        model, [sharder, EmbeddingBagCollectionSharder()])
+    (so,) = [o for o in options if o.path == "robe"]
+    pf = so.input_lengths
+    io = math.ceil(sum(pf) * BATCH_SIZE * 8) + math.ceil(
+        sum(min(1.0, p) for p in pf) * BATCH_SIZE * so.tensor.shape[1] * 4)
+    return [s.storage.ddr for s in so.shards], io, so
+
+
+# ------------------------------------------------------------------------------ sharder surface
+def test_sharder_offers_only_data_parallel_dense():
+    s = RobeEmbeddingBagCollectionSharder()
+    assert s.module_type is RobeEmbeddingBagCollection
+    assert s.sharded_module_type is ShardedRobeEmbeddingBagCollection
+    for device in ("cpu", "cuda"):
+        assert s.sharding_types(device) == [DP]
+        assert s.compute_kernels(DP, device) == [DENSE]
+        assert s.compute_kernels(TW, device) == []
+
+
+def test_shardable_parameters_is_a_2d_meta_view_of_the_array():
+    module = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=27_000_000, block_size=32))
+    (name, t), = RobeEmbeddingBagCollectionSharder().shardable_parameters(module).items()
+    assert name == "array" and t.device.type == "meta" and t.dim() == 2
+    assert t.numel() == 27_000_000 and t.dtype == torch.float32
+    assert tuple(t.shape) == (27_000_000 // 64, 64)  # gcd(27e6, 64): the common embedding dim divides m
+    assert not hasattr(t, "_optimizer_classes")
+    odd = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=1001, block_size=32))
+    assert planning_shape(odd) == torch.Size([1001, 1])
+
+
+def test_optimizer_state_slots():
+    assert optimizer_state_slots(torch.optim.SGD) == 0
+    assert optimizer_state_slots(torch.optim.SGD, {"momentum": 0.9}) == 1
+    assert optimizer_state_slots(torch.optim.Adagrad) == 1
+    assert optimizer_state_slots(torch.optim.Adam) == 2
+    with pytest.raises(ValueError, match="unknown optimizer class 'LBFGS'"):
+        optimizer_state_slots(torch.optim.LBFGS)
+    with pytest.raises(ValueError, match="can budget 0, 1 or 2"):
+        RobeEmbeddingBagCollectionSharder(optimizer_class=torch.optim.Adam, optimizer_kwargs={"amsgrad": True})
+    with pytest.raises(ValueError, match="gradient_sync must be one of"):
+        RobeEmbeddingBagCollectionSharder(gradient_sync="allreduce")
+
+
+def test_get_default_sharders_extends_torchrecs():
+    ours = get_default_sharders(optimizer_class=torch.optim.Adagrad)
+    theirs = torchrec_default_sharders()
+    assert [type(s) for s in ours[:-1]] == [type(s) for s in theirs]
+    assert isinstance(ours[-1], RobeEmbeddingBagCollectionSharder) and ours[-1].optimizer_state_slots == 1
+
+
+# ------------------------------------------------------------------------------ planner
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_plan_lists_robe_as_data_parallel_next_to_table_wise_tables(world_size):
+    p = plan(Mixed(), world_size)
+    robe = p.plan["robe"]
+    assert list(robe) == ["array"]
+    assert robe["array"].sharding_type == DP and robe["array"].compute_kernel == DENSE
+    assert robe["array"].ranks == list(range(world_size))
+    assert {ps.sharding_type for ps in p.plan["ebc"].values()} == {TW}
+    printed = str(p)
+    assert "module: robe" in printed and "data_parallel" in printed and "dense" in printed
+
+
+@pytest.mark.parametrize(
+    "opt,kwargs,slots",
+    [(None, None, 0), (torch.optim.SGD, {}, 0), (torch.optim.SGD, {"momentum": 0.9}, 1),
+     (torch.optim.Adagrad, {}, 1), (torch.optim.Adam, {}, 2)],
+)
+def test_planner_charges_array_bytes_plus_optimizer_state(opt, kwargs, slots):
+    model = Mixed()
+    storages, io, so = robe_storage(model, 2, RobeEmbeddingBagCollectionSharder(opt, kwargs))
+    assert storages == [M * 4 * (1 + slots) + io] * 2  # every rank holds the whole array
+    full = sum(t.num_embeddings * t.embedding_dim * 4 for t in robe_tables())
+    assert storages[0] < full / 1000  # not num_embeddings x dim
+
+
+@pytest.mark.parametrize(
+    "opt,kwargs",
+    [(torch.optim.SGD, {}), (torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adagrad, {}), (torch.optim.Adam, {})],
+)
+def test_planner_budget_matches_what_training_allocates(opt, kwargs):
+    """One process: the array and the optimiser state created by real steps = the planner's charge."""
+    model = Mixed()
+    storages, io, _ = robe_storage(model, 1, RobeEmbeddingBagCollectionSharder(opt, kwargs))
+    optimizer = opt([model.robe.array], lr=0.01, **kwargs)
+    for seed in range(2):
+        model.robe(kjt(seed=seed)).values().sum().backward()
+        optimizer.step()
+    state = optimizer.state[model.robe.array]
+    held = model.robe.array.numel() * 4 + sum(v.numel() * v.element_size() for v in state.values() if v.dim() > 0)
+    assert storages[0] - io == held
+
+
+def test_pooling_factor_constraints_on_array_are_honoured():
+    model = Mixed()
+    base, _, _ = robe_storage(model, 2, RobeEmbeddingBagCollectionSharder())
+    c = {"array": ParameterConstraints(sharding_types=[DP], pooling_factors=[3.0, 3.0, 3.0])}
+    more, io, so = robe_storage(model, 2, RobeEmbeddingBagCollectionSharder(), constraints=c)
+    assert so.input_lengths == [3.0, 3.0, 3.0]
+    assert more[0] == M * 4 + io and more[0] > base[0]
+
+
+def test_constraints_refused_with_clear_messages():
+    model = Mixed()
+    with pytest.raises(ValueError, match=r"'r1' is a table of the ROBE collection at 'robe'.*constraints\['array'\]"):
+        check_robe_constraints(model, {"r1": ParameterConstraints(sharding_types=[TW])})
+    with pytest.raises(ValueError, match="only sharding type is 'data_parallel'"):
+        check_robe_constraints(model, {"array": ParameterConstraints(sharding_types=[TW])})
+    with pytest.raises(ValueError, match="'dense' kernel only"):
+        check_robe_constraints(model, {"array": ParameterConstraints(compute_kernels=["fused"])})
+    with pytest.raises(ValueError, match="enforce_hbm=True cannot apply"):
+        check_robe_constraints(model, {"array": ParameterConstraints(enforce_hbm=True)})
+    # constraints on ordinary tables and allowed ones pass
+    check_robe_constraints(model, {"t0": ParameterConstraints(sharding_types=[TW]),
+                                   "array": ParameterConstraints(sharding_types=[DP, TW], pooling_factors=[2.0])})
+    # RobeShardingPlanner runs the check; TorchRec's planner alone refuses an impossible one too
+    with pytest.raises(ValueError, match="is a table of the ROBE collection"):
+        plan(model, 2, constraints={"r0": ParameterConstraints(sharding_types=[DP])}, planner_cls=RobeShardingPlanner)
+    with pytest.raises(RuntimeError, match="No available sharding type.*array"):
+        plan(model, 2, constraints={"array": ParameterConstraints(sharding_types=[TW])})
+    p = plan(model, 2, constraints={"t0": ParameterConstraints(sharding_types=[DP])}, planner_cls=RobeShardingPlanner)
+    assert p.plan["ebc"]["t0"].sharding_type == DP and p.plan["robe"]["array"].sharding_type == DP
+
+
+# ------------------------------------------------------------------------------ sharding, one process
+def shard_local(module, params=None, **kw):
+    return RobeEmbeddingBagCollectionSharder(**kw).shard(module, params or dp_plan([0]), ShardingEnv.from_local(1, 0))
+
+
+def test_sharded_module_matches_unsharded_and_keeps_state_names():
+    module = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32))
+    reference = copy.deepcopy(module)
+    sharded = shard_local(module)
+    features = kjt()
+    out = sharded(features)
+    pooled = out.wait() if hasattr(out, "wait") else out
+    expected = reference(features)
+    assert pooled.keys() == expected.keys()
+    assert torch.equal(pooled.values(), expected.values())
+    assert list(sharded.state_dict()) == list(reference.state_dict()) == ["array", "hash_signature"]
+    assert [n for n, _ in sharded.named_parameters()] == ["array"]
+    assert sharded.gradient_sync == "hook"  # default: the module averages the gradient, DDP must skip it
+    assert list(sharded.sharded_parameter_names("m")) == ["m.array"]
+    assert list(shard_local(copy.deepcopy(reference), gradient_sync="ddp").sharded_parameter_names()) == []
+    # the array is a copy: training the sharded module leaves the caller's tensor alone
+    sharded(features).wait().values().sum().backward()
+    assert sharded.array.grad is not None and reference.array.grad is None
+
+
+def test_sharded_module_refuses_a_mismatched_checkpoint():
+    sharded = shard_local(RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32)))
+    other = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32, seed=3))
+    with pytest.raises(RuntimeError, match="ROBE hash signature does not match"):
+        sharded.load_state_dict(other.state_dict())
+    # in-place writes (torch.distributed.checkpoint.load) are caught at the next forward
+    with torch.no_grad():
+        sharded.hash_signature.copy_(other.hash_signature)
+    with pytest.raises(RuntimeError, match="ROBE hash signature does not match"):
+        sharded(kjt())
+
+
+def test_meta_module_is_materialised_and_initialised():
+    module = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32), device=torch.device("meta"))
+    sharded = shard_local(module)
+    assert sharded.array.device.type == "cpu" and sharded.hash_signature.device.type == "cpu"
+    bound = math.sqrt(1 / 10**9)  # the module's default init: sqrt(1 / largest num_embeddings)
+    assert 0.5 * bound < sharded.array.abs().max().item() <= bound
+    assert sharded(kjt()).wait().values().shape == (4, 3 * 64)
+
+
+def test_shard_refusals_name_the_problem():
+    cfg = RobeConfig(array_size=M, block_size=32)
+    with pytest.raises(ValueError, match="exactly one entry, 'array'"):
+        shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg),
+                    {"r0": ParameterSharding(sharding_type=DP, compute_kernel=DENSE)})
+    with pytest.raises(ValueError, match="can only be replicated"):
+        shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg),
+                    {"array": ParameterSharding(sharding_type=TW, compute_kernel=DENSE, ranks=[0])})
+    with pytest.raises(ValueError, match="needs a process group"):
+        RobeEmbeddingBagCollectionSharder().shard(RobeEmbeddingBagCollection(robe_tables(), cfg), dp_plan(),
+                                                  ShardingEnv.from_local(2, 0))
+    with pytest.raises(ValueError, match="fused_sgd_lr=0.1"):
+        shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg, fused_sgd_lr=0.1))
+    module = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": 0.1})
+    with pytest.raises(ValueError, match="in-backward optimiser"):
+        shard_local(module)
+
+
+def test_load_state_dict_assign_relinks_the_lookup():
+    cfg = RobeConfig(array_size=M, block_size=32)
+    torch.manual_seed(0)
+    sharded = shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg))
+    torch.manual_seed(1)
+    other = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    features = kjt()
+    assert not torch.equal(sharded(features).wait().values(), other(features).values())
+    sharded.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    assert torch.equal(sharded(features).wait().values(), other(features).values())
