@@ -131,35 +131,52 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
   std::atomic<int64_t> bad_feature{-1};
   std::atomic<int64_t> bad_id{0};
   const int64_t z = hash.z;
-  at::parallel_for(0, pb.num_features * pb.batch, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t fb = begin; fb < end; ++fb) {
-      const int64_t f = fb / pb.batch;
-      const int64_t b = fb % pb.batch;
-      const int64_t* m = pb.meta + f * kMetaCols;
-      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
-      const int64_t dim = m[kDim];
-      const int64_t nb = dim / z;
-      scalar_t* row = out + b * out_dim + m[kOutCol];
-      const int64_t lo = off[b], hi = off[b + 1];
-      for (int64_t i = lo; i < hi; ++i) {
-        int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
-        if (!hash.starts_for(pb.values[i], m, nb, st)) {
-          int64_t expected = -1;
-          if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
-          for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
-          continue;
-        }
-        const scalar_t w = weights ? weights[i] : scalar_t(1);
-        for (int64_t blk = 0; blk < nb; ++blk) {
-          const scalar_t* src = array + st[blk];
-          scalar_t* dst = row + blk * z;
-#pragma omp simd
-          for (int64_t j = 0; j < z; ++j) dst[j] += w * src[j];
+  const int64_t F = pb.num_features;
+  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
+  // Bag-major: a thread fills whole output rows, contiguous in memory. For each row, first hash
+  // every block of every feature and prefetch it (the reads are random, so this keeps many cache
+  // misses in flight), then accumulate.
+  at::parallel_for(0, pb.batch, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t* m = pb.meta + f * kMetaCols;
+        const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+        const int64_t nb = m[kDim] / z;
+        for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+          int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+          if (!hash.starts_for(pb.values[i], m, nb, st)) {
+            int64_t expected = -1;
+            if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
+            for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
+            continue;
+          }
+          for (int64_t blk = 0; blk < nb; ++blk) {
+            const char* p = reinterpret_cast<const char*>(array + st[blk]);
+            for (int64_t k = 0; k < block_bytes; k += 64) __builtin_prefetch(p + k);
+          }
         }
       }
-      if (m[kPooling] == kPoolMean && hi > lo) {
-        const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(hi - lo);
-        for (int64_t j = 0; j < dim; ++j) row[j] *= inv;
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t* m = pb.meta + f * kMetaCols;
+        const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+        const int64_t dim = m[kDim];
+        const int64_t nb = dim / z;
+        scalar_t* row = out + b * out_dim + m[kOutCol];
+        const int64_t lo = off[b], hi = off[b + 1];
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+          const scalar_t w = weights ? weights[i] : scalar_t(1);
+          for (int64_t blk = 0; blk < nb; ++blk) {
+            const scalar_t* src = array + st[blk];
+            scalar_t* dst = row + blk * z;
+#pragma omp simd
+            for (int64_t j = 0; j < z; ++j) dst[j] += w * src[j];
+          }
+        }
+        if (m[kPooling] == kPoolMean && hi > lo) {
+          const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(hi - lo);
+          for (int64_t j = 0; j < dim; ++j) row[j] *= inv;
+        }
       }
     }
   });
@@ -169,20 +186,39 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
               ") of its table; the 'paper' mapping needs ids below num_embeddings");
 }
 
-// Walks every (feature, bag, id, block) in a fixed order and calls fn(slot_start, scale, grad_row)
-// for the blocks that touch [lo, hi); fn handles the clipping to the range.
+// Walks every (bag, feature, id, block) in a fixed order and calls fn(slot_start, scale, grad_row)
+// for the blocks that touch [lo, hi); fn handles the clipping to the range. Bag-major, so the
+// upstream gradient [B, out_dim] is read sequentially; the slots a row will update are
+// prefetched one row ahead.
 template <typename scalar_t, typename Fn>
 void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
-                    int64_t out_dim, const int64_t* starts, int64_t lo, int64_t hi, Fn&& fn) {
-  for (int64_t f = 0; f < pb.num_features; ++f) {
-    const int64_t* m = pb.meta + f * kMetaCols;
-    const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
-    const int64_t nb = m[kDim] / z;
-    const bool mean = m[kPooling] == kPoolMean;
-    for (int64_t b = 0; b < pb.batch; ++b) {
+                    int64_t out_dim, const int64_t* starts, const scalar_t* target, int64_t lo, int64_t hi,
+                    Fn&& fn) {
+  const int64_t F = pb.num_features;
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  auto prefetch_row = [&](int64_t b) {
+    for (int64_t f = 0; f < F; ++f) {
+      const int64_t* m = pb.meta + f * kMetaCols;
+      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+      const int64_t nb = m[kDim] / z;
+      const int64_t* st = starts + m[kStartBase] + (off[b] - off[0]) * nb;
+      for (int64_t k = 0; k < (off[b + 1] - off[b]) * nb; ++k) {
+        const int64_t s = st[k];
+        if (s + z <= lo || s >= hi) continue;
+        for (int64_t j = 0; j < z; j += line) __builtin_prefetch(target + s + j, 1);
+      }
+    }
+  };
+  for (int64_t b = 0; b < pb.batch; ++b) {
+    if (b + 1 < pb.batch) prefetch_row(b + 1);
+    for (int64_t f = 0; f < F; ++f) {
+      const int64_t* m = pb.meta + f * kMetaCols;
+      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
       const int64_t bag_lo = off[b], bag_hi = off[b + 1];
       if (bag_hi == bag_lo) continue;
-      const scalar_t bag_scale = mean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
+      const int64_t nb = m[kDim] / z;
+      const scalar_t bag_scale =
+          m[kPooling] == kPoolMean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
       const scalar_t* grow = grad_out + b * out_dim + m[kOutCol];
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
         const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
@@ -224,7 +260,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t lo = t * chunk, hi = std::min(array_size, lo + chunk);
       if (lo >= hi) continue;
-      for_each_block<scalar_t>(pb, z, weights, grad_out, out_dim, starts, lo, hi,
+      for_each_block<scalar_t>(pb, z, weights, grad_out, out_dim, starts, target, lo, hi,
                                [&](int64_t s, scalar_t scale, const scalar_t* g) {
                                  add_block<scalar_t>(target, s, z, lo, hi, alpha * scale, g);
                                });
