@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,43 +63,46 @@ class LookupSpec:
     poolings: Tuple[str, ...]
     out_dim: int
 
-    def meta(self) -> torch.Tensor:
-        """int64 [F, 6]: the per-feature table the C++ operator reads (start bases filled there)."""
+    def meta(self, key_indices: Sequence[int]) -> torch.Tensor:
+        """int64 [F, 7]: the per-feature table the C++ operator reads; ``key_indices[f]`` is the
+        position of feature f's key in the input KeyedJaggedTensor (start bases are filled per call)."""
         rows = [
-            [hashing._signed(k), n, d, c, POOLING_IDS[p], 0]
-            for k, n, d, c, p in zip(self.keys, self.num_embeddings, self.dims, self.out_cols, self.poolings)
+            [hashing._signed(k), n, d, c, POOLING_IDS[p], 0, ki]
+            for k, n, d, c, p, ki in zip(
+                self.keys, self.num_embeddings, self.dims, self.out_cols, self.poolings, key_indices
+            )
         ]
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 6)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 7)
 
 
 class _RobeLookupCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, array, values, weights, bag_offsets, meta, spec: LookupSpec, fused_sgd_lr):
+    def forward(ctx, array, values, weights, offsets, batch, meta, spec: LookupSpec, fused_sgd_lr):
         meta = meta.clone()  # the operator fills in the start bases
         out, starts = _C.robe_forward(
-            array.detach(), values, weights, bag_offsets, meta, spec.out_dim,
+            array.detach(), values, weights, offsets, batch, meta, spec.out_dim,
             HASH_MODE_IDS[spec.hash], spec.block_size, list(spec.paper_constants),
         )
-        ctx.save_for_backward(values, weights, bag_offsets, meta, starts)
-        ctx.spec, ctx.fused_sgd_lr, ctx.array = spec, fused_sgd_lr, array
+        ctx.save_for_backward(values, weights, offsets, meta, starts)
+        ctx.spec, ctx.fused_sgd_lr, ctx.array, ctx.batch = spec, fused_sgd_lr, array, batch
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, weights, bag_offsets, meta, starts = ctx.saved_tensors
+        values, weights, offsets, meta, starts = ctx.saved_tensors
         spec: LookupSpec = ctx.spec
         grad_out = grad_out.to(ctx.array.dtype).contiguous()
         if ctx.fused_sgd_lr is not None:
             _C.robe_backward_sgd(
-                ctx.array.detach(), grad_out, values, weights, bag_offsets, meta, starts,
+                ctx.array.detach(), grad_out, values, weights, offsets, ctx.batch, meta, starts,
                 spec.block_size, float(ctx.fused_sgd_lr),
             )
             grad = None
         else:
             grad = _C.robe_backward(
-                grad_out, values, weights, bag_offsets, meta, starts, spec.array_size, spec.block_size
+                grad_out, values, weights, offsets, ctx.batch, meta, starts, spec.array_size, spec.block_size
             )
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _lookup_torch(
@@ -149,11 +152,20 @@ def check_paper_ids(ids: torch.Tensor, num_embeddings: int, feature: int) -> Non
 _warned_fallback = False
 
 
+def bag_offsets(offsets: torch.Tensor, key_indices: Sequence[int], batch: int) -> torch.Tensor:
+    """int64 ``[F, B + 1]``: row f holds the bag offsets of key ``key_indices[f]`` of a KJT whose
+    ``offsets()`` are ``offsets`` (``[K * B + 1]``)."""
+    rows = torch.tensor(list(key_indices), device=offsets.device, dtype=torch.long) * batch
+    return offsets.long()[rows.unsqueeze(1) + torch.arange(batch + 1, device=offsets.device).unsqueeze(0)]
+
+
 def robe_pooled_lookup(
     array: torch.Tensor,
     values: torch.Tensor,
     weights: Optional[torch.Tensor],
-    bag_offsets: torch.Tensor,
+    offsets: torch.Tensor,
+    batch: int,
+    key_indices: Sequence[int],
     spec: LookupSpec,
     meta: Optional[torch.Tensor] = None,
     fused_sgd_lr: Optional[float] = None,
@@ -162,11 +174,14 @@ def robe_pooled_lookup(
 
     Args:
         array: the shared ROBE array, 1-D ``[m]``.
-        values: int64 ``[N]`` ids (a KeyedJaggedTensor's values; features not in ``spec`` are skipped).
+        values: int64 ``[N]`` ids (a KeyedJaggedTensor's values; keys not in ``spec`` are skipped).
         weights: ``[N]`` per-sample weights or ``None``.
-        bag_offsets: int64 ``[F, B + 1]``: bag ``b`` of feature ``f`` is ``values[o[f, b]:o[f, b + 1]]``.
+        offsets: int64 ``[K * B + 1]``, the KeyedJaggedTensor's ``offsets()``: bag ``b`` of key ``k``
+            is ``values[offsets[k * B + b] : offsets[k * B + b + 1]]``.
+        batch: ``B``, the KeyedJaggedTensor's stride.
+        key_indices: for each of ``spec``'s features, the position ``k`` of its key in the input.
         spec: the collection's static lookup description.
-        meta: ``spec.meta()``, cached by the caller (built here when ``None``).
+        meta: ``spec.meta(key_indices)``, cached by the caller (built here when ``None``).
         fused_sgd_lr: when set, the backward applies ``array -= lr * grad`` in place and leaves
             ``array.grad`` untouched (C++ operator only).
 
@@ -175,11 +190,12 @@ def robe_pooled_lookup(
     """
     if weights is not None:
         weights = weights.to(array.dtype).contiguous()
+    offsets = offsets.long().contiguous()
     if array.device.type == "cpu" and _C is not None:
         if meta is None:
-            meta = spec.meta()
+            meta = spec.meta(key_indices)
         w = weights if weights is not None else array.new_empty(0)
-        return _RobeLookupCpp.apply(array, values.contiguous(), w, bag_offsets.contiguous(), meta, spec, fused_sgd_lr)
+        return _RobeLookupCpp.apply(array, values.contiguous(), w, offsets, batch, meta, spec, fused_sgd_lr)
     if fused_sgd_lr is not None:
         raise NotImplementedError(
             "robe: fused_sgd_lr needs the C++ CPU operator; on "
@@ -189,4 +205,4 @@ def robe_pooled_lookup(
     if array.device.type == "cpu" and not _warned_fallback:
         warnings.warn("robe_dist._C is not built: using the (much slower) PyTorch lookup on CPU", stacklevel=2)
         _warned_fallback = True
-    return _lookup_torch(array, values, weights, bag_offsets, spec)
+    return _lookup_torch(array, values, weights, bag_offsets(offsets, key_indices, batch), spec)

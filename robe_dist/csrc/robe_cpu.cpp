@@ -11,10 +11,11 @@
 // Layout of the inputs (built by robe_dist/ops.py from a KeyedJaggedTensor):
 //   values       int64 [N]        the KJT's ids (all keys; only the selected features are read)
 //   weights      float [N] or []  per-sample weights (weighted features), same indexing as values
-//   bag_offsets  int64 [F, B+1]   bag b of feature f is values[bag_offsets[f][b] : bag_offsets[f][b+1]]
-//   meta         int64 [F, 6]     per feature: table key (universal) / global offset (paper),
+//   offsets      int64 [K*B+1]    the KJT's offsets: bag b of key k is values[offsets[k*B+b] : offsets[k*B+b+1]]
+//   meta         int64 [F, 7]     per feature: table key (universal) / global offset (paper),
 //                                 num_embeddings (paper: ids must be below it), dim, output
 //                                 column, pooling (0 sum, 1 mean), start index into `starts`
+//                                 (filled by the forward), index k of its key in the KJT
 // Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts`, the int64 start of every
 // (feature, id, block), kept for the backward: one index per block, never one per element.
 //
@@ -47,7 +48,8 @@ enum MetaCol : int64_t {
   kOutCol = 3,
   kPooling = 4,
   kStartBase = 5,
-  kMetaCols = 6,
+  kKeyIndex = 6,
+  kMetaCols = 7,
 };
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
@@ -92,21 +94,31 @@ struct Problem {
   int64_t num_features;
   int64_t batch;
   const int64_t* values;
-  const int64_t* bag_offsets;
+  const int64_t* offsets;
   const int64_t* meta;
+
+  // Bag offsets of feature f: bag b is values[off[b] : off[b + 1]].
+  inline const int64_t* bag_offsets(int64_t f) const { return offsets + meta[f * kMetaCols + kKeyIndex] * batch; }
 };
 
-Problem make_problem(const at::Tensor& values, const at::Tensor& bag_offsets, const at::Tensor& meta) {
+Problem make_problem(const at::Tensor& values, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta) {
   TORCH_CHECK(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
               "robe: values must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(bag_offsets.dtype() == at::kLong && bag_offsets.dim() == 2 && bag_offsets.is_contiguous(),
-              "robe: bag_offsets must be a contiguous int64 [F, B+1] tensor");
+  TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
+              "robe: offsets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(batch >= 0 && (offsets.size(0) - 1) % std::max<int64_t>(batch, 1) == 0,
+              "robe: offsets must hold K * batch + 1 entries");
   TORCH_CHECK(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaCols && meta.is_contiguous(),
-              "robe: meta must be a contiguous int64 [F, 6] tensor");
-  TORCH_CHECK(meta.size(0) == bag_offsets.size(0), "robe: meta and bag_offsets disagree on the feature count");
+              "robe: meta must be a contiguous int64 [F, 7] tensor");
+  const int64_t num_keys = batch > 0 ? (offsets.size(0) - 1) / batch : 0;
+  for (int64_t f = 0; f < meta.size(0); ++f) {
+    const int64_t k = meta.data_ptr<int64_t>()[f * kMetaCols + kKeyIndex];
+    TORCH_CHECK(batch == 0 || (k >= 0 && k < num_keys), "robe: feature #", f, " has key index ", k,
+                " outside the input's ", num_keys, " keys");
+  }
   TORCH_CHECK(!values.is_cuda(), "robe: the C++ operator is CPU-only; CUDA tensors use the PyTorch path");
-  return Problem{bag_offsets.size(0), bag_offsets.size(1) - 1, values.data_ptr<int64_t>(),
-                 bag_offsets.data_ptr<int64_t>(), meta.data_ptr<int64_t>()};
+  return Problem{meta.size(0), batch, values.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                 meta.data_ptr<int64_t>()};
 }
 
 Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper) {
@@ -120,7 +132,7 @@ Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<in
 int64_t total_blocks(const Problem& pb, int64_t z) {
   if (pb.num_features == 0) return 0;
   const int64_t f = pb.num_features - 1;
-  const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+  const int64_t* off = pb.bag_offsets(f);
   const int64_t* m = pb.meta + f * kMetaCols;
   return m[kStartBase] + (off[pb.batch] - off[0]) * (m[kDim] / z);
 }
@@ -140,7 +152,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t f = 0; f < F; ++f) {
         const int64_t* m = pb.meta + f * kMetaCols;
-        const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+        const int64_t* off = pb.bag_offsets(f);
         const int64_t nb = m[kDim] / z;
         for (int64_t i = off[b]; i < off[b + 1]; ++i) {
           int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
@@ -158,7 +170,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
       }
       for (int64_t f = 0; f < F; ++f) {
         const int64_t* m = pb.meta + f * kMetaCols;
-        const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+        const int64_t* off = pb.bag_offsets(f);
         const int64_t dim = m[kDim];
         const int64_t nb = dim / z;
         scalar_t* row = out + b * out_dim + m[kOutCol];
@@ -199,7 +211,7 @@ void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const
   auto prefetch_row = [&](int64_t b) {
     for (int64_t f = 0; f < F; ++f) {
       const int64_t* m = pb.meta + f * kMetaCols;
-      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+      const int64_t* off = pb.bag_offsets(f);
       const int64_t nb = m[kDim] / z;
       const int64_t* st = starts + m[kStartBase] + (off[b] - off[0]) * nb;
       for (int64_t k = 0; k < (off[b + 1] - off[b]) * nb; ++k) {
@@ -213,7 +225,7 @@ void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const
     if (b + 1 < pb.batch) prefetch_row(b + 1);
     for (int64_t f = 0; f < F; ++f) {
       const int64_t* m = pb.meta + f * kMetaCols;
-      const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+      const int64_t* off = pb.bag_offsets(f);
       const int64_t bag_lo = off[b], bag_hi = off[b + 1];
       if (bag_hi == bag_lo) continue;
       const int64_t nb = m[kDim] / z;
@@ -272,7 +284,7 @@ void set_start_bases(const Problem& pb, at::Tensor& meta, int64_t z) {
   int64_t* m = meta.data_ptr<int64_t>();
   int64_t base = 0;
   for (int64_t f = 0; f < pb.num_features; ++f) {
-    const int64_t* off = pb.bag_offsets + f * (pb.batch + 1);
+    const int64_t* off = pb.bag_offsets(f);
     TORCH_CHECK(m[f * kMetaCols + kDim] % z == 0, "robe: feature #", f, " has embedding_dim ",
                 m[f * kMetaCols + kDim], ", not a multiple of block_size ", z);
     m[f * kMetaCols + kStartBase] = base;
@@ -306,11 +318,11 @@ at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 // Returns (out [B, out_dim], starts [num_blocks]). `meta`'s start-base column is filled in place.
 std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
-                                     const at::Tensor& weights, const at::Tensor& bag_offsets,
+                                     const at::Tensor& weights, const at::Tensor& offsets, int64_t batch,
                                      at::Tensor meta, int64_t out_dim, int64_t hash_mode, int64_t block_size,
                                      std::vector<int64_t> paper_constants) {
   TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
-  Problem pb = make_problem(values, bag_offsets, meta);
+  Problem pb = make_problem(values, offsets, batch, meta);
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
   set_start_bases(pb, meta, block_size);
   auto starts = at::empty({total_blocks(pb, block_size)}, values.options());
@@ -331,9 +343,9 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
 
 // Dense gradient of the array (exact: the sum over every element that maps to each slot).
 at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& weights,
-                         const at::Tensor& bag_offsets, const at::Tensor& meta, const at::Tensor& starts,
+                         const at::Tensor& offsets, int64_t batch, const at::Tensor& meta, const at::Tensor& starts,
                          int64_t array_size, int64_t block_size) {
-  Problem pb = make_problem(values, bag_offsets, meta);
+  Problem pb = make_problem(values, offsets, batch, meta);
   auto g = grad_out.contiguous();
   auto grad = hugepage_zeros({array_size}, g.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robe_backward", [&] {
@@ -346,10 +358,10 @@ at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, c
 
 // Fused SGD: array -= lr * dL/dM, touching only the slots hit in this step (no dense gradient).
 void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::Tensor& values,
-                       const at::Tensor& weights, const at::Tensor& bag_offsets, const at::Tensor& meta,
+                       const at::Tensor& weights, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta,
                        const at::Tensor& starts, int64_t block_size, double lr) {
   TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
-  Problem pb = make_problem(values, bag_offsets, meta);
+  Problem pb = make_problem(values, offsets, batch, meta);
   auto g = grad_out.contiguous();
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_backward_sgd", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist import hashing
 from robe_dist.config import RobeConfig
-from robe_dist.ops import LookupSpec, new_array, robe_pooled_lookup
+from robe_dist.ops import LookupSpec, bag_offsets, new_array, robe_pooled_lookup
 
 _SIGNATURE_VERSION = 1
 _PAPER_MAX_GLOBAL_ID = 2**33  # products g * A stay below 2**63
@@ -116,7 +116,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             poolings=tuple(t.pooling.name for _, t in per_feature),
             out_dim=out_cols[-1],
         )
-        self._meta = self._spec.meta()
+        self._meta_by_keys: Dict[Tuple[str, ...], Tuple[List[int], torch.Tensor]] = {}
 
         self.array = nn.Parameter(new_array(robe.array_size, device))
         # (version, mapping, seed, Z, m, table-layout fingerprint): saved with the model, checked on load.
@@ -224,23 +224,29 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def lookup_spec(self) -> LookupSpec:
         return self._spec
 
+    def _key_indices(self, features: KeyedJaggedTensor) -> Tuple[List[int], torch.Tensor]:
+        """Position of each of the module's features among ``features.keys()``, and the operator's
+        per-feature table for that key order (cached: the key order rarely changes)."""
+        keys = tuple(features.keys())
+        cached = self._meta_by_keys.get(keys)
+        if cached is None:
+            index: Dict[str, int] = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in self._input_features if f not in index]
+            if missing:
+                raise ValueError(
+                    f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
+                    f"KeyedJaggedTensor (keys: {list(keys)})"
+                )
+            key_indices = [index[f] for f in self._input_features]
+            cached = (key_indices, self._spec.meta(key_indices))
+            if len(self._meta_by_keys) > 64:
+                self._meta_by_keys.clear()
+            self._meta_by_keys[keys] = cached
+        return cached
+
     def _bag_offsets(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """int64 ``[F, B + 1]`` bag offsets of the module's features into ``features.values()``."""
-        keys = features.keys()
-        index: Dict[str, int] = {k: i for i, k in enumerate(keys)}
-        missing = [f for f in self._input_features if f not in index]
-        if missing:
-            raise ValueError(
-                f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
-                f"KeyedJaggedTensor (keys: {keys})"
-            )
-        if features.variable_stride_per_key():
-            raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
-        batch = features.stride()
-        offsets = features.offsets()
-        rows = torch.tensor([index[f] for f in self._input_features], device=offsets.device) * batch
-        cols = torch.arange(batch + 1, device=offsets.device)
-        return offsets.long()[rows.unsqueeze(1) + cols.unsqueeze(0)]
+        return bag_offsets(features.offsets(), self._key_indices(features)[0], features.stride())
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features``: KeyedTensor of values ``[B, sum of dims]``."""
@@ -255,13 +261,18 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             weights = features.weights_or_none()
             if weights is None:
                 raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
+        if features.variable_stride_per_key():
+            raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
+        key_indices, meta = self._key_indices(features)
         pooled = robe_pooled_lookup(
             self.array,
             values.long(),
             weights,
-            self._bag_offsets(features),
+            features.offsets(),
+            features.stride(),
+            key_indices,
             self._spec,
-            meta=self._meta,
+            meta=meta,
             fused_sgd_lr=self.fused_sgd_lr,
         )
         return KeyedTensor(

@@ -118,11 +118,13 @@ def test_gradient_is_exact_float64(hash, path):
     ]
     ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=23, block_size=4, hash=hash), is_weighted=True)
     kjt = make_kjt(tables, batch=3, weighted=True, extra_key=False)
-    spec, offsets = ebc.lookup_spec, ebc._bag_offsets(kjt)
+    spec, offsets, keys = ebc.lookup_spec, ebc._bag_offsets(kjt), ebc._key_indices(kjt)[0]
     array = torch.randn(23, dtype=torch.float64, requires_grad=True)
     weights = kjt.weights().double()
     if path == "cpp":
-        fn = lambda a: ops.robe_pooled_lookup(a, kjt.values(), weights, offsets, spec)  # noqa: E731
+        fn = lambda a: ops.robe_pooled_lookup(  # noqa: E731
+            a, kjt.values(), weights, kjt.offsets(), kjt.stride(), keys, spec
+        )
     else:
         fn = lambda a: _lookup_torch(a, kjt.values(), weights, offsets, spec)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (array,), eps=1e-6, atol=1e-8)
