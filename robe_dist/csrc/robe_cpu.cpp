@@ -30,6 +30,9 @@
 #include <sys/mman.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -175,14 +178,23 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
         const int64_t nb = dim / z;
         scalar_t* row = out + b * out_dim + m[kOutCol];
         const int64_t lo = off[b], hi = off[b + 1];
+        if (hi == lo) {  // empty bag: zeros (the output is not pre-zeroed)
+          std::fill(row, row + dim, scalar_t(0));
+          continue;
+        }
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
           const scalar_t w = weights ? weights[i] : scalar_t(1);
           for (int64_t blk = 0; blk < nb; ++blk) {
             const scalar_t* src = array + st[blk];
             scalar_t* dst = row + blk * z;
+            if (i == lo) {
 #pragma omp simd
-            for (int64_t j = 0; j < z; ++j) dst[j] += w * src[j];
+              for (int64_t j = 0; j < z; ++j) dst[j] = w * src[j];
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < z; ++j) dst[j] += w * src[j];
+            }
           }
         }
         if (m[kPooling] == kPoolMean && hi > lo) {
@@ -294,27 +306,95 @@ void set_start_bases(const Problem& pb, at::Tensor& meta, int64_t z) {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 
-}  // namespace
+// Large buffers (the array, its gradient, the pooled output) live in their own anonymous
+// mappings, 2 MiB aligned and advised to use transparent huge pages (MADV_HUGEPAGE). ROBE reads
+// and writes blocks at random offsets: with 4 KiB pages nearly every block is a TLB miss, with
+// 2 MiB pages the whole 108 MB array needs 54 TLB entries. Released per-step buffers go to a
+// small cache (at most kMaxCached mappings, kMaxCachedBytes in all; ROBE_DIST_BUFFER_CACHE=0
+// turns it off) so the next step reuses them instead of faulting fresh pages in.
+struct Mapping {
+  void* base;
+  size_t total;
+};
 
-// A zero-filled 1-D tensor in its own anonymous mapping, 2 MiB aligned and advised to use
-// transparent huge pages (MADV_HUGEPAGE). ROBE reads and writes blocks at random offsets of
-// large buffers (the array, its gradient, the pooled output): with 4 KiB pages nearly every
-// block is a TLB miss, with 2 MiB pages the whole 108 MB array needs 54 TLB entries. Fresh
-// anonymous pages are zero, so no memset is needed either. Falls back to at::zeros when the
-// mapping fails.
-at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+constexpr size_t kMaxCached = 4;
+constexpr size_t kMaxCachedBytes = size_t(512) << 20;
+
+struct BufferCache {
+  std::mutex mutex;
+  std::vector<Mapping> free;
+  size_t bytes = 0;
+  const bool enabled = [] {
+    const char* env = std::getenv("ROBE_DIST_BUFFER_CACHE");
+    return env == nullptr || std::string(env) != "0";
+  }();
+
+  bool take(size_t total, Mapping* out) {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (size_t i = 0; i < free.size(); ++i) {
+      if (free[i].total == total) {
+        *out = free[i];
+        free.erase(free.begin() + i);
+        bytes -= total;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  void give(Mapping m) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (enabled && free.size() < kMaxCached && bytes + m.total <= kMaxCachedBytes) {
+        free.push_back(m);
+        bytes += m.total;
+        return;
+      }
+    }
+    munmap(m.base, m.total);
+  }
+};
+
+BufferCache& buffer_cache() {
+  static BufferCache* cache = new BufferCache();  // never destroyed: deleters may run at exit
+  return *cache;
+}
+
+// An uninitialised tensor in a huge-page mapping; *fresh tells whether its pages are new (and
+// therefore zero). Small sizes, or a failed mapping, fall back to ATen's allocator.
+at::Tensor hugepage_empty_impl(at::IntArrayRef sizes, at::ScalarType dtype, bool* fresh) {
   const int64_t numel = c10::multiply_integers(sizes);
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-  if (bytes < kHugePage) return at::zeros(sizes, at::TensorOptions().dtype(dtype));
-  const size_t total = bytes + kHugePage;  // room to align the start
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return at::zeros(sizes, at::TensorOptions().dtype(dtype));
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
-  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+  const auto options = at::TensorOptions().dtype(dtype);
+  *fresh = false;
+  if (bytes < kHugePage) return at::empty(sizes, options);
+  const size_t total = (bytes + kHugePage - 1) / kHugePage * kHugePage + kHugePage;  // + room to align
+  Mapping m{nullptr, total};
+  if (!buffer_cache().take(total, &m)) {
+    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return at::empty(sizes, options);
+    m.base = base;
+    *fresh = true;
+  }
+  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(m.base) + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
+  if (*fresh) madvise(reinterpret_cast<void*>(aligned), total - kHugePage, MADV_HUGEPAGE);
   return at::from_blob(
-      reinterpret_cast<void*>(aligned), sizes, [base, total](void*) { munmap(base, total); },
-      at::TensorOptions().dtype(dtype));
+      reinterpret_cast<void*>(aligned), sizes, [m](void*) { buffer_cache().give(m); }, options);
 }
+
+at::Tensor hugepage_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  bool fresh;
+  return hugepage_empty_impl(sizes, dtype, &fresh);
+}
+
+at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
+  bool fresh;
+  at::Tensor t = hugepage_empty_impl(sizes, dtype, &fresh);
+  if (!fresh) t.zero_();  // fresh anonymous pages are already zero
+  return t;
+}
+
+}  // namespace
 
 // Returns (out [B, out_dim], starts [num_blocks]). `meta`'s start-base column is filled in place.
 std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
@@ -326,7 +406,7 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
   set_start_bases(pb, meta, block_size);
   auto starts = at::empty({total_blocks(pb, block_size)}, values.options());
-  auto out = hugepage_zeros({pb.batch, out_dim}, array.scalar_type());
+  auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every element is written
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
     const scalar_t* w = nullptr;
     if (weights.numel() > 0) {

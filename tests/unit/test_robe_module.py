@@ -293,3 +293,27 @@ def test_cuda_matches_cpu():
     out_gpu.sum().backward()
     torch.testing.assert_close(out_gpu.cpu(), out.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu.array.grad.cpu(), ebc.array.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reused_output_buffers_are_fully_written():
+    """Outputs and gradients of >= 2 MiB come from a cache of huge-page buffers: a reused buffer
+    holds the previous step's values, so empty bags must still come out as zeros."""
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=1 << 20, block_size=8)
+    full = make_kjt(tables, batch=8192, max_len=3, seed=1)
+    assert ebc(full).values().numel() * 4 >= 2 << 20  # large enough for the huge-page path
+    for seed in (2, 3):
+        kjt = make_kjt(tables, batch=8192, max_len=3, seed=seed)
+        out = ebc(kjt)
+        for name, jt in kjt.to_dict().items():
+            if name in out.keys():
+                empty = jt.lengths() == 0
+                assert empty.any() and out[name][empty].abs().sum() == 0
+        out.values().sum().backward()
+        grad = ebc.array.grad
+        ebc.array.grad = None
+        ref_out = _lookup_torch(ebc.array, kjt.values(), None, ebc._bag_offsets(kjt), ebc.lookup_spec)
+        torch.testing.assert_close(out.values(), ref_out.detach(), rtol=1e-5, atol=1e-5)
+        ref_out.sum().backward()
+        torch.testing.assert_close(grad, ebc.array.grad, rtol=1e-5, atol=1e-4)
+        ebc.array.grad = None
