@@ -8,6 +8,7 @@
 #   VENV             where the environment goes (default: .venv in the repository root)
 #   PYTHON           the interpreter that creates it (default: python3; needs 3.11+)
 #   ROBE_DIST_STACK  cpu (default) or cuda
+#   TORCH_INDEX_URL  (cuda) a PyTorch wheel index for another CUDA version than PyPI's default
 #
 # The pinned stack is the one measured to load together (docs/robe-reference notes):
 # torch 2.13.0, fbgemm-gpu(-cpu) 1.8.0, torchrec 1.8.0. torchrec goes in with --no-deps,
@@ -29,8 +30,10 @@ TORCHREC_NEEDS=(tensordict==0.15.3 tqdm pyre-extensions==0.0.32 torchmetrics==1.
 
 case "$STACK" in
   cpu)  FBGEMM_PKG="fbgemm-gpu-cpu==$FBGEMM_VERSION"; TORCH_INDEX=() ;;
+  # PyPI's Linux x86-64 torch wheel is the CUDA build; TORCH_INDEX_URL picks another CUDA version
+  # (e.g. https://download.pytorch.org/whl/cu126); fbgemm-gpu must be built for the same one.
   cuda) FBGEMM_PKG="fbgemm-gpu==$FBGEMM_VERSION"
-        TORCH_INDEX=(--extra-index-url "${TORCH_CUDA_INDEX:-https://download.pytorch.org/whl/cu128}") ;;
+        TORCH_INDEX=(); [[ -n "${TORCH_INDEX_URL:-}" ]] && TORCH_INDEX=(--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple) ;;
   *) echo "launch/setup.sh: ROBE_DIST_STACK must be 'cpu' or 'cuda', got '$STACK'" >&2; exit 2 ;;
 esac
 

@@ -114,6 +114,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         robe_cfgs = [t for t in tables if t.name in robe_set]
         full_cfgs = [t for t in tables if t.name not in robe_set]
+        self._robe_tables, self._full_tables = robe_cfgs, full_cfgs
         self.robe: Optional[RobeEmbeddingBagCollection] = (
             RobeEmbeddingBagCollection(robe_cfgs, robe, device=device, is_weighted=is_weighted) if robe_cfgs else None
         )
@@ -164,11 +165,12 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     @property
     def robe_table_names(self) -> List[str]:
-        return [t.name for t in self.robe.embedding_bag_configs()] if self._has_robe else []
+        # fixed at construction: once DMP shards the children they no longer list their configs
+        return [t.name for t in self._robe_tables]
 
     @property
     def full_table_names(self) -> List[str]:
-        return [t.name for t in self.full.embedding_bag_configs()] if self._has_full else []
+        return [t.name for t in self._full_tables]
 
     def extra_repr(self) -> str:
         return f"robe_tables={self.robe_table_names}, full_tables={self.full_table_names}"

@@ -1,0 +1,330 @@
+"""robe-train: DLRM / DLRM-DCN with ROBE embeddings, from a config file to a checkpointed, evaluated model.
+
+One process (CPU or one GPU)::
+
+    python -m robe_dist.train                                   # configs/tiny_synthetic.yaml, ~2 min on 2 CPU cores
+    python -m robe_dist.train --config configs/tiny_synthetic.yaml --set train.max_steps=100 --set optim.lr=0.001
+    robe-train --config configs/tiny_synthetic.yaml --run-dir runs/tiny --resume    # continue from the last checkpoint
+
+Several processes on one node (gloo on CPU, nccl on GPU, chosen automatically)::
+
+    torchrun --nproc_per_node=2 -m robe_dist.train --config configs/tiny_synthetic.yaml
+    NPROC=8 CONFIG=configs/criteo_tb_dlrm_robe.yaml bash launch/run_local.sh --set data.path=/data/criteo_1tb
+
+Several nodes: ``sbatch launch/slurm.sbatch`` (torchrun with c10d rendezvous), see docs/training.md.
+
+Each run writes to its run dir (``--run-dir``, default ``runs/<name>``): ``config.yaml`` (resolved),
+``metrics.jsonl`` (one JSON object per line: train, eval and summary records) and
+``checkpoints/step_<N>/``. ``--print-config`` shows the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
+
+from robe_dist.train_config import Config, load_config, to_yaml
+from robe_dist.trainer import checkpoint as ckpt
+from robe_dist.trainer.data import RunData, prepare_data
+from robe_dist.trainer.env import DistEnv, init_distributed, setup_logging, shutdown
+from robe_dist.trainer.evaluate import evaluate
+from robe_dist.trainer.metrics_log import MetricsLog, RunningLoss, max_over_ranks, peak_memory_bytes
+from robe_dist.trainer.model import (
+    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, robe_modules, shard_model, table_configs,
+)  # fmt: skip
+from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
+
+logger = logging.getLogger("robe_dist.train")
+
+EXIT_DIVERGED = 3
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="robe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: configs/tiny_synthetic.yaml)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="where metrics, config and checkpoints go (default: runs/<name>)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.5 --set data.path=/data/criteo (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue from the run dir's latest checkpoint (or from CHECKPOINT); starts afresh if there is none",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run: builds everything from the config, then ``run()``."""
+
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path) -> None:
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self.data: RunData = prepare_data(cfg, env)
+
+        seed_everything(cfg.seed)
+        num_embeddings = self.data.num_embeddings()
+        tables, robe_names = table_configs(cfg, self.data.feature_names, num_embeddings)
+        # full tables and the paper mapping read ids modulo the table size
+        bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
+        self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
+        model = build_dlrm(cfg, build_collection(cfg, tables, robe_names), env.device)
+        opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
+        self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)
+        self.robe = robe_modules(self.model)
+        self.optimizer = TrainOptimizer(self.model, cfg.optim, embedding_parameters(self.model))
+        if has_sharded_modules(self.model):
+            self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
+        else:
+            logger.warning(
+                "the model has no sharded module (no sharder for its embedding collection): "
+                "TrainPipelineSparseDist cannot trace it, training with TrainPipelineBase (plain loop)"
+            )
+            self.pipeline = TrainPipelineBase(self.model, self.optimizer, env.device)
+        # ROBE arrays replicated on every rank have their gradient all-reduced each step
+        self.robe_bytes_per_step = (
+            sum(m.array.numel() * m.array.element_size() for m in self.robe.values()) if env.world_size > 1 else 0
+        )
+        self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
+        self.last_checkpoint: Optional[Path] = None
+        self.results: dict = {}
+        logger.info(
+            "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
+            cfg.model.arch, len(robe_names), f"{cfg.robe.array_size:,}" if robe_names else "-", len(tables) - len(robe_names),
+            sum(p.numel() for p in self.model.parameters()), type(self.pipeline).__name__,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self, which: str) -> None:
+        path = ckpt.latest_checkpoint(self.ckpt_dir) if which == "latest" else Path(which)
+        if path is None:
+            logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
+            return
+        if not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
+        self.state.world_size = self.env.world_size
+        self.last_checkpoint = path
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, self.state.step, self.state.epoch, self.state.step_in_epoch)
+
+    def save(self) -> None:
+        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
+        self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
+
+    # ------------------------------------------------------------------ logging
+    def log_train(self, running: RunningLoss, since: float, steps: int) -> None:
+        """Writes a train record (all ranks take part: the loss is averaged over them)."""
+        loss = running.reduce()
+        if loss is None:
+            return
+        if math.isnan(loss):
+            first = self.state.step - steps + 1
+            when = f"at step {first}" if steps == 1 else f"between steps {first} and {self.state.step}"
+            raise Diverged(
+                f"the training loss became NaN/inf {when}; "
+                f"stopping. The last good checkpoint is {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                "Lower optim.lr, add optim.warmup_steps or set optim.grad_clip_norm."
+            )
+        elapsed = max(time.time() - since, 1e-9)
+        rate = steps * self.cfg.train.global_batch_size / elapsed
+        record = dict(
+            step=self.state.step, samples=self.state.samples, epoch=self.state.epoch, loss=round(loss, 6),
+            lr=self.optimizer.lr, samples_per_s=round(rate, 1),
+            peak_mem_bytes=max_over_ranks(peak_memory_bytes(self.env.device), self.env),
+            robe_allreduce_bytes=self.state.step * self.robe_bytes_per_step,
+        )  # fmt: skip
+        if self.cfg.optim.grad_clip_norm is not None:
+            record["grad_norm"] = float(self.optimizer.last_grad_norm)
+        self.log.write("train", **record)
+        self.log.progress(steps, self.state.step, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+
+    def run_eval(self, split: str) -> dict:
+        t0 = time.time()
+        result = evaluate(self.pipeline, self.model, self.data.eval_batches(split), self.env, self.cfg.eval.max_batches)
+        result = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
+        result["step"] = self.state.step
+        self.results[split] = result
+        if split == "val":
+            self.state.best_val_auc = max(result["auc"], self.state.best_val_auc or 0.0)
+        self.log.write("eval", split=split, samples=self.state.samples, **result, eval_s=round(time.time() - t0, 2))
+        self.log.message(
+            f"eval {split} @ step {self.state.step}: auc {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
+            f"accuracy {result['accuracy']:.4f}  ({result['eval_samples']} samples)"
+        )
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def train_chunk(self, batches, running: RunningLoss) -> int:
+        """Trains on ``batches`` through the pipeline (which drains at their end); returns the
+        number of steps done."""
+        state, log_every = self.state, self.cfg.train.log_every_steps
+        self.pipeline.reset()
+        t_log, since_log, done = time.time(), 0, 0
+        while True:
+            try:
+                loss, _, _ = self.pipeline.progress(batches)
+            except StopIteration:
+                break
+            state.step += 1
+            state.step_in_epoch += 1
+            state.samples += self.cfg.train.global_batch_size
+            running.add(loss)
+            done += 1
+            since_log += 1
+            if state.step % log_every == 0:
+                self.log_train(running, t_log, since_log)
+                t_log, since_log = time.time(), 0
+        self.log_train(running, t_log, since_log)  # before any eval or save: never keep a NaN model
+        return done
+
+    def run(self) -> dict:
+        """Trains until the epochs, ``train.max_steps`` or ``train.target_auc`` say stop, with
+        evaluations and checkpoints in between; then evaluates, saves and returns the summary."""
+        cfg, state = self.cfg, self.state
+        steps_per_epoch = self.data.steps_per_epoch()
+        if steps_per_epoch < 1:
+            raise ValueError(f"the train split holds less than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
+        total = cfg.train.epochs * steps_per_epoch
+        if cfg.train.max_steps is not None:
+            total = min(total, cfg.train.max_steps)
+        eval_every = math.ceil(cfg.eval.every_samples / cfg.train.global_batch_size) if cfg.eval.every_samples else None
+        ckpt_every = cfg.checkpoint.every_steps
+        self.log = MetricsLog(self.run_dir, self.env, total, state.step, cfg.logging.progress_bar)
+        self.log.write("start", step=state.step, total_steps=total, steps_per_epoch=steps_per_epoch, world_size=self.env.world_size,
+                       pipeline=type(self.pipeline).__name__, planted_val_auc=self.data.planted_auc("val"))  # fmt: skip
+        running = RunningLoss(self.env)
+        stop = "steps" if state.step >= total else None
+        t_start, start_step = time.time(), state.step
+        epoch_batches, batches_epoch = None, None
+        try:
+            while stop is None:
+                if batches_epoch != state.epoch:
+                    epoch_batches, batches_epoch = self.data.train_batches(state.epoch, state.step_in_epoch), state.epoch
+                # a chunk runs up to the next evaluation, checkpoint or end of epoch
+                end = min(total, state.step + steps_per_epoch - state.step_in_epoch)
+                for every in (eval_every, ckpt_every):
+                    if every:
+                        end = min(end, (state.step // every + 1) * every)
+                if self.train_chunk(itertools.islice(epoch_batches, end - state.step), running) == 0:
+                    raise RuntimeError(f"the training data yielded no batch for epoch {state.epoch} (from batch {state.step_in_epoch})")
+                if state.step < end or state.step_in_epoch >= steps_per_epoch:  # the epoch is over
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if state.step >= total:
+                    stop = "max_steps" if state.step == cfg.train.max_steps else "epochs"
+                if eval_every and state.step % eval_every == 0 and not (stop and cfg.eval.at_end):
+                    auc = self.run_eval("val")["auc"]
+                    if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
+                        stop = "target_auc"
+                if ckpt_every and state.step % ckpt_every == 0 and not (stop and cfg.checkpoint.at_end):
+                    self.save()
+        except Diverged as e:
+            self.log.write("diverged", step=state.step, message=str(e))
+            self.log.close()
+            raise
+        train_s = time.time() - t_start
+        if cfg.checkpoint.at_end and self.last_checkpoint != self.ckpt_dir / f"step_{state.step:08d}":
+            self.save()
+        if cfg.eval.at_end:
+            if self.results.get("val", {}).get("step") != state.step:  # not just evaluated (target_auc)
+                self.run_eval("val")
+            self.run_eval("test")
+        summary = dict(
+            step=state.step, samples=state.samples, stop=stop, train_s=round(train_s, 1),
+            samples_per_s=round((state.step - start_step) * cfg.train.global_batch_size / max(train_s, 1e-9), 1),
+            val_auc=self.results.get("val", {}).get("auc"), test_auc=self.results.get("test", {}).get("auc"),
+            best_val_auc=state.best_val_auc, planted_val_auc=self.data.planted_auc("val"),
+            planted_test_auc=self.data.planted_auc("test"),
+            checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+        )  # fmt: skip
+        self.log.write("summary", **summary)
+        self.log.message(format_summary(summary))
+        self.log.close()
+        return summary
+
+
+def format_summary(s: dict) -> str:
+    """The final lines on the console."""
+    lines = [
+        f"summary: {s['step']} steps, {s['samples']:,} samples in {s['train_s']} s "
+        f"({s['samples_per_s']:,.0f} samples/s); stopped by: {s['stop']}"
+    ]
+    for split in ("val", "test"):
+        auc, planted = s.get(f"{split}_auc"), s.get(f"planted_{split}_auc")
+        if auc is not None:
+            best = f"   (planted model, the best reachable: {planted:.4f})" if planted is not None else ""
+            lines.append(f"  {split:<4} AUC {auc:.4f}{best}")
+    lines.append(f"  checkpoint: {s['checkpoint']}")
+    return "\n".join(lines)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str]) -> None:
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    if env.is_main:
+        if resume is None and ckpt.list_checkpoints(ckpt_dir):
+            raise FileExistsError(
+                f"{ckpt_dir} already holds checkpoints of an earlier run: pass --resume to continue it, or "
+                "choose another --run-dir"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt.remove_partial_checkpoints(ckpt_dir, env)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"robe-train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.run_dir is not None:
+        cfg.run_dir = str(args.run_dir)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    env = init_distributed(cfg.dist)
+    setup_logging(env, cfg.logging.all_ranks)
+    run_dir = cfg.resolved_run_dir
+    logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
+    try:
+        prepare_run_dir(run_dir, cfg, env, args.resume)
+        trainer = Trainer(cfg, env, run_dir)
+        if args.resume:
+            trainer.resume(args.resume)
+        trainer.run()
+    except Diverged as e:
+        logger.error("%s", e)
+        return EXIT_DIVERGED
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

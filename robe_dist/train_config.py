@@ -1,0 +1,519 @@
+"""Training configuration: typed dataclasses, loaded from YAML, overridden with ``--set key=value``.
+
+A config file has one mapping per section (``data``, ``model``, ``robe``, ``optim``, ``train``,
+``eval``, ``checkpoint``, ``dist``, ``logging``) plus the top-level ``name`` and ``seed``; every key
+is a field of the dataclass below, documented on the field. Values are checked when the config is
+built: a wrong key or value raises ``ValueError`` naming the field (``optim.name``) and what it
+accepts.
+
+Example::
+
+    cfg = load_config("configs/tiny_synthetic.yaml", overrides=["optim.lr=0.5", "train.max_steps=20"])
+    cfg.optim.lr          # 0.5
+    print(to_yaml(cfg))   # the resolved config, as saved in the run dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+
+import yaml
+
+from robe_dist.config import RobeConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_synthetic.yaml"
+"""The embedded default: used when no ``--config`` is given."""
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from (robe_dist.data)."""
+
+    kind: Literal["synthetic", "criteo"] = "synthetic"
+    """``synthetic``: a planted-model dataset, generated on first use (robe_dist.data.synthetic);
+    ``criteo``: a Criteo dataset preprocessed by ``robe-data`` (the npy layout), read from ``path``."""
+
+    path: Optional[str] = None
+    """Dataset directory. ``criteo``: required. ``synthetic``: where the generated data is cached
+    (default ``data_cache/synthetic-<rows>-<days>-<seed>-<scale>[-mh]``, reused when it exists)."""
+
+    synthetic_rows: int = 200_000
+    """Synthetic only: number of samples generated (all splits together)."""
+
+    synthetic_days: int = 3
+    """Synthetic only: number of day files (as Criteo's day_0 .. day_N; the last day is split
+    into validation and test, like Criteo 1TB's day 23)."""
+
+    synthetic_seed: int = 0
+    """Synthetic only: seed of the planted model and of the samples."""
+
+    synthetic_scale: float = 1.0e-3
+    """Synthetic only: table cardinalities as a fraction of MLPerf v1's (at least 16 ids each)."""
+
+    multi_hot: bool = False
+    """Multi-hot bags (MLPerf v3 DLRMv2 sizes). Synthetic: generate them; Criteo: read the
+    dataset's multi-hot files (it must have them)."""
+
+    shuffle_buffer: Optional[int] = None
+    """Training rows are shuffled in blocks of this many rows (block order and rows within a
+    block, from (seed, epoch)); ``null``: the dataset's default (131072); 0: file order."""
+
+
+@dataclass
+class ModelConfig:
+    """TorchRec's DLRM (dot interaction, MLPerf v1) or DLRM_DCN (DCNv2, MLPerf v3)."""
+
+    arch: Literal["dlrm", "dcn"] = "dlrm"
+    """``dlrm``: torchrec.models.dlrm.DLRM; ``dcn``: torchrec.models.dlrm.DLRM_DCN."""
+
+    embedding_dim: int = 16
+    """Width of every embedding; must equal the last dense layer and be a multiple of
+    ``robe.block_size`` for ROBE tables."""
+
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
+    """Bottom MLP over the 13 dense features; the last size must equal ``embedding_dim``."""
+
+    over_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 32, 1])
+    """Top MLP over the interaction output; the last size must be 1 (one logit)."""
+
+    dcn_num_layers: int = 3
+    """``dcn`` only: number of DCNv2 cross layers."""
+
+    dcn_low_rank_dim: int = 512
+    """``dcn`` only: rank of the cross layers' low-rank weights."""
+
+    num_embeddings_per_feature: Optional[List[int]] = None
+    """Rows of each of the 26 tables (cat_0 .. cat_25). ``null``: the dataset's ``table_sizes``
+    (its manifest). Full tables and ``robe.hash: paper`` tables read ``id % rows`` (as TorchRec's
+    Criteo pipeline); ``robe.hash: universal`` tables take raw ids and use it only for the
+    initial scale."""
+
+
+@dataclass
+class RobeSection:
+    """The shared ROBE array (robe_dist.RobeConfig) and which tables live in it."""
+
+    features: Union[Literal["all", "none"], List[str]] = "all"
+    """Which tables live in the ROBE array: ``all``, ``none`` (full tables only: the sharded
+    baseline) or a list of feature names (``[cat_0, cat_9]``); the other tables stay full
+    ``EmbeddingBagCollection`` tables, sharded by TorchRec's planner."""
+
+    array_size: int = 1_000_000
+    """Length of the array in float32 elements (the paper's CriteoTB runs: 27,000,000)."""
+
+    block_size: int = 16
+    """Z: embeddings are read in blocks of Z contiguous floats (the paper: 32)."""
+
+    hash: Literal["universal", "paper"] = "universal"
+    """The mapping: ``universal`` (raw int64 ids) or ``paper`` (the authors', ids < num_embeddings)."""
+
+    seed: Optional[int] = None
+    """Hash seed (``null``: 0 for universal, 1024 for paper). Saved in checkpoints; a checkpoint
+    with another seed is refused."""
+
+    init_scale: Optional[float] = None
+    """Uniform init in +-init_scale (``null``: sqrt(1 / largest table), as the paper)."""
+
+    def robe_config(self) -> RobeConfig:
+        return RobeConfig(
+            array_size=self.array_size, block_size=self.block_size, seed=self.seed, hash=self.hash,
+            init_scale=self.init_scale,
+        )  # fmt: skip
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser of the dense part and the embeddings, and the MLPerf learning-rate schedule."""
+
+    name: Literal["sgd", "adagrad", "adam"] = "sgd"
+    """``sgd`` (MLPerf v1, the paper), ``adagrad`` (MLPerf v3) or ``adam``. Applies to the dense
+    MLPs, the ROBE array and (fused into the backward by FBGEMM) the full tables."""
+
+    lr: float = 1.0
+    """Peak learning rate of the dense part (and of the embeddings unless ``embedding_lr``)."""
+
+    embedding_lr: Optional[float] = None
+    """Learning rate of the ROBE array and full tables (``null``: ``lr``); scheduled like ``lr``."""
+
+    momentum: float = 0.0
+    """``sgd`` only: momentum (dense part and ROBE array)."""
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """``adam`` only: (beta1, beta2)."""
+
+    eps: float = 1.0e-8
+    """``adagrad`` / ``adam``: denominator epsilon (MLPerf v3 Adagrad: 1e-8)."""
+
+    weight_decay: float = 0.0
+    """L2 penalty of the dense optimiser (not applied to full tables)."""
+
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to the peak rate over this many steps (MLPerf v1: 2750 at batch 64k)."""
+
+    decay_start_step: int = 0
+    """First step of the polynomial decay (0 with ``decay_steps: 0``: no decay)."""
+
+    decay_steps: int = 0
+    """Length of the decay: the rate goes as ``((decay_steps - k) / decay_steps) ** decay_power``."""
+
+    decay_power: float = 2.0
+    """Exponent of the polynomial decay (MLPerf: 2)."""
+
+    min_lr_factor: float = 0.0
+    """Floor of the decay, as a fraction of the peak rate (the rate stays there after the decay)."""
+
+    grad_clip_norm: Optional[float] = None
+    """Clip the global L2 norm of the dense gradients (MLPs and replicated ROBE array) to this
+    value before each step; ``null``: no clipping. Full tables (fused optimiser) are not clipped."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    global_batch_size: int = 1024
+    """Samples per step over all ranks; each rank takes ``global_batch_size / world_size``, so a run
+    sees the same batches whatever the number of ranks."""
+
+    epochs: int = 1
+    """Passes over the training split."""
+
+    max_steps: Optional[int] = None
+    """Stop after this many steps (``null``: run all epochs)."""
+
+    target_auc: Optional[float] = None
+    """Stop as soon as a validation AUC reaches this value (MLPerf v1: 0.8025, v3: 0.80275)."""
+
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: forward under torch.autocast(bfloat16) (CUDA only); parameters stay fp32."""
+
+    log_every_steps: int = 20
+    """Write a ``metrics.jsonl`` line (loss, samples/s, memory) every this many steps."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: AUC, log-loss and accuracy, over all ranks."""
+
+    batch_size: int = 4096
+    """Samples per evaluation step over all ranks (the paper: 16384)."""
+
+    every_samples: Optional[int] = None
+    """Evaluate on the validation split every this many training samples (``null``: only at the end)."""
+
+    max_batches: Optional[int] = None
+    """Evaluate on at most this many batches per rank (``null``: the whole split)."""
+
+    at_end: bool = True
+    """Evaluate on validation and test when training ends."""
+
+
+@dataclass
+class CheckpointConfig:
+    """torch.distributed.checkpoint snapshots (model, optimiser, data position, RNG)."""
+
+    every_steps: Optional[int] = None
+    """Save every this many steps (``null``: only at the end)."""
+
+    at_end: bool = True
+    """Save when training ends."""
+
+    keep: int = 2
+    """Number of most recent checkpoints kept (older ones are deleted)."""
+
+    dir: Optional[str] = None
+    """Where checkpoints go (``null``: ``<run dir>/checkpoints``); must be shared by all nodes."""
+
+
+@dataclass
+class DistConfig:
+    """Process group and device."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: cuda (the local rank's GPU) when available, else cpu."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: nccl on cuda, gloo on cpu."""
+
+    cpu_threads: Optional[int] = None
+    """CPU only: intra-op threads per process (``torch.set_num_threads``); ``null``: PyTorch's
+    default (``OMP_NUM_THREADS``, which torchrun sets to 1, else all cores)."""
+
+
+@dataclass
+class LoggingConfig:
+    """What the user sees."""
+
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0 (samples/s, running loss)."""
+
+    all_ranks: bool = False
+    """Also print log messages from ranks other than 0."""
+
+
+@dataclass
+class Config:
+    """A training run: ``python -m robe_dist.train --config FILE``."""
+
+    name: str = "run"
+    """Name of the run; the run dir defaults to ``runs/<name>``."""
+
+    seed: int = 0
+    """Seed of the model initialisation and of the data order."""
+
+    run_dir: Optional[str] = None
+    """Where ``metrics.jsonl``, ``config.yaml`` and checkpoints go (``null``: ``runs/<name>``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    robe: RobeSection = field(default_factory=RobeSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir if self.run_dir is not None else Path("runs") / self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, List):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an int", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against (and, for numbers, converted to) the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: Dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {path!r}{hint}; {where or 'top level'} keys: {sorted(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _convert(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Dict[str, Any]) -> Config:
+    """A validated ``Config`` from a nested dict (a parsed YAML file)."""
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files and --set overrides
+
+
+def apply_override(values: Dict[str, Any], override: str) -> None:
+    """Applies ``"section.key=value"`` to the nested dict ``values`` (value parsed as YAML)."""
+    if "=" not in override:
+        raise ValueError(f"--set {override!r}: expected key=value, e.g. --set optim.lr=0.5")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"--set {override!r}: bad key {key!r}")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {override!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config (default: ``configs/tiny_synthetic.yaml``) and applies ``overrides``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a key is unknown, a value has the wrong type or is out of range.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found (configs live in configs/*.yaml)")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    for override in overrides:
+        apply_override(values, override)
+    return config_from_dict(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks (types are already right when these run)
+
+
+def _positive(value: Optional[float], where: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{where} must be {bound}{' or null' if allow_none else ''}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks; raises ``ValueError`` naming the field."""
+    d, m, r, o, t, e, c = cfg.data, cfg.model, cfg.robe, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint
+    if not cfg.name or "/" in cfg.name:
+        raise ValueError(f"name must be a non-empty string without '/', got {cfg.name!r}")
+    if d.kind == "criteo" and not d.path:
+        raise ValueError("data.path must be set when data.kind is 'criteo' (the directory written by robe-data)")
+    _positive(d.synthetic_rows, "data.synthetic_rows")
+    _positive(d.synthetic_days, "data.synthetic_days")
+    _positive(d.synthetic_scale, "data.synthetic_scale")
+    _positive(d.shuffle_buffer, "data.shuffle_buffer", allow_none=True, allow_zero=True)
+
+    _positive(m.embedding_dim, "model.embedding_dim")
+    for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):
+        sizes = getattr(m, name)
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"model.{name} must be a non-empty list of positive ints, got {sizes}")
+    if m.dense_arch_layer_sizes[-1] != m.embedding_dim:
+        raise ValueError(
+            f"model.dense_arch_layer_sizes must end with model.embedding_dim ({m.embedding_dim}): the dense "
+            f"output meets the embeddings in the interaction; got {m.dense_arch_layer_sizes}"
+        )
+    if m.over_arch_layer_sizes[-1] != 1:
+        raise ValueError(f"model.over_arch_layer_sizes must end with 1 (one logit), got {m.over_arch_layer_sizes}")
+    _positive(m.dcn_num_layers, "model.dcn_num_layers")
+    _positive(m.dcn_low_rank_dim, "model.dcn_low_rank_dim")
+    if m.num_embeddings_per_feature is not None and any(n < 1 for n in m.num_embeddings_per_feature):
+        raise ValueError(f"model.num_embeddings_per_feature must hold positive ints, got {m.num_embeddings_per_feature}")
+
+    if isinstance(r.features, list) and len(set(r.features)) != len(r.features):
+        raise ValueError(f"robe.features lists a feature twice: {r.features}")
+    if r.features != "none":
+        try:
+            r.robe_config()
+        except ValueError as err:
+            raise ValueError(str(err).replace("RobeConfig.", "robe.")) from None
+        if m.embedding_dim % r.block_size:
+            raise ValueError(
+                f"model.embedding_dim ({m.embedding_dim}) must be a multiple of robe.block_size ({r.block_size})"
+            )
+
+    _positive(o.lr, "optim.lr")
+    _positive(o.embedding_lr, "optim.embedding_lr", allow_none=True)
+    _positive(o.momentum, "optim.momentum", allow_zero=True)
+    _positive(o.eps, "optim.eps")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    for name in ("warmup_steps", "decay_start_step", "decay_steps"):
+        _positive(getattr(o, name), f"optim.{name}", allow_zero=True)
+    _positive(o.decay_power, "optim.decay_power")
+    if not 0 <= o.min_lr_factor <= 1:
+        raise ValueError(f"optim.min_lr_factor must be in [0, 1], got {o.min_lr_factor}")
+    if o.decay_steps and o.decay_start_step < o.warmup_steps:
+        raise ValueError(
+            f"optim.decay_start_step ({o.decay_start_step}) must be >= optim.warmup_steps ({o.warmup_steps}): "
+            "the decay starts after the warm-up"
+        )
+    _positive(o.grad_clip_norm, "optim.grad_clip_norm", allow_none=True)
+
+    _positive(t.global_batch_size, "train.global_batch_size")
+    _positive(t.epochs, "train.epochs")
+    _positive(t.max_steps, "train.max_steps", allow_none=True)
+    if t.target_auc is not None and not 0.5 < t.target_auc <= 1:
+        raise ValueError(f"train.target_auc must be in (0.5, 1] or null, got {t.target_auc}")
+    if t.precision == "bf16" and cfg.dist.device == "cpu":
+        raise ValueError("train.precision 'bf16' needs dist.device 'cuda' (or 'auto' on a GPU machine); use 'fp32' on CPU")
+    _positive(t.log_every_steps, "train.log_every_steps")
+
+    _positive(e.batch_size, "eval.batch_size")
+    _positive(e.every_samples, "eval.every_samples", allow_none=True)
+    _positive(e.max_batches, "eval.max_batches", allow_none=True)
+    _positive(c.every_steps, "checkpoint.every_steps", allow_none=True)
+    _positive(c.keep, "checkpoint.keep")
+    _positive(cfg.dist.cpu_threads, "dist.cpu_threads", allow_none=True)
+    if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
+        raise ValueError("dist.backend 'nccl' needs dist.device 'cuda'; use 'gloo' (or 'auto') on CPU")

@@ -1,0 +1,2 @@
+"""The pieces of ``robe_dist.train``: process group, data, model, optimiser, evaluation,
+checkpoints and metrics logging, one small module each."""

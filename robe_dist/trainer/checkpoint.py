@@ -1,0 +1,208 @@
+"""Atomic torch.distributed.checkpoint snapshots of a run, and resuming from them.
+
+Layout (``checkpoint.dir``, default ``<run dir>/checkpoints``)::
+
+    step_00000100/            one complete checkpoint (only ever created by a rename)
+        .metadata, *.distcp   torch.distributed.checkpoint: {"model": ..., "optim": ...}
+        trainer_state.json    step, samples, data position, world size, ROBE signatures
+        config.yaml           the run's resolved config
+        rng_rank<R>.pt        RNG states of rank R
+    step_00000120.tmp/        a checkpoint being written (or left by a crash: ignored, removed)
+
+Every rank writes its shards into ``step_N.tmp``; once all are done, rank 0 renames the directory
+to ``step_N``. A run that dies half-way leaves the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass, asdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+import yaml
+from torch import nn
+
+from robe_dist.train_config import Config, to_yaml
+from robe_dist.trainer.env import DistEnv
+from robe_dist.trainer.model import robe_modules
+from robe_dist.trainer.optim import TrainOptimizer
+
+logger = logging.getLogger("robe_dist.train")
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved as ``trainer_state.json``."""
+
+    step: int = 0
+    """Optimiser steps done."""
+    samples: int = 0
+    """Training samples consumed (all ranks)."""
+    epoch: int = 0
+    """Current epoch (0-based)."""
+    step_in_epoch: int = 0
+    """Global batches of ``epoch`` already consumed: the data position."""
+    best_val_auc: Optional[float] = None
+    """Best validation AUC so far."""
+    world_size: int = 1
+    """Ranks of the run that wrote the checkpoint."""
+    global_batch_size: int = 0
+    """``train.global_batch_size`` of that run (the data position is counted in its batches)."""
+
+
+def _robe_signatures(model: nn.Module) -> Dict[str, List[int]]:
+    return {path: m.hash_signature.tolist() for path, m in robe_modules(model).items()}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / _STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer: TrainOptimizer, state: TrainerState, cfg: Config, env: DistEnv
+) -> Path:
+    """Writes ``ckpt_dir/step_<N>`` atomically (all ranks call this) and prunes old ones."""
+    final = ckpt_dir / f"step_{state.step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)
+    torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    if env.is_main:
+        record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        (tmp / _STATE_FILE).write_text(json.dumps(record, indent=1))
+    dist.barrier()
+    if env.is_main:
+        if final.exists():  # a checkpoint of the same step, from an earlier attempt
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(ckpt_dir)[: -cfg.checkpoint.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def remove_partial_checkpoints(ckpt_dir: Path, env: DistEnv) -> None:
+    """Deletes ``*.tmp`` directories left by runs that died while saving (rank 0)."""
+    if env.is_main and ckpt_dir.is_dir():
+        for p in ckpt_dir.glob("step_*.tmp"):
+            logger.info("removing the incomplete checkpoint %s (left by an interrupted save)", p)
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+
+
+def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.Module, cfg: Config) -> None:
+    """Refuses a checkpoint whose ROBE arrays were hashed differently from this model's."""
+    current = _robe_signatures(model)
+    theirs = saved.get("robe_signatures", {})
+    if set(current) != set(theirs):
+        raise RuntimeError(
+            f"checkpoint {path} holds ROBE arrays at {sorted(theirs) or 'no module'}, this model at "
+            f"{sorted(current) or 'no module'}: it was written for another model (robe.features, model.arch)"
+        )
+    for where, sig in current.items():
+        if theirs[where] != sig:
+            old_cfg = saved_cfg.get("robe", {})
+            new_cfg = asdict(cfg.robe)
+            diff = [f"robe.{k}: checkpoint {old_cfg.get(k)!r}, config {new_cfg[k]!r}" for k in new_cfg if old_cfg.get(k) != new_cfg[k]]
+            raise RuntimeError(
+                f"checkpoint {path}: the ROBE hash signature of {where} does not match this run's "
+                f"(checkpoint {theirs[where]}, this run {sig}; [version, mapping, seed, Z, m, table layout]). "
+                f"Differences: {'; '.join(diff) or 'the table layout (model.num_embeddings_per_feature)'}. "
+                "Embeddings would be read from the wrong slots: resume with the checkpoint's robe settings."
+            )
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg: Config, env: DistEnv) -> TrainerState:
+    """Loads model, optimiser and (same world size) RNG states in place; returns the trainer state.
+
+    Raises:
+        RuntimeError: the checkpoint's ROBE mapping or model does not match ``model``.
+        ValueError: ``train.global_batch_size`` differs from the checkpoint's (data position).
+    """
+    saved = json.loads((path / _STATE_FILE).read_text())
+    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    _check_robe_compatible(path, saved, saved_cfg, model, cfg)
+    state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+    if state.global_batch_size != cfg.train.global_batch_size:
+        raise ValueError(
+            f"train.global_batch_size is {cfg.train.global_batch_size} but checkpoint {path} was written with "
+            f"{state.global_batch_size}: the data position (epoch {state.epoch}, batch {state.step_in_epoch}) "
+            "is counted in its batches; resume with the same global batch size"
+        )
+    old_optim = saved_cfg.get("optim", {}).get("name")
+    same_optim = old_optim == cfg.optim.name
+    if not same_optim:
+        logger.warning("checkpoint %s was trained with optim.name %r, this run uses %r: its optimiser state is not loaded",
+                       path, old_optim, cfg.optim.name)  # fmt: skip
+    sd = {"model": model.state_dict()}
+    if same_optim:
+        for _, opt in optimizer.optimizer.optimizers:  # lazily made state (Adam's) must exist to load in place
+            if opt is not getattr(model, "fused_optimizer", None):
+                opt.init_state()
+        sd["optim"] = optimizer.state_dict()
+    try:
+        dcp.load(sd, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # DCP's error lists the failing key; say what it means
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        first = next(iter(failures.values())) if failures else e
+        reason = str(first[0] if isinstance(first, tuple) else first)
+        raise RuntimeError(
+            f"checkpoint {path} does not fit this model: {reason} Was it written with other model.* or robe.features "
+            f"settings? Its config is {path / 'config.yaml'}"
+        ) from None
+    model.load_state_dict(sd["model"])
+    if same_optim:
+        optimizer.load_state_dict(sd["optim"])
+    optimizer.optimizer.zero_grad(set_to_none=True)
+    optimizer.step_count = state.step
+    rng_file = path / f"rng_rank{env.rank}.pt"
+    if state.world_size == env.world_size and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        logger.info(
+            "checkpoint written by %d ranks, resuming on %d: RNG states re-seeded from (seed, step, rank)",
+            state.world_size, env.world_size,
+        )
+        torch.manual_seed(cfg.seed + 1_000_003 * state.step + env.rank)
+    return state

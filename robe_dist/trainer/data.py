@@ -1,0 +1,134 @@
+"""The run's data, from robe_dist.data: synthetic data generated on first use, or a Criteo dataset."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from robe_dist.data import synthetic
+from robe_dist.data.criteo import DEFAULT_CAT_NAMES
+from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
+from robe_dist.train_config import Config
+from robe_dist.trainer.env import DistEnv
+
+logger = logging.getLogger("robe_dist.train")
+
+_NO_CAP = 2**62  # modulus that leaves any id unchanged
+
+
+def synthetic_cache_dir(cfg: Config) -> Path:
+    """``data.path``, else ``data_cache/synthetic-<rows>-<days>-<seed>-<scale>[-mh]``."""
+    d = cfg.data
+    if d.path:
+        return Path(d.path)
+    mh = "-mh" if d.multi_hot else ""
+    return Path("data_cache") / f"synthetic-{d.synthetic_rows}-{d.synthetic_days}-{d.synthetic_seed}-{d.synthetic_scale:g}{mh}"
+
+
+def cap_ids(batch: Batch, moduli: torch.Tensor) -> Batch:
+    """``batch`` with the ids of feature ``f`` taken modulo ``moduli[f]`` (TorchRec's Criteo
+    "hashes"): full tables and the paper mapping need ids in ``[0, num_embeddings)``."""
+    kjt = batch.sparse_features
+    per_value = torch.repeat_interleave(moduli, torch.tensor(kjt.length_per_key()))
+    capped = KeyedJaggedTensor(
+        keys=kjt.keys(), values=kjt.values() % per_value, lengths=kjt.lengths(), stride=kjt.stride(),
+        length_per_key=kjt.length_per_key(), offset_per_key=kjt.offset_per_key(),
+    )  # fmt: skip
+    return Batch(dense_features=batch.dense_features, sparse_features=capped, labels=batch.labels)
+
+
+@dataclass
+class RunData:
+    """A dataset directory and what the trainer reads from it, for this rank."""
+
+    path: Path
+    manifest: dict
+    cfg: Config
+    env: DistEnv
+    id_moduli: Optional[torch.Tensor] = None
+    """Per feature: ids are taken modulo this (``None``: raw ids everywhere)."""
+
+    @property
+    def feature_names(self) -> List[str]:
+        return list(DEFAULT_CAT_NAMES)
+
+    def planted_auc(self, split: str) -> Optional[float]:
+        """The AUC of the model that drew the synthetic labels on ``split``: the best reachable."""
+        return (self.manifest.get("planted_auc_by_split") or {}).get(split, self.manifest.get("planted_auc"))
+
+    def num_embeddings(self) -> List[int]:
+        """Table sizes: ``model.num_embeddings_per_feature``, else the dataset's ``table_sizes``."""
+        if self.cfg.model.num_embeddings_per_feature is not None:
+            return list(self.cfg.model.num_embeddings_per_feature)
+        sizes = self.manifest.get("table_sizes")
+        if not sizes:
+            raise ValueError(
+                f"model.num_embeddings_per_feature is null and the dataset at {self.path} does not give its "
+                "table sizes (manifest 'table_sizes'): set model.num_embeddings_per_feature (26 ints)"
+            )
+        return [int(s) for s in sizes]
+
+    def cap_ids_of(self, features: Sequence[str], num_embeddings: Sequence[int], capped: Sequence[str]) -> None:
+        """Take the ids of the ``capped`` features modulo their table's size from now on."""
+        if capped:
+            sizes = dict(zip(features, num_embeddings))
+            self.id_moduli = torch.tensor([sizes[f] if f in capped else _NO_CAP for f in features])
+
+    def _local(self, global_batch_size: int, what: str) -> int:
+        if global_batch_size % self.env.world_size:
+            raise ValueError(f"{what} ({global_batch_size}) must be divisible by the number of ranks ({self.env.world_size})")
+        return global_batch_size // self.env.world_size
+
+    def _dataset(self, split: str, batch_size: int, **kwargs) -> CriteoIterableDataset:
+        return CriteoIterableDataset(
+            str(self.path), split=split, batch_size=batch_size, rank=self.env.rank, world_size=self.env.world_size,
+            multi_hot=self.cfg.data.multi_hot, **kwargs,
+        )  # fmt: skip
+
+    def _batches(self, ds: CriteoIterableDataset) -> Iterator[Batch]:
+        if self.id_moduli is None:
+            return iter(ds)
+        return (cap_ids(b, self.id_moduli) for b in ds)
+
+    def steps_per_epoch(self) -> int:
+        """Training steps (global batches) in one pass over the train split."""
+        return len(self._dataset("train", self._local(self.cfg.train.global_batch_size, "train.global_batch_size")))
+
+    def train_batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        """This rank's training batches of ``epoch`` from batch ``start_batch`` on (the order is a
+        function of (seed, epoch): a resumed run sees the batches the interrupted one would have)."""
+        bs = self._local(self.cfg.train.global_batch_size, "train.global_batch_size")
+        ds = self._dataset(
+            "train", bs, shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed, start_batch=start_batch,
+            drop_last=True,
+        )  # fmt: skip
+        ds.set_epoch(epoch)
+        return self._batches(ds)
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """This rank's share of ``split`` ("val" or "test"): every sample once over all ranks."""
+        bs = self._local(self.cfg.eval.batch_size, "eval.batch_size")
+        return self._batches(self._dataset(split, bs, shuffle_buffer=0, drop_last=False))
+
+
+def prepare_data(cfg: Config, env: DistEnv) -> RunData:
+    """Generates the synthetic dataset unless cached (rank 0; the others wait), reads the manifest."""
+    if cfg.data.kind == "synthetic":
+        path = synthetic_cache_dir(cfg)
+        if env.is_main:
+            d = cfg.data
+            synthetic.generate(
+                path, d.synthetic_rows, days=d.synthetic_days, seed=d.synthetic_seed, scale=d.synthetic_scale,
+                multi_hot=d.multi_hot, log=logger.info,
+            )  # fmt: skip
+        dist.barrier()
+    else:
+        path = Path(cfg.data.path)
+    return RunData(path=path, manifest=read_manifest(path), cfg=cfg, env=env)

@@ -1,0 +1,107 @@
+"""Process group, device and per-rank logging for a training run (torchrun or a single process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from robe_dist.train_config import DistConfig
+
+logger = logging.getLogger("robe_dist.train")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: rank, world size, device and the backend of the default group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: DistConfig) -> DistEnv:
+    """Joins torchrun's process group (RANK, WORLD_SIZE, ... in the environment) or, run as a
+    plain ``python -m``, makes a one-process group. Device and backend follow ``cfg``."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type = cfg.device
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("dist.device is 'cuda' but torch sees no GPU (torch.cuda.is_available() is False)")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                "run at most that many processes per node (torchrun --nproc_per_node)"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        if under_torchrun:
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+_NOISE = (
+    "known issue with TorchRec's dense tensor size calculation",  # planner, every run
+    "Sharding spec not found for",  # DMP, for data-parallel modules such as the ROBE array
+    "caching params will be ignored",  # TorchRec, once per data-parallel table
+    "[TBE=",  # FBGEMM: its arguments (a screenful) and optimiser choice, per sharded table group
+)
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    return not any(text in record.getMessage() for text in _NOISE)
+
+
+def setup_logging(env: DistEnv, all_ranks: bool) -> None:
+    """INFO messages from rank 0 (and from every rank with ``all_ranks``), prefixed by the rank;
+    Python warnings and TorchRec's chatter only where they help."""
+    loud = env.is_main or all_ranks
+    logging.basicConfig(
+        level=logging.INFO if loud else logging.ERROR,
+        format=f"[rank{env.rank}] %(asctime)s %(levelname)s %(message)s" if env.world_size > 1 else "%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    logger.setLevel(logging.INFO if loud else logging.ERROR)
+    for name in ("torchrec", "torch.distributed", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.WARNING if loud else logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # "is_fx_tracing will return true ..."
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_known_noise)
+    if not loud:
+        warnings.filterwarnings("ignore")
+    # harmless, repeated on every run: FX's notice and TorchRec's optional-kernel notices
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchmetrics")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # FBGEMM's dense (data-parallel) table kernel, on every backward
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+
+
+def shutdown() -> None:
+    """Waits for every rank, then leaves the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,94 @@
+"""Evaluation over all ranks: AUC, log-loss and accuracy with torchmetrics."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Deque, Dict, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchrec.datasets.utils import Batch
+
+from robe_dist.trainer.env import DistEnv
+
+
+class EvalMetrics:
+    """Exact AUC (every prediction kept), mean log-loss and accuracy at 0.5; ``compute()``
+    gathers them over all ranks, so the result does not depend on how the data was split."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.auc = BinaryAUROC().to(device)
+        self.accuracy = BinaryAccuracy().to(device)
+        self.logloss = MeanMetric().to(device)
+        self.samples = SumMetric().to(device)
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits, labels = logits.float(), labels.float()
+        probs = torch.sigmoid(logits)
+        self.auc.update(probs, labels.long())
+        self.accuracy.update(probs, labels.long())
+        self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        self.samples.update(torch.tensor(float(labels.numel()), device=labels.device))
+
+    def compute(self) -> Dict[str, float]:
+        return {
+            "auc": float(self.auc.compute()),
+            "logloss": float(self.logloss.compute()),
+            "accuracy": float(self.accuracy.compute()),
+            "eval_samples": int(self.samples.compute()),
+        }
+
+
+def _in_lockstep(batches: Iterable[Batch], env: DistEnv, is_filler: Deque[bool]) -> Iterator[Batch]:
+    """Yields this rank's batches while ANY rank has some left, so every rank runs the same number
+    of forward passes (sharded tables exchange data in each). A rank that ran out repeats its last
+    batch; ``is_filler`` records, in order, which yielded batches are such repeats."""
+    last: Optional[Batch] = None
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([0 if batch is None else 1], device=env.device)
+        if env.world_size > 1:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not int(more):
+            return
+        if batch is None:
+            if last is None:
+                raise RuntimeError(
+                    f"rank {env.rank} got no evaluation batch while other ranks did: the split is too small "
+                    f"for {env.world_size} ranks at this eval.batch_size"
+                )
+            is_filler.append(True)
+            yield last
+        else:
+            last = batch
+            is_filler.append(False)
+            yield batch
+
+
+@torch.no_grad()
+def evaluate(pipeline, model: torch.nn.Module, batches: Iterable[Batch], env: DistEnv, max_batches: Optional[int] = None) -> Dict[str, float]:
+    """Runs ``batches`` (this rank's share of a split) through ``pipeline`` in eval mode.
+
+    Returns ``{"auc", "logloss", "accuracy", "eval_samples"}`` over all ranks."""
+    metrics = EvalMetrics(env.device)
+    is_filler: Deque[bool] = deque()
+    it = _in_lockstep(itertools.islice(batches, max_batches), env, is_filler)
+    was_training = model.training
+    model.eval()
+    pipeline.reset()
+    try:
+        while True:
+            try:
+                _, logits, labels = pipeline.progress(it)
+            except StopIteration:
+                break
+            if not is_filler.popleft():
+                metrics.update(logits, labels)
+    finally:
+        model.train(was_training)
+    return metrics.compute()

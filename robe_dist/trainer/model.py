@@ -1,0 +1,168 @@
+"""DLRM / DLRM_DCN over ROBE and full tables, planned and wrapped in DistributedModelParallel."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection
+from torchrec.datasets.utils import Batch
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardedModule
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import optimizers as trec_optim
+
+from robe_dist.distributed import RobeShardingPlanner, ShardedRobeEmbeddingBagCollection, get_default_sharders
+from robe_dist.modules import RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
+from robe_dist.train_config import Config
+from robe_dist.trainer.env import DistEnv
+
+logger = logging.getLogger("robe_dist.train")
+
+NUM_DENSE_FEATURES = 13
+FUSED_OPTIMIZERS = {"sgd": trec_optim.SGD, "adagrad": trec_optim.Adagrad, "adam": trec_optim.Adam}
+
+
+class AutocastDLRMTrain(DLRMTrain):
+    """``DLRMTrain`` whose model runs under ``torch.autocast`` (loss computed in fp32)."""
+
+    def __init__(self, dlrm_module: nn.Module, dtype: torch.dtype, device_type: str) -> None:
+        super().__init__(dlrm_module)
+        self.autocast_dtype = dtype
+        self.autocast_device_type = device_type
+
+    def forward(self, batch: Batch):
+        with torch.autocast(self.autocast_device_type, dtype=self.autocast_dtype):
+            logits = self.model(batch.dense_features, batch.sparse_features)
+        logits = logits.squeeze(-1).float()
+        loss = self.loss_fn(logits, batch.labels.float())
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
+
+
+def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Sequence[int]) -> Tuple[
+    List[EmbeddingBagConfig], List[str]
+]:
+    """All tables (one ``t_<feature>`` per feature, in feature order) and the names of those that
+    live in the ROBE array (``robe.features``); the others are full tables."""
+    if len(num_embeddings) != len(feature_names):
+        raise ValueError(
+            f"model.num_embeddings_per_feature has {len(num_embeddings)} sizes; the data has "
+            f"{len(feature_names)} sparse features ({feature_names[0]} .. {feature_names[-1]})"
+        )
+    wanted = cfg.robe.features
+    if wanted == "all":
+        robe_features = set(feature_names)
+    elif wanted == "none":
+        robe_features = set()
+    else:
+        unknown = sorted(set(wanted) - set(feature_names))
+        if unknown:
+            raise ValueError(f"robe.features names unknown features {unknown}; the data has {list(feature_names)}")
+        robe_features = set(wanted)
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.model.embedding_dim, num_embeddings=int(n), feature_names=[f])
+        for f, n in zip(feature_names, num_embeddings)
+    ]
+    return tables, [t.name for t in tables if t.feature_names[0] in robe_features]
+
+
+def build_collection(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str]) -> nn.Module:
+    """The embedding collection DLRM reads: all tables in one ROBE array, all full tables (on
+    ``meta``: DMP materialises each rank's shards), or both (RobeHybridEmbeddingBagCollection)."""
+    if len(robe_names) == len(tables):
+        return RobeEmbeddingBagCollection(tables, cfg.robe.robe_config())
+    if not robe_names:
+        return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    return RobeHybridEmbeddingBagCollection(tables, cfg.robe.robe_config(), robe_tables=robe_names, device=torch.device("meta"))
+
+
+def build_dlrm(cfg: Config, collection: nn.Module, device: torch.device) -> nn.Module:
+    """TorchRec's DLRM (``model.arch: dlrm``) or DLRM_DCN (``dcn``) in a train wrapper
+    returning ``(loss, (loss, logits, labels))``."""
+    m = cfg.model
+    kwargs = dict(
+        embedding_bag_collection=collection,
+        dense_in_features=NUM_DENSE_FEATURES,
+        dense_arch_layer_sizes=list(m.dense_arch_layer_sizes),
+        over_arch_layer_sizes=list(m.over_arch_layer_sizes),
+    )
+    if m.arch == "dcn":
+        dlrm = DLRM_DCN(dcn_num_layers=m.dcn_num_layers, dcn_low_rank_dim=m.dcn_low_rank_dim, **kwargs)
+    else:
+        dlrm = DLRM(**kwargs)
+    if cfg.train.precision == "bf16":
+        return AutocastDLRMTrain(dlrm, torch.bfloat16, device.type)
+    return DLRMTrain(dlrm)
+
+
+def shard_model(
+    model: nn.Module, cfg: Config, env: DistEnv, optimizer_class: type, optimizer_kwargs: Dict
+) -> DistributedModelParallel:
+    """Plans ``model`` with robe_dist's EmbeddingShardingPlanner and sharders (TorchRec's, plus the
+    ROBE one: the array is DATA_PARALLEL, replicated) and wraps it in DistributedModelParallel.
+    Full tables get the configured optimiser fused into their backward; ``optimizer_class`` and
+    ``optimizer_kwargs`` (the dense optimiser) size the ROBE array's optimiser state in the plan."""
+    full_params = [
+        p
+        for mod in model.modules()
+        if isinstance(mod, EmbeddingBagCollection)
+        for p in mod.parameters()
+    ]
+    if full_params and cfg.optim.name == "adam" and env.device.type == "cpu":
+        raise ValueError(
+            "optim.name 'adam' cannot train full tables on CPU: FBGEMM's CPU kernel has no fused Adam. "
+            "Use optim.name 'sgd' or 'adagrad', put every table in the ROBE array (robe.features: all), or run on GPU"
+        )
+    if full_params:
+        fused = {"lr": cfg.optim.embedding_lr or cfg.optim.lr}
+        if cfg.optim.name in ("adagrad", "adam"):
+            fused["eps"] = cfg.optim.eps
+        if cfg.optim.name == "adam":
+            fused["beta1"], fused["beta2"] = cfg.optim.betas
+        # TorchRec's placeholder classes: their kwargs go to FBGEMM's fused kernel as they are
+        _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
+    sharders = get_default_sharders(optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    planner = RobeShardingPlanner(
+        topology=TopologyFactory.create_topology(
+            TrainerConfig(
+                world_size=env.world_size,
+                local_world_size=local_world,
+                hbm_cap_bytes=torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None,
+            ),
+            kernel_config=KernelConfig(compute_device=env.device.type),
+        ),
+        batch_size=max(1, cfg.train.global_batch_size // env.world_size),
+    )
+    plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
+    placed = Counter(
+        f"{s.sharding_type}/{s.compute_kernel}" for ps in plan.plan.values() for s in ps.values()
+    )
+    logger.info("sharding plan: %s", ", ".join(f"{n} x {kind}" for kind, n in sorted(placed.items())))
+    return dmp
+
+
+def has_sharded_modules(model: nn.Module) -> bool:
+    return any(isinstance(m, ShardedModule) for m in model.modules())
+
+
+def embedding_parameters(model: nn.Module) -> List[torch.Tensor]:
+    """Parameters of the sharded embedding modules: ROBE arrays and full tables (those the planner
+    made data-parallel are trained by the dense optimiser, at the embeddings' rate)."""
+    return [p for m in model.modules() if isinstance(m, ShardedModule) for p in m.parameters()]
+
+
+def robe_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{path: module}`` of the ROBE collections (sharded or not) in ``model``; paths as in
+    ``model.state_dict()`` (without DMP's and DDP's wrapper prefixes)."""
+    kinds = (RobeEmbeddingBagCollection, ShardedRobeEmbeddingBagCollection)
+    root = model.module if isinstance(model, DistributedModelParallel) else model
+    return {path: m for path, m in root.named_modules() if isinstance(m, kinds)}

@@ -1,0 +1,94 @@
+"""Optimisers (SGD, Adagrad, Adam), the MLPerf learning-rate schedule and gradient clipping."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple, Type
+
+import torch
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from robe_dist.train_config import OptimConfig
+
+def optimizer_spec(cfg: OptimConfig) -> Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]:
+    """The optimiser class and its keyword arguments other than ``lr``."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD, {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adagrad":  # MLPerf v3: no lr decay, zero initial accumulator
+        return torch.optim.Adagrad, {"eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return torch.optim.Adam, {"betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+
+def lr_factor(cfg: OptimConfig, step: int) -> float:
+    """Fraction of the peak learning rate at ``step`` (0-based), MLPerf DLRM's policy: linear
+    warm-up over ``warmup_steps``, constant, then polynomial decay from ``decay_start_step`` over
+    ``decay_steps`` down to ``min_lr_factor``, where it stays."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay_steps and step >= cfg.decay_start_step:
+        left = max(0, cfg.decay_start_step + cfg.decay_steps - step)
+        return max(cfg.min_lr_factor, (left / cfg.decay_steps) ** cfg.decay_power)
+    return 1.0
+
+
+class TrainOptimizer:
+    """What the train pipeline drives: one optimiser over the dense MLPs, the ROBE arrays and
+    (fused into the backward) the full tables, with the schedule and clipping around it.
+
+    ``zero_grad()`` (called by the pipeline before the forward) sets every group's rate for the
+    coming step, so the fused tables, which update inside the backward, use the same rate as the
+    dense part; ``step()`` clips the dense gradients, steps, and counts.
+
+    Args:
+        model: the DistributedModelParallel model.
+        cfg: the optimiser section of the config.
+        embedding_params: parameters of the embedding modules (ROBE arrays, data-parallel full
+            tables), trained at ``embedding_lr``; the fused full tables are left out here.
+    """
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, embedding_params: List[torch.Tensor]) -> None:
+        self.cfg = cfg
+        cls, kwargs = optimizer_spec(cfg)
+        params = dict(in_backward_optimizer_filter(model.named_parameters()))
+        embedding_ids = {id(p) for p in embedding_params}
+        embeddings = {n: p for n, p in params.items() if id(p) in embedding_ids}
+        dense = {n: p for n, p in params.items() if n not in embeddings}
+        optims: List[Tuple[str, KeyedOptimizer]] = []
+        fused = getattr(model, "fused_optimizer", None)
+        if fused is not None and fused.params:
+            optims.append(("fused", fused))
+        if dense:
+            optims.append(("dense", KeyedOptimizerWrapper(dense, lambda ps: cls(ps, lr=cfg.lr, **kwargs))))
+        if embeddings:
+            emb_lr = cfg.embedding_lr or cfg.lr
+            optims.append(("embeddings", KeyedOptimizerWrapper(embeddings, lambda ps: cls(ps, lr=emb_lr, **kwargs))))
+        self.optimizer = CombinedOptimizer(optims)
+        self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.clip_params = list(dense.values()) + list(embeddings.values())
+        self.step_count = 0
+        self.last_grad_norm: float = float("nan")
+
+    @property
+    def lr(self) -> float:
+        """The dense part's current learning rate."""
+        return self.cfg.lr * lr_factor(self.cfg, self.step_count)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        factor = lr_factor(self.cfg, self.step_count)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * factor
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Any = None) -> None:
+        if self.cfg.grad_clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip_norm)
+            self.last_grad_norm = norm  # a tensor: read it only when logging
+        self.optimizer.step()
+        self.step_count += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)

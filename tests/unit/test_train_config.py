@@ -1,0 +1,146 @@
+"""Training configs: the shipped YAML files, --set overrides, validation errors, the LR schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from robe_dist.train import main
+from robe_dist.train_config import DEFAULT_CONFIG, Config, OptimConfig, apply_override, config_from_dict, load_config
+from robe_dist.trainer.optim import lr_factor
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_document_themselves(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    head = path.read_text().splitlines()[:12]
+    comments = " ".join(line for line in head if line.startswith("#"))
+    for topic in ("What for", "Hardware", "Expected"):
+        assert topic in comments, f"{path.name}: the header comment lacks '{topic}'"
+
+
+def test_shipped_configs_match_the_references():
+    robe = load_config(DEFAULT_CONFIG.parent / "criteo_tb_dlrm_robe.yaml")
+    assert (robe.model.embedding_dim, robe.model.dense_arch_layer_sizes) == (128, [512, 256, 128])
+    assert robe.model.over_arch_layer_sizes == [1024, 1024, 512, 256, 1]
+    assert (robe.robe.array_size, robe.robe.block_size, robe.robe.features) == (27_000_000, 32, "all")
+    assert (robe.optim.name, robe.optim.lr, robe.train.global_batch_size, robe.train.target_auc) == ("sgd", 1.0, 2048, 0.8025)
+    dcn = load_config(DEFAULT_CONFIG.parent / "criteo_tb_dcnv2_sharded.yaml")
+    assert (dcn.model.arch, dcn.data.multi_hot, dcn.robe.features) == ("dcn", True, "none")
+    assert (dcn.optim.name, dcn.optim.lr, dcn.optim.eps, dcn.train.global_batch_size) == ("adagrad", 0.005, 1e-8, 65536)
+    from robe_dist.data.criteo import MLPERF_V1_TABLE_SIZES, MLPERF_V3_TABLE_SIZES
+
+    assert robe.model.num_embeddings_per_feature == list(MLPERF_V1_TABLE_SIZES)
+    assert dcn.model.num_embeddings_per_feature == list(MLPERF_V3_TABLE_SIZES)
+
+
+def test_default_config_is_tiny_synthetic():
+    assert load_config().name == "tiny_synthetic"
+
+
+def test_overrides_reach_nested_fields_and_convert_types():
+    cfg = load_config(
+        None,
+        ["optim.lr=1e-3", "train.max_steps=7", "data.path=/x/y", "robe.features=[cat_1, cat_2]", "eval.every_samples=null"],
+    )
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # YAML reads 1e-3 as a string
+    assert cfg.train.max_steps == 7
+    assert cfg.data.path == "/x/y"
+    assert cfg.robe.features == ["cat_1", "cat_2"]
+    assert cfg.eval.every_samples is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.name=sdg", "optim.name must be one of ['sgd', 'adagrad', 'adam'], got 'sdg'"),
+        ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+        ("trian.epochs=2", "unknown config key 'trian' (did you mean 'train'?)"),
+        ("train.global_batch_size=big", "train.global_batch_size must be an int, got 'big'"),
+        ("train.global_batch_size=0", "train.global_batch_size must be > 0"),
+        ("data.kind=parquet", "data.kind must be one of ['synthetic', 'criteo']"),
+        ("data.kind=criteo", "data.path must be set when data.kind is 'criteo'"),
+        ("model.dense_arch_layer_sizes=[64, 32]", "model.dense_arch_layer_sizes must end with model.embedding_dim (16)"),
+        ("model.over_arch_layer_sizes=[64, 2]", "model.over_arch_layer_sizes must end with 1"),
+        ("robe.block_size=3", "model.embedding_dim (16) must be a multiple of robe.block_size (3)"),
+        ("robe.array_size=8", "robe.array_size (8) must be >= block_size (16)"),
+        ("robe.hash=murmur", "robe.hash must be one of ['universal', 'paper']"),
+        ("robe.features=some", "robe.features must be 'all' or 'none' or a list of a string"),
+        ("optim.warmup_steps=10", None),
+        ("train.target_auc=0.4", "train.target_auc must be in (0.5, 1] or null"),
+        ("train.precision=bf16", "train.precision 'bf16' needs dist.device 'cuda'"),
+        ("checkpoint.keep=0", "checkpoint.keep must be > 0"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+    ],
+)
+def test_validation_names_the_field(override, message):
+    overrides = [override] + (["dist.device=cpu"] if "precision" in override else [])
+    if message is None:  # a valid value, for contrast
+        load_config(None, overrides)
+        return
+    with pytest.raises(ValueError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_decay_must_start_after_warmup():
+    with pytest.raises(ValueError, match=r"optim.decay_start_step \(5\) must be >= optim.warmup_steps \(10\)"):
+        config_from_dict({"optim": {"warmup_steps": 10, "decay_start_step": 5, "decay_steps": 100}})
+
+
+def test_bad_override_syntax_and_missing_file():
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_override({}, "optim.lr")
+    with pytest.raises(FileNotFoundError, match="no_such.yaml"):
+        load_config("configs/no_such.yaml")
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    assert main(["--set", "optim.name=sdg"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: optim.name must be one of" in err and "Traceback" not in err
+
+
+def test_cli_prints_the_resolved_config(capsys):
+    assert main(["--set", "optim.lr=0.25", "--run-dir", "/tmp/somewhere", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.25" in out and "run_dir: /tmp/somewhere" in out
+
+
+def test_every_config_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import robe_dist.train_config as module
+
+    tree = ast.parse(inspect.getsource(module))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith(("Config", "Section")) and node.name != "Config":
+            body = node.body
+            for i, stmt in enumerate(body):
+                if isinstance(stmt, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    documented = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    assert documented, f"{node.name}.{stmt.target.id} has no docstring"
+
+
+def test_lr_schedule_follows_mlperf():
+    cfg = OptimConfig(warmup_steps=4, decay_start_step=10, decay_steps=10, decay_power=2.0, min_lr_factor=0.01)
+    assert [lr_factor(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(cfg, 9) == 1.0
+    assert lr_factor(cfg, 10) == 1.0  # first decay step: (10 - 0) / 10
+    assert lr_factor(cfg, 15) == pytest.approx(0.25)  # ((10 - 5) / 10) ** 2
+    assert lr_factor(cfg, 19) == pytest.approx(0.01)  # 0.1 ** 2 = 0.01 = the floor
+    assert lr_factor(cfg, 1000) == 0.01
+    assert lr_factor(OptimConfig(), 123456) == 1.0  # no schedule
+
+
+def test_config_is_a_typed_dataclass():
+    cfg = Config()
+    assert cfg.resolved_run_dir == Path("runs/run")
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        Config(name="a/b")
