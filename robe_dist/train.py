@@ -105,9 +105,11 @@ class Trainer:
                 "TrainPipelineSparseDist cannot trace it, training with TrainPipelineBase (plain loop)"
             )
             self.pipeline = TrainPipelineBase(self.model, self.optimizer, env.device)
-        # ROBE arrays replicated on every rank have their gradient all-reduced each step
+        # ROBE arrays replicated on every rank have their gradient all-reduced each step (in 16-bit
+        # words with dist.grad_compression)
+        word = 4 if cfg.dist.grad_compression == "none" else 2
         self.robe_bytes_per_step = (
-            sum(m.array.numel() * m.array.element_size() for m in self.robe.values()) if env.world_size > 1 else 0
+            sum(m.array.numel() * word for m in self.robe.values()) if env.world_size > 1 else 0
         )
         self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
         self.last_checkpoint: Optional[Path] = None

@@ -245,6 +245,14 @@ class DistConfig:
     """CPU only: intra-op threads per process (``torch.set_num_threads``); ``null``: PyTorch's
     default (``OMP_NUM_THREADS``, which torchrun sets to 1, else all cores)."""
 
+    grad_compression: Literal["none", "fp16", "bf16"] = "none"
+    """Compress the data-parallel gradient all-reduce (the ROBE array and the dense layers) with
+    PyTorch's DDP communication hooks (``fp16_compress_hook`` / ``bf16_compress_hook``): half the
+    bytes, gradients rounded to 16 bits before averaging (``bf16`` needs CUDA/NCCL). ``none``: full
+    fp32. With compression the
+    array is averaged by DMP's DDP wrapper (``gradient_sync="ddp"``) instead of robe_dist's own
+    hook. Effect on AUC: docs/distributed.md."""
+
 
 @dataclass
 class LoggingConfig:
@@ -507,6 +515,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"train.target_auc must be in (0.5, 1] or null, got {t.target_auc}")
     if t.precision == "bf16" and cfg.dist.device == "cpu":
         raise ValueError("train.precision 'bf16' needs dist.device 'cuda' (or 'auto' on a GPU machine); use 'fp32' on CPU")
+    if cfg.dist.grad_compression == "bf16" and cfg.dist.device == "cpu":
+        raise ValueError(
+            "dist.grad_compression 'bf16' needs dist.device 'cuda' (PyTorch's bf16_compress_hook needs NCCL); "
+            "use 'fp16' or 'none' on CPU"
+        )
     _positive(t.log_every_steps, "train.log_every_steps")
 
     _positive(e.batch_size, "eval.batch_size")

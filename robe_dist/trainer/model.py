@@ -13,6 +13,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardedModule
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
@@ -128,7 +129,18 @@ def shard_model(
             fused["beta1"], fused["beta2"] = cfg.optim.betas
         # TorchRec's placeholder classes: their kwargs go to FBGEMM's fused kernel as they are
         _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
-    sharders = get_default_sharders(optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs)
+    compression = cfg.dist.grad_compression
+    if compression == "bf16" and env.device.type != "cuda":
+        raise ValueError(
+            "dist.grad_compression 'bf16' needs a CUDA device (PyTorch's bf16_compress_hook needs NCCL); "
+            "use 'fp16' or 'none' on CPU"
+        )
+    # compressed all-reduce goes through DDP's comm hooks, so the array joins DDP's buckets
+    sharders = get_default_sharders(
+        optimizer_class=optimizer_class,
+        optimizer_kwargs=optimizer_kwargs,
+        gradient_sync="hook" if compression == "none" else "ddp",
+    )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     planner = RobeShardingPlanner(
         topology=TopologyFactory.create_topology(
@@ -142,7 +154,10 @@ def shard_model(
         batch_size=max(1, cfg.train.global_batch_size // env.world_size),
     )
     plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
+    wrapper = DefaultDataParallelWrapper(allreduce_comm_precision=None if compression == "none" else compression)
+    dmp = DistributedModelParallel(
+        module=model, device=env.device, plan=plan, sharders=sharders, data_parallel_wrapper=wrapper
+    )
     placed = Counter(
         f"{s.sharding_type}/{s.compute_kernel}" for ps in plan.plan.values() for s in ps.values()
     )

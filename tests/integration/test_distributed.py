@@ -7,7 +7,7 @@ Every ``_rank_*`` function runs on both ranks of the session's process-group poo
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.constants import BATCH_SIZE
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -101,7 +101,7 @@ def local_batch(step: int, global_size: int, rank: int, world_size: int) -> Tupl
 
 
 def plan_and_wrap(model: nn.Module, world_size: int, pg=None, robe_sharder=None, table_optimizer=None,
-                  load_initial: bool = True):
+                  load_initial: bool = True, compression: Optional[str] = None):
     """Plans with TorchRec's planner (ROBE + TorchRec sharders) and wraps with DMP; the wrapped
     model starts from ``model``'s weights (TorchRec re-initialises CPU tables when sharding)."""
     initial = copy.deepcopy(model.state_dict())
@@ -114,7 +114,9 @@ def plan_and_wrap(model: nn.Module, world_size: int, pg=None, robe_sharder=None,
     # the options the planner chooses from, with its storage estimates (same estimator, every rank)
     options = EmbeddingEnumerator(topology=topology, batch_size=BATCH_SIZE).enumerate(model, sharders)
     plan = EmbeddingShardingPlanner(topology=topology).collective_plan(model, sharders, pg)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders)
+    wrapper = DefaultDataParallelWrapper(allreduce_comm_precision=compression)  # DDP comm hook when set
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=sharders,
+                                   data_parallel_wrapper=wrapper)
     if load_initial:
         dmp.load_state_dict(initial)
     return dmp, plan, options
@@ -135,14 +137,16 @@ def gather(t: torch.Tensor) -> List[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # rank functions
-def _rank_replicas(rank: int, world_size: int, gradient_sync: str, optimizer: str, steps: int) -> Dict:
+def _rank_replicas(rank: int, world_size: int, gradient_sync: str, optimizer: str, steps: int,
+                   compression: Optional[str] = None) -> Dict:
     model = MixedModel(seed=rank)  # every rank initialises differently: the wrap must broadcast rank 0's array
     before = model.robe.array.detach().clone()
     opt_cls, opt_kwargs = OPTIMIZERS[optimizer]
     sharder = RobeEmbeddingBagCollectionSharder(optimizer_class=opt_cls, optimizer_kwargs=opt_kwargs,
                                                 gradient_sync=gradient_sync)
     dmp, plan, options = plan_and_wrap(model, world_size, robe_sharder=sharder,
-                                        table_optimizer=TABLE_OPTIMIZERS[optimizer], load_initial=False)
+                                        table_optimizer=TABLE_OPTIMIZERS[optimizer], load_initial=False,
+                                        compression=compression)
     sharded = dmp.module.robe
     opt = make_optimizer(dmp, OPTIMIZERS[optimizer])
     in_dense = [k for k in opt.params if k.endswith("robe.array")]
@@ -195,10 +199,14 @@ def _planner_io_bytes(option) -> int:
 
 @pytest.mark.parametrize(
     "gradient_sync,optimizer",
-    [("hook", "sgd"), ("hook", "adagrad"), ("hook", "adam"), ("ddp", "sgd"), ("ddp", "adagrad"), ("ddp", "adam")],
+    [("hook", "sgd"), ("hook", "adagrad"), ("hook", "adam"), ("ddp", "sgd"), ("ddp", "adagrad"), ("ddp", "adam"),
+     ("ddp+fp16", "adagrad"), ("ddp+fp16", "sgd")],  # bf16_compress_hook needs NCCL (CUDA)
 )
 def test_replicas_stay_bit_identical_and_planner_budget_matches(pg2, gradient_sync, optimizer):
-    r0, r1 = pg2.run(_rank_replicas, gradient_sync=gradient_sync, optimizer=optimizer, steps=50)
+    # "ddp+fp16": the array in DDP's buckets with PyTorch's fp16_compress_hook (half the bytes)
+    gradient_sync, _, compression = gradient_sync.partition("+")
+    r0, r1 = pg2.run(_rank_replicas, gradient_sync=gradient_sync, optimizer=optimizer, steps=50,
+                     compression=compression or None)
     for r in (r0, r1):
         assert r["sharded_type"] == "ShardedRobeEmbeddingBagCollection"
         assert r["plan_robe"] == {"array": ("data_parallel", "dense", [0, 1])}

@@ -75,10 +75,12 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("train.precision=bf16", "train.precision 'bf16' needs dist.device 'cuda'"),
         ("checkpoint.keep=0", "checkpoint.keep must be > 0"),
         ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+        ("dist.grad_compression=int8", "dist.grad_compression must be one of ['none', 'fp16', 'bf16']"),
+        ("dist.grad_compression=bf16", "dist.grad_compression 'bf16' needs dist.device 'cuda'"),
     ],
 )
 def test_validation_names_the_field(override, message):
-    overrides = [override] + (["dist.device=cpu"] if "precision" in override else [])
+    overrides = [override] + (["dist.device=cpu"] if "precision" in override or "bf16" in override else [])
     if message is None:  # a valid value, for contrast
         load_config(None, overrides)
         return
