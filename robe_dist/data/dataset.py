@@ -6,17 +6,27 @@ Splits (MLPerf's): the files in day order are concatenated; ``train`` is every f
 its last ``holdout_fraction`` (default 1/7: Kaggle spans 7 days, the last one is held out); pass
 ``holdout_fraction`` to hold out a share of all rows instead of the last file.
 
-Ranks: each rank reads a contiguous, disjoint shard of the split. With ``drop_last=True`` every
-rank gets ``rows // world_size`` rows and yields that many // ``batch_size`` full batches (the tail
-is dropped). With ``drop_last=False`` every row is read once across ranks, and every rank yields
-the same number of batches (collectives stay in step), the last ones possibly smaller — except
-when ``batch_size`` is 1 or the split has fewer rows than ranks.
+Ranks, training (``drop_last=True``; ``interleave`` defaults to it): batches are interleaved by
+global batch. The split's rows, in the (shuffled) stream order below, are cut into global batches
+of ``G = batch_size * world_size`` rows; global batch ``b`` is stream rows ``[b*G, (b+1)*G)``
+whatever the world size, and rank ``r`` yields its ``r``-th contiguous slice of ``batch_size``
+rows. So every rank yields ``rows // G`` batches, an N-rank run consumes exactly the global batches
+of a 1-rank run with the same ``G``, and a data position (global batch index, ``start_batch``)
+carries over to any world size. The tail (``rows % G``) is dropped.
 
-Shuffling (``shuffle_buffer`` rows > 0; default on for train, off for val/test): the shard is cut
-into blocks of ``shuffle_buffer`` consecutive rows; blocks are visited in a random order and each
-block's rows are permuted, both drawn from ``(seed, epoch)``. So the stream is deterministic, and
-batch ``b`` is found without reading earlier batches (``start_batch`` skips in O(1)). Rows are read
-as memory-mapped slices and batches built with numpy, never one row at a time in Python.
+Ranks, evaluation (``drop_last=False``, never interleaved): each rank reads a contiguous, disjoint
+shard of the split; every row is read once across ranks, and every rank yields the same number of
+batches (collectives stay in step), the last ones possibly smaller — except when ``batch_size`` is
+1 or the split has fewer rows than ranks.
+
+Shuffling (``shuffle_buffer`` rows > 0; default on for train, off for val/test): the stream (the
+whole split when interleaved, else the rank's shard) is cut into blocks of ``shuffle_buffer``
+consecutive rows; blocks are visited in a random order and each block's rows are permuted, both
+drawn from ``(seed, epoch)`` only, so the order is the same on every rank and world size. The
+stream is deterministic, and batch ``b`` is found without reading earlier batches (``start_batch``
+skips in O(1)). A rank gathers only its own rows of a block from the memory maps (fancy indexing
+inside a block of consecutive rows), so interleaving costs no extra reads; batches are built with
+numpy, never one row at a time in Python.
 """
 
 from __future__ import annotations
@@ -95,10 +105,10 @@ def batch_offsets(rows: int, batch_size: int, drop_last: bool, num_batches: int 
 @dataclass
 class _Block:
     index: int
-    dense: np.ndarray
-    sparse: np.ndarray
-    labels: np.ndarray
-    multi_hot: np.ndarray | None
+    start: int
+    """First stream row of the block."""
+    perm: np.ndarray
+    """The block's row permutation (int64, relative to ``start``)."""
 
 
 class CriteoIterableDataset(IterableDataset):
@@ -111,11 +121,14 @@ class CriteoIterableDataset(IterableDataset):
         path: dataset directory (``manifest.json``, or TorchRec's ``day_{i}_*.npy`` files).
         split: "train", "val" or "test".
         batch_size: samples per batch (per rank).
-        rank, world_size: this rank's shard; default from torch.distributed if initialised, else 0, 1.
+        rank, world_size: this rank's share; default from torch.distributed if initialised, else 0, 1.
         shuffle_buffer: rows per shuffle block; None: 131072 for train, 0 (no shuffle) otherwise.
         seed: shuffling seed (with the epoch, see :meth:`set_epoch`).
-        start_batch: first batch to yield (resume); batches before it are skipped without reading.
+        start_batch: first batch to yield (resume; interleaved: the global batch index, valid on any
+            world size); batches before it are skipped without reading.
         drop_last: drop the incomplete tail (training); False reads every row once (evaluation).
+        interleave: global-batch interleaving across ranks (see the module doc); None: ``drop_last``.
+            Requires ``drop_last=True``; False gives contiguous per-rank shards.
         holdout_fraction: hold out this share of all rows for val+test instead of the last file.
         multi_hot: use ``NAME_sparse_multi_hot.npy`` bags; None: if the dataset has them.
     """
@@ -134,6 +147,7 @@ class CriteoIterableDataset(IterableDataset):
         *,
         holdout_fraction: float | None = None,
         multi_hot: bool | None = None,
+        interleave: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -157,6 +171,9 @@ class CriteoIterableDataset(IterableDataset):
         self.bag_sizes: list[int] | None = list(sizes) if (sizes and multi_hot is not False) else None
         self.split, self.batch_size, self.rank, self.world_size = split, batch_size, rank, world_size
         self.seed, self.epoch, self.start_batch, self.drop_last = seed, 0, start_batch, drop_last
+        self.interleave = drop_last if interleave is None else interleave
+        if self.interleave and not drop_last:
+            raise ValueError("interleave=True needs drop_last=True (evaluation reads contiguous shards)")
         self.shuffle_buffer = (
             (DEFAULT_SHUFFLE_BUFFER if split == "train" else 0) if shuffle_buffer is None else shuffle_buffer
         )
@@ -165,13 +182,18 @@ class CriteoIterableDataset(IterableDataset):
         file_rows = [f["rows"] for f in self.manifest["files"]]
         self._file_starts = np.concatenate([[0], np.cumsum(file_rows)]).astype(np.int64)
         lo, hi = split_range(file_rows, split, holdout_fraction)
-        offset, self.rows = shard(hi - lo, rank, world_size, drop_last)
-        self._first_row = lo + offset
-        forced = None
-        if not drop_last:  # same batch count on every rank: that of the largest shard
-            forced = math.ceil(shard(hi - lo, 0, world_size, False)[1] / batch_size)
-        self._offsets = batch_offsets(self.rows, batch_size, drop_last, forced)
-        self.num_batches = len(self._offsets) - 1
+        if self.interleave:  # the stream is the whole split; rank r takes slice r of each global batch
+            self._first_row, self.rows = lo, hi - lo
+            self.num_batches = self.rows // (batch_size * world_size)
+            self._offsets = None
+        else:
+            offset, self.rows = shard(hi - lo, rank, world_size, drop_last)
+            self._first_row = lo + offset
+            forced = None
+            if not drop_last:  # same batch count on every rank: that of the largest shard
+                forced = math.ceil(shard(hi - lo, 0, world_size, False)[1] / batch_size)
+            self._offsets = batch_offsets(self.rows, batch_size, drop_last, forced)
+            self.num_batches = len(self._offsets) - 1
         self._arrays: list[dict[str, np.ndarray]] | None = None
         self._block: _Block | None = None
         self._kjt_cache: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
@@ -200,7 +222,7 @@ class CriteoIterableDataset(IterableDataset):
         return self._arrays
 
     def _read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of this rank's shard, as arrays keyed by part (views where possible)."""
+        """Stream rows [lo, hi), as arrays keyed by part (views where possible)."""
         g_lo, g_hi = self._first_row + lo, self._first_row + hi
         arrays = self._open()
         f = int(np.searchsorted(self._file_starts, g_lo, side="right")) - 1
@@ -214,6 +236,25 @@ class CriteoIterableDataset(IterableDataset):
             return pieces[0]
         return {p: np.concatenate([pc[p] for pc in pieces]) for p in pieces[0]}
 
+    def _take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Stream rows ``idx`` (int64, in that order), gathered from the memory maps."""
+        g = idx + self._first_row
+        arrays = self._open()
+        f0 = int(np.searchsorted(self._file_starts, g.min(), side="right")) - 1
+        f1 = int(np.searchsorted(self._file_starts, g.max(), side="right")) - 1
+        if f0 == f1:
+            return {p: a[g - self._file_starts[f0]] for p, a in arrays[f0].items()}
+        files = np.searchsorted(self._file_starts, g, side="right") - 1
+        out = {
+            p: np.empty((len(g), *a.shape[1:]), np.result_type(*[arrays[f][p].dtype for f in range(f0, f1 + 1)]))
+            for p, a in arrays[f0].items()
+        }
+        for f in range(f0, f1 + 1):
+            m = files == f
+            for p, a in arrays[f].items():
+                out[p][m] = a[g[m] - self._file_starts[f]]
+        return out
+
     def _blocks(self) -> tuple[np.ndarray, np.ndarray]:
         """(block order, stream offset of each visited block + end) for the current epoch."""
         size = self.shuffle_buffer
@@ -225,16 +266,21 @@ class CriteoIterableDataset(IterableDataset):
     def _load_block(self, index: int) -> _Block:
         if self._block is None or self._block.index != index:
             size = self.shuffle_buffer
-            rows = self._read(index * size, min((index + 1) * size, self.rows))
-            perm = np.random.default_rng([self.seed, self.epoch, index]).permutation(len(rows["labels"]))
-            self._block = _Block(
-                index, rows["dense"][perm], rows["sparse"][perm], rows["labels"][perm],
-                rows[MULTI_HOT_PART][perm] if MULTI_HOT_PART in rows else None,
-            )  # fmt: skip
+            start = index * size
+            n = min(start + size, self.rows) - start
+            perm = np.random.default_rng([self.seed, self.epoch, index]).permutation(n)
+            self._block = _Block(index, start, perm)
         return self._block
 
+    def _batch_range(self, b: int) -> tuple[int, int]:
+        """[lo, hi) of this rank's batch ``b`` in the (shuffled) stream."""
+        if self._offsets is None:
+            lo = (b * self.world_size + self.rank) * self.batch_size
+            return lo, lo + self.batch_size
+        return int(self._offsets[b]), int(self._offsets[b + 1])
+
     def _rows_of_batch(self, b: int, blocks: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
-        lo, hi = int(self._offsets[b]), int(self._offsets[b + 1])
+        lo, hi = self._batch_range(b)
         if blocks is None:
             return self._read(lo, hi)
         order, starts = blocks
@@ -243,14 +289,9 @@ class CriteoIterableDataset(IterableDataset):
         while lo < hi:
             block = self._load_block(int(order[k]))
             j0, j1 = lo - starts[k], min(hi, starts[k + 1]) - starts[k]
-            pieces.append({
-                "dense": block.dense[j0:j1], "sparse": block.sparse[j0:j1], "labels": block.labels[j0:j1],
-                **({MULTI_HOT_PART: block.multi_hot[j0:j1]} if block.multi_hot is not None else {}),
-            })  # fmt: skip
+            pieces.append(block.perm[j0:j1] + block.start)
             lo, k = starts[k] + j1, k + 1
-        if len(pieces) == 1:
-            return pieces[0]
-        return {p: np.concatenate([pc[p] for pc in pieces]) for p in pieces[0]}
+        return self._take(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 
     # ------------------------------------------------------------------ batches
     def _kjt_meta(self, n: int) -> tuple[torch.Tensor, list[int], list[int]]:

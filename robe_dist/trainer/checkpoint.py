@@ -54,7 +54,8 @@ class TrainerState:
     epoch: int = 0
     """Current epoch (0-based)."""
     step_in_epoch: int = 0
-    """Global batches of ``epoch`` already consumed: the data position."""
+    """Global batches of ``epoch`` already consumed: the data position. Training data is interleaved
+    by global batch, so it means the same rows on any world size (resume on another is sample-exact)."""
     best_val_auc: Optional[float] = None
     """Best validation AUC so far."""
     world_size: int = 1

@@ -98,16 +98,20 @@ class RunData:
         return (cap_ids(b, self.id_moduli) for b in ds)
 
     def steps_per_epoch(self) -> int:
-        """Training steps (global batches) in one pass over the train split."""
+        """Training steps (global batches) in one pass over the train split: the same on any world size."""
         return len(self._dataset("train", self._local(self.cfg.train.global_batch_size, "train.global_batch_size")))
 
     def train_batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        """This rank's training batches of ``epoch`` from batch ``start_batch`` on (the order is a
-        function of (seed, epoch): a resumed run sees the batches the interrupted one would have)."""
+        """This rank's slices of the global batches of ``epoch`` from global batch ``start_batch`` on.
+
+        Interleaved by global batch (see :mod:`robe_dist.data.dataset`): global batch ``b`` is the
+        same rows on any number of ranks, rank ``r`` taking its ``r``-th slice, and the order is a
+        function of (seed, epoch). So a resumed run sees the batches the interrupted one would
+        have, also on another world size (the position is counted in global batches)."""
         bs = self._local(self.cfg.train.global_batch_size, "train.global_batch_size")
         ds = self._dataset(
             "train", bs, shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.seed, start_batch=start_batch,
-            drop_last=True,
+            drop_last=True, interleave=True,
         )  # fmt: skip
         ds.set_epoch(epoch)
         return self._batches(ds)

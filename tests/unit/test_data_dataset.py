@@ -1,4 +1,4 @@
-"""CriteoIterableDataset: batch contents, splits, rank shards, shuffling, resume, workers, TorchRec."""
+"""CriteoIterableDataset: batch contents, splits, rank interleaving and shards, shuffling, resume, workers, TorchRec."""
 
 from __future__ import annotations
 
@@ -123,13 +123,45 @@ def test_shuffle_is_a_seeded_permutation(data: tuple[Path, dict]) -> None:
     assert len(set(first // 256)) <= 2
 
 
-def test_start_batch_resumes_exactly(data: tuple[Path, dict]) -> None:
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2), (3, 4)])
+def test_start_batch_resumes_exactly(data: tuple[Path, dict], rank: int, world: int) -> None:
     path, _ = data
-    kw = dict(batch_size=64, shuffle_buffer=300, seed=9)  # batches straddle shuffle blocks
+    kw = dict(batch_size=64 // world, rank=rank, world_size=world, shuffle_buffer=300, seed=9)  # batches straddle blocks
     full = [row_ids(b).tolist() for b in CriteoIterableDataset(path, "train", **kw)]
     resumed = CriteoIterableDataset(path, "train", start_batch=11, **kw)
     assert len(resumed) == len(full) - 11 == 15
     assert [row_ids(b).tolist() for b in resumed] == full[11:]
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 300])
+def test_global_batches_do_not_depend_on_the_world_size(data: tuple[Path, dict], shuffle_buffer: int) -> None:
+    """Global batch b is the same rows on 1, 2 and 4 ranks; rank r holds its r-th slice."""
+    path, full = data
+    G = 96
+    one = list(CriteoIterableDataset(path, "train", batch_size=G, shuffle_buffer=shuffle_buffer, seed=5))
+    assert len(one) == 1700 // G
+    for world in (1, 2, 4):
+        ranks = [
+            list(CriteoIterableDataset(path, "train", batch_size=G // world, rank=r, world_size=world,
+                                       shuffle_buffer=shuffle_buffer, seed=5))
+            for r in range(world)
+        ]  # fmt: skip
+        assert all(len(batches) == len(one) for batches in ranks)
+        for b, ref in enumerate(one):
+            assert np.concatenate([row_ids(batches[b]) for batches in ranks]).tolist() == row_ids(ref).tolist()
+            dense = torch.cat([batches[b].dense_features for batches in ranks])
+            assert torch.equal(dense, ref.dense_features)
+    ids = np.concatenate([row_ids(b) for b in one])  # shuffled across the day boundary at row 1000, contents intact
+    np.testing.assert_array_equal(torch.cat([b.dense_features for b in one]).numpy(), full["dense"][ids])
+    np.testing.assert_array_equal(torch.cat([b.labels for b in one]).numpy(), full["labels"][ids, 0])
+
+
+def test_contiguous_train_shards_on_request(data: tuple[Path, dict]) -> None:
+    path, _ = data
+    ds = CriteoIterableDataset(path, "train", batch_size=50, rank=1, world_size=2, shuffle_buffer=0, interleave=False)
+    assert all_ids(ds) == list(range(850, 1700))
+    with pytest.raises(ValueError, match="drop_last"):
+        CriteoIterableDataset(path, "val", batch_size=10, drop_last=False, interleave=True)
 
 
 def test_dataloader_workers_reproduce_the_single_process_order(data: tuple[Path, dict]) -> None:
