@@ -24,6 +24,7 @@ import argparse
 import itertools
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -328,5 +329,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console entry point (``robe-train``, ``python -m robe_dist.train``): ``main()``, then exit
+    without interpreter finalisation.
+
+    Everything is written and the process group destroyed when ``main()`` returns, but gloo's
+    worker threads can still hold tensors whose destruction during finalisation aborts the process
+    (SIGABRT, "terminate called without an active exception"; seen on rank 1 after successful
+    2-process runs). Leaving through ``os._exit`` keeps a finished run's exit status 0.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
