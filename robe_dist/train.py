@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
+from robe_dist.data.layout import DataError
 from robe_dist.train_config import Config, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, prepare_data
@@ -324,6 +325,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Diverged as e:
         logger.error("%s", e)
         return EXIT_DIVERGED
+    except (DataError, FileExistsError) as e:
+        logger.error("robe-train: %s", e)
+        return 2
     finally:
         shutdown()
     return 0
