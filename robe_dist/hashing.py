@@ -20,6 +20,9 @@ other tables' mappings unchanged.
     g       = x + sum(num_embeddings of the tables before t)
     start   = ((g * A + c * B + C) mod P) mod (m - Z + 1),   P = 2038074743
 
+evaluated in exact integers (the kernels compute ``(((g mod P) * A + C) mod P + c * B) mod P``, the
+same number, which never overflows int64 for global ids below ``2**62``).
+
 With the authors' seed 1024, ``R[:3] = 634329019, 1825252241, 871205356``.
 
 This module holds the scalar (pure Python) definitions, used as the specification in tests
@@ -115,6 +118,6 @@ def paper_starts_torch(
 ) -> torch.Tensor:
     """Block starts of ``ids`` (int64 [n], already checked) in the paper mapping: [n, num_blocks]."""
     a, b, c, p = constants
-    g = ids.long() + offset
+    g = (ids.long() + offset) % p  # (g mod P) * A < 2**62: no int64 overflow for any id below 2**62
     blocks = torch.arange(num_blocks, device=ids.device, dtype=torch.long) * b
-    return ((g * a + c).unsqueeze(1) + blocks.unsqueeze(0)) % p % num_starts
+    return (((g * a + c) % p).unsqueeze(1) + blocks.unsqueeze(0)) % p % num_starts

@@ -1,35 +1,74 @@
-"""The ROBE pooled lookup as an autograd function, on the C++ operator or in plain PyTorch.
+"""The ROBE pooled lookup as ``torch.library`` custom ops, one for every device.
 
-``robe_pooled_lookup`` is the one entry point. On CPU tensors it runs ``robe_dist._C`` (built by
-``pip install --no-build-isolation -e .``): a hash per block, contiguous block reads, and a backward
-that writes the exact dense gradient (or, with ``fused_sgd_lr``, applies the SGD update to the
-array in place without materialising a gradient). On other devices, or when the extension was not
-built, it runs a vectorised PyTorch version with the same hash and the same results up to float
-summation order.
+Three ops, registered when this module is imported (``robe_dist``'s modules import it):
+
+* ``torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, out_dim,
+  max_blocks, occurrences, hash_mode, block_size, paper_constants) -> (out, starts, status)``:
+  pooled embeddings ``[batch, out_dim]`` of every (feature, bag) of a KeyedJaggedTensor, the block
+  starts it read (kept for the backward) and a status of malformed input (see ``STATUS_OK``).
+  Differentiable in ``array`` (one autograd registration: ``pooled_lookup_backward``).
+* ``torch.ops.robe_dist.pooled_lookup_backward(...) -> grad``: the exact dense gradient of the
+  array. Deterministic on CPU always; on CUDA when ``torch.use_deterministic_algorithms(True)``.
+* ``torch.ops.robe_dist.pooled_lookup_fused_update(array!, state!, ...)``: SGD or Adagrad applied
+  to the array inside the backward, touching only the slots the step reached (single process).
+
+Kernels: CPU runs the C++ operator ``robe_dist._C`` (built by ``pip install --no-build-isolation
+-e .``), CUDA runs the Triton kernels of ``robe_dist.kernels.triton_lookup``; any other case (no
+extension, no triton, another device) runs the vectorised PyTorch code below, same hash, same
+results up to float summation order. Each op has a fake (meta) implementation, so ``torch.compile``
+(``fullgraph=True``), ``torch.export`` and FX tracing see one opaque call with static shapes.
+
+The inputs' layout (``values``, ``offsets``, ``meta``, ``starts``) is described at the top of
+``robe_dist/csrc/robe_cpu.cpp``. ``LookupSpec`` builds ``meta`` and the static arguments.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from robe_dist import hashing
 
-try:  # the C++ operator is optional: without it the PyTorch path runs
-    from robe_dist import _C  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the build
-    _C = None
+_ABI_VERSION = 2
+"""The ``robe_dist._C`` this source expects (csrc/robe_cpu.cpp sets ``ABI_VERSION``)."""
+
+
+def _load_extension():
+    try:
+        from robe_dist import _C  # type: ignore[attr-defined]
+    except ImportError as e:  # pragma: no cover - depends on the build
+        return None, f"robe_dist._C does not load ({e})"
+    if getattr(_C, "ABI_VERSION", None) != _ABI_VERSION:
+        return None, (
+            f"robe_dist._C was built from other sources (ABI {getattr(_C, 'ABI_VERSION', 1)}, expected {_ABI_VERSION})"
+        )
+    return _C, None
+
+
+_C, _C_PROBLEM = _load_extension()
 
 HASH_MODE_IDS = {"universal": 0, "paper": 1}
 POOLING_IDS = {"SUM": 0, "MEAN": 1}
+META_COLUMNS = 7
+STATUS_OK = torch.iinfo(torch.int64).max
+"""``status[0]``: index of the first value whose id is out of range (paper mapping); ``status[1]``:
+position ``k * batch + b`` of the first malformed bag (offsets decreasing or past the values);
+``STATUS_OK`` where there is none. CPU kernels raise at once instead."""
+
+OPTIMIZERS = {"sgd": 1, "adagrad": 2}
 
 
 def has_cpp_extension() -> bool:
-    """Whether the C++ operator ``robe_dist._C`` was built and loads."""
+    """Whether the C++ operator ``robe_dist._C`` was built (from these sources) and loads."""
     return _C is not None
+
+
+def cpp_extension_problem() -> Optional[str]:
+    """Why ``robe_dist._C`` is not used (``None`` when it is)."""
+    return _C_PROBLEM
 
 
 def new_array(size: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -39,7 +78,7 @@ def new_array(size: int, device: Optional[torch.device] = None, dtype: torch.dty
     the C++ operator maps large buffers 2 MiB-aligned with ``MADV_HUGEPAGE``.
     """
     device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type == "cpu" and _C is not None:
+    if device.type == "cpu" and _C is not None and dtype in (torch.float32, torch.float64):
         return _C.hugepage_zeros([size], dtype)
     return torch.zeros(size, device=device, dtype=dtype)
 
@@ -49,7 +88,9 @@ class LookupSpec:
     """Static description of one collection's lookup: one entry per output feature, in output order.
 
     ``keys`` hold the universal mapping's table keys (uint64) or the paper mapping's global id
-    offsets; ``out_cols`` are the features' first columns in the output ``[B, out_dim]``.
+    offsets; ``out_cols`` are the features' first columns in the output ``[B, out_dim]``;
+    ``occurrence[f]`` counts the earlier features that read the same input feature (a feature
+    shared by several tables is read once per table).
     """
 
     hash: str
@@ -62,101 +103,414 @@ class LookupSpec:
     out_cols: Tuple[int, ...]
     poolings: Tuple[str, ...]
     out_dim: int
+    occurrence: Tuple[int, ...]
 
-    def meta(self, key_indices: Sequence[int]) -> torch.Tensor:
-        """int64 [F, 7]: the per-feature table the C++ operator reads; ``key_indices[f]`` is the
-        position of feature f's key in the input KeyedJaggedTensor (start bases are filled per call)."""
-        rows = [
-            [hashing._signed(k), n, d, c, POOLING_IDS[p], 0, ki]
-            for k, n, d, c, p, ki in zip(
-                self.keys, self.num_embeddings, self.dims, self.out_cols, self.poolings, key_indices
+    @property
+    def max_blocks(self) -> int:
+        return max(self.dims) // self.block_size if self.dims else 0
+
+    @property
+    def occurrences(self) -> int:
+        return max(self.occurrence) + 1 if self.occurrence else 1
+
+    @property
+    def hash_mode(self) -> int:
+        return HASH_MODE_IDS[self.hash]
+
+    def meta_rows(self, key_indices: Sequence[int]) -> List[List[int]]:
+        """The rows of ``meta`` (``[F, 7]``) when feature f is key ``key_indices[f]`` of the input."""
+        return [
+            [hashing._signed(k), n, d, c, POOLING_IDS[p], ki, r]
+            for k, n, d, c, p, ki, r in zip(
+                self.keys, self.num_embeddings, self.dims, self.out_cols, self.poolings, key_indices, self.occurrence
             )
         ]
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 7)
+
+    def meta(self, key_indices: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+        """int64 ``[F, 7]`` on ``device``: the per-feature table the kernels read."""
+        rows = self.meta_rows(key_indices)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), META_COLUMNS).to(device or "cpu")
 
 
-class _RobeLookupCpp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, array, values, weights, offsets, batch, meta, spec: LookupSpec, fused_sgd_lr):
-        meta = meta.clone()  # the operator fills in the start bases
-        out, starts = _C.robe_forward(
-            array.detach(), values, weights, offsets, batch, meta, spec.out_dim,
-            HASH_MODE_IDS[spec.hash], spec.block_size, list(spec.paper_constants),
+# ------------------------------------------------------------------------- PyTorch implementation
+def _feature_rows(meta: torch.Tensor) -> List[List[int]]:
+    return meta.tolist()  # a host read: this path is the fallback, not the fast one
+
+
+def _bag_bounds(offsets: torch.Tensor, k: int, batch: int, num_values: int) -> torch.Tensor:
+    off = offsets[k * batch : k * batch + batch + 1]
+    bad = (off[1:] < off[:-1]).any() | (off[0] < 0) | (off[-1] > num_values)
+    if bool(bad):
+        raise ValueError(
+            f"robe: the offsets of key #{k} must be non-decreasing and within the {num_values} values, "
+            f"got {off.tolist()[:16]}"
         )
-        ctx.save_for_backward(values, weights, offsets, meta, starts)
-        ctx.spec, ctx.fused_sgd_lr, ctx.array, ctx.batch = spec, fused_sgd_lr, array, batch
-        return out
+    return off
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, weights, offsets, meta, starts = ctx.saved_tensors
-        spec: LookupSpec = ctx.spec
-        grad_out = grad_out.to(ctx.array.dtype).contiguous()
-        if ctx.fused_sgd_lr is not None:
-            _C.robe_backward_sgd(
-                ctx.array.detach(), grad_out, values, weights, offsets, ctx.batch, meta, starts,
-                spec.block_size, float(ctx.fused_sgd_lr),
-            )
-            grad = None
+
+def torch_forward(
+    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode, block_size, paper_constants
+):  # fmt: skip
+    """``pooled_lookup`` in vectorised PyTorch (any device): the reference and the fallback."""
+    n = values.numel()
+    out = array.new_zeros(batch, out_dim)
+    starts = torch.full((occurrences, n, max_blocks), -1, dtype=torch.long, device=array.device)
+    status = torch.full((2,), STATUS_OK, dtype=torch.long, device=array.device)
+    values, offsets = values.long(), offsets.long()
+    num_starts = array.numel() - block_size + 1
+    within = torch.arange(block_size, device=array.device)
+    for f, (key, num_embeddings, dim, col, pooling, k, r) in enumerate(_feature_rows(meta)):
+        off = _bag_bounds(offsets, k, batch, n)
+        lo, hi = int(off[0]), int(off[-1])
+        ids = values[lo:hi]
+        nb = dim // block_size
+        if hash_mode == 0:
+            s = hashing.universal_starts_torch(ids, key, nb, num_starts)
         else:
-            grad = _C.robe_backward(
-                grad_out, values, weights, offsets, ctx.batch, meta, starts, spec.array_size, spec.block_size
-            )
-        return grad, None, None, None, None, None, None, None
+            bad = (ids < 0) | (ids >= num_embeddings)
+            if bool(bad.any()):
+                raise ValueError(_bad_id_message(int(ids[bad][0]), f"#{f}", num_embeddings))
+            s = hashing.paper_starts_torch(ids, key, nb, num_starts, tuple(paper_constants))
+        starts[r, lo:hi, :nb] = s
+        if pooling == POOLING_IDS["MEAN"] and weights is not None:
+            raise ValueError(_MEAN_WEIGHTS_MESSAGE.format(feature=f"#{f}"))
+        emb = array[(s.unsqueeze(-1) + within).reshape(len(ids), dim)]
+        if weights is not None:
+            emb = emb * weights[lo:hi].unsqueeze(1)
+        lengths = off[1:] - off[:-1]
+        bag_of_id = torch.repeat_interleave(torch.arange(batch, device=array.device), lengths)
+        pooled = torch.zeros(batch, dim, device=array.device, dtype=array.dtype).index_add_(0, bag_of_id, emb)
+        if pooling == POOLING_IDS["MEAN"]:
+            pooled = pooled / lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+        out[:, col : col + dim] = pooled
+    return out, starts.reshape(-1), status
 
 
-def _lookup_torch(
+def torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks, occurrences, num_values):
+    """``pooled_lookup_backward`` in vectorised PyTorch (any device)."""
+    grad = torch.zeros(array_size, dtype=grad_out.dtype, device=grad_out.device)
+    offsets = offsets.long()
+    starts = starts.reshape(occurrences, num_values, max_blocks)
+    within = torch.arange(block_size, device=grad_out.device)
+    for key, num_embeddings, dim, col, pooling, k, r in _feature_rows(meta):
+        off = _bag_bounds(offsets, k, batch, num_values)
+        lo, hi = int(off[0]), int(off[-1])
+        nb = dim // block_size
+        lengths = off[1:] - off[:-1]
+        bag_of_id = torch.repeat_interleave(torch.arange(batch, device=grad_out.device), lengths)
+        scale = torch.ones(hi - lo, dtype=grad_out.dtype, device=grad_out.device)
+        if weights is not None:
+            scale = scale * weights[lo:hi]
+        if pooling == POOLING_IDS["MEAN"]:
+            scale = scale / lengths.clamp(min=1).to(grad_out.dtype)[bag_of_id]
+        g = grad_out[bag_of_id, col : col + dim].reshape(hi - lo, nb, block_size) * scale[:, None, None]
+        slots = (starts[r, lo:hi, :nb].unsqueeze(-1) + within).reshape(-1)
+        grad.index_add_(0, slots, g.reshape(-1))
+    return grad
+
+
+def _dense_update(array, state, grad, optimizer: int, lr: float, eps: float) -> None:
+    grad = grad.to(array.dtype)
+    if optimizer == OPTIMIZERS["sgd"]:
+        array.add_(grad, alpha=-lr)
+    else:  # as torch.optim.Adagrad (lr_decay = weight_decay = 0, initial_accumulator_value = 0)
+        state.addcmul_(grad, grad, value=1)
+        array.addcdiv_(grad, state.sqrt().add_(eps), value=-lr)
+
+
+_MEAN_WEIGHTS_MESSAGE = (
+    "robe: feature {feature} pools by MEAN and has per-sample weights; as in nn.EmbeddingBag, weights need SUM pooling"
+)
+
+
+def _bad_id_message(x: int, feature: str, num_embeddings: int) -> str:
+    return (
+        f"robe: id {x} of feature {feature} is outside [0, num_embeddings) = [0, {num_embeddings}) of its table; "
+        "the 'paper' mapping needs ids below num_embeddings"
+    )
+
+
+# ------------------------------------------------------------------------------------ the ops
+def _triton() -> bool:
+    from robe_dist.kernels import triton_available
+
+    return triton_available()
+
+
+@torch.library.custom_op("robe_dist::pooled_lookup", mutates_args=())
+def pooled_lookup(
     array: torch.Tensor,
     values: torch.Tensor,
     weights: Optional[torch.Tensor],
-    bag_offsets: torch.Tensor,
-    spec: LookupSpec,
+    offsets: torch.Tensor,
+    meta: torch.Tensor,
+    batch: int,
+    out_dim: int,
+    max_blocks: int,
+    occurrences: int,
+    hash_mode: int,
+    block_size: int,
+    paper_constants: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled ROBE embeddings: ``(out [batch, out_dim], starts [R * N * max_blocks], status [2])``."""
+    return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
+                         block_size, paper_constants)  # fmt: skip
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_inputs(array, values, weights, offsets, meta, batch) -> None:
+    """Shape, dtype and device checks of ``pooled_lookup``'s inputs (no data is read, so no
+    host synchronisation): ``ValueError`` naming the input and what was expected."""
+    device = array.device
+    problems = []
+    if array.dim() != 1 or array.dtype not in _FLOAT_DTYPES:
+        problems.append(f"array must be 1-D of a float dtype {_FLOAT_DTYPES}, got {array.dtype} {tuple(array.shape)}")
+    if values.dim() != 1 or values.dtype not in _INDEX_DTYPES:
+        problems.append(f"values (ids) must be 1-D int64 or int32, got {values.dtype} {tuple(values.shape)}")
+    if offsets.dim() != 1 or offsets.dtype not in _INDEX_DTYPES:
+        problems.append(f"offsets must be 1-D int64 or int32, got {offsets.dtype} {tuple(offsets.shape)}")
+    elif batch < 0 or (offsets.shape[0] - 1) % max(batch, 1) != 0:
+        problems.append(f"offsets must hold K * batch + 1 entries (batch {batch}), got {offsets.shape[0]}")
+    if meta.dim() != 2 or meta.shape[1] != META_COLUMNS or meta.dtype != torch.int64:
+        problems.append(f"meta must be int64 [F, {META_COLUMNS}], got {meta.dtype} {tuple(meta.shape)}")
+    if weights is not None and (weights.dim() != 1 or weights.shape[0] != values.shape[0]):
+        problems.append(f"weights must be 1-D with one weight per id ({values.shape[0]}), got {tuple(weights.shape)}")
+    if weights is not None and weights.dtype != array.dtype:
+        problems.append(f"weights must have the array's dtype {array.dtype}, got {weights.dtype}")
+    for name, t in (("values", values), ("offsets", offsets), ("meta", meta), ("weights", weights)):
+        if t is not None and t.device != device:
+            problems.append(f"{name} is on {t.device} but the array is on {device}: move the input to the array's device")
+    if problems:
+        raise ValueError("robe: " + "; ".join(problems))
+
+
+@pooled_lookup.register_kernel("cuda")
+def _pooled_lookup_cuda(*args):
+    check_inputs(*args[:6])
+    if not _triton():
+        return torch_forward(*args)
+    from robe_dist.kernels import triton_lookup
+
+    return triton_lookup.forward(*args)
+
+
+@pooled_lookup.register_kernel("cpu")
+def _pooled_lookup_cpu(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
+                       block_size, paper_constants):  # fmt: skip
+    check_inputs(array, values, weights, offsets, meta, batch)
+    if _C is None:
+        _warn_fallback()
+        return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences,
+                             hash_mode, block_size, paper_constants)  # fmt: skip
+    w = weights if weights is not None else array.new_empty(0)
+    out, starts = _C.robe_forward(
+        array.contiguous(), values.long().contiguous(), w.contiguous(), offsets.long().contiguous(), batch,
+        meta.contiguous(), out_dim, max_blocks, occurrences, hash_mode, block_size, list(paper_constants),
+    )  # fmt: skip
+    return out, starts, torch.full((2,), STATUS_OK, dtype=torch.long)
+
+
+@pooled_lookup.register_fake
+def _pooled_lookup_fake(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
+                        block_size, paper_constants):  # fmt: skip
+    check_inputs(array, values, weights, offsets, meta, batch)
+    out = array.new_empty(batch, out_dim)
+    starts = values.new_empty(occurrences * values.shape[0] * max_blocks, dtype=torch.long)
+    return out, starts, values.new_empty(2, dtype=torch.long)
+
+
+@torch.library.custom_op("robe_dist::pooled_lookup_backward", mutates_args=())
+def pooled_lookup_backward(
+    grad_out: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    offsets: torch.Tensor,
+    meta: torch.Tensor,
+    starts: torch.Tensor,
+    batch: int,
+    array_size: int,
+    block_size: int,
+    max_blocks: int,
+    occurrences: int,
+    num_values: int,
+    deterministic: bool,
 ) -> torch.Tensor:
-    batch = bag_offsets.shape[1] - 1
-    z = spec.block_size
-    num_starts = spec.array_size - z + 1
-    within = torch.arange(z, device=array.device)
-    bounds = bag_offsets[:, [0, -1]].tolist()
-    pooled: List[torch.Tensor] = []
-    for f, (lo, hi) in enumerate(bounds):
-        ids = values[lo:hi]
-        nb = spec.dims[f] // z
-        if spec.hash == "universal":
-            starts = hashing.universal_starts_torch(ids, spec.keys[f], nb, num_starts)
-        else:
-            check_paper_ids(ids, spec.num_embeddings[f], f)
-            starts = hashing.paper_starts_torch(ids, spec.keys[f], nb, num_starts, spec.paper_constants)
-        emb = array[(starts.unsqueeze(-1) + within).reshape(len(ids), spec.dims[f])]
-        if weights is not None:
-            emb = emb * weights[lo:hi].unsqueeze(1)
-        lengths = bag_offsets[f, 1:] - bag_offsets[f, :-1]
-        bag_of_id = torch.repeat_interleave(torch.arange(batch, device=array.device), lengths)
-        out = torch.zeros(batch, spec.dims[f], device=array.device, dtype=array.dtype).index_add(0, bag_of_id, emb)
-        if spec.poolings[f] == "MEAN":
-            out = out / lengths.clamp(min=1).unsqueeze(1).to(out.dtype)
-        pooled.append(out)
-    return torch.cat(pooled, dim=1) if pooled else array.new_zeros(batch, 0)
+    """Dense gradient ``[array_size]`` of the array from the upstream gradient ``[batch, out_dim]``."""
+    return torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                          occurrences, num_values)  # fmt: skip
 
 
-def check_paper_ids(ids: torch.Tensor, num_embeddings: int, feature: int) -> None:
-    """Raises ``ValueError`` when an id lies outside ``[0, num_embeddings)`` (paper mapping)."""
-    bad = (ids < 0) | (ids >= num_embeddings)
-    if bool(bad.any()):
-        first = int(ids[bad][0])
-        raise ValueError(
-            f"robe: id {first} of feature #{feature} is outside [0, num_embeddings) = [0, {num_embeddings}) "
-            "of its table; the 'paper' mapping needs ids below num_embeddings"
-        )
+@pooled_lookup_backward.register_kernel("cuda")
+def _pooled_lookup_backward_cuda(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                                 occurrences, num_values, deterministic):  # fmt: skip
+    if not _triton():
+        return torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                              occurrences, num_values)  # fmt: skip
+    from robe_dist.kernels import triton_lookup
+
+    return triton_lookup.backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size,
+                                  max_blocks, num_values, deterministic)  # fmt: skip
+
+
+@pooled_lookup_backward.register_kernel("cpu")
+def _pooled_lookup_backward_cpu(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                                occurrences, num_values, deterministic):  # fmt: skip
+    if _C is None:
+        return torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                              occurrences, num_values)  # fmt: skip
+    w = weights if weights is not None else grad_out.new_empty(0)
+    return _C.robe_backward(grad_out.contiguous(), w.contiguous(), offsets.long().contiguous(), batch,
+                            meta.contiguous(), starts, array_size, block_size, max_blocks, occurrences, num_values)  # fmt: skip
+
+
+@pooled_lookup_backward.register_fake
+def _pooled_lookup_backward_fake(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+                                 occurrences, num_values, deterministic):  # fmt: skip
+    return grad_out.new_empty(array_size)
+
+
+@torch.library.custom_op("robe_dist::pooled_lookup_fused_update", mutates_args=("array", "state"))
+def pooled_lookup_fused_update(
+    array: torch.Tensor,
+    state: Optional[torch.Tensor],
+    grad_out: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    offsets: torch.Tensor,
+    meta: torch.Tensor,
+    starts: torch.Tensor,
+    batch: int,
+    block_size: int,
+    max_blocks: int,
+    occurrences: int,
+    num_values: int,
+    optimizer: int,
+    lr: float,
+    eps: float,
+    deterministic: bool,
+) -> None:
+    """``array`` (and Adagrad's ``state``) updated in place with this step's gradient."""
+    grad = torch_backward(grad_out.to(array.dtype), weights, offsets, meta, starts, batch, array.numel(), block_size,
+                          max_blocks, occurrences, num_values)  # fmt: skip
+    _dense_update(array, state, grad, optimizer, lr, eps)
+
+
+@pooled_lookup_fused_update.register_kernel("cuda")
+def _pooled_lookup_fused_update_cuda(array, state, grad_out, weights, offsets, meta, starts, batch, block_size,
+                                     max_blocks, occurrences, num_values, optimizer, lr, eps, deterministic):  # fmt: skip
+    if not _triton():
+        grad = torch_backward(grad_out.to(array.dtype), weights, offsets, meta, starts, batch, array.numel(),
+                              block_size, max_blocks, occurrences, num_values)  # fmt: skip
+        _dense_update(array, state, grad, optimizer, lr, eps)
+        return
+    from robe_dist.kernels import triton_lookup
+
+    triton_lookup.fused_update(array, state, grad_out, weights, offsets, meta, starts, batch, block_size, max_blocks,
+                               num_values, optimizer, lr, eps, deterministic)  # fmt: skip
+
+
+@pooled_lookup_fused_update.register_kernel("cpu")
+def _pooled_lookup_fused_update_cpu(array, state, grad_out, weights, offsets, meta, starts, batch, block_size,
+                                    max_blocks, occurrences, num_values, optimizer, lr, eps, deterministic):  # fmt: skip
+    if _C is not None and optimizer == OPTIMIZERS["sgd"]:
+        w = weights if weights is not None else array.new_empty(0)
+        _C.robe_backward_sgd(array, grad_out.contiguous(), w.contiguous(), offsets.long().contiguous(), batch,
+                             meta.contiguous(), starts, block_size, max_blocks, occurrences, num_values, lr)  # fmt: skip
+        return
+    grad = torch.ops.robe_dist.pooled_lookup_backward(
+        grad_out.to(array.dtype), weights, offsets, meta, starts, batch, array.numel(), block_size, max_blocks,
+        occurrences, num_values, True,
+    )  # fmt: skip
+    _dense_update(array, state, grad, optimizer, lr, eps)
+
+
+@pooled_lookup_fused_update.register_fake
+def _pooled_lookup_fused_update_fake(array, state, grad_out, weights, offsets, meta, starts, batch, block_size,
+                                     max_blocks, occurrences, num_values, optimizer, lr, eps, deterministic):  # fmt: skip
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, _, block_size, _ = inputs
+    _, starts, _ = output
+    ctx.save_for_backward(weights, offsets, meta, starts)
+    ctx.sizes = (batch, array.shape[0], block_size, max_blocks, occurrences, values.shape[0])
+    ctx.array_dtype = array.dtype
+
+
+def _backward(ctx, grad_out, grad_starts, grad_status):
+    weights, offsets, meta, starts = ctx.saved_tensors
+    batch, array_size, block_size, max_blocks, occurrences, num_values = ctx.sizes
+    grad = torch.ops.robe_dist.pooled_lookup_backward(
+        grad_out.to(ctx.array_dtype), weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+        occurrences, num_values, torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
+    return (grad,) + (None,) * 11
+
+
+pooled_lookup.register_autograd(_backward, setup_context=_setup_context)
 
 
 _warned_fallback = False
 
 
-def bag_offsets(offsets: torch.Tensor, key_indices: Sequence[int], batch: int) -> torch.Tensor:
-    """int64 ``[F, B + 1]``: row f holds the bag offsets of key ``key_indices[f]`` of a KJT whose
-    ``offsets()`` are ``offsets`` (``[K * B + 1]``)."""
-    rows = torch.tensor(list(key_indices), device=offsets.device, dtype=torch.long) * batch
-    return offsets.long()[rows.unsqueeze(1) + torch.arange(batch + 1, device=offsets.device).unsqueeze(0)]
+def _warn_fallback() -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        warnings.warn(
+            f"{_C_PROBLEM}: ROBE runs its PyTorch lookup on CPU, about 100x slower. Rebuild the operator with "
+            "`pip install --no-build-isolation -e .` (or `bash launch/setup.sh`) in this environment.",
+            stacklevel=3,
+        )
+        _warned_fallback = True
+
+
+# ------------------------------------------------------------------------------ the entry point
+@dataclass(frozen=True)
+class FusedUpdate:
+    """An optimiser applied to the array inside the backward (single process; the array's
+    ``.grad`` is never materialised). ``optimizer``: ``"sgd"`` or ``"adagrad"`` (as
+    ``torch.optim.Adagrad`` with its defaults apart from ``lr`` and ``eps``)."""
+
+    optimizer: str
+    lr: float
+    eps: float = 1e-10
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"FusedUpdate.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"FusedUpdate.lr must be a positive float, got {self.lr!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"FusedUpdate.eps must be a positive float, got {self.eps!r}")
+
+
+class _FusedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, array, values, weights, offsets, meta, batch, spec: LookupSpec, fused: FusedUpdate, state):
+        out, starts, status = torch.ops.robe_dist.pooled_lookup(
+            array, values, weights, offsets, meta, batch, *_static_args(spec)
+        )
+        ctx.save_for_backward(weights, offsets, meta, starts)
+        ctx.array, ctx.state, ctx.spec, ctx.fused, ctx.batch, ctx.num_values = array, state, spec, fused, batch, values.numel()
+        ctx.mark_non_differentiable(status)
+        return out, status
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_status):
+        weights, offsets, meta, starts = ctx.saved_tensors
+        spec: LookupSpec = ctx.spec
+        torch.ops.robe_dist.pooled_lookup_fused_update(
+            ctx.array.detach(), ctx.state, grad_out.to(ctx.array.dtype), weights, offsets, meta, starts, ctx.batch,
+            spec.block_size, spec.max_blocks, spec.occurrences, ctx.num_values, OPTIMIZERS[ctx.fused.optimizer],
+            float(ctx.fused.lr), float(ctx.fused.eps), torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        return (None,) * 9
+
+
+def _static_args(spec: LookupSpec) -> tuple:
+    return (spec.out_dim, spec.max_blocks, spec.occurrences, spec.hash_mode, spec.block_size, list(spec.paper_constants))
 
 
 def robe_pooled_lookup(
@@ -165,44 +519,68 @@ def robe_pooled_lookup(
     weights: Optional[torch.Tensor],
     offsets: torch.Tensor,
     batch: int,
-    key_indices: Sequence[int],
+    meta: torch.Tensor,
     spec: LookupSpec,
-    meta: Optional[torch.Tensor] = None,
-    fused_sgd_lr: Optional[float] = None,
-) -> torch.Tensor:
-    """Pooled ROBE embeddings of every (feature, bag).
+    fused: Optional[FusedUpdate] = None,
+    state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled ROBE embeddings of every (feature, bag), through the custom ops.
 
     Args:
         array: the shared ROBE array, 1-D ``[m]``.
-        values: int64 ``[N]`` ids (a KeyedJaggedTensor's values; keys not in ``spec`` are skipped).
-        weights: ``[N]`` per-sample weights or ``None``.
-        offsets: int64 ``[K * B + 1]``, the KeyedJaggedTensor's ``offsets()``: bag ``b`` of key ``k``
-            is ``values[offsets[k * B + b] : offsets[k * B + b + 1]]``.
+        values: int64 or int32 ``[N]`` ids (a KeyedJaggedTensor's values; keys not in ``spec`` are skipped).
+        weights: ``[N]`` per-sample weights (the array's dtype) or ``None``.
+        offsets: int64 or int32 ``[K * B + 1]``, the KeyedJaggedTensor's ``offsets()``: bag ``b`` of
+            key ``k`` is ``values[offsets[k * B + b] : offsets[k * B + b + 1]]``.
         batch: ``B``, the KeyedJaggedTensor's stride.
-        key_indices: for each of ``spec``'s features, the position ``k`` of its key in the input.
+        meta: ``spec.meta(key_indices, array.device)``: feature f is key ``key_indices[f]`` of the input.
         spec: the collection's static lookup description.
-        meta: ``spec.meta(key_indices)``, cached by the caller (built here when ``None``).
-        fused_sgd_lr: when set, the backward applies ``array -= lr * grad`` in place and leaves
-            ``array.grad`` untouched (C++ operator only).
+        fused: apply this optimiser to ``array`` inside the backward (``array.grad`` stays ``None``).
+        state: Adagrad's sum of squares ``[m]`` for ``fused`` Adagrad.
 
     Returns:
-        ``[B, spec.out_dim]`` pooled embeddings, the features side by side in spec order.
+        ``(pooled [B, spec.out_dim], status [2])``: the features side by side in spec order, and
+        the malformed-input status of CUDA kernels (``STATUS_OK`` twice when the input was good).
+
+    Example::
+
+        meta = spec.meta([0, 1], array.device)
+        pooled, status = robe_pooled_lookup(array, kjt.values(), None, kjt.offsets(), kjt.stride(), meta, spec)
     """
-    if weights is not None:
-        weights = weights.to(array.dtype).contiguous()
-    offsets = offsets.long().contiguous()
-    if array.device.type == "cpu" and _C is not None:
-        if meta is None:
-            meta = spec.meta(key_indices)
-        w = weights if weights is not None else array.new_empty(0)
-        return _RobeLookupCpp.apply(array, values.contiguous(), w, offsets, batch, meta, spec, fused_sgd_lr)
-    if fused_sgd_lr is not None:
-        raise NotImplementedError(
-            "robe: fused_sgd_lr needs the C++ CPU operator; on "
-            f"{array.device.type} (or without robe_dist._C) train the array with a dense optimizer"
-        )
-    global _warned_fallback
-    if array.device.type == "cpu" and not _warned_fallback:
-        warnings.warn("robe_dist._C is not built: using the (much slower) PyTorch lookup on CPU", stacklevel=2)
-        _warned_fallback = True
-    return _lookup_torch(array, values, weights, bag_offsets(offsets, key_indices, batch), spec)
+    if fused is not None:
+        return _FusedLookup.apply(array, values, weights, offsets, meta, batch, spec, fused, state)
+    out, _, status = torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, *_static_args(spec))
+    return out, status
+
+
+# ------------------------------------------------------------------- deferred checks (CUDA)
+class DeferredStatus:
+    """Reports a CUDA lookup's malformed input one call later, without synchronising each step.
+
+    CUDA kernels cannot raise: they keep every access in bounds and record the first bad
+    position in ``status``. ``submit`` copies it to pinned host memory asynchronously; ``poll``
+    raises ``ValueError`` (with ``describe``'s message) once that copy has landed, at the latest
+    when ``poll(wait=True)`` is called.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[Tuple[torch.Tensor, "torch.cuda.Event", Callable[[int, int], str]]] = None
+
+    def submit(self, status: torch.Tensor, describe: Callable[[int, int], str]) -> None:
+        host = torch.empty(2, dtype=torch.long, pin_memory=True)
+        host.copy_(status, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, event, describe)
+
+    def poll(self, wait: bool = False) -> None:
+        if self._pending is None:
+            return
+        host, event, describe = self._pending
+        if not wait and not event.query():
+            return
+        event.synchronize()
+        self._pending = None
+        bad_value, bad_bag = host.tolist()
+        if bad_value != STATUS_OK or bad_bag != STATUS_OK:
+            raise ValueError(describe(bad_value, bad_bag))

@@ -1,4 +1,7 @@
 // robe_dist._C: the ROBE-Z pooled lookup on CPU (forward, exact backward, fused SGD backward).
+// These are the CPU kernels of the custom ops robe_dist::pooled_lookup / pooled_lookup_backward /
+// pooled_lookup_fused_update, registered in robe_dist/ops.py (the CUDA kernels are Triton's,
+// robe_dist/kernels/triton_lookup.py; both take the same inputs and give the same outputs).
 //
 // One 1-D array M of m floats holds every embedding of every table. Element j of the
 // embedding of id x in table t is M[start(t, x, j / Z) + j % Z]: an embedding is cut in
@@ -6,7 +9,9 @@
 // The two mappings (docs/robe.md):
 //   universal: h = fmix64(x ^ key_t); start = (fmix64(h + (c + 1) * G) >> 1) mod (m - Z + 1)
 //   paper:     g = x + offset_t;      start = ((g * A + c * B + C) mod P) mod (m - Z + 1)
-// (fmix64 is MurmurHash3's 64-bit finaliser, G = 0x9E3779B97F4A7C15, all in uint64 arithmetic.)
+// (fmix64 is MurmurHash3's 64-bit finaliser, G = 0x9E3779B97F4A7C15, all in uint64 arithmetic;
+// the paper mapping is evaluated as (((g mod P) * A + C) mod P + c * B) mod P, equal to the
+// formula in exact integers and free of int64 overflow for every id below 2^62.)
 //
 // Layout of the inputs (built by robe_dist/ops.py from a KeyedJaggedTensor):
 //   values       int64 [N]        the KJT's ids (all keys; only the selected features are read)
@@ -14,10 +19,13 @@
 //   offsets      int64 [K*B+1]    the KJT's offsets: bag b of key k is values[offsets[k*B+b] : offsets[k*B+b+1]]
 //   meta         int64 [F, 7]     per feature: table key (universal) / global offset (paper),
 //                                 num_embeddings (paper: ids must be below it), dim, output
-//                                 column, pooling (0 sum, 1 mean), start index into `starts`
-//                                 (filled by the forward), index k of its key in the KJT
-// Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts`, the int64 start of every
-// (feature, id, block), kept for the backward: one index per block, never one per element.
+//                                 column, pooling (0 sum, 1 mean), index k of its key in the KJT,
+//                                 occurrence r (0, or 1, 2, ... for the later tables that read a
+//                                 key an earlier table of the collection already reads)
+// Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts` [R * N * MB] int64, kept for
+// the backward: starts[(r * N + i) * MB + c] is the start of block c of value i as read by the
+// feature of occurrence r of its key, -1 where no feature reads it (MB = max blocks per id,
+// R = max occurrences). One index per block, never one per element.
 //
 // The backward partitions the array's slots between threads: each thread walks every block
 // in a fixed order and adds only into the slots it owns. No atomics, no per-thread copies
@@ -50,8 +58,8 @@ enum MetaCol : int64_t {
   kDim = 2,
   kOutCol = 3,
   kPooling = 4,
-  kStartBase = 5,
-  kKeyIndex = 6,
+  kKeyIndex = 5,
+  kOccurrence = 6,
   kMetaCols = 7,
 };
 
@@ -84,8 +92,8 @@ struct Hash {
       return true;
     }
     if (id < 0 || id >= meta[kNumEmbeddings]) return false;
-    const int64_t g = id + meta[kKey];
-    const int64_t base = g * a + c;  // g < 2^33 and a < 2^31: no overflow
+    const int64_t g = id + meta[kKey];              // < 2^62 (checked by the module)
+    const int64_t base = ((g % p) * a + c) % p;      // (g mod P) * A < 2^62: no overflow
     for (int64_t blk = 0; blk < nb; ++blk) {
       starts[blk] = static_cast<int64_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts);
     }
@@ -96,48 +104,82 @@ struct Hash {
 struct Problem {
   int64_t num_features;
   int64_t batch;
+  int64_t num_values;   // N
+  int64_t max_blocks;   // MB: the row length of `starts`
+  int64_t occurrences;  // R
   const int64_t* values;
   const int64_t* offsets;
   const int64_t* meta;
 
   // Bag offsets of feature f: bag b is values[off[b] : off[b + 1]].
   inline const int64_t* bag_offsets(int64_t f) const { return offsets + meta[f * kMetaCols + kKeyIndex] * batch; }
+  // The start of block 0 of value i as read by feature f.
+  inline int64_t start_index(int64_t f, int64_t i) const {
+    return (meta[f * kMetaCols + kOccurrence] * num_values + i) * max_blocks;
+  }
 };
 
-Problem make_problem(const at::Tensor& values, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta) {
-  TORCH_CHECK(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
-              "robe: values must be a contiguous 1-D int64 tensor");
+// Checks everything the kernels read through (offsets, meta), so that a malformed input is an
+// error naming the problem, never a read out of bounds.
+Problem make_problem(int64_t num_values, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta,
+                     int64_t block_size, int64_t max_blocks, int64_t occurrences) {
+  TORCH_CHECK(offsets.device().is_cpu() && meta.device().is_cpu(),
+              "robe: the C++ operator is CPU-only; CUDA tensors run the Triton kernels");
   TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
               "robe: offsets must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(batch >= 0 && (offsets.size(0) - 1) % std::max<int64_t>(batch, 1) == 0,
-              "robe: offsets must hold K * batch + 1 entries");
+  TORCH_CHECK(batch >= 0, "robe: batch must be >= 0, got ", batch);
+  TORCH_CHECK(offsets.size(0) >= 1 && (offsets.size(0) - 1) % std::max<int64_t>(batch, 1) == 0,
+              "robe: offsets must hold K * batch + 1 entries (batch ", batch, "), got ", offsets.size(0));
   TORCH_CHECK(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaCols && meta.is_contiguous(),
               "robe: meta must be a contiguous int64 [F, 7] tensor");
-  const int64_t num_keys = batch > 0 ? (offsets.size(0) - 1) / batch : 0;
-  for (int64_t f = 0; f < meta.size(0); ++f) {
-    const int64_t k = meta.data_ptr<int64_t>()[f * kMetaCols + kKeyIndex];
-    TORCH_CHECK(batch == 0 || (k >= 0 && k < num_keys), "robe: feature #", f, " has key index ", k,
-                " outside the input's ", num_keys, " keys");
+  TORCH_CHECK(block_size >= 1 && max_blocks >= 0 && occurrences >= 1,
+              "robe: need block_size >= 1, max_blocks >= 0, occurrences >= 1");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t n_off = offsets.size(0);
+  TORCH_CHECK(off[0] >= 0 && off[n_off - 1] <= num_values, "robe: offsets run from ", off[0], " to ",
+              off[n_off - 1], ", outside the ", num_values, " values of the KeyedJaggedTensor");
+  for (int64_t k = 1; k < n_off; ++k) {
+    TORCH_CHECK(off[k] >= off[k - 1], "robe: offsets must be non-decreasing (bag lengths >= 0), but offsets[",
+                k - 1, "] = ", off[k - 1], " > offsets[", k, "] = ", off[k]);
   }
-  TORCH_CHECK(!values.is_cuda(), "robe: the C++ operator is CPU-only; CUDA tensors use the PyTorch path");
-  return Problem{meta.size(0), batch, values.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
-                 meta.data_ptr<int64_t>()};
+  const int64_t num_keys = batch > 0 ? (n_off - 1) / batch : 0;
+  const int64_t* m = meta.data_ptr<int64_t>();
+  for (int64_t f = 0; f < meta.size(0); ++f) {
+    const int64_t* row = m + f * kMetaCols;
+    TORCH_CHECK(batch == 0 || (row[kKeyIndex] >= 0 && row[kKeyIndex] < num_keys), "robe: feature #", f,
+                " has key index ", row[kKeyIndex], " outside the input's ", num_keys, " keys");
+    TORCH_CHECK(row[kDim] > 0 && row[kDim] % block_size == 0 && row[kDim] / block_size <= max_blocks,
+                "robe: feature #", f, " has embedding_dim ", row[kDim], ", not a positive multiple of block_size ",
+                block_size, " with at most ", max_blocks, " blocks");
+    TORCH_CHECK(row[kOccurrence] >= 0 && row[kOccurrence] < occurrences, "robe: feature #", f,
+                " has occurrence ", row[kOccurrence], " outside [0, ", occurrences, ")");
+    TORCH_CHECK(row[kPooling] == kPoolSum || row[kPooling] == kPoolMean, "robe: feature #", f,
+                " has an unknown pooling ", row[kPooling]);
+  }
+  return Problem{meta.size(0), batch, num_values, max_blocks, occurrences, nullptr, off, m};
+}
+
+void check_weights(const at::Tensor& weights, const at::Tensor& like, const Problem& pb) {
+  if (weights.numel() == 0) return;
+  TORCH_CHECK(weights.scalar_type() == like.scalar_type() && weights.dim() == 1 && weights.is_contiguous(),
+              "robe: per-sample weights must be a contiguous 1-D tensor of the array's dtype (",
+              like.scalar_type(), "), got ", weights.scalar_type());
+  TORCH_CHECK(weights.numel() == pb.num_values, "robe: ", weights.numel(), " per-sample weights for ",
+              pb.num_values, " values; a KeyedJaggedTensor carries one weight per id");
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    TORCH_CHECK(pb.meta[f * kMetaCols + kPooling] != kPoolMean, "robe: feature #", f,
+                " pools by MEAN and has per-sample weights; as in nn.EmbeddingBag, weights need SUM pooling");
+  }
 }
 
 Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper) {
   TORCH_CHECK(mode == kHashUniversal || mode == kHashPaper, "robe: unknown hash mode ", mode);
   TORCH_CHECK(z >= 1 && array_size >= z, "robe: need 1 <= block_size <= array_size");
-  TORCH_CHECK(paper.size() == 4, "robe: paper constants must be [A, B, C, P]");
+  TORCH_CHECK(paper.size() == 4 && paper[3] > 0, "robe: paper constants must be [A, B, C, P] with P > 0");
+  TORCH_CHECK(mode != kHashPaper || (paper[0] >= 0 && paper[0] < paper[3] && paper[1] >= 0 && paper[1] < paper[3] &&
+                                     paper[2] >= 0 && paper[2] < paper[3] && paper[3] < (int64_t(1) << 31)),
+              "robe: paper constants must satisfy 0 <= A, B, C < P < 2^31");
   return Hash{mode, z, static_cast<uint64_t>(array_size - z + 1), paper[0], paper[1], paper[2], paper[3]};
-}
-
-// Number of blocks (for `starts`) every feature needs; meta[kStartBase] must already be set.
-int64_t total_blocks(const Problem& pb, int64_t z) {
-  if (pb.num_features == 0) return 0;
-  const int64_t f = pb.num_features - 1;
-  const int64_t* off = pb.bag_offsets(f);
-  const int64_t* m = pb.meta + f * kMetaCols;
-  return m[kStartBase] + (off[pb.batch] - off[0]) * (m[kDim] / z);
 }
 
 template <typename scalar_t>
@@ -158,7 +200,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
         const int64_t* off = pb.bag_offsets(f);
         const int64_t nb = m[kDim] / z;
         for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-          int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+          int64_t* st = starts + pb.start_index(f, i);
           if (!hash.starts_for(pb.values[i], m, nb, st)) {
             int64_t expected = -1;
             if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
@@ -183,7 +225,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
           continue;
         }
         for (int64_t i = lo; i < hi; ++i) {
-          const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+          const int64_t* st = starts + pb.start_index(f, i);
           const scalar_t w = weights ? weights[i] : scalar_t(1);
           for (int64_t blk = 0; blk < nb; ++blk) {
             const scalar_t* src = array + st[blk];
@@ -225,11 +267,13 @@ void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const
       const int64_t* m = pb.meta + f * kMetaCols;
       const int64_t* off = pb.bag_offsets(f);
       const int64_t nb = m[kDim] / z;
-      const int64_t* st = starts + m[kStartBase] + (off[b] - off[0]) * nb;
-      for (int64_t k = 0; k < (off[b + 1] - off[b]) * nb; ++k) {
-        const int64_t s = st[k];
-        if (s + z <= lo || s >= hi) continue;
-        for (int64_t j = 0; j < z; j += line) __builtin_prefetch(target + s + j, 1);
+      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
+        const int64_t* st = starts + pb.start_index(f, i);
+        for (int64_t k = 0; k < nb; ++k) {
+          const int64_t s = st[k];
+          if (s + z <= lo || s >= hi) continue;
+          for (int64_t j = 0; j < z; j += line) __builtin_prefetch(target + s + j, 1);
+        }
       }
     }
   };
@@ -245,7 +289,7 @@ void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const
           m[kPooling] == kPoolMean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
       const scalar_t* grow = grad_out + b * out_dim + m[kOutCol];
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
-        const int64_t* st = starts + m[kStartBase] + (i - off[0]) * nb;
+        const int64_t* st = starts + pb.start_index(f, i);
         const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
         for (int64_t blk = 0; blk < nb; ++blk) {
           const int64_t s = st[blk];
@@ -292,16 +336,23 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   });
 }
 
-void set_start_bases(const Problem& pb, at::Tensor& meta, int64_t z) {
-  int64_t* m = meta.data_ptr<int64_t>();
-  int64_t base = 0;
+void check_starts(const at::Tensor& starts, const Problem& pb) {
+  TORCH_CHECK(starts.dtype() == at::kLong && starts.dim() == 1 && starts.is_contiguous() &&
+                  starts.numel() == pb.occurrences * pb.num_values * pb.max_blocks,
+              "robe: starts must be the forward's contiguous int64 [R * N * max_blocks] tensor");
+}
+
+void check_grad_out(const at::Tensor& g, const Problem& pb, int64_t max_col) {
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == pb.batch && g.size(1) >= max_col && g.is_contiguous(),
+              "robe: grad_out must be a contiguous [batch, out_dim] tensor");
+}
+
+int64_t max_out_col(const Problem& pb) {
+  int64_t c = 0;
   for (int64_t f = 0; f < pb.num_features; ++f) {
-    const int64_t* off = pb.bag_offsets(f);
-    TORCH_CHECK(m[f * kMetaCols + kDim] % z == 0, "robe: feature #", f, " has embedding_dim ",
-                m[f * kMetaCols + kDim], ", not a multiple of block_size ", z);
-    m[f * kMetaCols + kStartBase] = base;
-    base += (off[pb.batch] - off[0]) * (m[f * kMetaCols + kDim] / z);
+    c = std::max(c, pb.meta[f * kMetaCols + kOutCol] + pb.meta[f * kMetaCols + kDim]);
   }
+  return c;
 }
 
 constexpr size_t kHugePage = size_t(2) << 20;
@@ -396,25 +447,26 @@ at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
 
 }  // namespace
 
-// Returns (out [B, out_dim], starts [num_blocks]). `meta`'s start-base column is filled in place.
+// Returns (out [B, out_dim], starts [R * N * max_blocks]).
 std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
                                      const at::Tensor& weights, const at::Tensor& offsets, int64_t batch,
-                                     at::Tensor meta, int64_t out_dim, int64_t hash_mode, int64_t block_size,
+                                     const at::Tensor& meta, int64_t out_dim, int64_t max_blocks,
+                                     int64_t occurrences, int64_t hash_mode, int64_t block_size,
                                      std::vector<int64_t> paper_constants) {
-  TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
-  Problem pb = make_problem(values, offsets, batch, meta);
+  TORCH_CHECK(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
+              "robe: array must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
+              "robe: values must be a contiguous 1-D int64 tensor");
+  Problem pb = make_problem(values.size(0), offsets, batch, meta, block_size, max_blocks, occurrences);
+  pb.values = values.data_ptr<int64_t>();
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
-  set_start_bases(pb, meta, block_size);
-  auto starts = at::empty({total_blocks(pb, block_size)}, values.options());
-  auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every element is written
+  TORCH_CHECK(max_out_col(pb) <= out_dim, "robe: the features' columns run past out_dim ", out_dim);
+  check_weights(weights, array, pb);
+  auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options());
+  auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every column a feature owns is written
+  if (max_out_col(pb) < out_dim || pb.num_features == 0) out.zero_();
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
-    const scalar_t* w = nullptr;
-    if (weights.numel() > 0) {
-      TORCH_CHECK(weights.scalar_type() == array.scalar_type() && weights.numel() == values.numel() &&
-                      weights.is_contiguous(),
-                  "robe: weights must be contiguous, of the array's dtype and one per id");
-      w = weights.data_ptr<scalar_t>();
-    }
+    const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
     forward_impl<scalar_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
                            starts.data_ptr<int64_t>());
   });
@@ -422,11 +474,14 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
 }
 
 // Dense gradient of the array (exact: the sum over every element that maps to each slot).
-at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& weights,
-                         const at::Tensor& offsets, int64_t batch, const at::Tensor& meta, const at::Tensor& starts,
-                         int64_t array_size, int64_t block_size) {
-  Problem pb = make_problem(values, offsets, batch, meta);
+at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& weights, const at::Tensor& offsets,
+                         int64_t batch, const at::Tensor& meta, const at::Tensor& starts, int64_t array_size,
+                         int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values) {
+  Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
+  check_starts(starts, pb);
   auto g = grad_out.contiguous();
+  check_grad_out(g, pb, max_out_col(pb));
+  check_weights(weights, g, pb);
   auto grad = hugepage_zeros({array_size}, g.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robe_backward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
@@ -437,12 +492,16 @@ at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& values, c
 }
 
 // Fused SGD: array -= lr * dL/dM, touching only the slots hit in this step (no dense gradient).
-void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::Tensor& values,
-                       const at::Tensor& weights, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta,
-                       const at::Tensor& starts, int64_t block_size, double lr) {
-  TORCH_CHECK(array.dim() == 1 && array.is_contiguous(), "robe: array must be contiguous and 1-D");
-  Problem pb = make_problem(values, offsets, batch, meta);
-  auto g = grad_out.contiguous();
+void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::Tensor& weights,
+                       const at::Tensor& offsets, int64_t batch, const at::Tensor& meta, const at::Tensor& starts,
+                       int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values, double lr) {
+  TORCH_CHECK(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
+              "robe: array must be a contiguous 1-D CPU tensor");
+  Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
+  check_starts(starts, pb);
+  auto g = grad_out.to(array.scalar_type()).contiguous();
+  check_grad_out(g, pb, max_out_col(pb));
+  check_weights(weights, array, pb);
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_backward_sgd", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
     backward_impl<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
@@ -452,6 +511,9 @@ void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::T
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robe_dist CPU operators: ROBE-Z pooled lookup, exact backward, fused SGD backward";
+  // Bumped whenever a signature or the `starts` layout changes: robe_dist/ops.py refuses (with a
+  // warning naming the fix) an extension built from other sources.
+  m.attr("ABI_VERSION") = 2;
   m.def("robe_forward", &robe_forward);
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);

@@ -61,6 +61,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
 from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+from robe_dist.ops import new_array
 
 ARRAY_PARAMETER_NAME = "array"
 """Name under which the planner sees a ROBE collection's array (plan key, constraints key)."""
@@ -206,11 +207,13 @@ class ShardedRobeEmbeddingBagCollection(
             raise TypeError(f"{where}: expected a RobeEmbeddingBagCollection, got {type(module).__name__}")
         if gradient_sync not in GRADIENT_SYNC_MODES:
             raise ValueError(f"{where}: gradient_sync must be one of {GRADIENT_SYNC_MODES}, got {gradient_sync!r}")
-        if module.fused_sgd_lr is not None:
+        if module.fused_update is not None:
+            fused = module.fused_update
+            given = f"fused_sgd_lr={fused.lr}" if fused.optimizer == "sgd" else f"fused_update={fused}"
             raise ValueError(
-                f"{where}: the module was built with fused_sgd_lr={module.fused_sgd_lr}, which updates the array "
-                "inside the backward from the LOCAL gradient: replicas would diverge. Build it with "
-                "fused_sgd_lr=None and train the array with a dense optimiser (e.g. torch.optim.SGD)."
+                f"{where}: the module was built with {given}, which updates the array "
+                "inside the backward from the LOCAL gradient: replicas would diverge. Build it without a fused "
+                "update and train the array with a dense optimiser (e.g. torch.optim.SGD)."
             )
         if getattr(module.array, "_in_backward_optimizers", None):
             raise ValueError(
@@ -256,11 +259,14 @@ class ShardedRobeEmbeddingBagCollection(
         """Gives the module a fresh array on ``self._device`` (a copy: hooks and attributes of the
         caller's parameter are dropped) and a signature buffer there."""
         old = module.array
+        # new_array: on CPU, the same huge-page backed buffer as an unsharded module's
+        module.array = nn.Parameter(new_array(old.numel(), self._device, old.dtype))
         if old.device.type == "meta":
-            module.array = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=self._device))
             module.reset_parameters()
         else:
-            module.array = nn.Parameter(old.detach().to(self._device, copy=True))
+            with torch.no_grad():
+                module.array.copy_(old.detach())
+        module.lookup_meta = module.lookup_meta_for(self._device)
         if module.hash_signature.device.type == "meta":
             sig = torch.tensor(module.expected_signature(), dtype=torch.long, device=self._device)
         else:
@@ -269,7 +275,8 @@ class ShardedRobeEmbeddingBagCollection(
         module.check_signature_unchanged()
 
     def _check_same_config_on_all_ranks(self, where: str) -> None:
-        sig = self.hash_signature.detach().cpu()
+        # on the array's device: an NCCL-only group takes no CPU tensor (docs/distributed.md)
+        sig = self.hash_signature.detach().to(self._device)
         gathered = [torch.empty_like(sig) for _ in range(self._world_size)]
         dist.all_gather(gathered, sig, group=self._pg)
         for rank, other in enumerate(gathered):

@@ -13,11 +13,72 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist import hashing
 from robe_dist.config import RobeConfig
-from robe_dist.ops import LookupSpec, bag_offsets, new_array, robe_pooled_lookup
+from robe_dist.ops import STATUS_OK, DeferredStatus, FusedUpdate, LookupSpec, new_array, robe_pooled_lookup
 
 _SIGNATURE_VERSION = 1
-_PAPER_MAX_GLOBAL_ID = 2**33  # products g * A stay below 2**63
+_PAPER_MAX_GLOBAL_ID = 2**62  # the kernels reduce g mod P first: no overflow below this
 _INIT_CAP = 2**31
+
+
+_fx_symbolic_tracing = getattr(
+    torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing
+)  # torch < 2.12 has only is_fx_tracing
+
+
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export or torchrec.fx / torch.fx symbolic tracing."""
+    return torch.compiler.is_compiling() or _fx_symbolic_tracing()
+
+
+@torch.fx.wrap
+def _lookup_inputs(
+    features: KeyedJaggedTensor, meta: torch.Tensor, feature_names: List[str], weighted: bool, array: torch.Tensor
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    """``(values, weights, offsets, meta, batch)`` for the lookup of ``features`` in ``array``
+    (weights converted to the array's dtype).
+
+    ``meta`` is the collection's per-feature table for an input whose keys are exactly
+    ``feature_names`` (its distinct features, in order); for another key order the key-index
+    column is rewritten once and the result cached on ``meta``. ``torch.fx.wrap``-ed: FX and
+    TorchRec's tracer see one call (the key order is only known at run time).
+    """
+    values = features.values()
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(
+            f"RobeEmbeddingBagCollection: ids must be an integer tensor (int64 or int32), got {values.dtype}"
+        )
+    if features.variable_stride_per_key():
+        raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
+    weights = None
+    if weighted:
+        weights = features.weights_or_none()
+        if weights is None:
+            raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
+        weights = weights.to(array.dtype)
+    keys = features.keys()
+    if keys != feature_names:
+        # (compiled code bakes the variant into its graph: no cache there)
+        cache: Optional[Dict[Tuple[str, ...], torch.Tensor]] = (
+            None if torch.compiler.is_compiling() else meta.__dict__.setdefault("_robe_by_keys", {})
+        )
+        variant = cache.get(tuple(keys)) if cache is not None else None
+        if variant is None:
+            index = {k: i for i, k in enumerate(keys)}
+            missing = [f for f in feature_names if f not in index]
+            if missing:
+                raise ValueError(
+                    f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
+                    f"KeyedJaggedTensor (keys: {list(keys)})"
+                )
+            position = torch.tensor([index[f] for f in feature_names], dtype=torch.long)
+            variant = meta.clone()
+            variant[:, 5] = position.to(meta.device)[meta[:, 5]]
+            if cache is not None:
+                if len(cache) >= 64:
+                    cache.clear()
+                cache[tuple(keys)] = variant
+        meta = variant
+    return values, weights, features.offsets(), meta, features.stride()
 
 
 class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -42,7 +103,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         fused_sgd_lr (Optional[float]): single-process fast path: the backward applies
             ``array -= lr * grad`` in place, touching only the slots hit in the step, and
             ``array.grad`` stays ``None`` (the dense optimiser then skips it). Not for replicated
-            training, where the gradient must be all-reduced first. CPU operator only.
+            training, where the gradient must be all-reduced first. Shorthand for
+            ``fused_update=FusedUpdate("sgd", lr)``.
+        fused_update (Optional[FusedUpdate]): the same with SGD or Adagrad (``FusedUpdate("adagrad",
+            lr, eps)``, exact ``torch.optim.Adagrad``; its sum of squares is the buffer
+            ``fused_state``, saved with the module).
 
     Call args:
         features (KeyedJaggedTensor): ids of shape ``[sum of all bag lengths]`` keyed by feature;
@@ -80,16 +145,21 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: Optional[torch.device] = None,
         is_weighted: bool = False,
         fused_sgd_lr: Optional[float] = None,
+        fused_update: Optional[FusedUpdate] = None,
     ) -> None:
         super().__init__()
         torch._C._log_api_usage_once(f"robe_dist.modules.{self.__class__.__name__}")
-        self._check_tables(tables, robe)
+        self._check_tables(tables, robe, is_weighted)
         self._embedding_bag_configs = list(tables)
         self._robe = robe
         self._is_weighted = is_weighted
-        self.fused_sgd_lr = fused_sgd_lr
-        if fused_sgd_lr is not None and not fused_sgd_lr > 0:
-            raise ValueError(f"fused_sgd_lr must be a positive float or None, got {fused_sgd_lr!r}")
+        if fused_sgd_lr is not None:
+            if fused_update is not None:
+                raise ValueError("pass fused_sgd_lr or fused_update, not both")
+            if not (isinstance(fused_sgd_lr, (int, float)) and fused_sgd_lr > 0):
+                raise ValueError(f"fused_sgd_lr must be a positive float or None, got {fused_sgd_lr!r}")
+            fused_update = FusedUpdate("sgd", float(fused_sgd_lr))
+        self.fused_update = fused_update
 
         self._feature_names: List[List[str]] = [t.feature_names for t in tables]
         self._embedding_names: List[str] = [n for names in get_embedding_names_by_table(tables) for n in names]
@@ -101,6 +171,12 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             keys.append(hashing.table_key(t.name, robe.seed) if robe.hash == "universal" else offset)
             offset += t.num_embeddings
         per_feature = [(i, t) for i, t in enumerate(tables) for _ in t.feature_names]
+        # distinct input features, in order: the key order the lookup table ``lookup_meta`` assumes
+        self._distinct_features: List[str] = list(dict.fromkeys(self._input_features))
+        occurrence, seen = [], {}
+        for f in self._input_features:
+            occurrence.append(seen.get(f, 0))
+            seen[f] = occurrence[-1] + 1
         out_cols = [0]
         for _, t in per_feature:
             out_cols.append(out_cols[-1] + t.embedding_dim)
@@ -115,10 +191,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             out_cols=tuple(out_cols[:-1]),
             poolings=tuple(t.pooling.name for _, t in per_feature),
             out_dim=out_cols[-1],
+            occurrence=tuple(occurrence),
         )
-        self._meta_by_keys: Dict[Tuple[str, ...], Tuple[List[int], torch.Tensor]] = {}
+        self.register_buffer("lookup_meta", self.lookup_meta_for(device), persistent=False)
+        self._status = DeferredStatus()
 
         self.array = nn.Parameter(new_array(robe.array_size, device))
+        if fused_update is not None and fused_update.optimizer == "adagrad":
+            self.register_buffer("fused_state", torch.zeros(robe.array_size, device=device))
         # (version, mapping, seed, Z, m, table-layout fingerprint): saved with the model, checked on load.
         self.register_buffer(
             "hash_signature", torch.tensor(self.expected_signature(), dtype=torch.long, device=device)
@@ -129,7 +209,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _check_tables(tables: List[EmbeddingBagConfig], robe: RobeConfig) -> None:
+    def _check_tables(tables: List[EmbeddingBagConfig], robe: RobeConfig, is_weighted: bool) -> None:
         if not tables:
             raise ValueError("RobeEmbeddingBagCollection needs at least one EmbeddingBagConfig")
         names = set()
@@ -150,12 +230,17 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 raise ValueError(f"table {t.name!r}: num_embeddings must be >= 1, got {t.num_embeddings}")
             if t.need_pos:
                 raise ValueError(f"table {t.name!r}: need_pos is not supported")
+            if is_weighted and t.pooling == PoolingType.MEAN:
+                raise ValueError(
+                    f"table {t.name!r}: MEAN pooling with per-sample weights (is_weighted=True) is not supported; "
+                    "as in nn.EmbeddingBag, weighted bags need SUM pooling"
+                )
         if robe.hash == "paper":
             total = sum(t.num_embeddings for t in tables)
             if total > _PAPER_MAX_GLOBAL_ID:
                 raise ValueError(
                     f"hash='paper' lays tables end to end: the sum of num_embeddings ({total}) must stay "
-                    f"below 2**33; use hash='universal' for raw ids"
+                    f"below 2**62; use hash='universal' for raw ids"
                 )
 
     def expected_signature(self) -> List[int]:
@@ -224,62 +309,68 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def lookup_spec(self) -> LookupSpec:
         return self._spec
 
-    def _key_indices(self, features: KeyedJaggedTensor) -> Tuple[List[int], torch.Tensor]:
-        """Position of each of the module's features among ``features.keys()``, and the operator's
-        per-feature table for that key order (cached: the key order rarely changes)."""
-        keys = tuple(features.keys())
-        cached = self._meta_by_keys.get(keys)
-        if cached is None:
-            index: Dict[str, int] = {k: i for i, k in enumerate(keys)}
-            missing = [f for f in self._input_features if f not in index]
-            if missing:
-                raise ValueError(
-                    f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
-                    f"KeyedJaggedTensor (keys: {list(keys)})"
-                )
-            key_indices = [index[f] for f in self._input_features]
-            cached = (key_indices, self._spec.meta(key_indices))
-            if len(self._meta_by_keys) > 64:
-                self._meta_by_keys.clear()
-            self._meta_by_keys[keys] = cached
-        return cached
+    def lookup_meta_for(self, device: Optional[torch.device]) -> torch.Tensor:
+        """int64 ``[F, 7]``: the kernels' per-feature table for an input keyed exactly by the
+        collection's distinct features in order (``_lookup_inputs`` adapts it to other orders)."""
+        return self._spec.meta([self._distinct_features.index(f) for f in self._input_features], device)
 
-    def _bag_offsets(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """int64 ``[F, B + 1]`` bag offsets of the module's features into ``features.values()``."""
-        return bag_offsets(features.offsets(), self._key_indices(features)[0], features.stride())
+    @property
+    def fused_sgd_lr(self) -> Optional[float]:
+        """The fused SGD learning rate, or ``None`` (no fused update, or Adagrad)."""
+        f = self.fused_update
+        return f.lr if f is not None and f.optimizer == "sgd" else None
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features``: KeyedTensor of values ``[B, sum of dims]``."""
-        values = features.values()
-        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-            raise TypeError(
-                f"RobeEmbeddingBagCollection: ids must be an integer tensor (int64 or int32), got {values.dtype}"
-            )
-        self.check_signature_unchanged()
-        weights = None
-        if self._is_weighted:
-            weights = features.weights_or_none()
-            if weights is None:
-                raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
-        if features.variable_stride_per_key():
-            raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
-        key_indices, meta = self._key_indices(features)
-        pooled = robe_pooled_lookup(
-            self.array,
-            values.long(),
-            weights,
-            features.offsets(),
-            features.stride(),
-            key_indices,
-            self._spec,
-            meta=meta,
-            fused_sgd_lr=self.fused_sgd_lr,
+        eager = not _tracing()
+        if eager:
+            self.check_signature_unchanged()
+            self._status.poll()  # a CUDA error of the previous call, if its status has landed
+        values, weights, offsets, meta, batch = _lookup_inputs(
+            features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )
+        pooled, status = robe_pooled_lookup(
+            self.array, values, weights, offsets, batch, meta, self._spec,
+            fused=self.fused_update, state=getattr(self, "fused_state", None),
+        )  # fmt: skip
+        if eager and status.is_cuda and not torch.cuda.is_current_stream_capturing():
+            self._status.submit(status, self._describe_status(values, offsets, meta, batch))
         return KeyedTensor(
             keys=self._embedding_names,
             values=pooled,
             length_per_key=self._lengths_per_embedding,
         )
+
+    def check_input_errors(self) -> None:
+        """Raises ``ValueError`` if the last CUDA lookup met malformed input (out-of-range ids of
+        the paper mapping, offsets that decrease or run past the values). CUDA kernels record such
+        input without stopping the device; ``forward`` raises it one call later, this at once (it
+        waits for the device). CPU lookups raise in the call itself."""
+        self._status.poll(wait=True)
+
+    def _describe_status(self, values: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor, batch: int):
+        def describe(bad_value: int, bad_bag: int) -> str:
+            rows = meta.tolist()
+            if bad_bag != STATUS_OK:
+                k, b = divmod(bad_bag, max(batch, 1))
+                lo, hi = offsets[bad_bag : bad_bag + 2].tolist()
+                return (
+                    f"RobeEmbeddingBagCollection: bag {b} of input key #{k} has offsets [{lo}, {hi}), which "
+                    f"decrease or run past the {values.numel()} values: the KeyedJaggedTensor is malformed"
+                )
+            starts = offsets[[r[5] * batch for r in rows]].tolist()
+            ends = offsets[[r[5] * batch + batch for r in rows]].tolist()
+            f = next(f for f, (lo, hi) in enumerate(zip(starts, ends)) if lo <= bad_value < hi)
+            return (
+                f"RobeEmbeddingBagCollection: id {int(values[bad_value])} of feature {self._input_features[f]!r} "
+                f"(table {self._table_of_feature(f)!r}) is outside [0, num_embeddings) = [0, {rows[f][1]}); "
+                "the 'paper' mapping needs ids below num_embeddings"
+            )
+
+        return describe
+
+    def _table_of_feature(self, f: int) -> str:
+        return [t.name for t in self._embedding_bag_configs for _ in t.feature_names][f]
 
     @property
     def device(self) -> torch.device:

@@ -51,3 +51,24 @@ def reference_lookup(
             columns.append(out)
         offset += t.num_embeddings
     return torch.cat(columns, dim=1)
+
+
+def lookup_args(ebc, kjt: KeyedJaggedTensor):
+    """``(values, weights, offsets, meta, batch)``: what ``ebc`` hands the lookup op for ``kjt``."""
+    from robe_dist.modules.robe_embedding_bag_collection import _lookup_inputs
+
+    values, weights, offsets, meta, batch = _lookup_inputs(
+        kjt, ebc.lookup_meta, ebc._distinct_features, ebc.is_weighted(), ebc.array
+    )
+    return values, weights, offsets, meta, batch
+
+
+def torch_lookup(ebc, kjt: KeyedJaggedTensor, array: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The op's vectorised PyTorch implementation, called directly (so autograd runs through it)."""
+    from robe_dist import ops
+
+    array = ebc.array if array is None else array
+    values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+    if weights is not None:
+        weights = weights.to(array.dtype)  # float64 gradchecks
+    return ops.torch_forward(array, values, weights, offsets, meta, batch, *ops._static_args(ebc.lookup_spec))[0]

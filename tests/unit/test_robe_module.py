@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from robe_reference import reference_lookup
+from robe_reference import lookup_args, reference_lookup, torch_lookup
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from robe_dist import RobeConfig, RobeEmbeddingBagCollection, ops
-from robe_dist.ops import _lookup_torch
 
 HASHES = ["universal", "paper"]
 
@@ -89,45 +88,49 @@ def test_layout_matches_torchrec_ebc():
 
 
 @pytest.mark.parametrize("hash", HASHES)
-def test_cpp_operator_matches_torch_path(hash):
+@pytest.mark.parametrize("pooling, weighted", [(PoolingType.MEAN, False), (PoolingType.SUM, True)])
+def test_cpp_operator_matches_torch_path(hash, pooling, weighted):
     if not ops.has_cpp_extension():
         pytest.skip("robe_dist._C not built")
-    tables = make_tables(PoolingType.MEAN)
-    ebc = make_ebc(tables, hash, is_weighted=True)
-    kjt = make_kjt(tables, batch=64, weighted=True, max_len=6)
+    tables = make_tables(pooling)
+    ebc = make_ebc(tables, hash, is_weighted=weighted)
+    kjt = make_kjt(tables, batch=64, weighted=weighted, max_len=6)
     out = ebc(kjt).values()
     g = torch.randn_like(out)
     (out * g).sum().backward()
     grad_cpp = ebc.array.grad.clone()
     ebc.array.grad = None
-    ref = _lookup_torch(ebc.array, kjt.values(), kjt.weights(), ebc._bag_offsets(kjt), ebc.lookup_spec)
+    ref = torch_lookup(ebc, kjt)
     (ref * g).sum().backward()
     torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_cpp, ebc.array.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_cpp, ebc.array.grad, rtol=1e-5, atol=1e-5)  # summation order differs
 
 
 @pytest.mark.parametrize("hash", HASHES)
-@pytest.mark.parametrize("path", ["cpp", "torch"])
-def test_gradient_is_exact_float64(hash, path):
-    """gradcheck of d(pooled)/d(array) in float64 (MEAN + weights, so every scale is exercised)."""
-    if path == "cpp" and not ops.has_cpp_extension():
-        pytest.skip("robe_dist._C not built")
+@pytest.mark.parametrize("path", ["op", "torch"])
+@pytest.mark.parametrize("pooling, weighted", [(PoolingType.MEAN, False), (PoolingType.SUM, True)])
+def test_gradient_is_exact_float64(hash, path, pooling, weighted):
+    """gradcheck of d(pooled)/d(array) in float64 (MEAN, or weights, so every scale is exercised)."""
     tables = [
-        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"], pooling=pooling),
         EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=9, feature_names=["fb"]),
     ]
-    ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=23, block_size=4, hash=hash), is_weighted=True)
-    kjt = make_kjt(tables, batch=3, weighted=True, extra_key=False)
-    spec, offsets, keys = ebc.lookup_spec, ebc._bag_offsets(kjt), ebc._key_indices(kjt)[0]
+    robe = RobeConfig(array_size=23, block_size=4, hash=hash)
+    ebc = RobeEmbeddingBagCollection(tables, robe, is_weighted=weighted)
+    kjt = make_kjt(tables, batch=3, weighted=weighted, extra_key=False)
+    values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+    weights = weights.double() if weights is not None else None
     array = torch.randn(23, dtype=torch.float64, requires_grad=True)
-    weights = kjt.weights().double()
-    if path == "cpp":
-        fn = lambda a: ops.robe_pooled_lookup(  # noqa: E731
-            a, kjt.values(), weights, kjt.offsets(), kjt.stride(), keys, spec
-        )
+    if path == "op":
+        fn = lambda a: ops.robe_pooled_lookup(a, values, weights, offsets, batch, meta, ebc.lookup_spec)[0]  # noqa: E731
     else:
-        fn = lambda a: _lookup_torch(a, kjt.values(), weights, offsets, spec)  # noqa: E731
+        fn = lambda a: torch_lookup(ebc, kjt, a)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (array,), eps=1e-6, atol=1e-8)
+
+
+def test_mean_pooling_with_weights_is_refused():
+    with pytest.raises(ValueError, match="table 't_big': MEAN pooling with per-sample weights"):
+        make_ebc(make_tables(PoolingType.MEAN), is_weighted=True)
 
 
 def test_backward_is_bit_identical_across_thread_counts():
@@ -281,7 +284,7 @@ def test_state_dict_carries_and_checks_the_hash_signature():
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    tables = make_tables(PoolingType.MEAN)
+    tables = make_tables()
     ebc = make_ebc(tables, is_weighted=True)
     kjt = make_kjt(tables, batch=64, weighted=True)
     out = ebc(kjt).values()
@@ -312,7 +315,7 @@ def test_reused_output_buffers_are_fully_written():
         out.values().sum().backward()
         grad = ebc.array.grad
         ebc.array.grad = None
-        ref_out = _lookup_torch(ebc.array, kjt.values(), None, ebc._bag_offsets(kjt), ebc.lookup_spec)
+        ref_out = torch_lookup(ebc, kjt)
         torch.testing.assert_close(out.values(), ref_out.detach(), rtol=1e-5, atol=1e-5)
         ref_out.sum().backward()
         torch.testing.assert_close(grad, ebc.array.grad, rtol=1e-5, atol=1e-4)
