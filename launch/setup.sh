@@ -11,7 +11,8 @@
 #   TORCH_INDEX_URL  (cuda) a PyTorch wheel index for another CUDA version than PyPI's default
 #
 # The pinned stack is the one measured to load together (docs/robe-reference notes):
-# torch 2.13.0, fbgemm-gpu(-cpu) 1.8.0, torchrec 1.8.0. torchrec goes in with --no-deps,
+# torch 2.13.0, triton 3.7.1 (what torch 2.13.0's CUDA wheel pins; on CPU its interpreter runs the
+# Triton kernels in the tests), fbgemm-gpu(-cpu) 1.8.0, torchrec 1.8.0. torchrec goes in with --no-deps,
 # because its dependency on fbgemm-gpu (the CUDA build) would overwrite fbgemm-gpu-cpu's
 # files on a CPU machine; its own needs are then installed by name.
 # Idempotent: a stamp of the inputs skips the work when nothing changed.
@@ -23,6 +24,7 @@ PYTHON=${PYTHON:-python3}
 STACK=${ROBE_DIST_STACK:-cpu}
 
 TORCH_VERSION=2.13.0
+TRITON_VERSION=3.7.1
 FBGEMM_VERSION=1.8.0
 TORCHREC_VERSION=1.8.0
 # torchrec 1.8.0's own requirements (it pins torchmetrics==1.0.3).
@@ -56,8 +58,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # pip warns that torchrec "requires fbgemm-gpu": expected, fbgemm-gpu-cpu provides it.
 PIP_QUIET_ERR() { "${PIP[@]}" "$@" 2> >(grep -vE "^WARNING: Location|dependency resolver does not|requires fbgemm-gpu, which is not installed" >&2); }
 
-echo "setup: installing torch $TORCH_VERSION ($STACK), $FBGEMM_PKG, build tools"
-PIP_QUIET_ERR install "${TORCH_INDEX[@]}" "torch==$TORCH_VERSION" "$FBGEMM_PKG" \
+echo "setup: installing torch $TORCH_VERSION ($STACK), triton $TRITON_VERSION, $FBGEMM_PKG, build tools"
+PIP_QUIET_ERR install "${TORCH_INDEX[@]}" "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "$FBGEMM_PKG" \
   "setuptools>=64" wheel numpy pyyaml pytest
 echo "setup: installing torchrec $TORCHREC_VERSION (--no-deps) and its needs"
 PIP_QUIET_ERR install --no-deps "torchrec==$TORCHREC_VERSION"
@@ -66,9 +68,12 @@ echo "setup: building and installing robe_dist (C++ operator included)"
 PIP_QUIET_ERR install --no-build-isolation --no-deps -e .
 
 "$VENV/bin/python" - <<'PY'
-import torch, torchrec, fbgemm_gpu, robe_dist
+import sys
+import torch, triton, torchrec, fbgemm_gpu, robe_dist
 from robe_dist import ops
-print(f"setup: ok: torch {torch.__version__}, torchrec {torchrec.__version__}, "
+print(f"setup: ok: torch {torch.__version__}, triton {triton.__version__}, torchrec {torchrec.__version__}, "
       f"robe_dist {robe_dist.__version__}, C++ operator: {ops.has_cpp_extension()}")
+if not ops.has_cpp_extension():
+    sys.exit(f"setup: {ops.cpp_extension_problem()}: the C++ operator did not build; see the pip output above")
 PY
 echo "$want" > "$VENV/.robe_dist_stamp"

@@ -301,6 +301,11 @@ def _pooled_lookup_cuda(*args):
 def _pooled_lookup_cpu(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
                        block_size, paper_constants):  # fmt: skip
     check_inputs(array, values, weights, offsets, meta, batch)
+    if array.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"robe: the CPU operator takes float32 or float64 arrays, got {array.dtype}; keep the array in "
+            "float32 on CPU (bfloat16 and float16 arrays run on CUDA)"
+        )
     if _C is None:
         _warn_fallback()
         return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences,

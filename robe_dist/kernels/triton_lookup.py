@@ -68,13 +68,14 @@ def _block_starts(x, key, blk, num_starts, pa, pb, pc, pp, HASH: tl.constexpr):
     if HASH == 0:
         h = _fmix64(x.to(tl.uint64, bitcast=True) ^ key.to(tl.uint64, bitcast=True))
         hb = _fmix64(h + (blk.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
-        return ((hb >> 1) % num_starts.to(tl.uint64)).to(tl.int64)
+        starts = ((hb >> 1) % num_starts.to(tl.uint64)).to(tl.int64)
     else:
         # ((g * A + c * B + C) mod P) mod (m - Z + 1), evaluated without int64 overflow
         g = x + key
         g = ((g % pp) + pp) % pp
         base = (g * pa + pc) % pp
-        return ((base + blk * pb) % pp) % num_starts
+        starts = ((base + blk * pb) % pp) % num_starts
+    return starts
 
 
 @triton.jit

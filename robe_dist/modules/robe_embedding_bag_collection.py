@@ -322,7 +322,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features``: KeyedTensor of values ``[B, sum of dims]``."""
-        eager = not _tracing()
+        # (CUDA graph capture forbids the event queries of the deferred input check)
+        eager = not _tracing() and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
         if eager:
             self.check_signature_unchanged()
             self._status.poll()  # a CUDA error of the previous call, if its status has landed
@@ -333,7 +334,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.array, values, weights, offsets, batch, meta, self._spec,
             fused=self.fused_update, state=getattr(self, "fused_state", None),
         )  # fmt: skip
-        if eager and status.is_cuda and not torch.cuda.is_current_stream_capturing():
+        if eager and status.is_cuda:
             self._status.submit(status, self._describe_status(values, offsets, meta, batch))
         return KeyedTensor(
             keys=self._embedding_names,
