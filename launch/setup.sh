@@ -15,6 +15,11 @@
 # Triton kernels in the tests), fbgemm-gpu(-cpu) 1.8.0, torchrec 1.8.0. torchrec goes in with --no-deps,
 # because its dependency on fbgemm-gpu (the CUDA build) would overwrite fbgemm-gpu-cpu's
 # files on a CPU machine; its own needs are then installed by name.
+# The cuda stack (torch 2.13.0+cu130, triton 3.7.1, fbgemm-gpu 1.8.0, torchrec 1.8.0) was checked to
+# load together on a CPU machine on 2026-12-01: every fbgemm_gpu library resolves against torch
+# 2.13.0's (no undefined symbol), with only the driver's libnvidia-ml.so.1 stubbed; `import
+# torchrec.distributed`, FBGEMM's TBE and the robe_dist unit tests run (docs/performance.md, GPU).
+# robe_dist also runs with torch 2.11 / torchrec 1.6.1 / fbgemm-gpu-cpu 1.6.0 (the lent GPU image).
 # Idempotent: a stamp of the inputs skips the work when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -123,37 +123,37 @@ struct Problem {
 // error naming the problem, never a read out of bounds.
 Problem make_problem(int64_t num_values, const at::Tensor& offsets, int64_t batch, const at::Tensor& meta,
                      int64_t block_size, int64_t max_blocks, int64_t occurrences) {
-  TORCH_CHECK(offsets.device().is_cpu() && meta.device().is_cpu(),
+  TORCH_CHECK_VALUE(offsets.device().is_cpu() && meta.device().is_cpu(),
               "robe: the C++ operator is CPU-only; CUDA tensors run the Triton kernels");
-  TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
+  TORCH_CHECK_VALUE(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.is_contiguous(),
               "robe: offsets must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(batch >= 0, "robe: batch must be >= 0, got ", batch);
-  TORCH_CHECK(offsets.size(0) >= 1 && (offsets.size(0) - 1) % std::max<int64_t>(batch, 1) == 0,
+  TORCH_CHECK_VALUE(batch >= 0, "robe: batch must be >= 0, got ", batch);
+  TORCH_CHECK_VALUE(offsets.size(0) >= 1 && (offsets.size(0) - 1) % std::max<int64_t>(batch, 1) == 0,
               "robe: offsets must hold K * batch + 1 entries (batch ", batch, "), got ", offsets.size(0));
-  TORCH_CHECK(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaCols && meta.is_contiguous(),
+  TORCH_CHECK_VALUE(meta.dtype() == at::kLong && meta.dim() == 2 && meta.size(1) == kMetaCols && meta.is_contiguous(),
               "robe: meta must be a contiguous int64 [F, 7] tensor");
-  TORCH_CHECK(block_size >= 1 && max_blocks >= 0 && occurrences >= 1,
+  TORCH_CHECK_VALUE(block_size >= 1 && max_blocks >= 0 && occurrences >= 1,
               "robe: need block_size >= 1, max_blocks >= 0, occurrences >= 1");
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t n_off = offsets.size(0);
-  TORCH_CHECK(off[0] >= 0 && off[n_off - 1] <= num_values, "robe: offsets run from ", off[0], " to ",
+  TORCH_CHECK_VALUE(off[0] >= 0 && off[n_off - 1] <= num_values, "robe: offsets run from ", off[0], " to ",
               off[n_off - 1], ", outside the ", num_values, " values of the KeyedJaggedTensor");
   for (int64_t k = 1; k < n_off; ++k) {
-    TORCH_CHECK(off[k] >= off[k - 1], "robe: offsets must be non-decreasing (bag lengths >= 0), but offsets[",
+    TORCH_CHECK_VALUE(off[k] >= off[k - 1], "robe: offsets must be non-decreasing (bag lengths >= 0), but offsets[",
                 k - 1, "] = ", off[k - 1], " > offsets[", k, "] = ", off[k]);
   }
   const int64_t num_keys = batch > 0 ? (n_off - 1) / batch : 0;
   const int64_t* m = meta.data_ptr<int64_t>();
   for (int64_t f = 0; f < meta.size(0); ++f) {
     const int64_t* row = m + f * kMetaCols;
-    TORCH_CHECK(batch == 0 || (row[kKeyIndex] >= 0 && row[kKeyIndex] < num_keys), "robe: feature #", f,
+    TORCH_CHECK_VALUE(batch == 0 || (row[kKeyIndex] >= 0 && row[kKeyIndex] < num_keys), "robe: feature #", f,
                 " has key index ", row[kKeyIndex], " outside the input's ", num_keys, " keys");
-    TORCH_CHECK(row[kDim] > 0 && row[kDim] % block_size == 0 && row[kDim] / block_size <= max_blocks,
+    TORCH_CHECK_VALUE(row[kDim] > 0 && row[kDim] % block_size == 0 && row[kDim] / block_size <= max_blocks,
                 "robe: feature #", f, " has embedding_dim ", row[kDim], ", not a positive multiple of block_size ",
                 block_size, " with at most ", max_blocks, " blocks");
-    TORCH_CHECK(row[kOccurrence] >= 0 && row[kOccurrence] < occurrences, "robe: feature #", f,
+    TORCH_CHECK_VALUE(row[kOccurrence] >= 0 && row[kOccurrence] < occurrences, "robe: feature #", f,
                 " has occurrence ", row[kOccurrence], " outside [0, ", occurrences, ")");
-    TORCH_CHECK(row[kPooling] == kPoolSum || row[kPooling] == kPoolMean, "robe: feature #", f,
+    TORCH_CHECK_VALUE(row[kPooling] == kPoolSum || row[kPooling] == kPoolMean, "robe: feature #", f,
                 " has an unknown pooling ", row[kPooling]);
   }
   return Problem{meta.size(0), batch, num_values, max_blocks, occurrences, nullptr, off, m};
@@ -161,22 +161,22 @@ Problem make_problem(int64_t num_values, const at::Tensor& offsets, int64_t batc
 
 void check_weights(const at::Tensor& weights, const at::Tensor& like, const Problem& pb) {
   if (weights.numel() == 0) return;
-  TORCH_CHECK(weights.scalar_type() == like.scalar_type() && weights.dim() == 1 && weights.is_contiguous(),
+  TORCH_CHECK_VALUE(weights.scalar_type() == like.scalar_type() && weights.dim() == 1 && weights.is_contiguous(),
               "robe: per-sample weights must be a contiguous 1-D tensor of the array's dtype (",
               like.scalar_type(), "), got ", weights.scalar_type());
-  TORCH_CHECK(weights.numel() == pb.num_values, "robe: ", weights.numel(), " per-sample weights for ",
+  TORCH_CHECK_VALUE(weights.numel() == pb.num_values, "robe: ", weights.numel(), " per-sample weights for ",
               pb.num_values, " values; a KeyedJaggedTensor carries one weight per id");
   for (int64_t f = 0; f < pb.num_features; ++f) {
-    TORCH_CHECK(pb.meta[f * kMetaCols + kPooling] != kPoolMean, "robe: feature #", f,
+    TORCH_CHECK_VALUE(pb.meta[f * kMetaCols + kPooling] != kPoolMean, "robe: feature #", f,
                 " pools by MEAN and has per-sample weights; as in nn.EmbeddingBag, weights need SUM pooling");
   }
 }
 
 Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper) {
-  TORCH_CHECK(mode == kHashUniversal || mode == kHashPaper, "robe: unknown hash mode ", mode);
-  TORCH_CHECK(z >= 1 && array_size >= z, "robe: need 1 <= block_size <= array_size");
-  TORCH_CHECK(paper.size() == 4 && paper[3] > 0, "robe: paper constants must be [A, B, C, P] with P > 0");
-  TORCH_CHECK(mode != kHashPaper || (paper[0] >= 0 && paper[0] < paper[3] && paper[1] >= 0 && paper[1] < paper[3] &&
+  TORCH_CHECK_VALUE(mode == kHashUniversal || mode == kHashPaper, "robe: unknown hash mode ", mode);
+  TORCH_CHECK_VALUE(z >= 1 && array_size >= z, "robe: need 1 <= block_size <= array_size");
+  TORCH_CHECK_VALUE(paper.size() == 4 && paper[3] > 0, "robe: paper constants must be [A, B, C, P] with P > 0");
+  TORCH_CHECK_VALUE(mode != kHashPaper || (paper[0] >= 0 && paper[0] < paper[3] && paper[1] >= 0 && paper[1] < paper[3] &&
                                      paper[2] >= 0 && paper[2] < paper[3] && paper[3] < (int64_t(1) << 31)),
               "robe: paper constants must satisfy 0 <= A, B, C < P < 2^31");
   return Hash{mode, z, static_cast<uint64_t>(array_size - z + 1), paper[0], paper[1], paper[2], paper[3]};
@@ -247,7 +247,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
     }
   });
   const int64_t f = bad_feature.load();
-  TORCH_CHECK(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
+  TORCH_CHECK_VALUE(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
               " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
               ") of its table; the 'paper' mapping needs ids below num_embeddings");
 }
@@ -337,13 +337,13 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
 }
 
 void check_starts(const at::Tensor& starts, const Problem& pb) {
-  TORCH_CHECK(starts.dtype() == at::kLong && starts.dim() == 1 && starts.is_contiguous() &&
+  TORCH_CHECK_VALUE(starts.dtype() == at::kLong && starts.dim() == 1 && starts.is_contiguous() &&
                   starts.numel() == pb.occurrences * pb.num_values * pb.max_blocks,
               "robe: starts must be the forward's contiguous int64 [R * N * max_blocks] tensor");
 }
 
 void check_grad_out(const at::Tensor& g, const Problem& pb, int64_t max_col) {
-  TORCH_CHECK(g.dim() == 2 && g.size(0) == pb.batch && g.size(1) >= max_col && g.is_contiguous(),
+  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == pb.batch && g.size(1) >= max_col && g.is_contiguous(),
               "robe: grad_out must be a contiguous [batch, out_dim] tensor");
 }
 
@@ -453,14 +453,14 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
                                      const at::Tensor& meta, int64_t out_dim, int64_t max_blocks,
                                      int64_t occurrences, int64_t hash_mode, int64_t block_size,
                                      std::vector<int64_t> paper_constants) {
-  TORCH_CHECK(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
+  TORCH_CHECK_VALUE(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
               "robe: array must be a contiguous 1-D CPU tensor");
-  TORCH_CHECK(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
+  TORCH_CHECK_VALUE(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
               "robe: values must be a contiguous 1-D int64 tensor");
   Problem pb = make_problem(values.size(0), offsets, batch, meta, block_size, max_blocks, occurrences);
   pb.values = values.data_ptr<int64_t>();
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
-  TORCH_CHECK(max_out_col(pb) <= out_dim, "robe: the features' columns run past out_dim ", out_dim);
+  TORCH_CHECK_VALUE(max_out_col(pb) <= out_dim, "robe: the features' columns run past out_dim ", out_dim);
   check_weights(weights, array, pb);
   auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options());
   auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every column a feature owns is written
@@ -495,7 +495,7 @@ at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& weights, 
 void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::Tensor& weights,
                        const at::Tensor& offsets, int64_t batch, const at::Tensor& meta, const at::Tensor& starts,
                        int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values, double lr) {
-  TORCH_CHECK(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
+  TORCH_CHECK_VALUE(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
               "robe: array must be a contiguous 1-D CPU tensor");
   Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
   check_starts(starts, pb);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -330,10 +331,15 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         values, weights, offsets, meta, batch = _lookup_inputs(
             features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )
-        pooled, status = robe_pooled_lookup(
-            self.array, values, weights, offsets, batch, meta, self._spec,
-            fused=self.fused_update, state=getattr(self, "fused_state", None),
-        )  # fmt: skip
+        try:
+            pooled, status = robe_pooled_lookup(
+                self.array, values, weights, offsets, batch, meta, self._spec,
+                fused=self.fused_update, state=getattr(self, "fused_state", None),
+            )  # fmt: skip
+        except ValueError as e:  # the kernels number features; name them
+            raise ValueError(
+                re.sub(r"feature #(\d+)", lambda m: self._feature_label(int(m.group(1))), str(e))
+            ) from None
         if eager and status.is_cuda:
             self._status.submit(status, self._describe_status(values, offsets, meta, batch))
         return KeyedTensor(
@@ -363,15 +369,19 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ends = offsets[[r[5] * batch + batch for r in rows]].tolist()
             f = next(f for f, (lo, hi) in enumerate(zip(starts, ends)) if lo <= bad_value < hi)
             return (
-                f"RobeEmbeddingBagCollection: id {int(values[bad_value])} of feature {self._input_features[f]!r} "
-                f"(table {self._table_of_feature(f)!r}) is outside [0, num_embeddings) = [0, {rows[f][1]}); "
-                "the 'paper' mapping needs ids below num_embeddings"
+                f"RobeEmbeddingBagCollection: id {int(values[bad_value])} of {self._feature_label(f)} is outside "
+                f"[0, num_embeddings) = [0, {rows[f][1]}); the 'paper' mapping needs ids below num_embeddings"
             )
 
         return describe
 
     def _table_of_feature(self, f: int) -> str:
         return [t.name for t in self._embedding_bag_configs for _ in t.feature_names][f]
+
+    def _feature_label(self, f: int) -> str:
+        if not 0 <= f < len(self._input_features):
+            return f"feature #{f}"
+        return f"feature {self._input_features[f]!r} (table {self._table_of_feature(f)!r})"
 
     @property
     def device(self) -> torch.device:

@@ -215,7 +215,9 @@ def test_matches_torchrec_binary_loader(tmp_path: Path) -> None:
     last = [str(tmp_path / f"day_2_{p}.npy") for p in ("dense", "sparse", "labels")]
     for split in ("val", "test"):
         theirs = list(
-            InMemoryBinaryCriteoIterDataPipe(split, *[[p] for p in last], batch_size=128, rank=0, world_size=1)
+            # hashes: no cap (ids are far below it); torchrec 1.6 needs the argument, 1.8 defaults it
+            InMemoryBinaryCriteoIterDataPipe(split, *[[p] for p in last], batch_size=128, rank=0, world_size=1,
+                                             hashes=[2**62] * 26)  # fmt: skip
         )
         ours = list(CriteoIterableDataset(tmp_path, split, batch_size=128, drop_last=False))
         assert len(theirs) == len(ours) == 4

@@ -202,13 +202,40 @@ def test_paper_mapping_rejects_out_of_range_ids():
     kjt = KeyedJaggedTensor(
         keys=["f1", "f2", "f3", "f4"], values=torch.tensor([1, 2, 3, 7]), lengths=torch.ones(4, dtype=torch.long)
     )
-    with pytest.raises((ValueError, RuntimeError), match=r"id 7 of feature #3 is outside \[0, num_embeddings\) = \[0, 7\)"):
+    with pytest.raises(ValueError, match=r"id 7 of feature 'f4' \(table 't_one'\) is outside \[0, num_embeddings\) = \[0, 7\)"):
         ebc(kjt)
     neg = KeyedJaggedTensor(
         keys=["f1", "f2", "f3", "f4"], values=torch.tensor([-1, 2, 3, 4]), lengths=torch.ones(4, dtype=torch.long)
     )
-    with pytest.raises((ValueError, RuntimeError), match="id -1 of feature #0"):
+    with pytest.raises(ValueError, match="id -1 of feature 'f1' \\(table 't_big'\\)"):
         ebc(neg)
+
+
+@pytest.mark.parametrize(
+    "offsets, weights, match",
+    [
+        ([0, 2, 1, 3, 4], None, r"offsets must be non-decreasing .* offsets\[1\] = 2 > offsets\[2\] = 1"),
+        ([0, 1, 2, 3, 9], None, r"offsets run from 0 to 9, outside the 4 values"),
+        ([0, 1, 2, 3, 4], [1.0, 2.0], r"weights must be 1-D with one weight per id \(4\)"),
+    ],
+)
+def test_malformed_kjt_is_refused_on_cpu(offsets, weights, match):
+    """A KeyedJaggedTensor whose offsets decrease or run past its values, or whose weights do not
+    match its ids, is an error naming the problem (it used to crash the process)."""
+    tables = make_tables()
+    ebc = make_ebc(tables, is_weighted=weights is not None)
+    kjt = KeyedJaggedTensor(
+        keys=["f1", "f2", "f3", "f4"], values=torch.tensor([1, 2, 3, 4]), offsets=torch.tensor(offsets),
+        weights=None if weights is None else torch.tensor(weights),
+    )
+    with pytest.raises(ValueError, match=match):
+        ebc(kjt)
+
+
+def test_dtypes_the_cpu_kernel_does_not_take_are_named():
+    ebc = make_ebc(make_tables()).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU operator takes float32 or float64 arrays, got torch.bfloat16"):
+        ebc(make_kjt(make_tables()))
 
 
 def test_missing_feature_is_named():
