@@ -42,8 +42,10 @@ from robe_dist.trainer.data import RunData, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, setup_logging, shutdown
 from robe_dist.trainer.evaluate import evaluate
 from robe_dist.trainer.metrics_log import MetricsLog, RunningLoss, max_over_ranks, peak_memory_bytes
+from robe_dist.placement import Placement
 from robe_dist.trainer.model import (
-    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, robe_modules, shard_model, table_configs,
+    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, place_tables, robe_modules, shard_model,
+    table_configs,
 )  # fmt: skip
 from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
 
@@ -91,10 +93,17 @@ class Trainer:
         seed_everything(cfg.seed)
         num_embeddings = self.data.num_embeddings()
         tables, robe_names = table_configs(cfg, self.data.feature_names, num_embeddings)
+        self.placement: Optional[Placement] = None
+        array_size = None
+        if cfg.robe.budget is not None:
+            stats = self.data.table_stats() if cfg.robe.features == "auto" else None
+            self.placement = place_tables(cfg, tables, robe_names, stats)
+            robe_names, array_size = self.placement.robe_tables, self.placement.array_size or None
+            logger.info("%s", self.placement.describe())
         # full tables and the paper mapping read ids modulo the table size
         bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
-        model = build_dlrm(cfg, build_collection(cfg, tables, robe_names), env.device)
+        model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)
         self.robe = robe_modules(self.model)
@@ -118,7 +127,8 @@ class Trainer:
         self.results: dict = {}
         logger.info(
             "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
-            cfg.model.arch, len(robe_names), f"{cfg.robe.array_size:,}" if robe_names else "-", len(tables) - len(robe_names),
+            cfg.model.arch, len(robe_names), f"{cfg.robe.robe_config(array_size).array_size:,}" if robe_names else "-",
+            len(tables) - len(robe_names),
             sum(p.numel() for p in self.model.parameters()), type(self.pipeline).__name__,
         )  # fmt: skip
 
@@ -220,6 +230,8 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, self.env, total, state.step, cfg.logging.progress_bar)
         self.log.write("start", step=state.step, total_steps=total, steps_per_epoch=steps_per_epoch, world_size=self.env.world_size,
                        pipeline=type(self.pipeline).__name__, planted_val_auc=self.data.planted_auc("val"))  # fmt: skip
+        if self.placement is not None:
+            self.log.write("placement", **self.placement.to_dict())
         running = RunningLoss(self.env)
         stop = "steps" if state.step >= total else None
         t_start, start_step = time.time(), state.step

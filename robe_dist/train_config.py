@@ -26,9 +26,12 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 import yaml
 
 from robe_dist.config import RobeConfig
+from robe_dist.placement import Budget
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_synthetic.yaml"
 """The embedded default: used when no ``--config`` is given."""
+DEFAULT_ARRAY_SIZE = 1_000_000
+"""``robe.array_size`` when neither it nor ``robe.budget`` is set."""
 
 
 @dataclass
@@ -56,6 +59,12 @@ class DataConfig:
     synthetic_scale: float = 1.0e-3
     """Synthetic only: table cardinalities as a fraction of MLPerf v1's (at least 16 ids each)."""
 
+    vocab: bool = False
+    """Synthetic only: map each table's ids to ``0 .. K`` (``robe-data vocab`` over the train split,
+    cached beside the generated data, with the table statistics ``robe.features: auto`` reads), so
+    full tables get one exact row per id instead of ``id % rows``. For Criteo data, run
+    ``robe-data vocab`` and point ``data.path`` at its output."""
+
     multi_hot: bool = False
     """Multi-hot bags (MLPerf v3 DLRMv2 sizes). Synthetic: generate them; Criteo: read the
     dataset's multi-hot files (it must have them)."""
@@ -72,11 +81,11 @@ class ModelConfig:
     arch: Literal["dlrm", "dcn"] = "dlrm"
     """``dlrm``: torchrec.models.dlrm.DLRM; ``dcn``: torchrec.models.dlrm.DLRM_DCN."""
 
-    embedding_dim: int = 16
+    embedding_dim: int = 32
     """Width of every embedding; must equal the last dense layer and be a multiple of
     ``robe.block_size`` for ROBE tables."""
 
-    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 16])
+    dense_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 32])
     """Bottom MLP over the 13 dense features; the last size must equal ``embedding_dim``."""
 
     over_arch_layer_sizes: List[int] = field(default_factory=lambda: [64, 32, 1])
@@ -99,16 +108,25 @@ class ModelConfig:
 class RobeSection:
     """The shared ROBE array (robe_dist.RobeConfig) and which tables live in it."""
 
-    features: Union[Literal["all", "none"], List[str]] = "all"
+    features: Union[Literal["all", "none", "auto"], List[str]] = "all"
     """Which tables live in the ROBE array: ``all``, ``none`` (full tables only: the sharded
-    baseline) or a list of feature names (``[cat_0, cat_9]``); the other tables stay full
-    ``EmbeddingBagCollection`` tables, sharded by TorchRec's planner."""
+    baseline), ``auto`` (the placement planner, robe_dist.placement, chooses the full tables and
+    the array size for ``robe.budget`` from the training split's id statistics), or a list of
+    feature names (``[cat_0, cat_9]``); the other tables stay full ``EmbeddingBagCollection``
+    tables, sharded by TorchRec's planner."""
 
-    array_size: int = 1_000_000
-    """Length of the array in float32 elements (the paper's CriteoTB runs: 27,000,000)."""
+    budget: Optional[Union[str, int]] = None
+    """Memory of all embeddings (full tables + array, float32; optimiser state not included):
+    bytes (``64MB``, ``1.5GiB``, ``4096``) or a compression ratio against the full tables
+    (``100x``). Required by ``features: auto``; with ``all`` or a list, the array gets what the
+    full tables leave. Set this or ``array_size``, not both."""
 
-    block_size: int = 16
-    """Z: embeddings are read in blocks of Z contiguous floats (the paper: 32)."""
+    array_size: Optional[int] = None
+    """Length of the array in float32 elements (the paper's CriteoTB runs: 27,000,000). ``null``:
+    from ``robe.budget``, else 1,000,000."""
+
+    block_size: int = 32
+    """Z: embeddings are read in blocks of Z contiguous floats (the paper: 32; as RobeConfig)."""
 
     hash: Literal["universal", "paper"] = "universal"
     """The mapping: ``universal`` (raw int64 ids) or ``paper`` (the authors', ids < num_embeddings)."""
@@ -120,10 +138,12 @@ class RobeSection:
     init_scale: Optional[float] = None
     """Uniform init in +-init_scale (``null``: sqrt(1 / largest table), as the paper)."""
 
-    def robe_config(self) -> RobeConfig:
+    def robe_config(self, array_size: Optional[int] = None) -> RobeConfig:
+        """The array's RobeConfig; ``array_size`` (from a placement) overrides ``robe.array_size``."""
+        size = array_size if array_size is not None else self.array_size
         return RobeConfig(
-            array_size=self.array_size, block_size=self.block_size, seed=self.seed, hash=self.hash,
-            init_scale=self.init_scale,
+            array_size=size if size is not None else DEFAULT_ARRAY_SIZE, block_size=self.block_size, seed=self.seed,
+            hash=self.hash, init_scale=self.init_scale,
         )  # fmt: skip
 
 
@@ -479,6 +499,18 @@ def validate(cfg: Config) -> None:
 
     if isinstance(r.features, list) and len(set(r.features)) != len(r.features):
         raise ValueError(f"robe.features lists a feature twice: {r.features}")
+    if r.features == "auto" and r.budget is None:
+        raise ValueError("robe.features 'auto' needs robe.budget: bytes (e.g. 64MB) or a compression ratio (e.g. 100x)")
+    if r.budget is not None:
+        if r.array_size is not None:
+            raise ValueError("set robe.budget or robe.array_size, not both (a budget sizes the array)")
+        if r.features == "none":
+            raise ValueError("robe.budget needs ROBE tables: robe.features 'none' keeps every table full")
+        try:
+            Budget.parse(r.budget)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+    _positive(r.array_size, "robe.array_size", allow_none=True)
     if r.features != "none":
         try:
             r.robe_config()

@@ -125,6 +125,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     voc.add_argument("--train-only", action="store_true", help="count only the train split (all files but the last)")
 
+    sta = sub.add_parser(
+        "stats",
+        help="per-table id statistics of the train split (for robe.features: auto)",
+        description="One pass over the train split's sparse ids (all files but the last): per table, the "
+        "distinct ids, occurrences and a histogram of the ids' counts in power-of-two bins. Written to "
+        "DIR/table_stats.json (robe-data vocab writes it too); the placement planner reads it.",
+    )
+    sta.add_argument("--data", "-d", required=True, metavar="DIR", help="dataset directory")
+    sta.add_argument("--all-files", action="store_true", help="count every file, not only the train split")
+
+    pla = sub.add_parser(
+        "plan",
+        help="show the placement of tables (full or ROBE) for a memory budget",
+        description="Plan which tables keep full rows and how large the ROBE array is for a budget "
+        "(bytes such as 64MB, or a compression ratio such as 100x against the full tables), from the "
+        "dataset's table sizes and id statistics (table_stats.json; computed first if missing). "
+        "Prints the decision as robe-train would (robe.features: auto).",
+    )
+    pla.add_argument("--data", "-d", required=True, metavar="DIR", help="dataset directory (with table sizes: robe-data vocab)")
+    pla.add_argument("--budget", "-b", required=True, help="bytes (64MB, 1.5GiB, 4096) or a ratio (100x)")
+    pla.add_argument("--dim", type=int, default=16, help="embedding dim of every table (default 16)")
+    pla.add_argument("--block-size", type=int, default=32, help="Z of the array (default 32; at most --dim)")
+    pla.add_argument("--no-stats", action="store_true", help="ignore id statistics: sizes only")
+    pla.add_argument("--json", action="store_true", help="print the decision as JSON")
+
     inf = sub.add_parser(
         "info",
         help="summarise a dataset directory",
@@ -165,6 +190,26 @@ def _info(path: str, as_json: bool) -> None:
         )
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    from robe_dist.data.criteo import DEFAULT_CAT_NAMES
+    from robe_dist.data.layout import read_manifest
+    from robe_dist.data.stats import ensure_table_stats
+    from robe_dist.placement import plan_placement
+
+    sizes = read_manifest(args.data).get("table_sizes")
+    if not sizes:
+        raise DataError(f"{args.data}: the manifest gives no table sizes; run robe-data vocab first")
+    tables = [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=int(n), feature_names=[f])
+        for f, n in zip(DEFAULT_CAT_NAMES, sizes)
+    ]
+    stats = None if args.no_stats else ensure_table_stats(args.data)
+    placement = plan_placement(tables, args.budget, stats, block_size=min(args.block_size, args.dim))
+    print(json.dumps(placement.to_dict(), indent=1) if args.json else placement.describe())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -202,6 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 min_count=args.min_count,
                 train_only=args.train_only,
             )
+        elif args.command == "stats":
+            from robe_dist.data.stats import compute_table_stats, write_table_stats
+            from robe_dist.data.layout import read_manifest
+
+            names = [f["name"] for f in read_manifest(args.data)["files"]]
+            files = names if args.all_files or len(names) == 1 else names[:-1]
+            path = write_table_stats(args.data, compute_table_stats(args.data, files), files)
+            print(f"wrote {path}")
+        elif args.command == "plan":
+            _plan(args)
         elif args.command == "info":
             _info(args.dir, args.json)
     except (DataError, ValueError) as e:

@@ -8,7 +8,8 @@ others (rare, or unseen in the counted files) map to index 0. So table ``t`` nee
 
 The output directory is a complete dataset: remapped ``NAME_sparse.npy`` (int32, and
 ``NAME_sparse_multi_hot.npy`` if present), the dense and label files hard-linked (or copied)
-from the source, and a manifest (kind "vocab") written last.
+from the source, ``table_stats.json`` (per-table id statistics of the counted files, for the
+placement planner: robe_dist.data.stats) and a manifest (kind "vocab") written last.
 
 Cost: one pass to count, one to remap, in chunks of ``CHUNK_ROWS`` rows. Counts are sorted
 (value, count) arrays per table; with the cap, a table with more than ``max_ind_range / 16``
@@ -33,6 +34,7 @@ from robe_dist.data.layout import (
     MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
+from robe_dist.data.stats import stats_of_counter, write_table_stats
 
 CHUNK_ROWS = 1 << 20
 #: Above this many kept values a table is remapped through a dense lookup array of size
@@ -142,14 +144,18 @@ def build_vocab(
         return block % max_ind_range if max_ind_range > 0 else block
 
     counters = [_TableCounter(max_ind_range) for _ in range(CAT_FEATURE_COUNT)]
+    counted_rows = 0
     for name in counted:
         ids = np.load(part_path(src_dir, name, id_part), mmap_mode="r")
+        counted_rows += len(ids)
         for lo in range(0, len(ids), CHUNK_ROWS):
             block = capped(ids[lo : lo + CHUNK_ROWS])
             for t in range(CAT_FEATURE_COUNT):
                 counters[t].add(block[:, columns == t].reshape(-1))
         if log:
             log(f"counted {name} ({len(ids):,} rows)")
+    # the placement planner's input, from the same pass (robe_dist.data.stats)
+    stats = [stats_of_counter(n, counted_rows, c) for n, c in zip(DEFAULT_CAT_NAMES, counters)]
     maps = []
     for t in range(CAT_FEATURE_COUNT):
         maps.append(_TableMap(counters[t].kept(min_count), max_ind_range))
@@ -193,6 +199,7 @@ def build_vocab(
         "files": [{"name": f["name"], "rows": f["rows"]} for f in manifest["files"]],
         "seconds": round(time.perf_counter() - t0, 2),
     })  # fmt: skip
+    write_table_stats(out_dir, stats, counted)
     write_manifest(out_dir, new)
     if log:
         log(f"{out_dir}: table sizes {table_sizes} (sum {sum(table_sizes):,}); {out_dir / CARDINALITIES_NAME}")

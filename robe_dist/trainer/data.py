@@ -15,12 +15,20 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from robe_dist.data import synthetic
 from robe_dist.data.criteo import DEFAULT_CAT_NAMES
 from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
+from robe_dist.data.layout import load_manifest_file
+from robe_dist.data.stats import TableStats, ensure_table_stats, read_table_stats
+from robe_dist.data.vocab import build_vocab
 from robe_dist.train_config import Config
 from robe_dist.trainer.env import DistEnv
 
 logger = logging.getLogger("robe_dist.train")
 
 _NO_CAP = 2**62  # modulus that leaves any id unchanged
+
+
+def _complete_vocab(path: Path) -> bool:
+    manifest = load_manifest_file(path) if path.is_dir() else None
+    return bool(manifest and manifest.get("kind") == "vocab" and manifest.get("complete"))
 
 
 def synthetic_cache_dir(cfg: Config) -> Path:
@@ -75,6 +83,16 @@ class RunData:
             )
         return [int(s) for s in sizes]
 
+    def table_stats(self) -> List[TableStats]:
+        """Per-table id statistics of the train split (``table_stats.json`` in the dataset; rank 0
+        computes and writes it first if it is missing: one pass over the train split)."""
+        if self.env.is_main:
+            ensure_table_stats(self.path, log=logger.info)
+        dist.barrier()
+        stats = read_table_stats(self.path)
+        assert stats is not None
+        return stats
+
     def cap_ids_of(self, features: Sequence[str], num_embeddings: Sequence[int], capped: Sequence[str]) -> None:
         """Take the ids of the ``capped`` features modulo their table's size from now on."""
         if capped:
@@ -122,17 +140,34 @@ class RunData:
         return self._batches(self._dataset(split, bs, shuffle_buffer=0, drop_last=False))
 
 
+def make_synthetic(cfg: Config, log=logger.info) -> Path:
+    """Generates the synthetic dataset of ``cfg`` unless cached, and its vocabulary with
+    ``data.vocab``; returns the directory to train on (one process only)."""
+    d = cfg.data
+    path = synthetic_cache_dir(cfg)
+    synthetic.generate(
+        path, d.synthetic_rows, days=d.synthetic_days, seed=d.synthetic_seed, scale=d.synthetic_scale,
+        multi_hot=d.multi_hot, log=log,
+    )  # fmt: skip
+    if not d.vocab:
+        return path
+    vocab_path = path.with_name(path.name + "-vocab")
+    if not _complete_vocab(vocab_path):
+        # raw 32-bit ids: no modulo cap; counted on the train split, as in production
+        build_vocab(path, vocab_path, max_ind_range=0, train_only=True, log=log)
+    return vocab_path
+
+
 def prepare_data(cfg: Config, env: DistEnv) -> RunData:
-    """Generates the synthetic dataset unless cached (rank 0; the others wait), reads the manifest."""
+    """Generates the synthetic dataset unless cached (rank 0; the others wait), and its vocabulary
+    with ``data.vocab``; reads the manifest."""
     if cfg.data.kind == "synthetic":
-        path = synthetic_cache_dir(cfg)
         if env.is_main:
-            d = cfg.data
-            synthetic.generate(
-                path, d.synthetic_rows, days=d.synthetic_days, seed=d.synthetic_seed, scale=d.synthetic_scale,
-                multi_hot=d.multi_hot, log=logger.info,
-            )  # fmt: skip
+            make_synthetic(cfg)
         dist.barrier()
+        path = synthetic_cache_dir(cfg)
+        if cfg.data.vocab:
+            path = path.with_name(path.name + "-vocab")
     else:
         path = Path(cfg.data.path)
     return RunData(path=path, manifest=read_manifest(path), cfg=cfg, env=env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -20,8 +20,10 @@ from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import optimizers as trec_optim
 
+from robe_dist.data.stats import TableStats
 from robe_dist.distributed import RobeShardingPlanner, ShardedRobeEmbeddingBagCollection, get_default_sharders
 from robe_dist.modules import RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
+from robe_dist.placement import Placement, evaluate_placement, plan_placement
 from robe_dist.train_config import Config
 from robe_dist.trainer.env import DistEnv
 
@@ -58,7 +60,7 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
             f"{len(feature_names)} sparse features ({feature_names[0]} .. {feature_names[-1]})"
         )
     wanted = cfg.robe.features
-    if wanted == "all":
+    if wanted in ("all", "auto"):  # auto: place_tables decides which of them stay
         robe_features = set(feature_names)
     elif wanted == "none":
         robe_features = set()
@@ -74,14 +76,28 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
     return tables, [t.name for t in tables if t.feature_names[0] in robe_features]
 
 
-def build_collection(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str]) -> nn.Module:
+def place_tables(
+    cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], stats: Optional[List[TableStats]]
+) -> Placement:
+    """The placement for ``robe.budget``: planned (``robe.features: auto``, from ``stats``) or,
+    for a fixed list of ROBE tables, the array the full tables leave."""
+    if cfg.robe.features == "auto":
+        return plan_placement(tables, cfg.robe.budget, stats, block_size=cfg.robe.block_size)
+    return evaluate_placement(tables, cfg.robe.budget, robe_names, stats, block_size=cfg.robe.block_size)
+
+
+def build_collection(
+    cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int] = None
+) -> nn.Module:
     """The embedding collection DLRM reads: all tables in one ROBE array, all full tables (on
-    ``meta``: DMP materialises each rank's shards), or both (RobeHybridEmbeddingBagCollection)."""
+    ``meta``: DMP materialises each rank's shards), or both (RobeHybridEmbeddingBagCollection).
+    ``array_size`` (a placement's) overrides ``robe.array_size``."""
+    robe = cfg.robe.robe_config(array_size) if robe_names else None
     if len(robe_names) == len(tables):
-        return RobeEmbeddingBagCollection(tables, cfg.robe.robe_config())
+        return RobeEmbeddingBagCollection(tables, robe)
     if not robe_names:
         return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    return RobeHybridEmbeddingBagCollection(tables, cfg.robe.robe_config(), robe_tables=robe_names, device=torch.device("meta"))
+    return RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=robe_names, device=torch.device("meta"))
 
 
 def build_dlrm(cfg: Config, collection: nn.Module, device: torch.device) -> nn.Module:
@@ -127,6 +143,9 @@ def shard_model(
             fused["eps"] = cfg.optim.eps
         if cfg.optim.name == "adam":
             fused["beta1"], fused["beta2"] = cfg.optim.betas
+        # no scaling with the world size: TorchRec divides the sharded tables' gradients by it in
+        # the all-to-all's backward (comm_ops gradient division), as DDP averages the dense part
+        # (tests/integration/test_train.py::test_full_tables_take_the_same_step_on_one_and_two_ranks)
         # TorchRec's placeholder classes: their kwargs go to FBGEMM's fused kernel as they are
         _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
     compression = cfg.dist.grad_compression

@@ -21,9 +21,17 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 REPO = Path(__file__).resolve().parents[2]
 
-SMALL = [  # ~1 s of training: 60k rows, 100 steps of 512
+SMALL = [  # ~1 s of training: 60k rows, 100 steps of 512; every table in a 1 MiB ROBE array
     "data.synthetic_rows=60000",
+    "data.synthetic_days=8",
     "data.synthetic_scale=1e-5",
+    "data.vocab=false",
+    "robe.features=all",
+    "robe.budget=null",
+    "robe.array_size=262144",
+    "robe.block_size=16",
+    "optim.name=adam",
+    "optim.lr=0.003",
     "train.global_batch_size=512",
     "eval.batch_size=4096",
     "train.log_every_steps=10",
@@ -184,3 +192,51 @@ def test_checkpoint_of_another_robe_seed_is_refused(tmp_path, data_dir):
     assert "ROBE hash signature" in p.stderr and "robe.seed: checkpoint None, config 7" in p.stderr
     p = train(run, data_dir)  # no --resume: an existing run is not overwritten
     assert p.returncode != 0 and "pass --resume to continue it" in p.stderr
+
+
+@pytest.mark.integration
+def test_placement_planner_on_two_ranks(tmp_path, data_dir):
+    """robe.features: auto on 2 processes: the vocabulary and table statistics are made once, the
+    planner's decision is printed and logged, and the hybrid model (full tables sharded by
+    TorchRec, the rest in a replicated array of the planned size) trains and evaluates."""
+    run = tmp_path / "auto"
+    p = ok(train(run, data_dir, "data.vocab=true", "robe.features=auto", "robe.budget=20x", "robe.array_size=null",
+                 "optim.name=adagrad", "optim.lr=0.05", nproc=2))  # fmt: skip
+    assert "placement for budget 20x" in p.stderr
+    (placement,) = records(run, "placement")
+    assert placement["robe_tables"] and placement["full_tables"]
+    assert placement["used_bytes"] <= placement["full_table_bytes"] / 20 + 4
+    assert (data_dir.parent / "synthetic-vocab" / "table_stats.json").is_file()
+    (summary,) = records(run, "summary")
+    assert 0.6 < summary["val_auc"] < summary["planted_val_auc"] + 0.01
+    sent = records(run, "train")[-1]["robe_allreduce_bytes"]
+    assert sent == summary["step"] * placement["array_size"] * 4  # the planned array, all-reduced
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_full_tables_take_the_same_step_on_one_and_two_ranks(tmp_path, data_dir, optimizer):
+    """From the same weights and the same global batches, 1 and 2 ranks must give the full tables
+    the same steps: the table-wise (fused) tables, whose gradients TorchRec's all-to-all gathers
+    from every rank (and divides by the world size, as DDP averages the dense part), and the
+    data-parallel ones."""
+    common = ["robe.features=[cat_0, cat_1, cat_2]", f"optim.name={optimizer}", "optim.lr=0.05",
+              "train.max_steps=40", "eval.at_end=false", "checkpoint.keep=5"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    # the common starting point (the initialisation differs per world size): weights only, since
+    # it is trained with the other optimiser, whose state a resume does not load
+    other = "adagrad" if optimizer == "sgd" else "sgd"
+    ok(train(one, data_dir, *common, "train.max_steps=10", f"optim.name={other}"))
+    shutil.copytree(one, two)
+    ok(train(one, data_dir, *common, resume=True))
+    ok(train(two, data_dir, *common, nproc=2, resume=True))
+    a = checkpoint_tensors(one / "checkpoints" / "step_00000040", tmp_path)
+    b = checkpoint_tensors(two / "checkpoints" / "step_00000040", tmp_path)
+    start = checkpoint_tensors(one / "checkpoints" / "step_00000010", tmp_path)
+    tables = [k for k in a if ".full.embedding_bags." in k and not k.startswith("optim.")]
+    assert tables and a.keys() == b.keys()
+    assert all(not torch.equal(a[k], start[k]) for k in tables)  # they trained
+    # Adagrad's normalised steps amplify float summation order in tiny gradients: atol 1e-4 (a step
+    # twice as large would move the weights by ~1e-1)
+    far = [k for k in tables if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4)]
+    assert not far, f"full tables trained differently on 2 ranks: {far[:5]}"

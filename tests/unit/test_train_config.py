@@ -67,9 +67,12 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("model.dense_arch_layer_sizes=[64, 32]", "model.dense_arch_layer_sizes must end with model.embedding_dim (16)"),
         ("model.over_arch_layer_sizes=[64, 2]", "model.over_arch_layer_sizes must end with 1"),
         ("robe.block_size=3", "model.embedding_dim (16) must be a multiple of robe.block_size (3)"),
-        ("robe.array_size=8", "robe.array_size (8) must be >= block_size (16)"),
+        ("robe.array_size=8", "set robe.budget or robe.array_size, not both"),
+        ("robe.features=all;robe.budget=null;robe.array_size=8", "robe.array_size (8) must be >= block_size (16)"),
+        ("robe.budget=12 apples", "robe.budget must be bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x), got '12 apples'"),
+        ("robe.features=auto;robe.budget=null", "robe.features 'auto' needs robe.budget"),
         ("robe.hash=murmur", "robe.hash must be one of ['universal', 'paper']"),
-        ("robe.features=some", "robe.features must be 'all' or 'none' or a list of a string"),
+        ("robe.features=some", "robe.features must be 'all' or 'none' or 'auto' or a list of a string"),
         ("optim.warmup_steps=10", None),
         ("train.target_auc=0.4", "train.target_auc must be in (0.5, 1] or null"),
         ("train.precision=bf16", "train.precision 'bf16' needs dist.device 'cuda'"),
@@ -80,7 +83,7 @@ def test_overrides_reach_nested_fields_and_convert_types():
     ],
 )
 def test_validation_names_the_field(override, message):
-    overrides = [override] + (["dist.device=cpu"] if "precision" in override or "bf16" in override else [])
+    overrides = override.split(";") + (["dist.device=cpu"] if "precision" in override or "bf16" in override else [])
     if message is None:  # a valid value, for contrast
         load_config(None, overrides)
         return

@@ -1,0 +1,153 @@
+"""Per-table id statistics of a training split: what the placement planner reads.
+
+For every table: the distinct ids seen, the occurrences, and a histogram of the ids' counts in
+power-of-two bins (bin ``k`` holds the ids seen ``2**k .. 2**(k+1) - 1`` times: how many, and
+how many occurrences they account for). A few hundred numbers describe a 40M-id table, enough for
+``robe_dist.placement`` to tell hot ids from the tail.
+
+Computed in one pass over the train split's sparse ids (``compute_table_stats``; ``robe-data
+vocab`` writes them as a by-product of its counting pass), stored as ``table_stats.json`` in the
+dataset directory::
+
+    robe-data stats --data data/criteo_vocab          # writes data/criteo_vocab/table_stats.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES
+from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest
+from robe_dist.data.npy import partial_path
+
+STATS_NAME = "table_stats.json"
+STATS_VERSION = 1
+CHUNK_ROWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """Id statistics of one table over the counted rows."""
+
+    name: str
+    """The feature (``cat_0`` .. ``cat_25``)."""
+    rows: int
+    """Rows (samples) counted."""
+    distinct: int
+    """Distinct ids seen."""
+    occurrences: int
+    """Ids seen (``rows`` for a one-hot feature; missing values count as id 0, as stored)."""
+    bin_ids: List[int]
+    """``bin_ids[k]``: ids seen between ``2**k`` and ``2**(k+1) - 1`` times."""
+    bin_counts: List[int]
+    """``bin_counts[k]``: their occurrences."""
+
+    @classmethod
+    def from_counts(cls, name: str, rows: int, counts: np.ndarray) -> "TableStats":
+        """From the count of every distinct id (any order)."""
+        counts = np.asarray(counts, dtype=np.int64)
+        counts = counts[counts > 0]
+        bins = np.floor(np.log2(counts)).astype(np.int64) if len(counts) else np.zeros(0, dtype=np.int64)
+        nbins = int(bins.max()) + 1 if len(bins) else 0
+        return cls(
+            name=name, rows=int(rows), distinct=len(counts), occurrences=int(counts.sum()),
+            bin_ids=np.bincount(bins, minlength=nbins).tolist(),
+            bin_counts=np.bincount(bins, weights=counts, minlength=nbins).astype(np.int64).tolist(),
+        )  # fmt: skip
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, mean count)`` per non-empty bin."""
+        ids = np.asarray(self.bin_ids, dtype=np.float64)
+        counts = np.asarray(self.bin_counts, dtype=np.float64)
+        keep = ids > 0
+        return ids[keep], counts[keep] / ids[keep]
+
+
+def count_ids(values: np.ndarray) -> np.ndarray:
+    """Counts of the distinct values of ``values`` (sorted by value)."""
+    return np.unique(values, return_counts=True)[1]
+
+
+def compute_table_stats(
+    data_dir: str | os.PathLike, files: Optional[Sequence[str]] = None, log: Optional[Callable[[str], None]] = print
+) -> List[TableStats]:
+    """One pass over the sparse ids of ``files`` (default: the train split, all day files but the
+    last) of the dataset at ``data_dir``; returns one ``TableStats`` per table."""
+    from robe_dist.data.vocab import _TableCounter  # the same counter as robe-data vocab
+
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    names = [f["name"] for f in manifest["files"]]
+    if files is None:
+        files = names[:-1] if len(names) > 1 else names
+    bag_sizes = manifest.get("multi_hot_sizes")
+    part = MULTI_HOT_PART if bag_sizes else "sparse"
+    columns = np.repeat(np.arange(CAT_FEATURE_COUNT), bag_sizes) if bag_sizes else np.arange(CAT_FEATURE_COUNT)
+    # a vocabulary's ids are dense in [0, table size): count them in dense arrays
+    sizes = manifest.get("table_sizes") if manifest.get("kind") == "vocab" else None
+    counters = [_TableCounter(int(sizes[t]) if sizes else 0) for t in range(CAT_FEATURE_COUNT)]
+    rows = 0
+    for name in files:
+        ids = np.load(part_path(data_dir, name, part), mmap_mode="r")
+        for lo in range(0, len(ids), CHUNK_ROWS):
+            block = np.asarray(ids[lo : lo + CHUNK_ROWS], dtype=np.int64)
+            for t in range(CAT_FEATURE_COUNT):
+                counters[t].add(block[:, columns == t].reshape(-1))
+        rows += len(ids)
+    stats = [stats_of_counter(n, rows, c) for n, c in zip(DEFAULT_CAT_NAMES, counters)]
+    if log:
+        log(f"table statistics of {data_dir} ({', '.join(files)}: {rows:,} rows) in {time.perf_counter() - t0:.1f} s")
+    return stats
+
+
+def stats_of_counter(name: str, rows: int, counter) -> TableStats:
+    """``TableStats`` of a ``robe_dist.data.vocab._TableCounter``."""
+    counts = counter.dense[counter.dense > 0] if counter.dense is not None else counter.counts
+    return TableStats.from_counts(name, rows, counts)
+
+
+def write_table_stats(data_dir: str | os.PathLike, stats: Sequence[TableStats], files: Sequence[str]) -> Path:
+    """Writes ``table_stats.json`` atomically; returns its path."""
+    path = Path(data_dir) / STATS_NAME
+    record = {"version": STATS_VERSION, "files": list(files), "tables": [asdict(s) for s in stats]}
+    tmp = partial_path(path)
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:
+    """The dataset's ``table_stats.json``, or ``None`` if it has none."""
+    path = Path(data_dir) / STATS_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("version") != STATS_VERSION:
+            raise DataError(f"{path}: version {record.get('version')}, expected {STATS_VERSION}; recompute it (robe-data stats)")
+        return [TableStats(**t) for t in record["tables"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a table statistics file ({type(e).__name__}: {e}); recompute it (robe-data stats)") from e
+
+
+def ensure_table_stats(data_dir: str | os.PathLike, log: Optional[Callable[[str], None]] = print) -> List[TableStats]:
+    """The dataset's statistics, computed over its train split and written first if missing."""
+    stats = read_table_stats(data_dir)
+    if stats is None:
+        manifest = read_manifest(Path(data_dir))
+        names = [f["name"] for f in manifest["files"]]
+        files = names[:-1] if len(names) > 1 else names
+        stats = compute_table_stats(data_dir, files, log=log)
+        write_table_stats(data_dir, stats, files)
+    return stats

@@ -1,0 +1,424 @@
+"""Give it a memory budget, get a placement: which tables keep full rows, how large the ROBE array is.
+
+``plan_placement(tables, budget, stats)`` decides, for every table, *full* (an ordinary table of
+``num_embeddings x dim`` floats: exact rows) or *ROBE* (a share of one array), and sizes the array
+with the bytes the full tables leave. The rule minimises a model of the error that collisions put
+into the embeddings, measured against the training split's id statistics
+(``robe_dist.data.stats``; without them every table's ids are taken as equally frequent):
+
+* In the array, an element of id ``x`` (seen ``c_x`` times) shares its slot with an element of
+  another active id ``y`` with probability ``d_y / m`` (``d`` the dim, ``m`` the array size), and a
+  shared slot learns the count-weighted average of the two: against ``y``, ``x`` holds the weight
+  ``s = c_y / (c_x + c_y)`` of foreign signal. The targets of unrelated ids are independent, so
+  much of that foreign signal cancels out over many colliders: only the share ``gamma`` of it
+  remains as error (``COLLISION_WEIGHT``, 0.5, measured). Summed over the array's ids, ``x``
+  expects ``lambda_x = gamma * sum_y d_y c_y / (c_x + c_y) / m`` of error against its own 1, so it
+  keeps ``1 / (1 + lambda_x)`` of its slots; weighted by how often it is seen, the expected loss is
+
+      E = sum over the array's ids x of  c_x * lambda_x / (1 + lambda_x).
+
+  ``gamma`` and the form ``lambda / (1 + lambda)`` (rather than ``1 - exp(-lambda)``) are what
+  trained best on the project's synthetic benchmarks (docs/placement.md): with ``gamma = 1`` the
+  planner moved small tables out of arrays of a few thousand floats, which then trained worse than
+  the array alone.
+
+  Hot ids colliding with rare ones hardly notice (``c_y / (c_x + c_y)`` is small), rare ids are
+  lost anyway; pairs of frequent ids are what hurts. That is why the small tables of a DLRM (few
+  ids, each seen very often) lose most in a shared array and cost least as full tables.
+* Full tables have no collisions but cost ``num_embeddings x dim`` floats of the budget, which
+  shrinks ``m`` and raises ``E`` for the tables left in the array.
+
+Greedy: starting from every table in the array, the table whose move to full rows lowers ``E``
+the most per float is moved, until nothing fits; the best placement seen on the way wins (it can
+be the start: everything in the array). Ids are grouped in power-of-two count bins per table
+(``TableStats``), and ``lambda`` of every bin is a sum of per-table terms computed once, so
+planning 26 tables takes milliseconds.
+
+Example::
+
+    placement = plan_placement(tables, "100x", stats=read_table_stats("data/criteo_vocab"))
+    print(placement.describe())
+    ebc = placement.build_collection(tables)     # RobeHybridEmbeddingBagCollection / ...
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from robe_dist.data.stats import TableStats
+
+if TYPE_CHECKING:
+    from robe_dist.config import RobeConfig
+
+BYTES_PER_FLOAT = 4
+COLLISION_WEIGHT = 0.5
+"""``gamma`` of the module doc: the share of a collision's foreign signal that stays as error."""
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory for the embeddings: ``bytes`` (float32 tables and array), or a compression ``ratio``
+    against the full tables (``100`` = a hundredth of their bytes). Optimiser state is not included.
+
+    Example::
+
+        Budget.parse("100x")      # Budget(ratio=100.0)
+        Budget.parse("64MiB")     # Budget(bytes=67108864)
+        Budget.parse(10**9)       # Budget(bytes=1000000000)
+    """
+
+    bytes: Optional[int] = None
+    ratio: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if (self.bytes is None) == (self.ratio is None):
+            raise ValueError("robe.budget: give bytes or a compression ratio, not both")
+        if self.bytes is not None and not self.bytes > 0:
+            raise ValueError(f"robe.budget must be a positive number of bytes, got {self.bytes}")
+        if self.ratio is not None and not (self.ratio > 0 and math.isfinite(self.ratio)):
+            raise ValueError(f"robe.budget must be a positive compression ratio such as '100x', got {self.ratio}x")
+
+    @classmethod
+    def parse(cls, value: Union[str, int, float, "Budget"]) -> "Budget":
+        """``"100x"`` (compression ratio), ``"64MB"`` / ``"1.5GiB"`` / ``"4096"`` / ``4096`` (bytes)."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"robe.budget must be bytes (e.g. 64MB) or a ratio (e.g. 100x), got {value!r}")
+        if isinstance(value, (int, float)):
+            if not value > 0 or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(f"robe.budget must be a positive whole number of bytes, got {value!r}")
+            return cls(bytes=int(value))
+        text = str(value).strip().lower().replace("_", "").replace(" ", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(x|[kmgt]i?b|b)?", text)
+        if not m:
+            raise ValueError(f"robe.budget must be bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x), got {value!r}")
+        number, unit = float(m.group(1)), m.group(2) or ""
+        if unit == "x":
+            return cls(ratio=number)
+        total = number * _UNITS[unit]
+        if not total >= 1:
+            raise ValueError(f"robe.budget must be at least 1 byte, got {value!r}")
+        return cls(bytes=int(total))
+
+    def floats(self, full_floats: int) -> int:
+        """The budget in float32 elements, given the full tables' elements."""
+        if self.bytes is not None:
+            return self.bytes // BYTES_PER_FLOAT
+        return int(full_floats / self.ratio)
+
+    def __str__(self) -> str:
+        return f"{self.ratio:g}x" if self.ratio is not None else f"{self.bytes:,} bytes"
+
+
+@dataclass
+class TableChoice:
+    """Where one table goes."""
+
+    name: str
+    features: List[str]
+    rows: int
+    dim: int
+    placement: str
+    """``"full"`` or ``"robe"``."""
+    bytes: int
+    """Bytes of its full table (``"full"``), or 0 (its share of the array is not separable)."""
+    distinct: Optional[int]
+    """Distinct ids seen in the training split (``None`` without statistics)."""
+    occurrence_share: float
+    """Its share of all id occurrences (``1 / tables`` without statistics)."""
+    expected_error: float
+    """Its part of ``E`` relative to its occurrences (0 for full tables): the expected fraction of
+    its signal lost to collisions in the model above."""
+
+
+@dataclass
+class Placement:
+    """A planned split of tables between full rows and one ROBE array."""
+
+    budget: Budget
+    budget_bytes: int
+    full_table_bytes: int
+    """Bytes of every table as a full table (the compression's reference)."""
+    tables: List[TableChoice]
+    array_size: int
+    """Elements of the ROBE array (0: no table in it)."""
+    block_size: int
+    expected_error: float
+    """``E`` over all occurrences (0: no collisions)."""
+    load: float
+    """Active elements per array slot: distinct ids in the array x dim / array size."""
+    used_stats: bool
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def full_tables(self) -> List[str]:
+        return [t.name for t in self.tables if t.placement == "full"]
+
+    @property
+    def robe_tables(self) -> List[str]:
+        return [t.name for t in self.tables if t.placement == "robe"]
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables) + self.array_size * BYTES_PER_FLOAT
+
+    @property
+    def compression(self) -> float:
+        return self.full_table_bytes / max(self.used_bytes, 1)
+
+    @property
+    def collision_probability(self) -> float:
+        """Probability that an element of an id in the array shares its slot with another id's."""
+        return 1.0 - math.exp(-self.load) if self.array_size else 0.0
+
+    def describe(self) -> str:
+        """The decision, as printed by the trainer and ``robe-data plan``."""
+        lines = [
+            f"placement for budget {self.budget} = {self.budget_bytes:,} bytes (full tables: {self.full_table_bytes:,} bytes): "
+            f"{len(self.full_tables)} full tables ({sum(t.bytes for t in self.tables):,} bytes) + ROBE array of "
+            f"{self.array_size:,} floats ({self.array_size * BYTES_PER_FLOAT:,} bytes, Z={self.block_size}) for "
+            f"{len(self.robe_tables)} tables; {self.compression:,.1f}x smaller than the full tables",
+        ]
+        if self.array_size:
+            lines.append(
+                f"  array load {self.load:.3g} active elements per slot, collision probability {self.collision_probability:.1%}, "
+                f"expected signal lost to collisions {self.expected_error:.2%} of all occurrences"
+                + ("" if self.used_stats else " (no id statistics: ids taken as uniform over each table)")
+            )
+        lines.append(f"  {'table':<14} {'place':<5} {'rows':>12} {'distinct':>10} {'occ.':>6} {'bytes':>14} {'lost':>7}")
+        for t in self.tables:
+            distinct = f"{t.distinct:,}" if t.distinct is not None else "-"
+            lost = f"{t.expected_error:.1%}" if t.placement == "robe" else "-"
+            lines.append(
+                f"  {t.name:<14} {t.placement:<5} {t.rows:>12,} {distinct:>10} {t.occurrence_share:>6.1%} {t.bytes:>14,} {lost:>7}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def robe_config(self, **kwargs) -> "RobeConfig":
+        """The ROBE array's ``RobeConfig`` (``kwargs``: hash, seed, init_scale)."""
+        from robe_dist.config import RobeConfig
+
+        if not self.array_size:
+            raise ValueError("this placement has no ROBE array (every table is full)")
+        return RobeConfig(array_size=self.array_size, block_size=self.block_size, **kwargs)
+
+    def build_collection(self, tables: Sequence[EmbeddingBagConfig], device=None, **robe_kwargs):
+        """The embedding collection of this placement over ``tables``: a
+        ``RobeEmbeddingBagCollection`` (all in the array), a ``torchrec.EmbeddingBagCollection``
+        (all full) or a ``RobeHybridEmbeddingBagCollection`` (both)."""
+        from torchrec import EmbeddingBagCollection
+
+        from robe_dist.modules import RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
+
+        if sorted(t.name for t in tables) != sorted(t.name for t in self.tables):
+            raise ValueError("build_collection: the tables are not the ones this placement was planned for")
+        if not self.robe_tables:
+            return EmbeddingBagCollection(tables=list(tables), device=device)
+        if not self.full_tables:
+            return RobeEmbeddingBagCollection(list(tables), self.robe_config(**robe_kwargs), device=device)
+        return RobeHybridEmbeddingBagCollection(
+            list(tables), self.robe_config(**robe_kwargs), robe_tables=self.robe_tables, device=device
+        )
+
+    def to_dict(self) -> Dict:
+        return {
+            "budget": str(self.budget), "budget_bytes": self.budget_bytes, "full_table_bytes": self.full_table_bytes,
+            "used_bytes": self.used_bytes, "compression": round(self.compression, 3), "array_size": self.array_size,
+            "block_size": self.block_size, "full_tables": self.full_tables, "robe_tables": self.robe_tables,
+            "expected_error": self.expected_error, "load": self.load, "collision_probability": self.collision_probability,
+            "used_stats": self.used_stats, "notes": self.notes,
+        }  # fmt: skip
+
+
+class _ErrorModel:
+    """``E`` of the module doc for any set of tables in the array and any array size."""
+
+    def __init__(self, ids: List[np.ndarray], counts: List[np.ndarray], dims: np.ndarray) -> None:
+        self.owner = np.repeat(np.arange(len(ids)), [len(a) for a in ids])
+        self.n = np.concatenate(ids)
+        self.c = np.concatenate(counts)
+        d = dims[self.owner]
+        # share[k, j] = c_j / (c_k + c_j): what an id of bin k loses to one collision with bin j
+        share = self.c[None, :] / (self.c[:, None] + self.c[None, :])
+        onehot = np.zeros((len(self.n), len(ids)))
+        onehot[np.arange(len(self.n)), self.owner] = 1.0
+        # per_table[k, u] = sum over bins j of table u of share[k, j] * n_j * d_j (one id's collisions
+        # with table u, times m); an id does not collide with itself
+        self.per_table = (share * (self.n * d)[None, :]) @ onehot
+        self.per_table[np.arange(len(self.n)), self.owner] -= 0.5 * d
+        self.mass = self.n * self.c
+
+    def lost(self, robe: np.ndarray, m: float) -> np.ndarray:
+        """Expected lost occurrences per table (0 for tables not in the array)."""
+        out = np.zeros(len(robe))
+        if not robe.any() or m <= 0:
+            return out
+        inside = robe[self.owner]
+        lam = COLLISION_WEIGHT * np.maximum(self.per_table[inside][:, robe].sum(axis=1) / m, 0.0)
+        np.add.at(out, self.owner[inside], self.mass[inside] * lam / (1.0 + lam))
+        return out
+
+    def __call__(self, robe: np.ndarray, m: float) -> float:
+        return float(self.lost(robe, m).sum())
+
+
+class _Problem:
+    """The tables, the budget in floats and the error model, shared by the planner and the evaluator."""
+
+    def __init__(self, tables: Sequence[EmbeddingBagConfig], budget: Budget, stats: Optional[Sequence[TableStats]],
+                 block_size: int) -> None:  # fmt: skip
+        if not tables:
+            raise ValueError("a placement needs at least one table")
+        self.tables, self.budget, self.block_size, self.used_stats = list(tables), budget, block_size, stats is not None
+        self.rows = np.array([t.num_embeddings for t in tables], dtype=np.float64)
+        self.dims = np.array([t.embedding_dim for t in tables], dtype=np.float64)
+        self.cost = self.rows * self.dims  # floats of each full table
+        self.full_floats = int(self.cost.sum())
+        self.budget_floats = budget.floats(self.full_floats)
+        self.budget_bytes = budget.bytes if budget.bytes is not None else self.budget_floats * BYTES_PER_FLOAT
+        self.min_array = max(int(self.dims.max()), block_size)
+        by_feature = None
+        if stats is not None:
+            by_feature = {s.name: s for s in stats}
+            missing = [t.feature_names[0] for t in tables if t.feature_names[0] not in by_feature]
+            if missing:
+                raise ValueError(
+                    f"the table statistics do not describe the features {missing} (they describe "
+                    f"{sorted(by_feature)[:6]}...): statistics of another dataset? Recompute them (robe-data stats)"
+                )
+        ids, counts, occurrences, self.distinct = [], [], [], []
+        for t in tables:
+            if by_feature is not None:
+                st = by_feature[t.feature_names[0]]
+                n, c = st.histogram()
+                ids.append(n)
+                counts.append(c)
+                occurrences.append(float(st.occurrences))
+                self.distinct.append(st.distinct)
+            else:  # one occurrence per sample spread evenly over the rows
+                ids.append(np.array([float(t.num_embeddings)]))
+                counts.append(np.array([1.0 / t.num_embeddings]))
+                occurrences.append(1.0)
+                self.distinct.append(None)
+        self.occ = np.array(occurrences)
+        self.active = np.array([d if d is not None else r for d, r in zip(self.distinct, self.rows)]) * self.dims
+        self.error = _ErrorModel(ids, counts, self.dims)
+
+    def array_for(self, full: np.ndarray) -> float:
+        return self.budget_floats - float(self.cost[full].sum())
+
+    def placement(self, full: np.ndarray, notes: List[str]) -> Placement:
+        robe = ~full
+        array_size = int(self.array_for(full)) if robe.any() else 0
+        lost = self.error.lost(robe, array_size)
+        total_occ = max(self.occ.sum(), 1e-300)
+        choices = [
+            TableChoice(
+                name=t.name, features=list(t.feature_names), rows=int(t.num_embeddings), dim=int(t.embedding_dim),
+                placement="full" if full[i] else "robe", bytes=int(self.cost[i]) * BYTES_PER_FLOAT if full[i] else 0,
+                distinct=self.distinct[i], occurrence_share=float(self.occ[i] / total_occ),
+                expected_error=float(min(lost[i] / max(self.occ[i], 1e-300), 1.0)),
+            )  # fmt: skip
+            for i, t in enumerate(self.tables)
+        ]
+        if robe.any() and not full.any():
+            notes.append("every table is in the ROBE array")
+        return Placement(
+            budget=self.budget, budget_bytes=int(self.budget_bytes), full_table_bytes=self.full_floats * BYTES_PER_FLOAT,
+            tables=choices, array_size=array_size, block_size=self.block_size,
+            expected_error=float(lost.sum() / total_occ), load=float(self.active[robe].sum() / array_size) if array_size else 0.0,
+            used_stats=self.used_stats, notes=notes,
+        )  # fmt: skip
+
+    def check_array(self, full: np.ndarray, what: str) -> None:
+        if self.array_for(full) < self.min_array:
+            raise ValueError(
+                f"robe.budget {self.budget} = {self.budget_floats * BYTES_PER_FLOAT:,} bytes leaves "
+                f"{max(self.array_for(full), 0) * BYTES_PER_FLOAT:,.0f} bytes for the ROBE array {what}, below the smallest "
+                f"usable array ({self.min_array} floats = {self.min_array * BYTES_PER_FLOAT:,} bytes: one embedding); the full "
+                f"tables would take {self.full_floats * BYTES_PER_FLOAT:,} bytes"
+            )
+
+
+def plan_placement(
+    tables: Sequence[EmbeddingBagConfig],
+    budget: Union[str, int, float, Budget],
+    stats: Optional[Sequence[TableStats]] = None,
+    block_size: int = 32,
+) -> Placement:
+    """Chooses full tables and the ROBE array size for ``budget`` (see the module doc).
+
+    Args:
+        tables: every table (``num_embeddings`` is what a full table costs; ids of a full table
+            must lie in ``[0, num_embeddings)``, e.g. after ``robe-data vocab``).
+        budget: bytes (``"64MB"``, ``4096``) or a compression ratio (``"100x"``), as ``Budget.parse``.
+        stats: id statistics of the training split, one per table's first feature, matched by
+            feature name (``robe_dist.data.stats``); ``None``: uniform ids.
+        block_size: the array's Z; every ``embedding_dim`` must be a multiple of it.
+
+    Raises:
+        ValueError: a budget below one embedding of array, statistics of other features, a
+            malformed budget.
+    """
+    pb = _Problem(tables, Budget.parse(budget), stats, block_size)
+    if pb.full_floats <= pb.budget_floats:
+        return pb.placement(
+            np.ones(len(tables), dtype=bool),
+            [f"the budget ({pb.budget}) covers every table as a full table: no compression, no ROBE array"],
+        )
+    full = np.zeros(len(tables), dtype=bool)
+    pb.check_array(full, "with every table in it")
+    error, cost = pb.error, pb.cost
+    m = float(pb.budget_floats)
+    best_full, best_err = full.copy(), error(~full, m)
+    while True:
+        current = error(~full, m)
+        choice, choice_score = None, -math.inf
+        for t in np.flatnonzero(~full):
+            if m - cost[t] < pb.min_array:
+                continue
+            trial = full.copy()
+            trial[t] = True
+            if trial.all():
+                continue  # at least one table stays in the array (all-full did not fit)
+            score = (current - error(~trial, m - cost[t])) / cost[t]
+            if score > choice_score:
+                choice, choice_score = t, score
+        if choice is None:
+            break
+        full[choice] = True
+        m -= cost[choice]
+        err = error(~full, m)
+        if err < best_err:
+            best_full, best_err = full.copy(), err
+    return pb.placement(best_full, [])
+
+
+def evaluate_placement(
+    tables: Sequence[EmbeddingBagConfig],
+    budget: Union[str, int, float, Budget],
+    robe_tables: Sequence[str],
+    stats: Optional[Sequence[TableStats]] = None,
+    block_size: int = 32,
+) -> Placement:
+    """The placement that puts ``robe_tables`` in the array and keeps the others full, with the
+    array sized from ``budget`` (what the full tables leave), described like ``plan_placement``'s."""
+    pb = _Problem(tables, Budget.parse(budget), stats, block_size)
+    names = [t.name for t in tables]
+    unknown = sorted(set(robe_tables) - set(names))
+    if unknown:
+        raise ValueError(f"robe tables {unknown} are not among the tables {names}")
+    if not robe_tables:
+        raise ValueError("a budget needs at least one table in the ROBE array")
+    full = np.array([n not in set(robe_tables) for n in names])
+    pb.check_array(full, f"next to the {int(full.sum())} full tables")
+    return pb.placement(full, [])

@@ -1,0 +1,149 @@
+"""The placement planner (robe_dist.placement), its budget and the table statistics it reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+from robe_dist import RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
+from robe_dist.data.criteo import DEFAULT_CAT_NAMES
+from robe_dist.data.layout import part_path, read_manifest
+from robe_dist.data.stats import TableStats, compute_table_stats, read_table_stats, write_table_stats
+from robe_dist.data.synthetic import generate
+from robe_dist.data.vocab import build_vocab
+from robe_dist.placement import Budget, evaluate_placement, plan_placement
+from robe_dist.train_config import load_config
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("100x", Budget(ratio=100.0)), ("1e3x", Budget(ratio=1000.0)), ("64MB", Budget(bytes=64_000_000)),
+     ("1.5GiB", Budget(bytes=3 * 2**29)), (4096, Budget(bytes=4096)), ("4_096", Budget(bytes=4096))],
+)  # fmt: skip
+def test_budget_parses_bytes_and_ratios(text, expected):
+    assert Budget.parse(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-5x", "0x", "abc", "10 apples", 0, -1, True, "0.5b", 1.5])
+def test_malformed_budget_is_named(bad):
+    with pytest.raises(ValueError, match="robe.budget"):
+        Budget.parse(bad)
+
+
+def test_table_stats_histogram_from_counts():
+    s = TableStats.from_counts("cat_0", rows=15, counts=np.array([1, 1, 2, 3, 8, 0]))
+    assert (s.distinct, s.occurrences) == (5, 15)
+    assert s.bin_ids == [2, 2, 0, 1] and s.bin_counts == [2, 5, 0, 8]
+    ids, mean = s.histogram()
+    assert ids.tolist() == [2, 2, 1] and mean.tolist() == [1.0, 2.5, 8.0]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small synthetic dataset (3 days: train = days 0-1) and its vocabulary."""
+    root = tmp_path_factory.mktemp("placement")
+    generate(root / "raw", 6000, days=3, seed=1, scale=1e-4, log=None)
+    build_vocab(root / "raw", root / "vocab", max_ind_range=0, train_only=True, log=None)
+    return root
+
+
+def test_stats_count_the_train_split(dataset):
+    raw = dataset / "raw"
+    stats = compute_table_stats(raw, log=None)
+    ids = np.concatenate([np.load(part_path(raw, f"day_{d}", "sparse")) for d in (0, 1)])
+    assert [s.name for s in stats] == list(DEFAULT_CAT_NAMES)
+    for t, s in enumerate(stats):
+        _, counts = np.unique(ids[:, t], return_counts=True)
+        assert s.rows == len(ids) == s.occurrences
+        assert s == TableStats.from_counts(s.name, len(ids), counts)
+    # robe-data vocab wrote the same statistics of the same split, and they round-trip
+    assert read_table_stats(dataset / "vocab") == stats
+    write_table_stats(dataset, stats, ["day_0", "day_1"])
+    assert read_table_stats(dataset) == stats
+    assert compute_table_stats(dataset / "vocab", log=None) == stats  # dense ids: the same counts
+
+
+def mlperf_tables(dataset):
+    sizes = read_manifest(dataset / "vocab")["table_sizes"]
+    return [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=16, num_embeddings=int(n), feature_names=[f])
+        for f, n in zip(DEFAULT_CAT_NAMES, sizes)
+    ]
+
+
+def test_planner_keeps_small_frequent_tables_whole_and_beats_both_extremes(dataset):
+    tables = mlperf_tables(dataset)
+    stats = read_table_stats(dataset / "vocab")
+    full_bytes = sum(t.num_embeddings * 16 * 4 for t in tables)
+    for ratio in (10, 100):
+        p = plan_placement(tables, f"{ratio}x", stats, block_size=16)
+        assert p.used_bytes <= full_bytes / ratio + 4 and p.array_size > 0
+        all_robe = evaluate_placement(tables, f"{ratio}x", [t.name for t in tables], stats, block_size=16)
+        assert p.expected_error <= all_robe.expected_error
+        if ratio != 10:
+            continue
+        sizes = {t.name: t.num_embeddings for t in tables}
+        # one-hot tables carry equal mass: the cheap (small) ones are the ones worth full rows
+        assert p.full_tables and max(sizes[n] for n in p.full_tables) < max(sizes[n] for n in p.robe_tables)
+        assert sum(sizes[n] for n in p.full_tables) / len(p.full_tables) < sum(sizes[n] for n in p.robe_tables) / len(p.robe_tables)
+    text = p.describe()
+    assert "t_cat_0" in text and "ROBE array" in text and "expected signal lost" in text
+    json.dumps(p.to_dict())
+
+
+def test_planner_without_statistics_uses_sizes():
+    """Without statistics each table's ids are taken as equally frequent: the tiny tables' ids are
+    hot, so they are the first worth full rows; the plan never expects more loss than all-ROBE."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+              for i, n in enumerate([3, 10, 50_000, 80_000])]  # fmt: skip
+    crowded = plan_placement(tables, 20_000, None, block_size=8)  # bytes: 5,000 floats for 1,040,104 full
+    assert crowded.full_tables == ["t0", "t1"] and crowded.array_size == 5_000 - 13 * 8 and not crowded.used_stats
+    for budget in (400, 20_000, 200_000, 2_000_000):
+        planned = plan_placement(tables, budget, None, block_size=8)
+        all_robe = evaluate_placement(tables, budget, ["t0", "t1", "t2", "t3"], None, block_size=8)
+        assert planned.expected_error <= all_robe.expected_error
+
+
+def test_budget_edges_are_said_plainly(dataset):
+    tables = mlperf_tables(dataset)
+    full_bytes = sum(t.num_embeddings * 16 * 4 for t in tables)
+    everything = plan_placement(tables, full_bytes + 1000)
+    assert everything.robe_tables == [] and everything.array_size == 0
+    assert "covers every table as a full table" in everything.notes[0]
+    with pytest.raises(ValueError, match=r"robe.budget 20 bytes = 20 bytes leaves .* below the smallest usable array"):
+        plan_placement(tables, 20)
+    other = [TableStats.from_counts(f"x{i}", 10, np.array([10])) for i in range(26)]
+    with pytest.raises(ValueError, match="statistics of another dataset"):
+        plan_placement(tables, "100x", other)
+    with pytest.raises(ValueError, match="leaves .* next to the 25 full tables"):
+        evaluate_placement(tables, "10000x", ["t_cat_0"])
+
+
+def test_build_collection_follows_the_placement(dataset):
+    tables = mlperf_tables(dataset)
+    stats = read_table_stats(dataset / "vocab")
+    hybrid = plan_placement(tables, "10x", stats, block_size=16).build_collection(tables)
+    assert isinstance(hybrid, RobeHybridEmbeddingBagCollection) and hybrid.full_table_names
+    robe = evaluate_placement(tables, "10x", [t.name for t in tables], block_size=16).build_collection(tables)
+    assert isinstance(robe, RobeEmbeddingBagCollection)
+    full = plan_placement(tables, 10**12).build_collection(tables)
+    assert isinstance(full, EmbeddingBagCollection)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["robe.features=auto", "robe.budget=null"], "robe.features 'auto' needs robe.budget"),
+        (["robe.budget=100x", "robe.array_size=1000"], "set robe.budget or robe.array_size, not both"),
+        (["robe.budget=lots"], "robe.budget must be bytes"),
+        (["robe.budget=-3x"], "robe.budget must be"),
+        (["robe.features=none", "robe.budget=100x"], "robe.budget needs ROBE tables"),
+    ],
+)
+def test_config_refuses_bad_budgets(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_synthetic.yaml", overrides)
