@@ -342,8 +342,8 @@ class _Problem:
     def check_array(self, full: np.ndarray, what: str) -> None:
         if self.array_for(full) < self.min_array:
             raise ValueError(
-                f"robe.budget {self.budget} = {self.budget_floats * BYTES_PER_FLOAT:,} bytes leaves "
-                f"{max(self.array_for(full), 0) * BYTES_PER_FLOAT:,.0f} bytes for the ROBE array {what}, below the smallest "
+                f"robe.budget {self.budget} leaves {max(self.array_for(full), 0) * BYTES_PER_FLOAT:,.0f} bytes for the "
+                f"ROBE array {what}, below the smallest "
                 f"usable array ({self.min_array} floats = {self.min_array * BYTES_PER_FLOAT:,} bytes: one embedding); the full "
                 f"tables would take {self.full_floats * BYTES_PER_FLOAT:,} bytes"
             )

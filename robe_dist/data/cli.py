@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from robe_dist.data.criteo import MLPERF_MAX_IND_RANGE
@@ -206,8 +207,14 @@ def _plan(args: argparse.Namespace) -> None:
         for f, n in zip(DEFAULT_CAT_NAMES, sizes)
     ]
     stats = None if args.no_stats else ensure_table_stats(args.data)
+    t0 = time.perf_counter()
     placement = plan_placement(tables, args.budget, stats, block_size=min(args.block_size, args.dim))
-    print(json.dumps(placement.to_dict(), indent=1) if args.json else placement.describe())
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({**placement.to_dict(), "planning_s": seconds}, indent=1))
+    else:
+        print(placement.describe())
+        print(f"planned in {seconds * 1e3:.1f} ms")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

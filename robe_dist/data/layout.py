@@ -55,17 +55,22 @@ def part_path(directory: str | os.PathLike, name: str, part: str) -> Path:
     return Path(directory) / f"{name}_{part}.npy"
 
 
-def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
-    """Write ``manifest.json`` atomically (temporary name, fsync, rename)."""
-    path = Path(directory) / MANIFEST_NAME
+def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
+    """Write ``record`` as JSON to ``path`` atomically (temporary name, fsync, rename)."""
+    path = Path(path)
     tmp = partial_path(path)
     with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
+        json.dump(record, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
+    """Write ``manifest.json`` atomically (temporary name, fsync, rename)."""
+    return write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)
 
 
 def load_manifest_file(directory: str | os.PathLike) -> dict | None:

@@ -24,8 +24,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES
-from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest
-from robe_dist.data.npy import partial_path
+from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest, write_json_atomic
 
 STATS_NAME = "table_stats.json"
 STATS_VERSION = 1
@@ -116,15 +115,8 @@ def stats_of_counter(name: str, rows: int, counter) -> TableStats:
 
 def write_table_stats(data_dir: str | os.PathLike, stats: Sequence[TableStats], files: Sequence[str]) -> Path:
     """Writes ``table_stats.json`` atomically; returns its path."""
-    path = Path(data_dir) / STATS_NAME
     record = {"version": STATS_VERSION, "files": list(files), "tables": [asdict(s) for s in stats]}
-    tmp = partial_path(path)
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(data_dir) / STATS_NAME, record)
 
 
 def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:

@@ -20,7 +20,6 @@ more than ``DENSE_LUT_MIN_KEPT`` kept values (same size).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_manifest,
+    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -188,9 +187,7 @@ def build_vocab(
 
     params = {"max_ind_range": max_ind_range, "min_count": min_count, "train_only": train_only, "oov_index": 0}
     cards = {"table_sizes": table_sizes, "feature_names": list(DEFAULT_CAT_NAMES), **params, "source": manifest["path"]}
-    with open(partial_path(out_dir / CARDINALITIES_NAME), "w") as f:
-        json.dump(cards, f, indent=1)
-    os.replace(partial_path(out_dir / CARDINALITIES_NAME), out_dir / CARDINALITIES_NAME)
+    write_json_atomic(out_dir / CARDINALITIES_NAME, cards)
     # everything else (multi_hot_sizes, params, planted_auc: the labels are unchanged) carries over
     new = {k: v for k, v in manifest.items() if k not in ("path", "rows")}
     new.update({

@@ -127,7 +127,6 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         global_names = get_embedding_names_by_table(tables)
         col = {0: 0, 1: 0}  # running column per child (0: robe, 1: full)
         pieces: List[_Slice] = []
-        child_of = {0: [], 1: []}  # children present, in call order
         for t, t_names in zip(tables, global_names):
             c = 0 if t.name in robe_set else 1
             for _ in t_names:
