@@ -56,6 +56,10 @@ from robe_dist.data.stats import TableStats
 if TYPE_CHECKING:
     from robe_dist.config import RobeConfig
 
+class PlacementError(ValueError):
+    """A budget and tables (or statistics) that admit no placement; the message says why."""
+
+
 BYTES_PER_FLOAT = 4
 COLLISION_WEIGHT = 0.5
 """``gamma`` of the module doc: the share of a collision's foreign signal that stays as error."""
@@ -291,7 +295,7 @@ class _Problem:
             by_feature = {s.name: s for s in stats}
             missing = [t.feature_names[0] for t in tables if t.feature_names[0] not in by_feature]
             if missing:
-                raise ValueError(
+                raise PlacementError(
                     f"the table statistics do not describe the features {missing} (they describe "
                     f"{sorted(by_feature)[:6]}...): statistics of another dataset? Recompute them (robe-data stats)"
                 )
@@ -341,7 +345,7 @@ class _Problem:
 
     def check_array(self, full: np.ndarray, what: str) -> None:
         if self.array_for(full) < self.min_array:
-            raise ValueError(
+            raise PlacementError(
                 f"robe.budget {self.budget} leaves {max(self.array_for(full), 0) * BYTES_PER_FLOAT:,.0f} bytes for the "
                 f"ROBE array {what}, below the smallest "
                 f"usable array ({self.min_array} floats = {self.min_array * BYTES_PER_FLOAT:,} bytes: one embedding); the full "
@@ -416,9 +420,9 @@ def evaluate_placement(
     names = [t.name for t in tables]
     unknown = sorted(set(robe_tables) - set(names))
     if unknown:
-        raise ValueError(f"robe tables {unknown} are not among the tables {names}")
+        raise PlacementError(f"robe tables {unknown} are not among the tables {names}")
     if not robe_tables:
-        raise ValueError("a budget needs at least one table in the ROBE array")
+        raise PlacementError("a budget needs at least one table in the ROBE array")
     full = np.array([n not in set(robe_tables) for n in names])
     pb.check_array(full, f"next to the {int(full.sum())} full tables")
     return pb.placement(full, [])

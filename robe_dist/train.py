@@ -42,7 +42,7 @@ from robe_dist.trainer.data import RunData, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, setup_logging, shutdown
 from robe_dist.trainer.evaluate import evaluate
 from robe_dist.trainer.metrics_log import MetricsLog, RunningLoss, max_over_ranks, peak_memory_bytes
-from robe_dist.placement import Placement
+from robe_dist.placement import Placement, PlacementError
 from robe_dist.trainer.model import (
     build_collection, build_dlrm, embedding_parameters, has_sharded_modules, place_tables, robe_modules, shard_model,
     table_configs,
@@ -337,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Diverged as e:
         logger.error("%s", e)
         return EXIT_DIVERGED
-    except (DataError, FileExistsError) as e:
+    except (DataError, FileExistsError, PlacementError) as e:
         logger.error("robe-train: %s", e)
         return 2
     finally:
