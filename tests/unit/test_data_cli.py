@@ -12,7 +12,7 @@ import pytest
 
 from robe_dist.data.cli import main
 
-SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "criteo_sample"
+from sample_data import MISSING, SAMPLE  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -42,7 +42,7 @@ def test_ingest_reports_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "ingested 2 rows" in out and "2 bad rows skipped" in out
 
 
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason="real Criteo rows not found")
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason=MISSING)
 def test_ingest_real_sample_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ingest", "-i", str(SAMPLE), "-o", str(tmp_path), "--workers", "1", "--no-progress"]) == 0
     m = json.loads((tmp_path / "manifest.json").read_text())

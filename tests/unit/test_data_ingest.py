@@ -18,10 +18,10 @@ from robe_dist.data.layout import DataError, read_manifest
 from robe_dist.data.rawtext import RawRows, format_tsv, random_dense, raw_ids, zipf_ranks
 from robe_dist.data.reference import parse_text
 
-SAMPLE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "criteo_sample"
+from sample_data import MISSING, SAMPLE  # noqa: E402
 KAGGLE = SAMPLE / "kaggle_train_head_1000.tsv"
 DEEPCTR = SAMPLE / "deepctr_sample_200.csv"
-needs_sample = pytest.mark.skipif(not KAGGLE.is_file(), reason=f"real Criteo rows not found at {SAMPLE}")
+needs_sample = pytest.mark.skipif(not KAGGLE.is_file(), reason=MISSING)
 
 
 def load(out: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
