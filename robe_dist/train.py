@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
 from robe_dist.data.layout import DataError
@@ -52,10 +54,61 @@ from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
 logger = logging.getLogger("robe_dist.train")
 
 EXIT_DIVERGED = 3
+STOP_CHECK_EVERY = 10
+"""Steps between the ranks' agreement on a stop request (an all-reduce); every step on 1 rank."""
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT: the run stopped after a step and saved a checkpoint."""
+
+    def __init__(self, signame: str, step: int, checkpoint: Optional[Path]) -> None:
+        super().__init__(f"interrupted by {signame} at step {step}; checkpoint {checkpoint}; rerun with --resume")
+        self.signame = signame
+
+
+class StopRequest:
+    """SIGTERM (Slurm preemption, torchrun forwarding it) or SIGINT (Ctrl-C) asks the run to stop:
+    the handler only records it; the loop finishes the step, the ranks agree on the step to stop
+    at, and the run checkpoints. A second signal of the same kind stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signame: Optional[str] = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signame == name:  # asked twice: stop now
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signame = name
+
+    def agreed(self, env: DistEnv, step: int) -> Optional[str]:
+        """The signal to stop on, the same on every rank (checked every ``STOP_CHECK_EVERY`` steps
+        on several ranks, where it costs a one-element all-reduce)."""
+        if env.world_size == 1:
+            return self.signame
+        if step % STOP_CHECK_EVERY:
+            return None
+        code = torch.tensor([0 if self.signame is None else signal.Signals[self.signame].value], device=env.device)
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        value = int(code.item())
+        return signal.Signals(value).name if value else None
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -123,6 +176,8 @@ class Trainer:
             sum(m.array.numel() * word for m in self.robe.values()) if env.world_size > 1 else 0
         )
         self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
+        self.stop_request = StopRequest()
+        self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         self.results: dict = {}
         logger.info(
@@ -148,6 +203,12 @@ class Trainer:
     def save(self) -> None:
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
         self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
+
+    def interrupt(self) -> None:
+        """Saves a checkpoint of the current step (unless one exists) and raises ``Interrupted``."""
+        if self.last_checkpoint != self.ckpt_dir / f"step_{self.state.step:08d}":
+            self.save()
+        raise Interrupted(self.stopping or "a signal", self.state.step, self.last_checkpoint)
 
     # ------------------------------------------------------------------ logging
     def log_train(self, running: RunningLoss, since: float, steps: int) -> None:
@@ -194,7 +255,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train_chunk(self, batches, running: RunningLoss) -> int:
         """Trains on ``batches`` through the pipeline (which drains at their end); returns the
-        number of steps done."""
+        number of steps done. Stops early, after a whole step, when the ranks agree on a stop
+        request (``self.stopping`` is then the signal's name)."""
         state, log_every = self.state, self.cfg.train.log_every_steps
         self.pipeline.reset()
         t_log, since_log, done = time.time(), 0, 0
@@ -212,6 +274,9 @@ class Trainer:
             if state.step % log_every == 0:
                 self.log_train(running, t_log, since_log)
                 t_log, since_log = time.time(), 0
+            self.stopping = self.stop_request.agreed(self.env, state.step)
+            if self.stopping:
+                break
         self.log_train(running, t_log, since_log)  # before any eval or save: never keep a NaN model
         return done
 
@@ -245,10 +310,13 @@ class Trainer:
                 for every in (eval_every, ckpt_every):
                     if every:
                         end = min(end, (state.step // every + 1) * every)
-                if self.train_chunk(itertools.islice(epoch_batches, end - state.step), running) == 0:
+                if self.train_chunk(itertools.islice(epoch_batches, end - state.step), running) == 0 and not self.stopping:
                     raise RuntimeError(f"the training data yielded no batch for epoch {state.epoch} (from batch {state.step_in_epoch})")
-                if state.step < end or state.step_in_epoch >= steps_per_epoch:  # the epoch is over
+                # the epoch is over: its data ran out before `end` (not a stop request), or it is complete
+                if (state.step < end and not self.stopping) or state.step_in_epoch >= steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if self.stopping:
+                    self.interrupt()
                 if state.step >= total:
                     stop = "max_steps" if state.step == cfg.train.max_steps else "epochs"
                 if eval_every and state.step % eval_every == 0 and not (stop and cfg.eval.at_end):
@@ -259,6 +327,10 @@ class Trainer:
                     self.save()
         except Diverged as e:
             self.log.write("diverged", step=state.step, message=str(e))
+            self.log.close()
+            raise
+        except Interrupted as e:
+            self.log.write("interrupted", step=state.step, signal=e.signame, checkpoint=str(self.last_checkpoint))
             self.log.close()
             raise
         train_s = time.time() - t_start
@@ -333,10 +405,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         trainer = Trainer(cfg, env, run_dir)
         if args.resume:
             trainer.resume(args.resume)
+        trainer.stop_request.install()
         trainer.run()
     except Diverged as e:
         logger.error("%s", e)
         return EXIT_DIVERGED
+    except Interrupted as e:
+        if env.is_main:
+            print(f"robe-train: {e}", file=sys.stderr)
+        return 128 + signal.Signals[e.signame].value
     except (DataError, FileExistsError, PlacementError) as e:
         logger.error("robe-train: %s", e)
         return 2

@@ -9,14 +9,18 @@ Layout (``checkpoint.dir``, default ``<run dir>/checkpoints``)::
         rng_rank<R>.pt        RNG states of rank R
     step_00000120.tmp/        a checkpoint being written (or left by a crash: ignored, removed)
 
-Every rank writes its shards into ``step_N.tmp``; once all are done, rank 0 renames the directory
-to ``step_N``. A run that dies half-way leaves the previous checkpoint untouched.
+Every rank writes its shards into ``step_N.tmp`` and fsyncs them; once all are done, rank 0
+fsyncs the directory and renames it to ``step_N`` (then fsyncs the parent). A run that dies at
+any instant leaves every complete checkpoint in place: a checkpoint of the same step from an
+earlier attempt is first renamed ``step_N.old`` and removed only after the new one is published
+(a crash in between restores it on the next start).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -106,29 +110,59 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / f"rng_rank{env.rank}.pt")
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)  # fsyncs its files
+    _write_synced(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(_rng_state(), f))
     if env.is_main:
         record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
-        (tmp / _STATE_FILE).write_text(json.dumps(record, indent=1))
+        _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+        _write_synced(tmp / _STATE_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
     dist.barrier()
     if env.is_main:
-        if final.exists():  # a checkpoint of the same step, from an earlier attempt
-            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        previous = final.with_name(final.name + ".old")
+        if final.exists():  # a checkpoint of the same step, from an earlier attempt: kept until replaced
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
         tmp.rename(final)
+        _fsync_dir(ckpt_dir)
+        shutil.rmtree(previous, ignore_errors=True)
         for old in list_checkpoints(ckpt_dir)[: -cfg.checkpoint.keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+def _write_synced(path: Path, write) -> None:
+    """``write(file)`` into ``path``, flushed to disk before returning."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the directory's entries (created files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_partial_checkpoints(ckpt_dir: Path, env: DistEnv) -> None:
-    """Deletes ``*.tmp`` directories left by runs that died while saving (rank 0)."""
+    """Deletes ``*.tmp`` directories left by runs that died while saving, and puts back a
+    ``step_N.old`` whose replacement was never published (rank 0)."""
     if env.is_main and ckpt_dir.is_dir():
         for p in ckpt_dir.glob("step_*.tmp"):
             logger.info("removing the incomplete checkpoint %s (left by an interrupted save)", p)
             shutil.rmtree(p, ignore_errors=True)
+        for p in ckpt_dir.glob("step_*.old"):
+            final = p.with_name(p.name[: -len(".old")])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                logger.info("restoring %s (its replacement was not finished)", final)
+                p.rename(final)
     dist.barrier()
 
 

@@ -1,0 +1,123 @@
+"""Faults: SIGTERM (Slurm preemption), Ctrl-C and kill -9 in the middle of a real training run.
+
+A stopped run must leave a checkpoint from which ``--resume`` reaches the weights of an
+uninterrupted run, bit for bit on the same number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import REPO, SMALL, checkpoint_tensors, ok, records, train
+
+LONG = ["train.max_steps=200", "train.epochs=3", "train.log_every_steps=5", "checkpoint.every_steps=50",
+        "eval.at_end=false", "logging.progress_bar=false"]  # fmt: skip
+
+
+def start(run_dir: Path, data_dir: Path, *overrides: str, nproc: int = 1, resume: bool = False) -> subprocess.Popen:
+    launcher = [sys.executable, "-m", "robe_dist.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "robe_dist.train"]
+    args = ["--run-dir", str(run_dir)] + (["--resume"] if resume else [])
+    for o in [*SMALL, f"data.path={data_dir}", *LONG, *overrides]:
+        args += ["--set", o]
+    return subprocess.Popen(launcher + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def wait_for_training(run_dir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run has logged a train record (it is past start-up, in the training loop)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before training: {proc.communicate()[1][-3000:]}")
+        if metrics.is_file() and any(json.loads(line)["kind"] == "train" for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run did not start training in time")
+
+
+def final_weights(run_dir: Path, step: int, tmp_path: Path) -> dict:
+    return checkpoint_tensors(run_dir / "checkpoints" / f"step_{step:08d}", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults") / "synthetic"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> Path:
+    """The uninterrupted run (1 process)."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    ok(train(run, data_dir, *LONG))
+    return run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, data_dir, reference, sig):
+    run = tmp_path / "run"
+    proc = start(run, data_dir)
+    wait_for_training(run, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig.value, err[-3000:]
+    (stopped,) = records(run, "interrupted")
+    step = stopped["step"]
+    line = f"robe-train: interrupted by {sig.name} at step {step}; checkpoint {run / 'checkpoints' / f'step_{step:08d}'}; rerun with --resume"
+    assert line in err.splitlines()
+    assert "Traceback" not in err
+    assert (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").is_file()
+    assert step < 200
+    ok(train(run, data_dir, *LONG, resume=True))
+    a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.integration
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_dir):
+    """torchrun forwards SIGTERM to its workers; they agree on a step (checked every 10), save one
+    checkpoint and stop; the resumed run ends where an uninterrupted 2-rank run does."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    proc = start(run, data_dir, nproc=2)
+    wait_for_training(run, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    (stopped,) = records(run, "interrupted")
+    assert stopped["step"] % 10 == 0 and stopped["signal"] == "SIGTERM"
+    assert sum("robe-train: interrupted by SIGTERM" in line for line in err.splitlines()) == 1  # rank 0 only
+    ok(train(run, data_dir, *LONG, nproc=2, resume=True))
+    ok(train(straight, data_dir, *LONG, nproc=2))
+    a, b = final_weights(straight, 200, tmp_path), final_weights(run, 200, tmp_path)
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_kill_9_at_random_instants_then_resume_gives_the_same_weights(tmp_path, data_dir, reference):
+    """SIGKILL at seeded random moments, checkpoints every 5 steps (so some kills land while one is
+    being written), resume each time: the final weights equal the uninterrupted run's."""
+    run = tmp_path / "run"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(6):
+        proc = start(run, data_dir, "checkpoint.every_steps=5", resume=attempt > 0)
+        wait_for_training(run, proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:  # finished before the kill
+            break
+        proc.kill()
+        proc.communicate(timeout=60)
+        kills += 1
+    ok(train(run, data_dir, *LONG, "checkpoint.every_steps=5", resume=True))
+    assert kills >= 2
+    a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
