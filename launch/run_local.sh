@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Trains on this machine under torchrun: NPROC processes on one node (CPU: gloo; GPU: nccl, one
+# Trains on this machine under torchrun (robe_dist.torchrun: torchrun whose failures end in one
+# line): NPROC processes on one node (CPU: gloo; GPU: nccl, one
 # process per GPU; chosen automatically by robe_dist.train).
 #
 #   bash launch/run_local.sh                                        # configs/tiny_synthetic.yaml, 1 process
@@ -36,5 +37,5 @@ for kv in ${OVERRIDES:-}; do
 done
 
 echo "run_local: $NPROC process(es), $CONFIG"
-exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+exec "$PY" -m robe_dist.torchrun --standalone --nproc_per_node="$NPROC" \
   -m robe_dist.train "${args[@]}" "$@"

@@ -41,7 +41,7 @@ from robe_dist.data.layout import DataError
 from robe_dist.train_config import Config, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, prepare_data
-from robe_dist.trainer.env import DistEnv, init_distributed, setup_logging, shutdown
+from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
 from robe_dist.trainer.evaluate import evaluate
 from robe_dist.trainer.metrics_log import MetricsLog, RunningLoss, max_over_ranks, peak_memory_bytes
 from robe_dist.placement import Placement, PlacementError
@@ -371,7 +371,8 @@ def format_summary(s: dict) -> str:
 
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str]) -> None:
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    if env.is_main:
+
+    def check_and_create() -> None:
         if resume is None and ckpt.list_checkpoints(ckpt_dir):
             raise FileExistsError(
                 f"{ckpt_dir} already holds checkpoints of an earlier run: pass --resume to continue it, or "
@@ -381,6 +382,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
         if resume is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    on_rank0(env, check_and_create, (FileExistsError, OSError))
     ckpt.remove_partial_checkpoints(ckpt_dir, env)
 
 
@@ -389,7 +392,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
-        print(f"robe-train: config error: {e}", file=sys.stderr)
+        # under torchrun every rank reads the config (before any process group exists): rank 0 says
+        # it; the others wait a moment so that rank 0 has said it before torchrun stops the workers
+        if os.environ.get("RANK", "0") == "0":
+            print(f"robe-train: config error: {e}", file=sys.stderr)
+        else:
+            time.sleep(3)
         return 2
     if args.run_dir is not None:
         cfg.run_dir = str(args.run_dir)
@@ -408,14 +416,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         trainer.stop_request.install()
         trainer.run()
     except Diverged as e:
-        logger.error("%s", e)
+        if env.is_main:
+            logger.error("%s", e)
         return EXIT_DIVERGED
     except Interrupted as e:
         if env.is_main:
             print(f"robe-train: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signame].value
     except (DataError, FileExistsError, PlacementError) as e:
-        logger.error("robe-train: %s", e)
+        if env.is_main:  # every rank meets the same error: rank 0 says it
+            logger.error("robe-train: %s", e)
         return 2
     finally:
         shutdown()

@@ -8,18 +8,17 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from robe_dist.data import synthetic
 from robe_dist.data.criteo import DEFAULT_CAT_NAMES
 from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
-from robe_dist.data.layout import load_manifest_file
+from robe_dist.data.layout import DataError, load_manifest_file
 from robe_dist.data.stats import TableStats, ensure_table_stats, read_table_stats
 from robe_dist.data.vocab import build_vocab
 from robe_dist.train_config import Config
-from robe_dist.trainer.env import DistEnv
+from robe_dist.trainer.env import DistEnv, on_rank0
 
 logger = logging.getLogger("robe_dist.train")
 
@@ -86,9 +85,7 @@ class RunData:
     def table_stats(self) -> List[TableStats]:
         """Per-table id statistics of the train split (``table_stats.json`` in the dataset; rank 0
         computes and writes it first if it is missing: one pass over the train split)."""
-        if self.env.is_main:
-            ensure_table_stats(self.path, log=logger.info)
-        dist.barrier()
+        on_rank0(self.env, lambda: ensure_table_stats(self.path, log=logger.info), (DataError, OSError))
         stats = read_table_stats(self.path)
         assert stats is not None
         return stats
@@ -162,9 +159,7 @@ def prepare_data(cfg: Config, env: DistEnv) -> RunData:
     """Generates the synthetic dataset unless cached (rank 0; the others wait), and its vocabulary
     with ``data.vocab``; reads the manifest."""
     if cfg.data.kind == "synthetic":
-        if env.is_main:
-            make_synthetic(cfg)
-        dist.barrier()
+        on_rank0(env, lambda: make_synthetic(cfg), (DataError, OSError, ValueError))
         path = synthetic_cache_dir(cfg)
         if cfg.data.vocab:
             path = path.with_name(path.name + "-vocab")

@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,24 @@ def setup_logging(env: DistEnv, all_ranks: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # FBGEMM's dense (data-parallel) table kernel, on every backward
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+
+
+def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> None:
+    """Runs ``fn`` on rank 0 only (making data, checking the run dir); an expected error there is
+    raised on every rank, not left to the others as a hang or a broken connection in the next
+    collective. Synchronises the ranks (a broadcast) like a barrier."""
+    failure = None
+    if env.is_main:
+        try:
+            fn()
+        except errors as e:
+            failure = (errors.index(next(t for t in errors if isinstance(e, t))), str(e))
+    if env.world_size > 1:
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise errors[failure[0]](failure[1])
 
 
 def shutdown() -> None:

@@ -240,3 +240,24 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks(tmp_path, data_dir,
     # twice as large would move the weights by ~1e-1)
     far = [k for k in tables if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4)]
     assert not far, f"full tables trained differently on 2 ranks: {far[:5]}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["config", "run_dir"])
+def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir, case):
+    """A config error (every rank reads the config) and a run dir that holds a run (only rank 0
+    looks): one line from rank 0 through robe_dist.torchrun, no traceback, exit 2."""
+    run = tmp_path / "run"
+    if case == "run_dir":
+        ok(train(run, data_dir, "train.max_steps=2", "eval.at_end=false"))
+    launcher = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", "-m", "robe_dist.train"]
+    args = ["--run-dir", str(run), "--set", f"data.path={data_dir}"] + [a for o in SMALL for a in ("--set", o)]
+    if case == "config":
+        args += ["--set", "optim.name=sdg"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    said = [line for line in (p.stdout + p.stderr).splitlines() if "robe-train:" in line]
+    assert len(said) == 1, p.stderr[-3000:]
+    assert ("optim.name must be one of" if case == "config" else "already holds checkpoints") in said[0]
+    assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
