@@ -286,7 +286,11 @@ class Trainer:
         cfg, state = self.cfg, self.state
         steps_per_epoch = self.data.steps_per_epoch()
         if steps_per_epoch < 1:
-            raise ValueError(f"the train split holds less than one global batch (train.global_batch_size={cfg.train.global_batch_size})")
+            rows = self.data.split_rows("train")
+            raise DataError(
+                f"the train split of {self.data.path} holds {rows:,} rows, less than one global batch "
+                f"(train.global_batch_size={cfg.train.global_batch_size}): lower the batch or use more data"
+            )
         total = cfg.train.epochs * steps_per_epoch
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)

@@ -76,9 +76,11 @@ class RunData:
             return list(self.cfg.model.num_embeddings_per_feature)
         sizes = self.manifest.get("table_sizes")
         if not sizes:
-            raise ValueError(
-                f"model.num_embeddings_per_feature is null and the dataset at {self.path} does not give its "
-                "table sizes (manifest 'table_sizes'): set model.num_embeddings_per_feature (26 ints)"
+            raise DataError(
+                f"the dataset at {self.path} does not give its table sizes (raw ids, as robe-data ingest writes "
+                "them) and model.num_embeddings_per_feature is null: map the ids to 0..K per table with "
+                "`robe-data vocab --data DIR --out DIR --train-only` (its manifest gives the sizes), or set "
+                "model.num_embeddings_per_feature (26 ints; full tables then read id % size)"
             )
         return [int(s) for s in sizes]
 
@@ -111,6 +113,13 @@ class RunData:
         if self.id_moduli is None:
             return iter(ds)
         return (cap_ids(b, self.id_moduli) for b in ds)
+
+    def split_rows(self, split: str) -> int:
+        """Rows of ``split`` ("train", "val", "test") in the dataset."""
+        from robe_dist.data.dataset import split_range
+
+        lo, hi = split_range([f["rows"] for f in self.manifest["files"]], split)
+        return hi - lo
 
     def steps_per_epoch(self) -> int:
         """Training steps (global batches) in one pass over the train split: the same on any world size."""
