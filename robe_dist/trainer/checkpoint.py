@@ -210,8 +210,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
     if not same_optim:
         logger.warning("checkpoint %s was trained with optim.name %r, this run uses %r: its optimiser state is not loaded",
                        path, old_optim, cfg.optim.name)  # fmt: skip
+    # plain SGD keeps no state: nothing to load (and TorchRec's fused SGD lists placeholder entries
+    # that differ between world sizes, which would refuse a resume on another number of ranks)
+    stateless = cfg.optim.name == "sgd" and not cfg.optim.momentum
+    load_optim = same_optim and not stateless
     sd = {"model": model.state_dict()}
-    if same_optim:
+    if load_optim:
         for _, opt in optimizer.optimizer.optimizers:  # lazily made state (Adam's) must exist to load in place
             if opt is not getattr(model, "fused_optimizer", None):
                 opt.init_state()
@@ -227,7 +231,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
     model.load_state_dict(sd["model"])
-    if same_optim:
+    if load_optim:
         optimizer.load_state_dict(sd["optim"])
     optimizer.optimizer.zero_grad(set_to_none=True)
     optimizer.step_count = state.step
