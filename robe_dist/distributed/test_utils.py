@@ -14,6 +14,9 @@ it can live in a test module::
 
 A failure on any rank raises ``RankFailure`` with every failing rank's traceback; the pool is then
 closed (a rank may be stuck in a collective) and a new one must be started.
+
+It stays in the package (not under tests/) because a user-facing script needs it too:
+``benchmarks/comm.py`` measures the communication of replicated and sharded embeddings on it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from robe_dist.data import ingest as I
 from robe_dist.data import reader as R
 from robe_dist.data.layout import DataError, read_manifest
 from robe_dist.data.rawtext import RawRows, format_tsv, random_dense, raw_ids, zipf_ranks
-from robe_dist.data.reference import parse_text
+from criteo_reference import parse_text
 
 from sample_data import MISSING, SAMPLE  # noqa: E402
 KAGGLE = SAMPLE / "kaggle_train_head_1000.tsv"

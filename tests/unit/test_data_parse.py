@@ -10,7 +10,7 @@ import pytest
 
 from robe_dist.data import parse as P
 from robe_dist.data.criteo import MISSING_CAT_ID
-from robe_dist.data.reference import parse_text
+from criteo_reference import parse_text
 
 CAT8 = [f"{(0x9E3779B1 * (i + 1)) & 0xFFFFFFFF:08x}" for i in range(26)]
 DENSE = ["1", "0", "5", "", "1382", "-1", "15", "2", "181", "1", "2", "", "2"]

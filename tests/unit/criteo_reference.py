@@ -1,6 +1,6 @@
 """Line-by-line pure-Python parser of raw Criteo text: the executable specification of the
 parsing and bad-row policy that :func:`robe_dist.data.parse.parse_buffer` implements vectorised.
-Slow (about 100x); used by tests."""
+Slow (about 100x); the data tests compare the vectorised parser with it."""
 
 from __future__ import annotations
 
