@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ing.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (created if needed)")
     ing.add_argument(
+        "--max-bad-fraction", type=float, default=0.01, metavar="F",
+        help="refuse a file (exit 2, nothing written for it) with more bad lines than this share (default 0.01), "
+        "or with no valid row",
+    )  # fmt: skip
+    ing.add_argument(
         "--workers",
         "-j",
         type=int,
@@ -224,8 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from robe_dist.data.ingest import ingest
 
             manifest = ingest(
-                args.input, args.out, workers=args.workers, fmt=args.format, progress=not args.no_progress
-            )
+                args.input, args.out, workers=args.workers, fmt=args.format, progress=not args.no_progress,
+                max_bad_fraction=args.max_bad_fraction,
+            )  # fmt: skip
             bad = manifest["bad_rows"]
             print(
                 f"ingested {manifest['rows']:,} rows into {args.out}"

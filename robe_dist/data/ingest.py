@@ -43,6 +43,7 @@ class Job:
     name: str
     out_dir: Path
     fmt: str | None  # None: detect
+    max_bad_fraction: float = 0.01  # more bad lines than this share: the file is refused
 
 
 def unit_name(path: Path) -> str:
@@ -131,11 +132,12 @@ def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dic
             stats.add(parsed.stats)
             for writer, arr in zip(writers, (parsed.dense, parsed.sparse, parsed.labels)):
                 writer.append(arr)
-        for writer in writers:
-            writer.finish()
         if blocks.too_long:
             stats.lines += blocks.too_long
             stats.bad["line_too_long"] += blocks.too_long
+        _check_quality(source, stats, job.max_bad_fraction)
+        for writer in writers:
+            writer.finish()
     except BaseException as e:
         for writer in writers:
             writer.abort()
@@ -162,6 +164,23 @@ def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dic
         "seconds": round(seconds, 3),
         "rows_per_s": round(stats.lines / seconds) if seconds > 0 else None,
     }
+
+
+def _check_quality(source: Path, stats: ParseStats, max_bad_fraction: float) -> None:
+    """Refuses a file that yields no row, or more bad lines than ``max_bad_fraction`` of its lines
+    (not Criteo data, or badly damaged): nothing of it is published."""
+    reasons = ", ".join(f"{k} {v:,}" for k, v in stats.bad.most_common(3))
+    examples = "; ".join(f"line {n}: {r}" for n, r in stats.bad_examples[:3])
+    if stats.rows == 0:
+        raise DataError(
+            f"{source}: no valid Criteo row in {stats.lines:,} lines"
+            + (f" (bad: {reasons}; {examples})" if stats.lines else " (empty file)")
+        )
+    if stats.lines and stats.bad_rows > max_bad_fraction * stats.lines:
+        raise DataError(
+            f"{source}: {stats.bad_rows:,} of {stats.lines:,} lines are bad ({stats.bad_rows / stats.lines:.1%}, more than "
+            f"--max-bad-fraction {max_bad_fraction:g}): {reasons}; {examples}"
+        )
 
 
 def _is_done(entry: dict | None, source: Path, out_dir: Path) -> bool:
@@ -200,15 +219,20 @@ def ingest(
     fmt: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    max_bad_fraction: float = 0.01,
 ) -> dict:
     """Convert raw Criteo files (or directories of them) into ``out_dir``; returns the manifest.
 
     ``fmt``: "tsv", "csv" or None (detect: ``.csv`` name, or commas and no tabs on the first line).
     ``workers``: processes (default: one per file, at most the CPU count); 1 runs in-process.
+    ``max_bad_fraction``: a file with more bad lines than this share of its lines, or with no
+    valid row, is refused (``DataError`` naming it and the first reasons; nothing of it written).
     Finished units with unchanged sources are skipped; everything else is (re)done.
     """
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"format {fmt!r}: expected one of {FORMATS}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise DataError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
     sources = discover_inputs(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +248,7 @@ def ingest(
             entries[name] = previous[name]
             log(f"{name}: already done ({entries[name]['rows']:,} rows), skipped")
         else:
-            jobs.append(Job(src, name, out, fmt))
+            jobs.append(Job(src, name, out, fmt, max_bad_fraction))
     scheduled = {j.name for j in jobs}
     for name, entry in previous.items():  # units ingested by earlier runs from other inputs
         if name not in entries and name not in scheduled and all(part_path(out, name, p).is_file() for p in PARTS):

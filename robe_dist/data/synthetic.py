@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -156,15 +157,35 @@ def _write_day(
     return positives, before, after  # type: ignore[return-value]
 
 
-def _prepare_dir(out: Path) -> None:
-    """Create ``out``, refuse one holding another kind of dataset, and unmark it as complete."""
-    out.mkdir(parents=True, exist_ok=True)
+_OWN_FILE = re.compile(r"day_\d+_(dense|sparse|labels|sparse_multi_hot)\.npy(\.partial)?|manifest\.json(\.partial)?")
+
+
+def _prepare_dir(out: Path, params: dict) -> None:
+    """Create ``out`` and unmark it as complete; refuse one that holds anything but this
+    generator's files for these parameters (another dataset, a synthetic dataset with other
+    parameters, or files of its own: nothing is overwritten or added to)."""
     try:
-        old = load_manifest_file(out)
+        old = load_manifest_file(out) if out.is_dir() else None
     except DataError:
         old = None
     if old and old.get("kind") != "synthetic":
         raise DataError(f"{out}: holds a {old.get('kind')!r} dataset; generate into another directory")
+    if old and old.get("complete") and old.get("params") != params:
+        theirs = old.get("params") or {}
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (asked {v!r})" for k, v in params.items() if theirs.get(k) != v)
+        raise DataError(
+            f"{out}: holds a synthetic dataset with other parameters ({diff}); use another directory "
+            "(data.path) or delete it"
+        )
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not _OWN_FILE.fullmatch(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise DataError(
+                f"{out}: is not empty ({shown}); synthetic data is generated only into an empty or new "
+                "directory (or one holding an interrupted generation)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not complete
 
 
@@ -194,7 +215,7 @@ def generate(
         if log:
             log(f"{out}: synthetic dataset with these parameters exists; planted AUC {done['planted_auc']:.4f}")
         return done
-    _prepare_dir(out)
+    _prepare_dir(out, params)
 
     t0 = time.perf_counter()
     sizes = table_sizes(scale)

@@ -36,7 +36,10 @@ def test_synth_info_vocab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_ingest_reports_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a0b0c0d"] * 26)
     (tmp_path / "day_0").write_text("\n".join([good, good + "\textra", "x" + good[1:], good]))
-    assert main(["ingest", "--input", str(tmp_path / "day_0"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    args = ["ingest", "--input", str(tmp_path / "day_0"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(args) == 2  # more bad lines than --max-bad-fraction (0.01): refused
+    assert "lines are bad" in capsys.readouterr().err
+    assert main(args + ["--max-bad-fraction", "1"]) == 0
     out = capsys.readouterr().out
     assert "day_0: 2 rows, 2 bad rows skipped (bad: too_many_fields 1, bad_label 1; last line had no newline)" in out
     assert "ingested 2 rows" in out and "2 bad rows skipped" in out

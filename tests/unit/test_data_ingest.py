@@ -154,7 +154,7 @@ def test_bad_rows_are_counted_per_file_with_line_numbers(tmp_path: Path, monkeyp
     ]  # fmt: skip
     text = b"\n".join([good[0], *bad, good[1], b"", good[2]]) + b"\n"
     (tmp_path / "day_0").write_bytes(text)
-    entry = run([tmp_path / "day_0"], tmp_path / "out")["files"][0]
+    entry = run([tmp_path / "day_0"], tmp_path / "out", max_bad_fraction=1.0)["files"][0]  # counted, not refused
     assert entry["rows"] == 3 and entry["lines"] == 10 and entry["bad_rows"] == 7
     assert entry["bad_reasons"] == {
         "blank_line": 1, "too_few_fields": 1, "too_many_fields": 1, "bad_label": 1, "bad_dense": 1,
@@ -284,3 +284,18 @@ def test_torchrec_tools_and_ours_read_each_others_files(tmp_path: Path) -> None:
     batch = next(iter(CriteoIterableDataset(trc, "train", batch_size=150, shuffle_buffer=0)))
     assert batch.sparse_features["cat_0"].values().tolist() == sparse[:150, 0].tolist()
     assert math.isclose(float(batch.labels.sum()), float(labels[:150].sum()))
+
+
+def test_a_file_with_no_valid_row_or_too_many_bad_lines_is_refused(tmp_path: Path) -> None:
+    """Random bytes, or a file mostly of bad lines: DataError naming the file and the first
+    reasons; nothing of it is written (its outputs are not published, the manifest does not list it)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "noise").write_bytes(rng.integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    with pytest.raises(DataError, match=r"noise: no valid Criteo row in .* lines \(bad: "):
+        run([tmp_path / "noise"], tmp_path / "out")
+    good = format_tsv(_raw_rows(10, seed=2), drop_trailing_empty=0).split(b"\n")[:10]
+    (tmp_path / "half").write_bytes(b"\n".join(good[:5] + [b"1\tnot\tcriteo"] * 5) + b"\n")
+    with pytest.raises(DataError, match=r"half: 5 of 10 lines are bad \(50.0%, more than --max-bad-fraction 0.01\): too_few_fields 5"):
+        run([tmp_path / "half"], tmp_path / "out")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(("noise", "half"))]
+    assert run([tmp_path / "half"], tmp_path / "out", max_bad_fraction=0.5)["files"][0]["rows"] == 5

@@ -84,8 +84,9 @@ def test_deterministic_per_seed_and_idempotent(tmp_path: Path, small: tuple[Path
     mtime = (tmp_path / "again" / "day_0_sparse.npy").stat().st_mtime_ns
     assert gen(tmp_path / "again", 20_000, days=3, seed=5)["planted_auc"] == m["planted_auc"]
     assert (tmp_path / "again" / "day_0_sparse.npy").stat().st_mtime_ns == mtime  # not regenerated
-    gen(tmp_path / "again", 9_000, days=3, seed=5)  # other parameters: regenerated in place
-    assert np.load(tmp_path / "again" / "day_0_sparse.npy").shape == (3000, 26)
+    with pytest.raises(DataError, match="other parameters"):  # not overwritten
+        gen(tmp_path / "again", 9_000, days=3, seed=5)
+    assert np.load(tmp_path / "again" / "day_0_sparse.npy").shape == (20_000 // 3 + 1, 26)
 
 
 def test_refuses_to_overwrite_other_datasets(tmp_path: Path) -> None:
@@ -124,3 +125,27 @@ def test_tenth_of_a_day_is_chunked(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert m["files"][0]["rows"] == 10_500
     labels = np.load(tmp_path / "day_0_labels.npy")
     assert labels.shape == (10_500, 1) and m["planted_auc_by_split"]["train"] is None
+
+
+def test_a_directory_holding_something_else_is_refused(tmp_path):
+    """data.kind: synthetic with a data.path that holds other files, or a synthetic dataset of other
+    parameters: refused, nothing overwritten or added; an interrupted generation is redone."""
+    generate, read_manifest = S.generate, S.read_manifest
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"is not empty \(notes.txt\)"):
+        generate(other, 200, days=2, log=None)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+    made = tmp_path / "made"
+    generate(made, 200, days=2, seed=1, log=None)
+    before = {p.name: p.stat().st_mtime_ns for p in made.iterdir()}
+    with pytest.raises(DataError, match=r"other parameters \(rows 200 \(asked 300\)"):
+        generate(made, 300, days=2, seed=1, log=None)
+    assert {p.name: p.stat().st_mtime_ns for p in made.iterdir()} == before
+
+    (made / "manifest.json").unlink()  # as a crash half-way leaves it
+    (made / "day_1_dense.npy.partial").write_bytes(b"half")
+    generate(made, 300, days=2, seed=1, log=None)
+    assert read_manifest(made)["rows"] == 300
