@@ -169,13 +169,8 @@ class Trainer:
                 "TrainPipelineSparseDist cannot trace it, training with TrainPipelineBase (plain loop)"
             )
             self.pipeline = TrainPipelineBase(self.model, self.optimizer, env.device)
-        # ROBE arrays replicated on every rank have their gradient all-reduced each step (in 16-bit
-        # words with dist.grad_compression)
-        word = 4 if cfg.dist.grad_compression == "none" else 2
-        self.robe_bytes_per_step = (
-            sum(m.array.numel() * word for m in self.robe.values()) if env.world_size > 1 else 0
-        )
         self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
+        self._allreduce_base = (0, 0)  # bytes counted by the runs this one resumed
         self.stop_request = StopRequest()
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
@@ -197,10 +192,13 @@ class Trainer:
             raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
         self.state.world_size = self.env.world_size
+        self._allreduce_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes)
         self.last_checkpoint = path
         logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, self.state.step, self.state.epoch, self.state.step_in_epoch)
 
     def save(self) -> None:
+        sent = self.allreduce_bytes()
+        self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes = sent["robe_allreduce_bytes"], sent["dense_allreduce_bytes"]
         self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
         self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
@@ -230,12 +228,23 @@ class Trainer:
             step=self.state.step, samples=self.state.samples, epoch=self.state.epoch, loss=round(loss, 6),
             lr=self.optimizer.lr, samples_per_s=round(rate, 1),
             peak_mem_bytes=max_over_ranks(peak_memory_bytes(self.env.device), self.env),
-            robe_allreduce_bytes=self.state.step * self.robe_bytes_per_step,
+            **self.allreduce_bytes(),
         )  # fmt: skip
         if self.cfg.optim.grad_clip_norm is not None:
             record["grad_norm"] = float(self.optimizer.last_grad_norm)
         self.log.write("train", **record)
         self.log.progress(steps, self.state.step, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
+
+    def allreduce_bytes(self) -> dict:
+        """Bytes this rank has handed to gradient all-reduces since step 0, counted where they are
+        sent: ROBE arrays (robe_dist's own hook, or DDP's buckets) and the rest of DDP's buckets."""
+        counter = getattr(self.model, "allreduce_counter", None)
+        sent_robe = sum(getattr(m, "allreduce_bytes", 0) for m in self.robe.values())
+        sent = {"robe": sent_robe + (counter.sent["robe"] if counter else 0), "dense": counter.sent["dense"] if counter else 0}
+        return {
+            "robe_allreduce_bytes": self._allreduce_base[0] + sent["robe"],
+            "dense_allreduce_bytes": self._allreduce_base[1] + sent["dense"],
+        }
 
     def run_eval(self, split: str) -> dict:
         t0 = time.time()

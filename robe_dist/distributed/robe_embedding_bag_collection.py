@@ -252,6 +252,8 @@ class ShardedRobeEmbeddingBagCollection(
             with torch.no_grad():
                 dist.broadcast(self.array.data, src=dist.get_global_rank(self._pg, 0), group=self._pg)
         self._hooked_array_id: Optional[int] = None  # id(), not the tensor: a Parameter attribute would register
+        self.allreduce_bytes = 0
+        """Bytes of gradient this rank has handed to its all-reduces ("hook" mode), counted at each call."""
         self._install_grad_hook()
 
     # ------------------------------------------------------------------ construction
@@ -305,6 +307,7 @@ class ShardedRobeEmbeddingBagCollection(
         grad = param.grad
         grad.div_(self._world_size)
         work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self._pg, async_op=True)
+        self.allreduce_bytes += grad.numel() * grad.element_size()
         # the engine runs queued callbacks once the whole backward is done: the all-reduce overlaps
         # with what remains of the backward and is complete before optimizer.step()
         torch.autograd.Variable._execution_engine.queue_callback(work.wait)

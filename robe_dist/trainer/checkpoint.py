@@ -66,6 +66,10 @@ class TrainerState:
     """Ranks of the run that wrote the checkpoint."""
     global_batch_size: int = 0
     """``train.global_batch_size`` of that run (the data position is counted in its batches)."""
+    robe_allreduce_bytes: int = 0
+    """Bytes of ROBE-array gradient rank 0 handed to all-reduces so far (counted where sent)."""
+    dense_allreduce_bytes: int = 0
+    """The same for the other data-parallel parameters (MLPs, data-parallel tables)."""
 
 
 def _robe_signatures(model: nn.Module) -> Dict[str, List[int]]:

@@ -173,15 +173,50 @@ def shard_model(
         batch_size=max(1, cfg.train.global_batch_size // env.world_size),
     )
     plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
-    wrapper = DefaultDataParallelWrapper(allreduce_comm_precision=None if compression == "none" else compression)
+    wrapper = CountingDataParallelWrapper(None if compression == "none" else compression)
     dmp = DistributedModelParallel(
         module=model, device=env.device, plan=plan, sharders=sharders, data_parallel_wrapper=wrapper
     )
+    dmp.allreduce_counter = wrapper  # read by the trainer's metrics
     placed = Counter(
         f"{s.sharding_type}/{s.compute_kernel}" for ps in plan.plan.values() for s in ps.values()
     )
     logger.info("sharding plan: %s", ", ".join(f"{n} x {kind}" for kind, n in sorted(placed.items())))
     return dmp
+
+
+class CountingDataParallelWrapper(DefaultDataParallelWrapper):
+    """TorchRec's data-parallel wrapper (DDP over the unsharded parameters) with a communication
+    hook that counts the bytes each all-reduce is handed, split into ROBE arrays (``"ddp"`` gradient
+    sync) and the rest (the MLPs, data-parallel tables): ``sent["robe"]``, ``sent["dense"]``.
+    The hook is PyTorch's ``allreduce_hook``, or ``fp16``/``bf16_compress_hook`` for a compressed
+    all-reduce (2 bytes a value)."""
+
+    def __init__(self, precision: Optional[str]) -> None:
+        super().__init__(allreduce_comm_precision=None)
+        self.precision = precision
+        self.sent = {"robe": 0, "dense": 0}
+
+    def wrap(self, dmp: DistributedModelParallel, env, device: torch.device) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().wrap(dmp, env, device)
+        ddp = dmp._dmp_wrapped_module
+        if not isinstance(ddp, DistributedDataParallel) or env.world_size == 1:
+            return  # one rank: DDP's all-reduce sends nothing
+        hook = {None: default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
+                "bf16": default_hooks.bf16_compress_hook}[self.precision]  # fmt: skip
+        robe_arrays = {id(m.array) for m in dmp.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)}
+
+        def counting_hook(state, bucket):
+            word = 2 if self.precision else bucket.buffer().element_size()
+            robe = sum(p.numel() for p in bucket.parameters() if id(p) in robe_arrays)
+            self.sent["robe"] += robe * word
+            self.sent["dense"] += (bucket.buffer().numel() - robe) * word
+            return hook(state, bucket)
+
+        ddp.register_comm_hook(env.process_group, counting_hook)
 
 
 def has_sharded_modules(model: nn.Module) -> bool:

@@ -89,7 +89,7 @@ def test_one_process_end_to_end(tmp_path, data_dir):
     train_lines = records(run, "train")
     assert train_lines and {"step", "samples", "loss", "samples_per_s", "peak_mem_bytes", "robe_allreduce_bytes"} <= set(train_lines[0])
     assert train_lines[-1]["step"] == 102 and train_lines[-1]["samples"] == 102 * 512
-    assert all(r["robe_allreduce_bytes"] == 0 for r in train_lines)  # one process: nothing to all-reduce
+    assert all(r["robe_allreduce_bytes"] == r["dense_allreduce_bytes"] == 0 for r in train_lines)  # one process: nothing sent
     assert train_lines[-1]["loss"] < train_lines[0]["loss"]
     evals = records(run, "eval")
     assert [(e["split"], e["step"]) for e in evals] == [("val", 49), ("val", 98), ("val", 102), ("test", 102)]
@@ -110,7 +110,12 @@ def test_two_processes_reach_the_same_auc_and_evaluate_identically(tmp_path, dat
     (s1,), (s2,) = records(one, "summary"), records(two, "summary")
     assert s1["step"] == s2["step"] == 102  # the global batch is split over the ranks
     assert abs(s1["val_auc"] - s2["val_auc"]) < 0.01
-    assert records(two, "train")[-1]["robe_allreduce_bytes"] == 102 * 262144 * 4  # the array's gradient, every step
+    last = records(two, "train")[-1]
+    # counted where the all-reduce is called, against what the array's fp32 gradient must take
+    assert last["robe_allreduce_bytes"] == 102 * 262144 * 4
+    mlp_params = summary_params = sum(v.numel() for k, v in checkpoint_tensors(two / "checkpoints" / "step_00000102", tmp_path).items()
+                                      if k.startswith("model.") and "_arch" in k and "embedding" not in k)  # fmt: skip
+    assert last["dense_allreduce_bytes"] == 102 * mlp_params * 4 == 102 * summary_params * 4
 
     # the same model evaluated on 2 ranks: the same AUC as on 1 (metrics gathered over ranks)
     shutil.copytree(one, tmp_path / "one_on_two")
@@ -260,3 +265,12 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     assert len(said) == 1, p.stderr[-3000:]
     assert ("optim.name must be one of" if case == "config" else "already holds checkpoints") in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+
+
+@pytest.mark.integration
+def test_compressed_allreduce_sends_half_the_bytes(tmp_path, data_dir):
+    """dist.grad_compression fp16: the array joins DDP's buckets and its gradient is sent in 2-byte
+    words, counted in DDP's communication hook."""
+    run = tmp_path / "fp16"
+    ok(train(run, data_dir, "dist.grad_compression=fp16", "train.max_steps=20", "eval.at_end=false", nproc=2))
+    assert records(run, "train")[-1]["robe_allreduce_bytes"] == 20 * 262144 * 2
