@@ -347,3 +347,24 @@ def test_reused_output_buffers_are_fully_written():
         ref_out.sum().backward()
         torch.testing.assert_close(grad, ebc.array.grad, rtol=1e-5, atol=1e-4)
         ebc.array.grad = None
+
+
+@pytest.mark.parametrize("seed", [1024, 1, 5])  # A = R[2] below 2**30 for 1024, above it for 1 and 5
+def test_paper_mapping_is_exact_at_the_id_bound(seed):
+    """Global ids near 2**62 (the bound on the sum of num_embeddings): g * A overflows int64 for
+    every seed here, so the kernels reduce g mod P first; the C++ operator and the PyTorch path must
+    give the exact-integer mapping of the scalar spec."""
+    from robe_dist import hashing
+
+    a = hashing.paper_constants(seed)[0]
+    assert (2**62 - 3000) * a >= 2**63  # the naive product would overflow
+    tables = [
+        EmbeddingBagConfig(name="huge", embedding_dim=8, num_embeddings=2**62 - 2000, feature_names=["fh"]),
+        EmbeddingBagConfig(name="after", embedding_dim=8, num_embeddings=1000, feature_names=["fa"]),
+    ]
+    ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=1009, block_size=4, hash="paper", seed=seed))
+    ids = torch.tensor([2**62 - 2001, 2**62 - 2500, 0, 999, 500, 1])
+    kjt = KeyedJaggedTensor(keys=["fh", "fa"], values=ids, lengths=torch.tensor([1, 1, 1, 1, 1, 1]))
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt)
+    torch.testing.assert_close(ebc(kjt).values(), ref)
+    torch.testing.assert_close(torch_lookup(ebc, kjt).detach(), ref)
