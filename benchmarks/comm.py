@@ -44,93 +44,22 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------------------ counting
-class CommCounter:
-    """Counts the bytes this rank sends to other ranks, by collective, while ``active``."""
-
-    def __init__(self) -> None:
-        self.bytes: Dict[str, float] = defaultdict(float)
-        self.calls: Dict[str, int] = defaultdict(int)
-        self.active = False
-
-    def add(self, kind: str, nbytes: float) -> None:
-        if self.active:
-            self.bytes[kind] += nbytes
-            self.calls[kind] += 1
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
+# robe_dist.distributed.comm_counter.CommCounter wraps torch.distributed's collectives on each rank.
 
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-def install_counter(counter: CommCounter) -> None:
-    """Wraps torch.distributed's collectives (looked up at call time by TorchRec) to count bytes."""
-    import torch.distributed as dist
-
-    def group_size_rank(group):
-        return dist.get_world_size(group), dist.get_rank(group)
-
-    orig_a2a_single = dist.all_to_all_single
-
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
-        w, r = group_size_rank(group)
-        rows = input.shape[0] if input.dim() > 0 else 0
-        row_bytes = _nbytes(input) // rows if rows else 0
-        splits = list(input_split_sizes) if input_split_sizes else [rows // w] * w
-        counter.add("all_to_all", sum(s for j, s in enumerate(splits) if j != r) * row_bytes)
-        return orig_a2a_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
-
-    orig_a2a = dist.all_to_all
-
-    def all_to_all(output_tensor_list, input_tensor_list, group=None, async_op=False):
-        w, r = group_size_rank(group)
-        counter.add("all_to_all", sum(_nbytes(t) for j, t in enumerate(input_tensor_list) if j != r))
-        return orig_a2a(output_tensor_list, input_tensor_list, group=group, async_op=async_op)
-
-    orig_all_reduce = dist.all_reduce
-
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        w, _ = group_size_rank(group)
-        counter.add("all_reduce", 2 * (w - 1) / w * _nbytes(tensor))
-        return orig_all_reduce(tensor, op=op, group=group, async_op=async_op)
-
-    orig_all_gather = dist.all_gather
-
-    def all_gather(tensor_list, tensor, group=None, async_op=False):
-        w, _ = group_size_rank(group)
-        counter.add("all_gather", (w - 1) * _nbytes(tensor))
-        return orig_all_gather(tensor_list, tensor, group=group, async_op=async_op)
-
-    orig_rs = dist.reduce_scatter_tensor
-
-    def reduce_scatter_tensor(output, input, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        w, _ = group_size_rank(group)
-        counter.add("reduce_scatter", (w - 1) / w * _nbytes(input))
-        return orig_rs(output, input, op=op, group=group, async_op=async_op)
-
-    dist.all_to_all_single = all_to_all_single
-    dist.all_to_all = all_to_all
-    dist.all_reduce = all_reduce
-    dist.all_gather = all_gather
-    dist.reduce_scatter_tensor = reduce_scatter_tensor
-
-
-def ddp_counting_hook(counter: CommCounter, world_size: int):
+def ddp_counting_hook(counter, world_size: int):
     """DDP communication hook: counts each bucket's ring all-reduce bytes, then DDP's default all-reduce."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     def hook(state, bucket):
-        counter.add("ddp_all_reduce", 2 * (world_size - 1) / world_size * _nbytes(bucket.buffer()))
+        buffer = bucket.buffer()
+        counter.add("ddp_all_reduce", 2 * (world_size - 1) / world_size * buffer.numel() * buffer.element_size())
         active, counter.active = counter.active, False  # the default hook calls dist.all_reduce: count once
         try:
             return default_hooks.allreduce_hook(state, bucket)
@@ -174,11 +103,10 @@ def _rank_measure(rank: int, world_size: int, variant: str, batch: int, features
     from robe_dist import RobeConfig, RobeEmbeddingBagCollection
     from robe_dist.distributed import RobeEmbeddingBagCollectionSharder
 
-    counter = getattr(sys.modules[__name__], "_COUNTER", None)
-    if counter is None:
-        counter = CommCounter()
-        install_counter(counter)
-        setattr(sys.modules[__name__], "_COUNTER", counter)
+    from robe_dist.distributed.comm_counter import CommCounter
+
+    counter = CommCounter._installed or CommCounter().install()  # once per rank process
+    counter.active = False
 
     class Model(nn.Module):
         def __init__(self, ebc: nn.Module) -> None:
@@ -226,6 +154,9 @@ def _rank_measure(rank: int, world_size: int, variant: str, batch: int, features
     dist.barrier()
     per_step = {k: v / steps for k, v in counter.bytes.items()}
     calls = {k: v / steps for k, v in counter.calls.items()}
+    if "all_reduce_payload" in per_step:  # ring all-reduce: each rank sends 2 (W-1)/W of the tensor
+        per_step["all_reduce"] = 2 * (world_size - 1) / world_size * per_step.pop("all_reduce_payload")
+        calls["all_reduce"] = calls.pop("all_reduce_payload")
     kinds = {path: {k: v.sharding_type for k, v in p.items()} for path, p in plan.plan.items()}
     return {"bytes": per_step, "calls": calls, "plan": kinds, "step_ms": 1000 * sorted(times)[len(times) // 2]}
 

@@ -21,6 +21,7 @@ Each run writes to its run dir (``--run-dir``, default ``runs/<name>``): ``confi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -38,12 +39,20 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
 from robe_dist.data.layout import DataError
+from robe_dist.distributed.comm_counter import CommCounter
 from robe_dist.train_config import Config, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
 from robe_dist.trainer.evaluate import evaluate
-from robe_dist.trainer.metrics_log import MetricsLog, RunningLoss, max_over_ranks, peak_memory_bytes
+from robe_dist.trainer.metrics_log import (
+    MetricsLog,
+    RunningLoss,
+    held_bytes,
+    max_over_ranks,
+    peak_memory_bytes,
+    sum_over_ranks,
+)
 from robe_dist.placement import Placement, PlacementError
 from robe_dist.trainer.model import (
     build_collection, build_dlrm, embedding_parameters, has_sharded_modules, place_tables, robe_modules, shard_model,
@@ -170,7 +179,10 @@ class Trainer:
             )
             self.pipeline = TrainPipelineBase(self.model, self.optimizer, env.device)
         self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
-        self._allreduce_base = (0, 0)  # bytes counted by the runs this one resumed
+        self._sent_base = (0, 0, 0)  # bytes counted by the runs this one resumed
+        # TorchRec's all-to-alls (sharded tables) are counted where they are called; evaluation
+        # and checkpoints pause it (robe_dist.distributed.comm_counter)
+        self.comm = CommCounter().install() if env.world_size > 1 else None
         self.stop_request = StopRequest()
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
@@ -192,14 +204,16 @@ class Trainer:
             raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
         self.state.world_size = self.env.world_size
-        self._allreduce_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes)
+        self._sent_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes, self.state.alltoall_bytes)
         self.last_checkpoint = path
         logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, self.state.step, self.state.epoch, self.state.step_in_epoch)
 
     def save(self) -> None:
-        sent = self.allreduce_bytes()
+        sent = self.sent_bytes()
         self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes = sent["robe_allreduce_bytes"], sent["dense_allreduce_bytes"]
-        self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
+        self.state.alltoall_bytes = sent["alltoall_bytes"]
+        with self.comm_paused():
+            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
         self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
     def interrupt(self) -> None:
@@ -228,27 +242,58 @@ class Trainer:
             step=self.state.step, samples=self.state.samples, epoch=self.state.epoch, loss=round(loss, 6),
             lr=self.optimizer.lr, samples_per_s=round(rate, 1),
             peak_mem_bytes=max_over_ranks(peak_memory_bytes(self.env.device), self.env),
-            **self.allreduce_bytes(),
+            **self.sent_bytes(),
         )  # fmt: skip
         if self.cfg.optim.grad_clip_norm is not None:
             record["grad_norm"] = float(self.optimizer.last_grad_norm)
         self.log.write("train", **record)
         self.log.progress(steps, self.state.step, loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}")
 
-    def allreduce_bytes(self) -> dict:
-        """Bytes this rank has handed to gradient all-reduces since step 0, counted where they are
-        sent: ROBE arrays (robe_dist's own hook, or DDP's buckets) and the rest of DDP's buckets."""
+    def held_memory(self) -> dict:
+        """Bytes of parameters (embeddings: DLRM's sparse arch) and optimiser state that the ranks
+        hold, measured on their tensors (max over ranks and sum over ranks)."""
+        sd = self.model.state_dict()
+        local = {
+            "param_bytes": held_bytes(sd),
+            "embedding_bytes": held_bytes({k: v for k, v in sd.items() if ".sparse_arch." in k}),
+            "optimizer_state_bytes": held_bytes(self.optimizer.state_dict()),
+        }
+        out = {f"{k}_max_rank": max_over_ranks(v, self.env) for k, v in local.items()}
+        out.update({f"{k}_all_ranks": sum_over_ranks(v, self.env) for k, v in local.items()})
+        out["sharding"] = getattr(self.model, "sharding_summary", {})
+        return out
+
+    def sent_bytes_per_rank(self) -> dict:
+        """``sent_bytes()`` of every rank: ``{"alltoall_bytes": [rank 0, rank 1, ...], ...}``."""
+        mine = self.sent_bytes()
+        if self.env.world_size == 1:
+            return {k: [v] for k, v in mine.items()}
+        every: list = [None] * self.env.world_size
+        with self.comm_paused():
+            dist.all_gather_object(every, mine)
+        return {k: [r[k] for r in every] for k in mine}
+
+    def comm_paused(self):
+        """A context in which collectives are not counted (evaluation, checkpoints)."""
+        return self.comm.paused() if self.comm is not None else contextlib.nullcontext()
+
+    def sent_bytes(self) -> dict:
+        """Bytes this rank has sent for training since step 0, counted where they are sent: handed
+        to gradient all-reduces (ROBE arrays: robe_dist's own hook, or DDP's buckets; the rest of
+        DDP's buckets) and sent to other ranks by all-to-alls (sharded tables)."""
         counter = getattr(self.model, "allreduce_counter", None)
         sent_robe = sum(getattr(m, "allreduce_bytes", 0) for m in self.robe.values())
         sent = {"robe": sent_robe + (counter.sent["robe"] if counter else 0), "dense": counter.sent["dense"] if counter else 0}
         return {
-            "robe_allreduce_bytes": self._allreduce_base[0] + sent["robe"],
-            "dense_allreduce_bytes": self._allreduce_base[1] + sent["dense"],
+            "robe_allreduce_bytes": self._sent_base[0] + sent["robe"],
+            "dense_allreduce_bytes": self._sent_base[1] + sent["dense"],
+            "alltoall_bytes": self._sent_base[2] + int(self.comm.bytes["all_to_all"] if self.comm is not None else 0),
         }
 
     def run_eval(self, split: str) -> dict:
         t0 = time.time()
-        result = evaluate(self.pipeline, self.model, self.data.eval_batches(split), self.env, self.cfg.eval.max_batches)
+        with self.comm_paused():
+            result = evaluate(self.pipeline, self.model, self.data.eval_batches(split), self.env, self.cfg.eval.max_batches)
         result = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
         result["step"] = self.state.step
         self.results[split] = result
@@ -310,6 +355,7 @@ class Trainer:
                        pipeline=type(self.pipeline).__name__, planted_val_auc=self.data.planted_auc("val"))  # fmt: skip
         if self.placement is not None:
             self.log.write("placement", **self.placement.to_dict())
+        self.log.write("memory", **self.held_memory())
         running = RunningLoss(self.env)
         stop = "steps" if state.step >= total else None
         t_start, start_step = time.time(), state.step
@@ -360,6 +406,7 @@ class Trainer:
             best_val_auc=state.best_val_auc, planted_val_auc=self.data.planted_auc("val"),
             planted_test_auc=self.data.planted_auc("test"),
             checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
+            sent_bytes_per_rank=self.sent_bytes_per_rank(),
         )  # fmt: skip
         self.log.write("summary", **summary)
         self.log.message(format_summary(summary))
@@ -441,6 +488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             logger.error("robe-train: %s", e)
         return 2
     finally:
+        if CommCounter._installed is not None:
+            CommCounter._installed.uninstall()
         shutdown()
     return 0
 

@@ -70,6 +70,9 @@ class TrainerState:
     """Bytes of ROBE-array gradient rank 0 handed to all-reduces so far (counted where sent)."""
     dense_allreduce_bytes: int = 0
     """The same for the other data-parallel parameters (MLPs, data-parallel tables)."""
+    alltoall_bytes: int = 0
+    """Bytes rank 0 sent to other ranks in training all-to-alls (sharded tables: ids, pooled
+    embeddings, their gradients), counted where sent (robe_dist.distributed.comm_counter)."""
 
 
 def _robe_signatures(model: nn.Module) -> Dict[str, List[int]]:

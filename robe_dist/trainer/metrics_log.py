@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from robe_dist.trainer.env import DistEnv
@@ -22,6 +24,38 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def held_bytes(state: Any) -> int:
+    """Bytes of the tensors this rank holds in ``state`` (a ``state_dict()``, nested dicts and
+    lists allowed): a ShardedTensor counts its local shards, a DTensor its local tensor, a tensor
+    itself; a storage reached twice counts once. Measured on the objects, not from the config."""
+    seen = set()
+
+    def tensors(obj: Any):
+        if isinstance(obj, ShardedTensor):
+            for shard in obj.local_shards():
+                yield shard.tensor
+        elif isinstance(obj, DTensor):
+            yield obj.to_local()
+        elif isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    total = 0
+    for t in tensors(state):
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 class RunningLoss:
@@ -54,6 +88,14 @@ def max_over_ranks(value: int, env: DistEnv) -> int:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def sum_over_ranks(value: int, env: DistEnv) -> int:
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=env.device)
+    dist.all_reduce(t)
     return int(t.item())
 
 
