@@ -103,6 +103,15 @@ class ModelConfig:
     Criteo pipeline); ``robe.hash: universal`` tables take raw ids and use it only for the
     initial scale."""
 
+    qr_max_rows: Optional[int] = None
+    """Compositional quotient-remainder embeddings (Shi et al., KDD 2020;
+    robe_dist.modules.QREmbeddingBagCollection): every full table with more rows becomes a
+    quotient and a remainder table of at most this many rows together; smaller tables stay whole.
+    ``null``: off. Needs ``robe.features: none`` (a baseline of ``robe-compare``)."""
+
+    qr_operation: Literal["mult", "add"] = "mult"
+    """How a quotient-remainder table combines its two pooled bags: ``mult`` (the paper's best) or ``add``."""
+
 
 @dataclass
 class RobeSection:
@@ -265,6 +274,11 @@ class DistConfig:
     """CPU only: intra-op threads per process (``torch.set_num_threads``); ``null``: PyTorch's
     default (``OMP_NUM_THREADS``, which torchrun sets to 1, else all cores)."""
 
+    table_sharding: Optional[Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]] = None
+    """How TorchRec shards the full tables: ``null`` lets its planner choose per table (it may
+    replicate small tables, data_parallel); otherwise every full table is constrained to this
+    type (``table_wise``: the byte model of docs/distributed.md)."""
+
     grad_compression: Literal["none", "fp16", "bf16"] = "none"
     """Compress the data-parallel gradient all-reduce (the ROBE array and the dense layers) with
     PyTorch's DDP communication hooks (``fp16_compress_hook`` / ``bf16_compress_hook``): half the
@@ -347,6 +361,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise ValueError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
+    if dataclasses.is_dataclass(tp):  # a list of sections (e.g. robe-compare's arms)
+        return _build(tp, value, where)
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be {_type_name(tp)}, got {value!r}")
@@ -383,6 +399,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, values: Dict[str, Any], where: str) -> Any:
+    """An instance of the dataclass ``cls`` from ``values``, every field type-checked; errors name ``where.key``."""
     if not isinstance(values, dict):
         raise ValueError(f"{where or 'the config'} must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -496,6 +513,13 @@ def validate(cfg: Config) -> None:
     _positive(m.dcn_low_rank_dim, "model.dcn_low_rank_dim")
     if m.num_embeddings_per_feature is not None and any(n < 1 for n in m.num_embeddings_per_feature):
         raise ValueError(f"model.num_embeddings_per_feature must hold positive ints, got {m.num_embeddings_per_feature}")
+
+    _positive(m.qr_max_rows, "model.qr_max_rows", allow_none=True)
+    if m.qr_max_rows is not None and r.features != "none":
+        raise ValueError(
+            f"model.qr_max_rows needs robe.features 'none' (quotient-remainder tables replace full tables, "
+            f"not ROBE ones); got robe.features {r.features!r}"
+        )
 
     if isinstance(r.features, list) and len(set(r.features)) != len(r.features):
         raise ValueError(f"robe.features lists a feature twice: {r.features}")

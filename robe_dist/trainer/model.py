@@ -15,15 +15,16 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardedModule
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardedModule, ShardingType
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import optimizers as trec_optim
 
 from robe_dist.data.stats import TableStats
 from robe_dist.distributed import RobeShardingPlanner, ShardedRobeEmbeddingBagCollection, get_default_sharders
-from robe_dist.modules import RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
-from robe_dist.placement import Placement, evaluate_placement, plan_placement
+from robe_dist.modules import QREmbeddingBagCollection, RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
+from robe_dist.placement import Placement, PlacementError, evaluate_placement, plan_placement
 from robe_dist.train_config import Config
 from robe_dist.trainer.env import DistEnv
 
@@ -90,9 +91,15 @@ def build_collection(
     cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int] = None
 ) -> nn.Module:
     """The embedding collection DLRM reads: all tables in one ROBE array, all full tables (on
-    ``meta``: DMP materialises each rank's shards), or both (RobeHybridEmbeddingBagCollection).
+    ``meta``: DMP materialises each rank's shards), both (RobeHybridEmbeddingBagCollection), or
+    quotient-remainder tables (``model.qr_max_rows``, QREmbeddingBagCollection).
     ``array_size`` (a placement's) overrides ``robe.array_size``."""
     robe = cfg.robe.robe_config(array_size) if robe_names else None
+    if cfg.model.qr_max_rows is not None:  # validated: no ROBE tables then
+        try:
+            return QREmbeddingBagCollection(tables, cfg.model.qr_max_rows, cfg.model.qr_operation, device=torch.device("meta"))
+        except ValueError as e:
+            raise PlacementError(f"model.qr_max_rows {cfg.model.qr_max_rows:,}: {e}") from None
     if len(robe_names) == len(tables):
         return RobeEmbeddingBagCollection(tables, robe)
     if not robe_names:
@@ -161,7 +168,17 @@ def shard_model(
         gradient_sync="hook" if compression == "none" else "ddp",
     )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    constraints = None
+    if cfg.dist.table_sharding is not None:
+        kind = ShardingType(cfg.dist.table_sharding).value
+        constraints = {
+            t.name: ParameterConstraints(sharding_types=[kind])
+            for mod in model.modules()
+            if isinstance(mod, EmbeddingBagCollection)
+            for t in mod.embedding_bag_configs()
+        }
     planner = RobeShardingPlanner(
+        constraints=constraints,
         topology=TopologyFactory.create_topology(
             TrainerConfig(
                 world_size=env.world_size,
@@ -182,6 +199,7 @@ def shard_model(
         f"{s.sharding_type}/{s.compute_kernel}" for ps in plan.plan.values() for s in ps.values()
     )
     logger.info("sharding plan: %s", ", ".join(f"{n} x {kind}" for kind, n in sorted(placed.items())))
+    dmp.sharding_summary = dict(sorted(placed.items()))  # logged in metrics.jsonl's memory record
     return dmp
 
 
