@@ -51,18 +51,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def capped_sizes(sizes: List[int], dim: int, budget_floats: int) -> List[int]:
-    """The hashing trick's table sizes: min(n, M) with the largest M that fits ``budget_floats``."""
-    lo, hi = 1, max(sizes)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(n, mid) for n in sizes) * dim <= budget_floats:
-            lo = mid
-        else:
-            hi = mid - 1
-    return [min(n, lo) for n in sizes]
-
-
 def hand_split(sizes: List[int], features: List[str], dim: int, budget_floats: int) -> List[str]:
     """The ROBE features of the hand split: smallest tables full while they fit half the budget."""
     order = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
@@ -123,7 +111,7 @@ def main(argv=None) -> List[Dict]:
     sys.path.insert(0, str(REPO))
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
     from robe_dist.data.layout import read_manifest
-    from robe_dist.placement import Budget
+    from robe_dist.placement import Budget, hashing_trick_sizes
     from robe_dist.train_config import load_config
     from robe_dist.trainer.data import make_synthetic
 
@@ -146,7 +134,7 @@ def main(argv=None) -> List[Dict]:
             elif choice == "hand":
                 over = [f"robe.features={json.dumps(hand_split(sizes, features, dim, floats))}", f"robe.budget={budget}"]
             else:
-                capped = capped_sizes(sizes, dim, floats)
+                capped = hashing_trick_sizes(sizes, dim, floats)
                 over = ["robe.features=none", "robe.budget=null", f"model.num_embeddings_per_feature={json.dumps(capped)}"]
                 floats_used = sum(capped) * dim
             record = run_seeds(f"{choice}_{budget}", over, args)

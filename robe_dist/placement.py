@@ -122,6 +122,29 @@ class Budget:
         return f"{self.ratio:g}x" if self.ratio is not None else f"{self.bytes:,} bytes"
 
 
+def hashing_trick_sizes(sizes: Sequence[int], dim: int, budget_floats: int) -> List[int]:
+    """The hashing trick as DLRM and TorchRec apply it at equal memory: every table capped at
+    ``M`` rows (ids taken ``% M``; tables smaller than ``M`` kept whole), ``M`` the largest cap
+    whose tables take at most ``budget_floats`` floats of width ``dim``.
+
+    Raises:
+        PlacementError: even one row per table does not fit.
+    """
+    if len(sizes) * dim > budget_floats:
+        raise PlacementError(
+            f"the hashing trick needs at least one row per table ({len(sizes)} x {dim} = {len(sizes) * dim:,} floats); "
+            f"the budget is {budget_floats:,} floats"
+        )
+    lo, hi = 1, max(sizes)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(n, mid) for n in sizes) * dim <= budget_floats:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [min(int(n), lo) for n in sizes]
+
+
 @dataclass
 class TableChoice:
     """Where one table goes."""

@@ -10,7 +10,8 @@ from robe_dist.train import main
 from robe_dist.train_config import DEFAULT_CONFIG, Config, OptimConfig, apply_override, config_from_dict, load_config
 from robe_dist.trainer.optim import lr_factor
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
+"""Training configs (``compare_*.yaml`` are robe-compare's: tests/unit/test_compare.py)."""
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
