@@ -360,7 +360,8 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
         "config": str(config_path), "train_config": str(base), "overrides": common, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(), "full_floats": facts.full_floats, "dim": facts.dim, "table_sizes": facts.sizes,
         "seed": base_cfg.seed, "cli_overrides": list(train_overrides), "systems_budget": cfg.systems.budget,
-        "systems_steps": cfg.systems.steps, "quality_processes": cfg.quality_processes, "quality": [], "systems": [],
+        "systems_steps": cfg.systems.steps, "quality_processes": cfg.quality_processes,
+        "multi_hot": base_cfg.data.multi_hot, "quality": [], "systems": [],
     }  # fmt: skip
     log(f"robe-compare: {len(specs)} quality runs ({sum(1 for s in specs if s.infeasible)} cannot meet their budget)")
     t0 = time.time()

@@ -156,7 +156,10 @@ def traffic_model(result: Dict) -> Dict[str, Dict[str, float]]:
         mean = {k: sum(v) / len(v) for k, v in b.items()}
         start = r["metrics"].get("start", {})
         local_batch = _global_batch(r) / w
+        sharded = sum(n for k, n in (r["metrics"].get("memory", {}).get("sharding") or {}).items()
+                      if not k.startswith("data_parallel"))  # fmt: skip
         out[_label(r)] = {
+            "sharded_tables": sharded,
             "allreduce_payload": mean["robe_allreduce_bytes"] + mean["dense_allreduce_bytes"],
             "robe_payload": mean["robe_allreduce_bytes"],
             "alltoall_per_sample": mean["alltoall_bytes"] / ((w - 1) / w) / local_batch,
@@ -173,6 +176,13 @@ def _global_batch(r: Dict) -> float:
 def projected_bytes(m: Dict[str, float], ranks: int, local_batch: float) -> float:
     f = (ranks - 1) / ranks
     return 2 * f * m["allreduce_payload"] + f * m["alltoall_per_sample"] * local_batch
+
+
+def s_model(m: Dict[str, float], result: Dict) -> Optional[float]:
+    """The byte model's all-to-all bytes per sample: T sharded tables x (8 p + 4 + 8 d), one-hot."""
+    if result.get("multi_hot", True):
+        return None  # p unknown here
+    return m["sharded_tables"] * (8 + 4 + 8 * result["dim"])
 
 
 def _full_model(model: Dict[str, Dict[str, float]]) -> Optional[Dict[str, float]]:
@@ -373,13 +383,16 @@ def write_report(result: Dict[str, Any], out_dir: Path) -> Path:
                       "From the bytes measured per rank on 2 ranks: a rank sends 2 (W-1)/W P + (W-1)/W s b per step "
                       "(P: all-reduce payload, s: all-to-all bytes per sample of the local batch b, normalised by "
                       "the share (W-1)/W of samples whose tables live on other ranks).", "",
-                      table(["arm", "P (MB)", "s (bytes/sample)", "local batch b", "crossover b* vs full tables"],
+                      table(["arm", "P (MB)", "s (bytes/sample)", "s, byte model", "local batch b", "crossover b* vs full tables"],
                             [[k, _mb(v["allreduce_payload"]), f"{v['alltoall_per_sample']:,.1f}",
+                              _f(s_model(v, result), "{:,.1f}"),
                               f"{v['measured_local_batch']:,.0f}",
                               ("-" if full is None or v is full else _f(crossover_batch(v, full), "{:,.0f}"))]
                              for k, v in model.items()]), "",
                       "b*: the local batch above which the arm sends fewer bytes per step than the sharded full "
-                      "tables (0: always; -: never). docs/distributed.md has the byte model it is held against.",
+                      "tables (0: always; -: never). The byte model (docs/distributed.md): s = T (8 p + 4 + 8 d) "
+                      "for T sharded tables, one-hot (p = 1) int64 ids, their lengths, the pooled fp32 "
+                      "embedding forward and its gradient backward.",
                       ""]  # fmt: skip
         lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
     lines += ["## Runs", ""]

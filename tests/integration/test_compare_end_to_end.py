@@ -113,4 +113,6 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
     array_bytes = r["placement"]["array_size"] * 4
     assert r["summary"]["sent_bytes_per_rank"]["robe_allreduce_bytes"] == [array_bytes * r["summary"]["step"]] * 2
     assert r["summary"]["sent_bytes_per_rank"]["alltoall_bytes"] == [0, 0]
-    assert re.search(r"\| robe_z16 100x \| [0-9.]+ \| [0-9,.]+ \| 256 \| [0-9,]+ \|", report)  # crossover row
+    # the traffic table: measured bytes per sample beside the byte model's, and a crossover
+    assert re.search(r"\| full \| [0-9.]+ \| 3,6[0-9][0-9]\.[0-9] \| 3,640\.0 \| 256 \| - \|", report), report
+    assert re.search(r"\| robe_z16 100x \| [0-9.]+ \| 0\.0 \| 0\.0 \| 256 \| [0-9,]+ \|", report)
