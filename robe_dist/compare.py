@@ -428,6 +428,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override of the training config for every arm (repeatable)")
     p.add_argument("--report-only", action="store_true", help="rewrite report.md and the plots from the run dir's compare.json")
+    p.add_argument("--publish", type=Path, default=None, metavar="MD",
+                   help="also write the report to MD (e.g. docs/results.md), its plots beside it in MD's stem dir")
     return p.parse_args(argv)
 
 
@@ -450,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"robe-compare: {e}", file=sys.stderr)
         return 2
-    report = write_report(result, args.run_dir)
+    report = write_report(result, args.run_dir, args.publish)
     print(f"robe-compare: wrote {report} and {len(list(args.run_dir.glob('*.png')))} plots")
     failed = [r["id"] for r in result["quality"] if "infeasible" not in r and r.get("exit") != 0]
     failed += [f"{r['id']} ({r['processes']}p, timed)" for r in result["systems"] if r.get("exit") != 0]

@@ -7,12 +7,21 @@ the report next to its inputs). ``tests/unit/test_compare.py`` checks the report
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 BANDWIDTHS_GBPS = {"100 Gb/s Ethernet (12.5 GB/s)": 12.5e9, "400 Gb/s InfiniBand NDR (50 GB/s)": 50e9}
 """Per-GPU network bandwidths of the traffic projection."""
+KIND_TEXT = {
+    "full": "every table full, sharded by TorchRec's planner (the production baseline)",
+    "hashing": "the hashing trick as DLRM and TorchRec apply it, every table capped at M rows (id % M)",
+    "qr": "quotient-remainder compositional embeddings (Shi et al., KDD 2020), every table capped at M rows",
+    "robe": "every table in one ROBE array of the budget (block size Z in the arm's name)",
+    "auto": "robe_dist's placement planner: full tables where they pay, the rest in a ROBE array",
+}
 PROJECTION_RANKS = [8, 16, 32, 64, 128, 256, 512, 1024]
 PROJECTION_W = 64
 """Ranks of the bytes-against-local-batch panel."""
@@ -328,8 +337,9 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
 # The report
 
 
-def write_report(result: Dict[str, Any], out_dir: Path) -> Path:
-    """Writes ``out_dir/report.md`` and the plots; returns the report's path."""
+def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] = None) -> Path:
+    """Writes ``out_dir/report.md`` and the plots; returns the report's path. ``publish``: also
+    write the report there (e.g. docs/results.md) with its plots in ``<publish stem>/``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         plots(result, out_dir)
@@ -348,6 +358,8 @@ def write_report(result: Dict[str, Any], out_dir: Path) -> Path:
         f"{result.get('wall_s', '-')} s.",
         "",
         "Every figure below is read from the runs' `metrics.jsonl` (collected in `compare.json`).",
+        "",
+        "Arms: " + "; ".join(f"**{k}**: {v}" for k, v in KIND_TEXT.items() if any(r["kind"] == k for r in result["quality"])) + ".",
         "",
         f"## Quality at equal memory ({result.get('quality_processes', 1)} process(es) each, same data, seed and samples)",
         "",
@@ -399,8 +411,19 @@ def write_report(result: Dict[str, Any], out_dir: Path) -> Path:
     for r in result["quality"] + result["systems"]:
         if r.get("run_dir"):
             lines.append(f"- `{r['id']}` ({r.get('processes', 1)} process(es)): `{r['run_dir']}`, overrides `{r['overrides']}`")
+    text = "\n".join(lines) + "\n"
     path = out_dir / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    _write_atomic(path, text)
+    if publish is not None:
+        images = publish.parent / publish.stem
+        images.mkdir(parents=True, exist_ok=True)
+        for png in out_dir.glob("*.png"):
+            shutil.copyfile(png, images / png.name)
+        _write_atomic(publish, re.sub(r"\]\(([a-z_]+\.png)\)", rf"]({publish.stem}/\1)", text))
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
