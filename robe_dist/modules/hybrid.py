@@ -17,29 +17,40 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from robe_dist.config import RobeConfig
 from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
 
-# (child index, first column, last column + 1) of a run of output columns, in output order
-_Slice = Tuple[int, int, int]
+# (child index, the child's own embedding name) of each output embedding, in output order
+_Source = Tuple[int, str]
 
 
 @torch.fx.wrap
 def _merge_pooled(
     pooled: List[Union[KeyedTensor, Awaitable[KeyedTensor]]],
-    slices: List[_Slice],
+    sources: List[_Source],
     keys: List[str],
     length_per_key: List[int],
 ) -> KeyedTensor:
-    """One KeyedTensor from the children's: columns ``pooled[c].values()[:, a:b]`` in ``slices`` order.
+    """One KeyedTensor from the children's, its embeddings in ``keys`` order: embedding ``i`` is
+    child ``sources[i][0]``'s embedding named ``sources[i][1]``, found by name (a sharded child
+    may return its embeddings in another order than its tables': TorchRec groups them by sharding
+    type). Contiguous runs are copied as one slice.
 
     ``torch.fx.wrap``-ed: TorchRec's pipelines trace the model and see this as one call.
     """
-    values = []
+    values, where = [], []
     for kt in pooled:
         if isinstance(kt, Awaitable):  # a sharded child returns LazyAwaitable[KeyedTensor]
             kt = kt.wait()
         values.append(kt.values())
-    if len(slices) == 1:
-        c, a, b = slices[0]
-        merged = values[c] if (a == 0 and b == values[c].shape[1]) else values[c][:, a:b]
+        offsets = kt.offset_per_key()
+        where.append({k: (offsets[i], offsets[i + 1]) for i, k in enumerate(kt.keys())})
+    slices: List[Tuple[int, int, int]] = []
+    for c, name in sources:
+        a, b = where[c][name]
+        if slices and slices[-1][0] == c and slices[-1][2] == a:
+            slices[-1] = (c, slices[-1][1], b)
+        else:
+            slices.append((c, a, b))
+    if len(slices) == 1 and slices[0][1] == 0 and slices[0][2] == values[slices[0][0]].shape[1]:
+        merged = values[slices[0][0]]
     else:
         merged = torch.cat([values[c][:, a:b] for c, a, b in slices], dim=1)
     return KeyedTensor(keys=keys, length_per_key=length_per_key, values=merged)
@@ -122,26 +133,23 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             EmbeddingBagCollection(full_cfgs, is_weighted=is_weighted, device=device) if full_cfgs else None
         )
 
-        # output layout: global embedding names (shared features are "feature@table") in table
-        # order, and where each one's columns lie in the children's outputs
+        # output layout: global embedding names (a feature read by several tables is
+        # "feature@table") in table order, each taken by name from its child, where it may be
+        # named differently (a feature shared only within the other child is plain "feature")
         global_names = get_embedding_names_by_table(tables)
-        col = {0: 0, 1: 0}  # running column per child (0: robe, 1: full)
-        pieces: List[_Slice] = []
-        for t, t_names in zip(tables, global_names):
-            c = 0 if t.name in robe_set else 1
-            for _ in t_names:
-                pieces.append((c, col[c], col[c] + t.embedding_dim))
-                col[c] += t.embedding_dim
-        present = [c for c in (0, 1) if col[c] > 0]
+        child_names = {
+            t.name: n
+            for cfgs in (robe_cfgs, full_cfgs)
+            if cfgs
+            for t, n in zip(cfgs, get_embedding_names_by_table(cfgs))
+        }
+        present = [c for c, cfgs in enumerate((robe_cfgs, full_cfgs)) if cfgs]
         position = {c: i for i, c in enumerate(present)}
-        slices: List[_Slice] = []
-        for c, a, b in pieces:  # merge contiguous runs of one child
-            i = position[c]
-            if slices and slices[-1][0] == i and slices[-1][2] == a:
-                slices[-1] = (i, slices[-1][1], b)
-            else:
-                slices.append((i, a, b))
-        self._slices: List[_Slice] = slices
+        self._sources: List[_Source] = [
+            (position[0 if t.name in robe_set else 1], local)
+            for t, t_names in zip(tables, global_names)
+            for local in child_names[t.name]
+        ]
         self._keys: List[str] = [n for t_names in global_names for n in t_names]
         self._length_per_key: List[int] = [t.embedding_dim for t, t_names in zip(tables, global_names) for _ in t_names]
         self._has_robe = self.robe is not None
@@ -154,7 +162,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             pooled.append(self.robe(features))
         if self._has_full:
             pooled.append(self.full(features))
-        return _merge_pooled(pooled, self._slices, self._keys, self._length_per_key)
+        return _merge_pooled(pooled, self._sources, self._keys, self._length_per_key)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._embedding_bag_configs

@@ -85,21 +85,25 @@ def _split_ids(
 @torch.fx.wrap
 def _combine(
     pooled: Union[KeyedTensor, Awaitable[KeyedTensor]],
-    plan: List[Tuple[int, int, int]],
+    plan: List[Tuple[str, str]],
     keys: List[str],
     length_per_key: List[int],
     operation: str,
 ) -> KeyedTensor:
-    """The output KeyedTensor: per table, ``q * r`` (or ``q + r``) of its two column ranges
-    (``plan``: first column, partner's first column or -1, dim), or its own columns."""
+    """The output KeyedTensor: per table, ``q * r`` (or ``q + r``) of its two inner embeddings
+    (``plan``: their names, the second ``""`` for a whole table), found by name (a sharded inner
+    collection may order its embeddings by sharding type)."""
     if isinstance(pooled, Awaitable):  # a sharded inner collection returns LazyAwaitable[KeyedTensor]
         pooled = pooled.wait()
-    values = pooled.values()
+    values, offsets = pooled.values(), pooled.offset_per_key()
+    where = {k: (offsets[i], offsets[i + 1]) for i, k in enumerate(pooled.keys())}
     cols = []
-    for a, b, d in plan:
-        x = values[:, a : a + d]
-        if b >= 0:
-            y = values[:, b : b + d]
+    for first, second in plan:
+        a, b = where[first]
+        x = values[:, a:b]
+        if second:
+            c, d = where[second]
+            y = values[:, c:d]
             x = x * y if operation == "mult" else x + y
         cols.append(x)
     return KeyedTensor(keys=keys, length_per_key=length_per_key, values=torch.cat(cols, dim=1))
@@ -158,8 +162,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._keys: List[str] = []
         self._collisions: List[int] = []
         self._inner_keys: List[str] = []
-        plan: List[Tuple[int, int, int]] = []
-        col = 0
+        plan: List[Tuple[str, str]] = []
         for t in tables:
             if len(t.feature_names) != 1:
                 raise ValueError(f"QREmbeddingBagCollection: table {t.name} must have exactly one feature, has {t.feature_names}")
@@ -175,8 +178,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if c is None:
                 inner.append(t)
                 self._inner_keys.append(f)
-                plan.append((col, -1, d))
-                col += d
+                plan.append((f, ""))
                 continue
             lo = math.sqrt(1.0 / n)
             for part, rows in (("q", math.ceil(n / c)), ("r", c)):
@@ -187,8 +189,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     )  # fmt: skip
                 )
                 self._inner_keys.append(f"{f}@{part}")
-            plan.append((col, col + d, d))
-            col += 2 * d
+            plan.append((f"{f}@q", f"{f}@r"))
         self._plan = plan
         self._operation = operation
         self._length_per_key = [t.embedding_dim for t in tables]

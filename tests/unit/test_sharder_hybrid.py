@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.train_pipeline.tracing import Tracer
@@ -81,3 +81,19 @@ def test_planner_shards_the_children():
         h, [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()])
     assert {k: v.sharding_type for k, v in plan.plan["robe"].items()} == {"array": "data_parallel"}
     assert set(plan.plan["full"]) == {"b", "d"}
+
+
+def test_children_are_read_by_name_whatever_their_output_order():
+    """A sharded child returns its embeddings grouped by sharding type (TorchRec puts a
+    data-parallel table after the table-wise ones): the merge must follow names, not positions."""
+    h = RobeHybridEmbeddingBagCollection(TABLES, RobeConfig(array_size=4096), max_full_rows=1000)
+    kjt = features()
+    expected = h(kjt)
+    full = h.full(kjt)
+    order = [1, 0]  # the full child's two embeddings, swapped
+    names = [full.keys()[i] for i in order]
+    cols = [full.values()[:, full.offset_per_key()[i] : full.offset_per_key()[i + 1]] for i in order]
+    swapped = KeyedTensor(keys=names, length_per_key=[c.shape[1] for c in cols], values=torch.cat(cols, dim=1))
+    h.full.forward = lambda features: swapped
+    out = h(kjt)
+    assert out.keys() == expected.keys() and torch.equal(out.values(), expected.values())
