@@ -55,7 +55,8 @@ from robe_dist.trainer.metrics_log import (
 )
 from robe_dist.placement import Placement, PlacementError
 from robe_dist.trainer.model import (
-    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, place_tables, robe_modules, shard_model,
+    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, model_spec, place_tables, robe_modules,
+    shard_model,
     table_configs,
 )  # fmt: skip
 from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
@@ -165,6 +166,8 @@ class Trainer:
         # full tables and the paper mapping read ids modulo the table size
         bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
+        sizes = dict(zip(self.data.feature_names, num_embeddings))
+        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded})
         model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)
@@ -213,7 +216,9 @@ class Trainer:
         self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes = sent["robe_allreduce_bytes"], sent["dense_allreduce_bytes"]
         self.state.alltoall_bytes = sent["alltoall_bytes"]
         with self.comm_paused():
-            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env)
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.ckpt_dir, self.model, self.optimizer, self.state, self.cfg, self.env, self.model_spec
+            )
         self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
     def interrupt(self) -> None:

@@ -331,9 +331,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         values, weights, offsets, meta, batch = _lookup_inputs(
             features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )
+        array = self.array
+        if array.dtype in (torch.bfloat16, torch.float16) and array.device.type == "cpu" and self.fused_update is None:
+            # a 16-bit array stored for inference (robe-export --dtype): the CPU operator reads
+            # float32, so it gets a float32 copy (rounding already happened where it is stored)
+            array = array.float()
         try:
             pooled, status = robe_pooled_lookup(
-                self.array, values, weights, offsets, batch, meta, self._spec,
+                array, values, weights, offsets, batch, meta, self._spec,
                 fused=self.fused_update, state=getattr(self, "fused_state", None),
             )  # fmt: skip
         except ValueError as e:  # the kernels number features; name them

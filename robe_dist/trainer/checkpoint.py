@@ -75,6 +75,10 @@ class TrainerState:
     embeddings, their gradients), counted where sent (robe_dist.distributed.comm_counter)."""
 
 
+MODEL_SPEC_FILE = "model_spec.json"
+"""What the model was built from (robe_dist.trainer.model.model_spec), beside the DCP files."""
+
+
 def _robe_signatures(model: nn.Module) -> Dict[str, List[int]]:
     return {path: m.hash_signature.tolist() for path, m in robe_modules(model).items()}
 
@@ -108,9 +112,12 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 
 def save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: TrainOptimizer, state: TrainerState, cfg: Config, env: DistEnv
+    ckpt_dir: Path, model: nn.Module, optimizer: TrainOptimizer, state: TrainerState, cfg: Config, env: DistEnv,
+    model_spec: Optional[dict] = None,
 ) -> Path:
-    """Writes ``ckpt_dir/step_<N>`` atomically (all ranks call this) and prunes old ones."""
+    """Writes ``ckpt_dir/step_<N>`` atomically (all ranks call this) and prunes old ones.
+    ``model_spec`` (tables, ROBE tables, array size, id moduli: what ``robe-export`` rebuilds the
+    model from without the data) goes to ``model_spec.json``."""
     final = ckpt_dir / f"step_{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if env.is_main:
@@ -122,6 +129,8 @@ def save_checkpoint(
     if env.is_main:
         record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
         _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+        if model_spec is not None:
+            _write_synced(tmp / MODEL_SPEC_FILE, lambda f: f.write(json.dumps(model_spec, indent=1).encode()))
         _write_synced(tmp / _STATE_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
     dist.barrier()
     if env.is_main:

@@ -77,6 +77,23 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
     return tables, [t.name for t in tables if t.feature_names[0] in robe_features]
 
 
+def model_spec(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int],
+               id_moduli: Dict[str, int]) -> Dict:  # fmt: skip
+    """What ``build_collection`` was given, as JSON: with the run's config it rebuilds the
+    model without the data (``robe-export``). ``id_moduli``: features whose ids are taken modulo."""
+    return {
+        "version": 1,
+        "tables": [[t.name, t.feature_names[0], int(t.num_embeddings), int(t.embedding_dim)] for t in tables],
+        "robe_tables": list(robe_names),
+        "array_size": cfg.robe.robe_config(array_size).array_size if robe_names else None,
+        "id_moduli": {f: int(n) for f, n in id_moduli.items()},
+    }
+
+
+def tables_of_spec(spec: Dict) -> List[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=n, feature_names=[f], num_embeddings=rows, embedding_dim=d) for n, f, rows, d in spec["tables"]]
+
+
 def place_tables(
     cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], stats: Optional[List[TableStats]]
 ) -> Placement:
@@ -88,23 +105,25 @@ def place_tables(
 
 
 def build_collection(
-    cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int] = None
+    cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int] = None,
+    device: torch.device = torch.device("meta"),
 ) -> nn.Module:
     """The embedding collection DLRM reads: all tables in one ROBE array, all full tables (on
     ``meta``: DMP materialises each rank's shards), both (RobeHybridEmbeddingBagCollection), or
-    quotient-remainder tables (``model.qr_max_rows``, QREmbeddingBagCollection).
+    quotient-remainder tables (``model.qr_max_rows``, QREmbeddingBagCollection). ``device``: of the
+    full tables (``meta`` for DMP; a real device to load a checkpoint into, as robe-export does).
     ``array_size`` (a placement's) overrides ``robe.array_size``."""
     robe = cfg.robe.robe_config(array_size) if robe_names else None
     if cfg.model.qr_max_rows is not None:  # validated: no ROBE tables then
         try:
-            return QREmbeddingBagCollection(tables, cfg.model.qr_max_rows, cfg.model.qr_operation, device=torch.device("meta"))
+            return QREmbeddingBagCollection(tables, cfg.model.qr_max_rows, cfg.model.qr_operation, device=device)
         except ValueError as e:
             raise PlacementError(f"model.qr_max_rows {cfg.model.qr_max_rows:,}: {e}") from None
     if len(robe_names) == len(tables):
         return RobeEmbeddingBagCollection(tables, robe)
     if not robe_names:
-        return EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    return RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=robe_names, device=torch.device("meta"))
+        return EmbeddingBagCollection(tables=tables, device=device)
+    return RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=robe_names, device=device)
 
 
 def build_dlrm(cfg: Config, collection: nn.Module, device: torch.device) -> nn.Module:

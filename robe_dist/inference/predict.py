@@ -1,0 +1,116 @@
+"""robe-predict: score a dataset with an artifact of robe-export, without torchrun or the trainer.
+
+    robe-predict --model model.pt2 --data data_cache/synthetic-1500000-3-0-0.001-vocab --split test --out scores.txt
+
+``--data`` is a dataset in robe_dist's npy layout (``robe-data ingest`` of Criteo TSV/CSV, or a
+synthetic dataset; the same ids the model was trained on, so the vocab dir for a vocab-trained
+model) and ``--split`` one of its splits. One probability per row goes to ``--out`` (text, one line
+each, in the split's row order); the labels give AUC and log-loss, printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from robe_dist.inference.export import FORMAT_VERSION, META_FILE, ExportError
+
+
+def load_artifact(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The exported scoring module and its metadata; ``ExportError`` for a missing, truncated or
+    newer artifact."""
+    import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup, which the graph calls
+
+    if not path.is_file():
+        raise ExportError(f"--model {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ExportError(f"--model {path}: not a robe-export artifact (not a torch.export archive; truncated?)")
+    extra = {META_FILE: ""}
+    try:
+        ep = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:  # a damaged archive fails in many ways
+        raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if not extra[META_FILE]:
+        raise ExportError(f"--model {path}: a torch.export archive without robe_dist's metadata (not from robe-export)")
+    meta = json.loads(extra[META_FILE])
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(
+            f"--model {path}: format version {meta['format_version']} is newer than this robe_dist reads "
+            f"({FORMAT_VERSION}); upgrade robe_dist"
+        )
+    return ep.module(), meta
+
+
+def score_split(model: torch.nn.Module, data: Path, split: str, batch_size: int, multi_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and labels of every row of ``split``, in order."""
+    from robe_dist.data.dataset import CriteoIterableDataset
+
+    ds = CriteoIterableDataset(data, split, batch_size=batch_size, rank=0, world_size=1, shuffle_buffer=0,
+                               drop_last=False, multi_hot=multi_hot)  # fmt: skip
+    probs, labels = [], []
+    with torch.no_grad():
+        for b in ds:
+            kjt = b.sparse_features
+            probs.append(model(b.dense_features, kjt.values(), kjt.lengths().to(torch.int64)))
+            labels.append(b.labels)
+    if not probs:
+        raise ExportError(f"--data {data}: split {split!r} has no rows")
+    return torch.cat(probs), torch.cat(labels)
+
+
+def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    from torchmetrics.functional.classification import binary_auroc
+
+    p = probs.double().clamp(1e-7, 1 - 1e-7)
+    logloss = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
+    return {"auc": float(binary_auroc(probs.float(), labels.long())), "logloss": float(logloss)}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="robe-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="an artifact of robe-export")
+    p.add_argument("--data", type=Path, required=True, help="a dataset dir in robe_dist's npy layout")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", type=Path, default=None, help="write one probability per row here")
+    p.add_argument("--batch-size", type=int, default=16384)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from robe_dist.data.layout import DataError
+
+    args = parse_args(argv)
+    try:
+        model, meta = load_artifact(args.model)
+        t0 = time.time()
+        probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
+        seconds = time.time() - t0
+    except (ExportError, DataError, FileNotFoundError) as e:
+        print(f"robe-predict: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("\n".join(f"{p:.7g}" for p in probs.tolist()) + "\n")
+        os.replace(tmp, args.out)
+    m = metrics(probs, labels)
+    print(f"robe-predict: {len(probs):,} rows of {args.data} ({args.split}) in {seconds:.1f} s "
+          f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s): AUC {m['auc']:.4f}, log-loss {m['logloss']:.4f}"
+          + (f"; scores in {args.out}" if args.out else ""))  # fmt: skip
+    return 0
+
+
+def main_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -1,0 +1,113 @@
+"""robe-export and robe-predict end to end: a model trained by robe-train (1 and 2 processes, a
+hybrid of full tables and a ROBE array placed by the planner) scores the same as in training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = [  # the default config (auto placement at 100x: full tables + a ROBE array), smaller
+    "data.synthetic_rows=60000", "data.synthetic_days=3", "train.global_batch_size=512", "eval.batch_size=8192",
+    "train.log_every_steps=20", "eval.every_samples=null", "checkpoint.every_steps=null", "logging.progress_bar=false",
+]  # fmt: skip
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "synthetic"
+
+
+def train(run_dir: Path, data_dir: Path, nproc: int) -> dict:
+    launcher = ["-m", "robe_dist.train"] if nproc == 1 else [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "robe_dist.train"]  # fmt: skip
+    args = [*launcher, "--run-dir", str(run_dir)]
+    for o in [*SMALL, f"data.path={data_dir}"]:
+        args += ["--set", o]
+    p = run(*args)
+    assert p.returncode == 0, p.stderr[-4000:]
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "test": next(r for r in recs if r["kind"] == "eval" and r["split"] == "test"),
+        "summary": next(r for r in recs if r["kind"] == "summary"),
+        "placement": next(r for r in recs if r["kind"] == "placement"),
+    }
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_exported_model_scores_as_in_training(tmp_path, data_dir, nproc):
+    run_dir = tmp_path / "run"
+    m = train(run_dir, data_dir, nproc)
+    assert m["placement"]["full_tables"] and m["placement"]["robe_tables"]  # a hybrid
+    ckpt = Path(m["summary"]["checkpoint"])
+    art = tmp_path / "model.pt2"
+    p = run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(art))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"wrote {art}" in p.stdout and "ROBE array of" in p.stdout and "full tables" in p.stdout
+    scores = tmp_path / "scores.txt"
+    vocab = Path(str(data_dir) + "-vocab")
+    p = run("-m", "robe_dist.inference.predict", "--model", str(art), "--data", str(vocab), "--split", "test", "--out", str(scores))
+    assert p.returncode == 0, p.stderr[-3000:]
+    auc = float(p.stdout.split("AUC ")[1].split(",")[0])
+    assert abs(auc - m["test"]["auc"]) < 2e-4, (auc, m["test"]["auc"], p.stdout)
+    lines = scores.read_text().split()
+    assert len(lines) == m["test"]["eval_samples"] and all(0 < float(x) < 1 for x in lines[:1000])
+    if nproc == 1:
+        return
+    # reduced precision: the array and tables in bf16, AUC printed by robe-predict
+    art16 = tmp_path / "model_bf16.pt2"
+    p = run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(art16), "--dtype", "bf16", "--data", str(vocab))
+    assert p.returncode == 0 and "bf16" in p.stdout, p.stderr[-3000:]
+    change = float(p.stdout.split("change ")[1].rstrip(")\n"))
+    assert abs(change) < 0.005 and "validation AUC of the artifact" in p.stdout
+    assert art16.stat().st_size < art.stat().st_size
+    p = run("-m", "robe_dist.inference.predict", "--model", str(art16), "--data", str(vocab), "--split", "test")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert abs(float(p.stdout.split("AUC ")[1].split(",")[0]) - auc) < 0.005
+
+
+@pytest.mark.integration
+def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, data_dir):
+    import torch
+
+    run_dir = tmp_path / "run"
+    m = train(run_dir, data_dir, 1)
+    ckpt = Path(m["summary"]["checkpoint"])
+    art = tmp_path / "model.pt2"
+    assert run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(art)).returncode == 0
+    vocab = str(data_dir) + "-vocab"
+
+    def predict(model: Path) -> list:
+        p = run("-m", "robe_dist.inference.predict", "--model", str(model), "--data", vocab)
+        assert p.returncode == 2, p.stderr[-2000:]
+        return [ln for ln in p.stderr.splitlines() if ln.startswith("robe-predict:")]
+
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(art.read_bytes()[: art.stat().st_size // 2])
+    assert len(said := predict(truncated)) == 1 and "truncated?" in said[0]
+    newer = tmp_path / "newer.pt2"
+    extra = {"robe_dist.json": ""}
+    ep = torch.export.load(str(art), extra_files=extra)
+    meta = json.loads(extra["robe_dist.json"])
+    torch.export.save(ep, str(newer), extra_files={"robe_dist.json": json.dumps(dict(meta, format_version=99))})
+    assert zipfile.is_zipfile(newer)
+    assert "format version 99 is newer" in predict(newer)[0]
+    assert "no such file" in predict(tmp_path / "missing.pt2")[0]
+    # a checkpoint without its model spec (or not a checkpoint at all)
+    (ckpt / "model_spec.json").unlink()
+    p = run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt2"))
+    assert p.returncode == 2 and p.stderr.strip().startswith("robe-export:") and "model_spec.json" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt2").exists()
