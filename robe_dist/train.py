@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -473,6 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(env, cfg.logging.all_ranks)
     run_dir = cfg.resolved_run_dir
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
+    trainer: Optional[Trainer] = None
     try:
         prepare_run_dir(run_dir, cfg, env, args.resume)
         trainer = Trainer(cfg, env, run_dir)
@@ -495,24 +497,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if CommCounter._installed is not None:
             CommCounter._installed.uninstall()
+        # the model holds the process group (TorchRec's ShardingEnv, the ROBE module's _pg) inside
+        # reference cycles (TorchRec's PipelinedForward, module hooks): free it now, so that
+        # destroy_process_group() destroys the group and joins gloo's threads, not the interpreter's
+        # finalisation (or nothing, with the threads still running at exit)
+        trainer = None
+        gc.collect()
         shutdown()
     return 0
 
 
 def cli() -> None:
-    """Console entry point (``robe-train``, ``python -m robe_dist.train``): ``main()``, then exit
-    without interpreter finalisation.
+    """Console entry point (``robe-train``, ``python -m robe_dist.train``): ``main()``'s status.
 
-    Everything is written and the process group destroyed when ``main()`` returns, but gloo's
-    worker threads can still hold tensors whose destruction during finalisation aborts the process
-    (SIGABRT, "terminate called without an active exception"; seen on rank 1 after successful
-    2-process runs). Leaving through ``os._exit`` keeps a finished run's exit status 0.
+    ``main()`` destroys the process group before it returns, with nothing left holding it: the
+    ROBE module's gradient hook refers to it weakly and the model's reference cycles are collected
+    first, so gloo's threads are joined there, not during interpreter finalisation (where an
+    earlier version saw rank 1 abort now and then, and left through ``os._exit``;
+    tests/integration/test_faults.py checks that no gloo thread outlives ``main()``).
     """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Type
 
@@ -298,7 +299,18 @@ class ShardedRobeEmbeddingBagCollection(
     # ------------------------------------------------------------------ gradient averaging ("hook")
     def _install_grad_hook(self) -> None:
         if self._gradient_sync == "hook" and self._world_size > 1 and self._hooked_array_id != id(self.array):
-            self.array.register_post_accumulate_grad_hook(self._all_reduce_grad_hook)
+            # through a weak reference: the tensor keeps its hooks in C++, where Python's gc cannot
+            # see them, so a bound method here made module -> array -> hook -> module a cycle that gc
+            # never frees: it kept this module, its process group (self._pg, self._env) and gloo's
+            # worker threads alive after destroy_process_group(), until the process ended
+            method = weakref.WeakMethod(self._all_reduce_grad_hook)
+
+            def hook(param: torch.Tensor) -> None:
+                bound = method()
+                if bound is not None:
+                    bound(param)
+
+            self.array.register_post_accumulate_grad_hook(hook)
             self._hooked_array_id = id(self.array)
 
     def _all_reduce_grad_hook(self, param: torch.Tensor) -> None:

@@ -121,3 +121,33 @@ def test_kill_9_at_random_instants_then_resume_gives_the_same_weights(tmp_path, 
     assert kills >= 2
     a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+TEARDOWN_PROBE = """
+import os, sys
+from pathlib import Path
+from robe_dist.train import main
+code = main(sys.argv[1:-1])
+names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+Path(sys.argv[-1]).joinpath(f"threads_{os.environ['RANK']}.txt").write_text(repr(sorted(n for n in names if "gloo" in n)))
+sys.exit(code)
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to list threads")
+def test_process_group_and_gloo_threads_end_inside_main(tmp_path, data_dir):
+    """After a 2-rank run with sharded tables and a ROBE array, main() has destroyed the process
+    group: no gloo thread is left for interpreter finalisation (where rank 1 used to abort now and
+    then), and the ranks exit normally (no os._exit)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(TEARDOWN_PROBE)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe),
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for o in [*SMALL, f"data.path={data_dir}", "robe.features=[cat_0, cat_1]", "optim.name=adagrad", "optim.lr=0.05",
+              "train.max_steps=20", "eval.at_end=false"]:  # fmt: skip
+        args += ["--set", o]
+    p = subprocess.run(args + [str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert [(tmp_path / f"threads_{r}.txt").read_text() for r in (0, 1)] == ["[]", "[]"]
