@@ -24,7 +24,23 @@ import torch
 from robe_dist.inference.export import FORMAT_VERSION, META_FILE, ExportError
 
 
-def load_artifact(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+class Scorer:
+    """The exported program as a function of ``(dense, values, lengths)``. torch.export
+    specialises size-1 dimensions away (its graph guards ``batch != 1``), so a single row is
+    scored as two copies of itself."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if dense.shape[0] != 1:
+            return self.module(dense, values, lengths)
+        segments = torch.split(values, lengths.tolist())
+        doubled = torch.cat([x for seg in segments for x in (seg, seg)])
+        return self.module(dense.repeat(2, 1), doubled, lengths.repeat_interleave(2))[:1]
+
+
+def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
     """The exported scoring module and its metadata; ``ExportError`` for a missing, truncated or
     newer artifact."""
     import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup, which the graph calls
@@ -46,10 +62,10 @@ def load_artifact(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
             f"--model {path}: format version {meta['format_version']} is newer than this robe_dist reads "
             f"({FORMAT_VERSION}); upgrade robe_dist"
         )
-    return ep.module(), meta
+    return Scorer(ep.module()), meta
 
 
-def score_split(model: torch.nn.Module, data: Path, split: str, batch_size: int, multi_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def score_split(model, data: Path, split: str, batch_size: int, multi_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and labels of every row of ``split``, in order."""
     from robe_dist.data.dataset import CriteoIterableDataset
 
