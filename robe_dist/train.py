@@ -168,7 +168,8 @@ class Trainer:
         bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
         sizes = dict(zip(self.data.feature_names, num_embeddings))
-        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded})
+        ids = "vocab" if self.data.manifest.get("kind") == "vocab" else "raw"
+        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids)
         model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)

@@ -17,7 +17,7 @@ import queue
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from robe_dist.data.layout import (
     FORMAT, PARTS, VERSION, DataError, load_manifest_file, natural_key, part_path, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import PARTIAL_SUFFIX, NpyAppender, commit, partial_path
-from robe_dist.data.parse import COMMA, PAD, TAB, ParseStats, parse_buffer
+from robe_dist.data.parse import COMMA, PAD, TAB, ParsedBlock, ParseStats, parse_buffer
 from robe_dist.data.reader import LineBlocks, detect_format, is_header, open_text
 
 INPUT_SUFFIXES = (".tsv", ".txt", ".csv")
@@ -94,48 +94,64 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
+class ParsedFile:
+    """The parsed blocks of one raw Criteo file (TSV or CSV, plain or gzip), in order: a header
+    line is skipped, bad lines are counted in ``stats`` (and skipped), ``fmt`` is detected from the
+    first line unless given. Used by ingestion and by ``robe-predict`` on raw files."""
+
+    def __init__(self, source: Path, fmt: str | None = None, progress: Callable[[int], None] | None = None) -> None:
+        self.source, self.fmt, self.header = source, fmt, False
+        self.stats = ParseStats()
+        self.raw, self.stream = open_text(source)
+        reported = 0
+
+        def on_bytes() -> None:
+            nonlocal reported
+            if progress is not None and self.raw.bytes > reported:
+                progress(self.raw.bytes - reported)
+                reported = self.raw.bytes
+
+        self.blocks = LineBlocks(self.stream, on_bytes)
+
+    def __iter__(self) -> Iterator[ParsedBlock]:
+        line_no, delimiter = 1, TAB
+        for i, buf in enumerate(self.blocks):
+            if i == 0:
+                first = bytes(buf[PAD : buf.find(b"\n", PAD)])
+                self.fmt = self.fmt or detect_format(first, self.source)
+                delimiter = COMMA if self.fmt == "csv" else TAB
+                if is_header(first, delimiter):
+                    self.header, line_no = True, 2
+                    del buf[PAD : PAD + len(first) + 1]
+            parsed = parse_buffer(buf, delimiter=delimiter, first_line=line_no)
+            line_no += parsed.stats.lines
+            self.stats.add(parsed.stats)
+            yield parsed
+        if self.blocks.too_long:
+            self.stats.lines += self.blocks.too_long
+            self.stats.bad["line_too_long"] += self.blocks.too_long
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dict:
     """Convert one raw Criteo file; returns its manifest entry. Outputs appear atomically."""
     t0 = time.perf_counter()
     source = job.source
     stat = source.stat()
-    stats = ParseStats()
     outs = {part: part_path(job.out_dir, job.name, part) for part in PARTS}
-    raw, stream = open_text(source)
-    reported = 0
-
-    def on_bytes() -> None:
-        nonlocal reported
-        if progress is not None and raw.bytes > reported:
-            progress(raw.bytes - reported)
-            reported = raw.bytes
-
+    parsed_file = ParsedFile(source, job.fmt, progress)
     writers = [
         NpyAppender(partial_path(outs["dense"]), np.float32, (INT_FEATURE_COUNT,)),
         NpyAppender(partial_path(outs["sparse"]), np.int64, (CAT_FEATURE_COUNT,)),
         NpyAppender(partial_path(outs["labels"]), np.int32, (1,)),
     ]
-    fmt, header = job.fmt, False
-    blocks = LineBlocks(stream, on_bytes)
     try:
-        line_no = 1
-        for i, buf in enumerate(blocks):
-            if i == 0:
-                first = bytes(buf[PAD : buf.find(b"\n", PAD)])
-                fmt = fmt or detect_format(first, source)
-                delimiter = COMMA if fmt == "csv" else TAB
-                if is_header(first, delimiter):
-                    header, line_no = True, 2
-                    del buf[PAD : PAD + len(first) + 1]
-            parsed = parse_buffer(buf, delimiter=delimiter, first_line=line_no)
-            line_no += parsed.stats.lines
-            stats.add(parsed.stats)
+        for parsed in parsed_file:
             for writer, arr in zip(writers, (parsed.dense, parsed.sparse, parsed.labels)):
                 writer.append(arr)
-        if blocks.too_long:
-            stats.lines += blocks.too_long
-            stats.bad["line_too_long"] += blocks.too_long
-        _check_quality(source, stats, job.max_bad_fraction)
+        _check_quality(source, parsed_file.stats, job.max_bad_fraction)
         for writer in writers:
             writer.finish()
     except BaseException as e:
@@ -147,18 +163,19 @@ def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dic
             ) from e
         raise
     finally:
-        stream.close()
+        parsed_file.close()
     commit(list(outs.values()))
     seconds = time.perf_counter() - t0
+    stats, blocks = parsed_file.stats, parsed_file.blocks
     return {
         "name": job.name,
         "status": "done",
         "source": str(source.resolve()),
         "source_bytes": stat.st_size,
         "source_mtime_ns": stat.st_mtime_ns,
-        "source_crc32": f"{raw.crc:08x}",
-        "format": fmt or "tsv",
-        "header_skipped": header,
+        "source_crc32": f"{parsed_file.raw.crc:08x}",
+        "format": parsed_file.fmt or "tsv",
+        "header_skipped": parsed_file.header,
         "missing_final_newline": blocks.missing_final_newline,
         **stats.to_json(),
         "seconds": round(seconds, 3),

@@ -116,7 +116,7 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
         "array_size": spec["array_size"], "full_tables": [t.name for t in tables if t.name not in spec["robe_tables"]],
         "hash": cfg.robe.hash if spec["robe_tables"] else None, "robe_seed": cfg.robe.seed if spec["robe_tables"] else None,
         "block_size": cfg.robe.block_size if spec["robe_tables"] else None, "id_moduli": spec["id_moduli"],
-        "data": cfg.data.path or "synthetic", "multi_hot": cfg.data.multi_hot,
+        "data": cfg.data.path or "synthetic", "multi_hot": cfg.data.multi_hot, "ids": spec.get("ids", "raw"),
         "embedding_floats": sum(p.numel() for n, p in dlrm.named_parameters() if n.startswith("sparse_arch.")),
     }  # fmt: skip
     return model, info

@@ -4,8 +4,12 @@
 
 ``--data`` is a dataset in robe_dist's npy layout (``robe-data ingest`` of Criteo TSV/CSV, or a
 synthetic dataset; the same ids the model was trained on, so the vocab dir for a vocab-trained
-model) and ``--split`` one of its splits. One probability per row goes to ``--out`` (text, one line
-each, in the split's row order); the labels give AUC and log-loss, printed.
+model) with ``--split`` one of its splits, or a raw labelled Criteo file (TSV/CSV, plain or gzip,
+parsed as ``robe-data ingest`` parses it: bad lines counted and skipped, never scored; models
+trained on raw ids only). One probability per row goes to ``--out`` (text, one line each, in row
+order); the labels give AUC and log-loss, printed.
+
+    robe-predict --model model.pt2 --data day_23.gz --out scores.txt
 """
 
 from __future__ import annotations
@@ -82,6 +86,40 @@ def score_split(model, data: Path, split: str, batch_size: int, multi_hot: bool)
     return torch.cat(probs), torch.cat(labels)
 
 
+def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+    """Probabilities and labels of the good rows of a raw Criteo file (TSV or CSV, plain or gzip,
+    labelled: Criteo's 40 fields), parsed as ``robe-data ingest`` parses it; bad rows are counted
+    and skipped (the returned ParseStats says how many and why), never scored."""
+    from robe_dist.data.ingest import ParsedFile
+
+    if meta.get("ids") == "vocab":
+        raise ExportError(
+            f"--data {path}: this model was trained on ids remapped by robe-data vocab, and robe-predict cannot "
+            "apply that vocabulary to raw rows yet: score a dataset in the npy layout with the same vocabulary"
+        )
+    if meta.get("multi_hot"):
+        raise ExportError(f"--data {path}: a multi-hot model scores npy datasets only (raw Criteo rows are one-hot)")
+    parsed = ParsedFile(path)
+    probs, labels = [], []
+    try:
+        with torch.no_grad():
+            for block in parsed:
+                for a in range(0, len(block.labels), batch_size):
+                    sparse = torch.from_numpy(block.sparse[a : a + batch_size])
+                    n = sparse.shape[0]
+                    values = sparse.t().reshape(-1).to(torch.int64)
+                    probs.append(model(torch.from_numpy(block.dense[a : a + batch_size]), values,
+                                       torch.ones(sparse.shape[1] * n, dtype=torch.int64)))  # fmt: skip
+                    labels.append(torch.from_numpy(block.labels[a : a + batch_size, 0]).float())
+    except OSError as e:
+        raise ExportError(f"--data {path}: cannot read it ({type(e).__name__}: {e})") from None
+    finally:
+        parsed.close()
+    if not probs:
+        raise ExportError(f"--data {path}: no valid Criteo row ({parsed.stats.bad_rows:,} bad lines: {dict(parsed.stats.bad)})")
+    return torch.cat(probs), torch.cat(labels), parsed.stats
+
+
 def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     from torchmetrics.functional.classification import binary_auroc
 
@@ -93,8 +131,9 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="robe-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="an artifact of robe-export")
-    p.add_argument("--data", type=Path, required=True, help="a dataset dir in robe_dist's npy layout")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", type=Path, required=True,
+                   help="a dataset dir in robe_dist's npy layout, or a raw labelled Criteo file (.tsv/.csv, gzip or not)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="npy datasets: the split to score")
     p.add_argument("--out", type=Path, default=None, help="write one probability per row here")
     p.add_argument("--batch-size", type=int, default=16384)
     return p.parse_args(argv)
@@ -107,7 +146,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model, meta = load_artifact(args.model)
         t0 = time.time()
-        probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
+        skipped = ""
+        if args.data.is_file():
+            probs, labels, stats = score_raw(model, args.data, args.batch_size, meta)
+            if stats.bad_rows:
+                reasons = ", ".join(f"{k}: {v:,}" for k, v in stats.bad.items() if v)
+                skipped = f"; {stats.bad_rows:,} bad lines skipped, not scored ({reasons})"
+        else:
+            probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
         seconds = time.time() - t0
     except (ExportError, DataError, FileNotFoundError) as e:
         print(f"robe-predict: {e}", file=sys.stderr)
@@ -120,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = metrics(probs, labels)
     print(f"robe-predict: {len(probs):,} rows of {args.data} ({args.split}) in {seconds:.1f} s "
           f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s): AUC {m['auc']:.4f}, log-loss {m['logloss']:.4f}"
-          + (f"; scores in {args.out}" if args.out else ""))  # fmt: skip
+          + (f"; scores in {args.out}" if args.out else "") + skipped)  # fmt: skip
     return 0
 
 

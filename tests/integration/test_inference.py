@@ -111,3 +111,51 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, data_di
     assert p.returncode == 2 and p.stderr.strip().startswith("robe-export:") and "model_spec.json" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.pt2").exists()
+
+
+def _criteo_sample() -> Path:
+    env = os.environ.get("ROBE_DIST_CRITEO_SAMPLE")
+    return (Path(env) if env else REPO.parent / "shared" / "data" / "criteo_sample") / "kaggle_train_head_1000.tsv"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not _criteo_sample().is_file(), reason=f"real Criteo rows not found at {_criteo_sample()} (set ROBE_DIST_CRITEO_SAMPLE)")
+def test_raw_criteo_rows_score_as_ingested_and_bad_rows_are_skipped(tmp_path, data_dir):
+    import numpy as np
+    import torch
+
+    from robe_dist.inference.predict import load_artifact
+
+    run_dir = tmp_path / "run"
+    over = ["data.vocab=false", "robe.features=all", "robe.budget=null", "robe.array_size=65536"]
+    args = ["-m", "robe_dist.train", "--run-dir", str(run_dir)]
+    for o in [*SMALL, f"data.path={tmp_path / 'raw_synth'}", *over]:
+        args += ["--set", o]
+    assert (p := run(*args)).returncode == 0, p.stderr[-3000:]
+    ckpt = next((run_dir / "checkpoints").iterdir())
+    art = tmp_path / "raw.pt2"
+    assert run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(art)).returncode == 0
+    rows = tmp_path / "day_0.tsv"
+    sample = _criteo_sample().read_bytes()
+    rows.write_bytes(sample + (b"" if sample.endswith(b"\n") else b"\n") + b"not a criteo row\n")
+    scores = tmp_path / "scores.txt"
+    p = run("-m", "robe_dist.inference.predict", "--model", str(art), "--data", str(rows), "--out", str(scores))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 bad lines skipped, not scored" in p.stdout
+    # the same rows through robe-data ingest, scored by the artifact directly
+    assert run("-m", "robe_dist.data.cli", "ingest", "--input", str(rows), "--out", str(tmp_path / "npy")).returncode == 0
+    dense = torch.from_numpy(np.load(tmp_path / "npy" / "day_0_dense.npy"))
+    sparse = torch.from_numpy(np.load(tmp_path / "npy" / "day_0_sparse.npy"))
+    model, _ = load_artifact(art)
+    with torch.no_grad():
+        expected = model(dense, sparse.t().reshape(-1).to(torch.int64), torch.ones(sparse.numel(), dtype=torch.int64))
+    got = torch.tensor([float(x) for x in scores.read_text().split()])
+    assert len(got) == len(expected) == 1000
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-7)
+    # a model trained on vocabulary ids refuses raw rows
+    run_dir2 = tmp_path / "vocab_run"
+    m = train(run_dir2, data_dir, 1)
+    art2 = tmp_path / "vocab.pt2"
+    assert run("-m", "robe_dist.inference.export", "--checkpoint", m["summary"]["checkpoint"], "--out", str(art2)).returncode == 0
+    p = run("-m", "robe_dist.inference.predict", "--model", str(art2), "--data", str(rows))
+    assert p.returncode == 2 and "robe-data vocab" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
