@@ -85,6 +85,10 @@ class SystemsConfig:
     steps: int = 150
     """Training steps of each timed run (throughput from the steps after the first log line)."""
 
+    repeats: int = 1
+    """Timed runs per arm and process count; the report gives the median samples/s and the range
+    (on a shared machine single runs can differ by a third)."""
+
 
 @dataclass
 class CompareConfig:
@@ -133,6 +137,8 @@ class CompareConfig:
             Budget.parse(self.systems.budget)
         if not self.systems.processes or any(p < 1 for p in self.systems.processes):
             raise ValueError(f"systems.processes must list positive process counts, got {self.systems.processes}")
+        if self.systems.repeats < 1:
+            raise ValueError(f"systems.repeats must be >= 1, got {self.systems.repeats}")
         if self.systems.steps < 10:
             raise ValueError(f"systems.steps must be >= 10, got {self.systems.steps}")
         if self.quality_processes < 1:
@@ -357,10 +363,10 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
             raise ValueError(f"budget {b}: no arm can meet it ({'; '.join(f'{s.arm}: {s.infeasible}' for s in ss)})")
     quick = ["eval.every_samples=null", "checkpoint.every_steps=null", "checkpoint.at_end=false", "logging.progress_bar=false"]
     result: Dict[str, Any] = {
-        "config": str(config_path), "train_config": str(base), "overrides": common, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "config": _shown(config_path), "train_config": _shown(base), "overrides": common, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(), "full_floats": facts.full_floats, "dim": facts.dim, "table_sizes": facts.sizes,
         "seed": base_cfg.seed, "cli_overrides": list(train_overrides), "systems_budget": cfg.systems.budget,
-        "systems_steps": cfg.systems.steps, "quality_processes": cfg.quality_processes,
+        "systems_steps": cfg.systems.steps, "systems_repeats": cfg.systems.repeats, "quality_processes": cfg.quality_processes,
         "multi_hot": base_cfg.data.multi_hot, "quality": [], "systems": [],
     }  # fmt: skip
     log(f"robe-compare: {len(specs)} quality runs ({sum(1 for s in specs if s.infeasible)} cannot meet their budget)")
@@ -380,16 +386,27 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
         timed = [s for s in specs if not s.infeasible and (s.kind == "full" or s.budget == sb)]
         extra = quick + [f"train.max_steps={cfg.systems.steps}", "eval.at_end=false",
                          f"train.log_every_steps={max(1, cfg.systems.steps // 6)}"]  # fmt: skip
-        log(f"robe-compare: {len(timed) * len(cfg.systems.processes)} timed runs ({cfg.systems.steps} steps each)")
-        for s in timed:
-            for p in cfg.systems.processes:
-                rec = run_one(s, base, common, out_dir / "systems" / f"{s.id}-{p}p", p, extra, cfg.timeout_s, log)
-                rec["embedding_floats"] = s.embedding_floats
-                result["systems"].append(rec)
-                _write_json(out_dir / "compare.json", result)
+        reps = cfg.systems.repeats
+        log(f"robe-compare: {len(timed) * len(cfg.systems.processes) * reps} timed runs ({cfg.systems.steps} steps each)")
+        for rep in range(reps):  # whole rounds: a slow spell of the machine hits every arm once
+            for s in timed:
+                for p in cfg.systems.processes:
+                    name = f"{s.id}-{p}p" + (f"-r{rep}" if reps > 1 else "")
+                    rec = run_one(s, base, common, out_dir / "systems" / name, p, extra, cfg.timeout_s, log)
+                    rec.update(embedding_floats=s.embedding_floats, repeat=rep)
+                    result["systems"].append(rec)
+                    _write_json(out_dir / "compare.json", result)
     result["wall_s"] = round(time.time() - t0, 1)
     _write_json(out_dir / "compare.json", result)
     return result
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (reports are read elsewhere)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def machine() -> Dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -123,14 +124,14 @@ def systems_rows(result: Dict) -> Tuple[List[str], List[List[str]]]:
             "peak RSS / process (max)", "ROBE all-reduce MB/step/rank", "dense all-reduce MB/step/rank",
             "all-to-all MB/step/rank (mean [max])", "sharding plan", "status"]  # fmt: skip
     rows = []
-    for r in result["systems"]:
+    for r in first_repeats(result):
         b = per_step_bytes(r)
         a2a = "-"
         if b and r["processes"] > 1:
             v = b["alltoall_bytes"]
             a2a = f"{_mb(sum(v) / len(v))} [{_mb(max(v))}]"
         rows.append([
-            _label(r), str(r["processes"]), _f(train_rate(r), "{:,.0f}"),
+            _label(r), str(r["processes"]), _rates_text(rates(result, _label(r), r["processes"])),
             _f(memory(r, "param_bytes_max_rank"), "{:,}"), _f(memory(r, "optimizer_state_bytes_max_rank"), "{:,}"),
             _f(peak_rss(r), "{:,}"),
             _mb(b["robe_allreduce_bytes"][0]) if b and r["processes"] > 1 else "-",
@@ -138,6 +139,25 @@ def systems_rows(result: Dict) -> Tuple[List[str], List[List[str]]]:
             a2a, ", ".join(f"{n} {k}" for k, n in (memory(r, "sharding") or {}).items()) or "-", status(r),
         ])  # fmt: skip
     return head, rows
+
+
+def first_repeats(result: Dict) -> List[Dict]:
+    """The systems records of the first repeat (bytes, memory and plan are the same in every repeat)."""
+    return [r for r in result["systems"] if r.get("repeat", 0) == 0]
+
+
+def rates(result: Dict, label: str, processes: int) -> List[float]:
+    """Training samples/s of every successful repeat of (arm, processes)."""
+    return [x for r in result["systems"] if _label(r) == label and r["processes"] == processes
+            and r.get("exit") == 0 and (x := train_rate(r)) is not None]  # fmt: skip
+
+
+def _rates_text(xs: List[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:,.0f}"
+    return f"{statistics.median(xs):,.0f} [{min(xs):,.0f}, {max(xs):,.0f}]"
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -157,7 +177,7 @@ def traffic_model(result: Dict) -> Dict[str, Dict[str, float]]:
     at local batch b a rank sends ``2 (W-1)/W P + (W-1)/W s b`` (ring all-reduce; even table-wise
     sharding). Inputs are the measured per-rank means."""
     out = {}
-    for r in result["systems"]:
+    for r in first_repeats(result):
         b = per_step_bytes(r)
         w = r["processes"]
         if not b or w < 2 or r.get("exit") != 0:
@@ -251,7 +271,7 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
     ax.legend(fontsize=8)
     save(fig, "auc_vs_memory.png")
 
-    sys_ok = [r for r in result["systems"] if r.get("exit") == 0]
+    sys_ok = [r for r in first_repeats(result) if r.get("exit") == 0]
     labels = list(dict.fromkeys(_label(r) for r in sys_ok))
     procs = sorted({r["processes"] for r in sys_ok})
     if labels:
@@ -259,11 +279,13 @@ def plots(result: Dict, out_dir: Path) -> List[Path]:
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         width = 0.8 / max(1, len(procs))
         for j, p in enumerate(procs):
-            vals = [next((train_rate(r) or 0 for r in sys_ok if _label(r) == lab and r["processes"] == p), 0) for lab in labels]
-            ax.bar([i + j * width for i in range(len(labels))], vals, width, label=f"{p} process(es)")
+            per = [rates(result, lab, p) for lab in labels]
+            mid = [statistics.median(x) if x else 0 for x in per]
+            err = [[m - min(x) if x else 0 for m, x in zip(mid, per)], [max(x) - m if x else 0 for m, x in zip(mid, per)]]
+            ax.bar([i + j * width for i in range(len(labels))], mid, width, yerr=err, capsize=3, label=f"{p} process(es)")
         ax.set_xticks([i + width * (len(procs) - 1) / 2 for i in range(len(labels))], labels, rotation=20, fontsize=8)
         ax.set_ylabel("training samples/s")
-        ax.set_title("Training throughput")
+        ax.set_title("Training throughput" + (" (median, range of the repeats)" if result.get("systems_repeats", 1) > 1 else ""))
         ax.legend(fontsize=8)
         save(fig, "throughput.png")
         # 3. bytes per step per rank
@@ -371,7 +393,8 @@ def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] 
     if result.get("systems"):
         lines += [
             f"## Systems: the arms at {result.get('systems_budget')} and the full tables, "
-            f"{result.get('systems_steps')} timed steps each",
+            f"{result.get('systems_steps')} timed steps each"
+            + (f", {result['systems_repeats']} rounds (samples/s: median [min, max])" if result.get("systems_repeats", 1) > 1 else ""),
             "",
             "Bytes sent are counted on every rank where they are sent: all-to-alls by wrapping "
             "`torch.distributed`'s collectives (TorchRec's input and output dists), the ROBE array's "

@@ -107,7 +107,10 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
             dcp.load({"model": state}, checkpoint_id=str(checkpoint))
     except Exception as e:  # DCP reports missing keys / shape mismatches as CheckpointException
         raise ExportError(f"--checkpoint {checkpoint}: its tensors do not fit the model of its config: {str(e).strip()[:300]}") from None
-    train_model.load_state_dict(state)  # the ROBE modules check their hash signature here
+    try:
+        train_model.load_state_dict(state)  # the ROBE modules check their hash signature here
+    except RuntimeError as e:  # e.g. a config.yaml edited to another robe.seed or mapping
+        raise ExportError(f"--checkpoint {checkpoint}: {str(e).strip().splitlines()[0]}") from None
     dlrm = train_model.model
     model = ScoringModel(dlrm, list(DEFAULT_CAT_NAMES), spec["id_moduli"]).eval()
     info = {

@@ -29,7 +29,7 @@ def write_config(tmp_path: Path) -> Path:
             {"name": "robe_z16", "kind": "robe", "block_size": 16},
             {"name": "broken", "kind": "robe", "overrides": ["optim.name=sgd", "optim.lr=1e12"]},
         ],
-        "systems": {"budget": "100x", "processes": [2], "steps": 20},
+        "systems": {"budget": "100x", "processes": [2], "steps": 20, "repeats": 2},
     }
     path = tmp_path / "compare.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
@@ -68,7 +68,7 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     # the diverging arm fails alone: reported, the others complete, exit 1 with one line naming it
     assert p.returncode == 1, p.stderr[-4000:]
-    assert "2 run(s) failed: broken@100x, broken@100x (2p, timed)" in p.stderr.splitlines()[-1]
+    assert "3 run(s) failed: broken@100x, broken@100x (2p, timed), broken@100x (2p, timed)" in p.stderr.splitlines()[-1]
     report = (out / "report.md").read_text()
     for png in ("auc_vs_memory.png", "throughput.png", "bytes_per_step.png", "loss_curves.png", "traffic_projection.png"):
         data = (out / png).read_bytes()
@@ -92,6 +92,12 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
 
     systems = {r["arm"]: r for r in table_rows(report, "| arm | processes |")}
     for label, run in (("full", "full@1x-2p"), ("robe_z16 100x", "robe_z16@100x-2p")):
+        rates = []
+        for rep in (0, 1):  # samples/s between the first and the last train record of each repeat
+            t = metrics(out / "systems" / f"{run}-r{rep}")["train"]
+            rates.append((t[-1]["samples"] - t[0]["samples"]) / (t[-1]["time_s"] - t[0]["time_s"]))
+        assert systems[label]["train samples/s"] == f"{sorted(rates)[0] / 2 + sorted(rates)[1] / 2:,.0f} [{min(rates):,.0f}, {max(rates):,.0f}]"
+        run = f"{run}-r0"
         m = metrics(out / "systems" / run)
         steps = m["summary"]["step"]
         sent = {k: [v / steps for v in vs] for k, vs in m["summary"]["sent_bytes_per_rank"].items()}
@@ -104,12 +110,12 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
     assert systems["robe_z16 100x"]["sharding plan"] == "1 data_parallel/dense"
     # measured against the byte model of docs/distributed.md (table-wise: ids + lengths, pooled
     # forward + gradient backward): full tables, W=2, local batch 256, 26 one-hot features of dim 16
-    m = metrics(out / "systems" / "full@1x-2p")
+    m = metrics(out / "systems" / "full@1x-2p-r0")
     a2a = [v / m["summary"]["step"] for v in m["summary"]["sent_bytes_per_rank"]["alltoall_bytes"]]
     model = 0.5 * 256 * 26 * (8 * 1 + 4 + 8 * 16)
     assert abs(sum(a2a) / 2 - model) / model < 0.02, (a2a, model)
     # the replicated array sends its gradient (payload = array bytes) and nothing through all-to-alls
-    r = metrics(out / "systems" / "robe_z16@100x-2p")
+    r = metrics(out / "systems" / "robe_z16@100x-2p-r0")
     array_bytes = r["placement"]["array_size"] * 4
     assert r["summary"]["sent_bytes_per_rank"]["robe_allreduce_bytes"] == [array_bytes * r["summary"]["step"]] * 2
     assert r["summary"]["sent_bytes_per_rank"]["alltoall_bytes"] == [0, 0]

@@ -105,6 +105,14 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, data_di
     assert zipfile.is_zipfile(newer)
     assert "format version 99 is newer" in predict(newer)[0]
     assert "no such file" in predict(tmp_path / "missing.pt2")[0]
+    # a checkpoint whose config says another hash seed than its tensors were hashed with
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(ckpt, edited)
+    (edited / "config.yaml").write_text((edited / "config.yaml").read_text().replace("seed: null", "seed: 9", 1))
+    p = run("-m", "robe_dist.inference.export", "--checkpoint", str(edited), "--out", str(tmp_path / "y.pt2"))
+    assert p.returncode == 2 and "hash signature does not match" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     # a checkpoint without its model spec (or not a checkpoint at all)
     (ckpt / "model_spec.json").unlink()
     p = run("-m", "robe_dist.inference.export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.pt2"))
