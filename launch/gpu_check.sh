@@ -14,6 +14,8 @@
 #   b+c. benchmarks/gpu_check.py: Triton op vs C++ op on the same inputs; one embedding training
 #      step at batch 8192 / 65536 against TorchRec's unsharded CUDA EmbeddingBagCollection and
 #      nn.EmbeddingBag, with the copy bandwidth and memory; the bf16 array vs L2
+#   c2. benchmarks/inference.py: the exported ROBE DLRM (fp32, bf16) against the same DLRM with full
+#      tables (MLPerf v1 / 8: 12 GB) through FBGEMM and TorchRec's int8 path, batch 64 to 16384
 #   d. robe-train on the tiny config for 300 steps, nccl backend, world size 1
 #   e. $OUT/summary.json: every step's exit status and time
 # Environment: PYTHON (default python3), OUT (default ./gpu_check_out), TRAIN_STEPS (default 300),
@@ -63,6 +65,11 @@ BENCH=(--out "$OUT"); TRAIN_DEV=(--set dist.device=cuda --set dist.backend=nccl)
 if [[ "${SMOKE:-0}" == 1 ]]; then BENCH+=(--smoke); TRAIN_DEV=(); TRAIN_STEPS=${TRAIN_STEPS:-20}; fi
 step bench 300 "$PY" benchmarks/gpu_check.py "${BENCH[@]}"
 
+# c2. scoring speed: the exported ROBE DLRM vs full tables (FBGEMM) and TorchRec's int8 path
+INFER=(--device cuda --table-scale 8 --batches 64 2048 16384 --iters 10)
+if [[ "${SMOKE:-0}" == 1 ]]; then INFER=(--table-scale 2000 --batches 64 --iters 3); fi
+step inference 180 "$PY" benchmarks/inference.py "${INFER[@]}" --json "$OUT/inference.json"
+
 # d. the tiny config under torchrun with nccl, world size 1
 RUN="$OUT/tiny_run"
 step train 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m robe_dist.train \
@@ -74,7 +81,7 @@ cp "$RUN/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
   echo "{"
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\", \"total_s\": $(( $(date +%s) - START )),"
   first=1
-  for name in build tests bench train; do
+  for name in build tests bench inference train; do
     [[ $first -eq 1 ]] || echo ","
     first=0
     printf '  "%s": {"exit": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"

@@ -125,14 +125,15 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     return model, info
 
 
-def example_inputs(batch: int = 4, keys: int = 26) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lengths = torch.ones(keys * batch, dtype=torch.int64)
-    return torch.zeros(batch, 13), torch.zeros(keys * batch, dtype=torch.int64), lengths
+def example_inputs(batch: int = 4, keys: int = 26, device: torch.device = torch.device("cpu")) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = torch.ones(keys * batch, dtype=torch.int64, device=device)
+    return torch.zeros(batch, 13, device=device), torch.zeros(keys * batch, dtype=torch.int64, device=device), lengths
 
 
-def export_model(model: ScoringModel, info: Dict[str, Any], out: Path, dtype: str = "fp32") -> Dict[str, Any]:
-    """Casts the embeddings to ``dtype``, captures ``model`` with ``torch.export`` (dynamic batch
-    and id count) and writes it to ``out`` atomically; returns the metadata written."""
+def export_model(model: ScoringModel, info: Dict[str, Any], out: Path, dtype: str = "fp32",
+                 device: torch.device = torch.device("cpu")) -> Dict[str, Any]:  # fmt: skip
+    """Casts the embeddings to ``dtype``, captures ``model`` (on ``device``) with ``torch.export``
+    (dynamic batch and id count) and writes it to ``out`` atomically; returns the metadata written."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if dtype != "fp32":
@@ -142,7 +143,7 @@ def export_model(model: ScoringModel, info: Dict[str, Any], out: Path, dtype: st
     n = torch.export.Dim("ids", min=1, max=1 << 34)
     with torch.no_grad():
         ep = torch.export.export(
-            model, example_inputs(), dynamic_shapes={"dense": {0: batch}, "values": {0: n}, "lengths": {0: torch.export.Dim.AUTO}},
+            model, example_inputs(device=device), dynamic_shapes={"dense": {0: batch}, "values": {0: n}, "lengths": {0: torch.export.Dim.AUTO}},
             strict=False,
         )  # fmt: skip
     meta = dict(info, dtype=dtype)

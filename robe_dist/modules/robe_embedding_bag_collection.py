@@ -332,9 +332,15 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )
         array = self.array
-        if array.dtype in (torch.bfloat16, torch.float16) and array.device.type == "cpu" and self.fused_update is None:
+        if (
+            not _fx_symbolic_tracing()  # (a Proxy's dtype is not a value)
+            and array.dtype in (torch.bfloat16, torch.float16)
+            and array.device.type == "cpu"
+            and not (torch.is_grad_enabled() and array.requires_grad)
+        ):
             # a 16-bit array stored for inference (robe-export --dtype): the CPU operator reads
-            # float32, so it gets a float32 copy (rounding already happened where it is stored)
+            # float32, so scoring gets a float32 copy; training such an array on CPU is refused by
+            # the operator, as before
             array = array.float()
         try:
             pooled, status = robe_pooled_lookup(

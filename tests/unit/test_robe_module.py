@@ -236,6 +236,11 @@ def test_dtypes_the_cpu_kernel_does_not_take_are_named():
     ebc = make_ebc(make_tables()).to(torch.bfloat16)
     with pytest.raises(ValueError, match="CPU operator takes float32 or float64 arrays, got torch.bfloat16"):
         ebc(make_kjt(make_tables()))
+    # scoring a 16-bit array (robe-export --dtype bf16) reads a float32 copy of it
+    reference = make_ebc(make_tables())
+    reference.array.data = ebc.array.data.float()
+    with torch.no_grad():
+        torch.testing.assert_close(ebc(make_kjt(make_tables())).values(), reference(make_kjt(make_tables())).values())
 
 
 def test_missing_feature_is_named():
