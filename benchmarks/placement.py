@@ -111,7 +111,7 @@ def main(argv=None) -> List[Dict]:
     sys.path.insert(0, str(REPO))
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
     from robe_dist.data.layout import read_manifest
-    from robe_dist.placement import Budget, hashing_trick_sizes
+    from robe_dist.placement import Budget, PlacementError, hashing_trick_sizes
     from robe_dist.train_config import load_config
     from robe_dist.trainer.data import make_synthetic
 
@@ -134,7 +134,10 @@ def main(argv=None) -> List[Dict]:
             elif choice == "hand":
                 over = [f"robe.features={json.dumps(hand_split(sizes, features, dim, floats))}", f"robe.budget={budget}"]
             else:
-                capped = hashing_trick_sizes(sizes, dim, floats)
+                try:
+                    capped = hashing_trick_sizes(sizes, dim, floats)
+                except PlacementError:  # not even one row per table fits: run that, marked over budget
+                    capped = [1] * len(sizes)
                 over = ["robe.features=none", "robe.budget=null", f"model.num_embeddings_per_feature={json.dumps(capped)}"]
                 floats_used = sum(capped) * dim
             record = run_seeds(f"{choice}_{budget}", over, args)
