@@ -27,25 +27,27 @@
 // feature of occurrence r of its key, -1 where no feature reads it (MB = max blocks per id,
 // R = max occurrences). One index per block, never one per element.
 //
-// The backward partitions the array's slots between threads: each thread walks every block
-// in a fixed order and adds only into the slots it owns. No atomics, no per-thread copies
-// of the array, and the summation order of each slot is independent of the thread count, so
-// gradients are bit-for-bit deterministic.
+// The backward partitions the array's slots between threads: the blocks are bucketed by the
+// thread that owns their slots, and each thread adds only into its own slots (backward_impl).
+// No atomics, no per-thread copies of the array, and the summation order of each slot is
+// independent of the thread count, so gradients are bit-for-bit deterministic.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <sys/mman.h>
+#include "hugepage.h"
 
 #include <atomic>
 #include <cstdlib>
-#include <mutex>
 #include <vector>
 #include <cstdint>
 #include <limits>
 #include <string>
 
 namespace {
+
+using robe_dist::hugepage_empty;
+using robe_dist::hugepage_zeros;
 
 constexpr int64_t kHashUniversal = 0;
 constexpr int64_t kHashPaper = 1;
@@ -182,6 +184,19 @@ Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<in
   return Hash{mode, z, static_cast<uint64_t>(array_size - z + 1), paper[0], paper[1], paper[2], paper[3]};
 }
 
+// Prefetches every 64-byte line of [p, p + bytes): an unaligned 128-byte block spans 3 lines.
+inline void prefetch_lines(const void* p, int64_t bytes, bool write) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes) - 1;
+  for (uintptr_t a = first; a <= last; a += 64) {
+    if (write) {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 1);
+    } else {
+      __builtin_prefetch(reinterpret_cast<const void*>(a), 0);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, const scalar_t* weights,
                   scalar_t* out, int64_t out_dim, int64_t* starts) {
@@ -207,10 +222,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
             for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
             continue;
           }
-          for (int64_t blk = 0; blk < nb; ++blk) {
-            const char* p = reinterpret_cast<const char*>(array + st[blk]);
-            for (int64_t k = 0; k < block_bytes; k += 64) __builtin_prefetch(p + k);
-          }
+          for (int64_t blk = 0; blk < nb; ++blk) prefetch_lines(array + st[blk], block_bytes, false);
         }
       }
       for (int64_t f = 0; f < F; ++f) {
@@ -252,34 +264,15 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
               ") of its table; the 'paper' mapping needs ids below num_embeddings");
 }
 
-// Walks every (bag, feature, id, block) in a fixed order and calls fn(slot_start, scale, grad_row)
-// for the blocks that touch [lo, hi); fn handles the clipping to the range. Bag-major, so the
-// upstream gradient [B, out_dim] is read sequentially; the slots a row will update are
-// prefetched one row ahead.
+// Calls fn(s, g, scale) for every block of the bags [b0, b1) in the fixed walk order (bag-major,
+// then feature, value, block): the block starts at slot s of the array, its upstream gradient at
+// grad_out[g], and it enters the pooled output with factor `scale` (its weight, times 1 / bag
+// length for MEAN).
 template <typename scalar_t, typename Fn>
-void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
-                    int64_t out_dim, const int64_t* starts, const scalar_t* target, int64_t lo, int64_t hi,
-                    Fn&& fn) {
-  const int64_t F = pb.num_features;
-  const int64_t line = 64 / static_cast<int64_t>(sizeof(scalar_t));
-  auto prefetch_row = [&](int64_t b) {
-    for (int64_t f = 0; f < F; ++f) {
-      const int64_t* m = pb.meta + f * kMetaCols;
-      const int64_t* off = pb.bag_offsets(f);
-      const int64_t nb = m[kDim] / z;
-      for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-        const int64_t* st = starts + pb.start_index(f, i);
-        for (int64_t k = 0; k < nb; ++k) {
-          const int64_t s = st[k];
-          if (s + z <= lo || s >= hi) continue;
-          for (int64_t j = 0; j < z; j += line) __builtin_prefetch(target + s + j, 1);
-        }
-      }
-    }
-  };
-  for (int64_t b = 0; b < pb.batch; ++b) {
-    if (b + 1 < pb.batch) prefetch_row(b + 1);
-    for (int64_t f = 0; f < F; ++f) {
+inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
+                        const int64_t* starts, int64_t b0, int64_t b1, Fn&& fn) {
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t f = 0; f < pb.num_features; ++f) {
       const int64_t* m = pb.meta + f * kMetaCols;
       const int64_t* off = pb.bag_offsets(f);
       const int64_t bag_lo = off[b], bag_hi = off[b + 1];
@@ -287,15 +280,11 @@ void for_each_block(const Problem& pb, int64_t z, const scalar_t* weights, const
       const int64_t nb = m[kDim] / z;
       const scalar_t bag_scale =
           m[kPooling] == kPoolMean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
-      const scalar_t* grow = grad_out + b * out_dim + m[kOutCol];
+      const int64_t grow = b * out_dim + m[kOutCol];
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
         const int64_t* st = starts + pb.start_index(f, i);
         const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
-        for (int64_t blk = 0; blk < nb; ++blk) {
-          const int64_t s = st[blk];
-          if (s + z <= lo || s >= hi) continue;
-          fn(s, scale, grow + blk * z);
-        }
+        for (int64_t blk = 0; blk < nb; ++blk) fn(st[blk], grow + blk * z, scale);
       }
     }
   }
@@ -315,23 +304,103 @@ inline void add_block(scalar_t* dst, int64_t s, int64_t z, int64_t lo, int64_t h
   for (int64_t j = j0; j < j1; ++j) dst[s + j] += alpha * g[j];
 }
 
-// Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself
-// with alpha = -lr for the fused SGD update).
+// One block of the backward's work list: target[s + j] += alpha * grad_out[g + j] (j < Z).
+template <typename scalar_t>
+struct BlockRef {
+  int64_t s;
+  int64_t g;
+  scalar_t alpha;
+};
+
+constexpr int64_t kPrefetchAhead = 16;  // work-list entries between a prefetch and its use
+
+// Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself with
+// alpha = -lr for the fused SGD update).
+//
+// Each of the T threads owns one slot range of the array (aligned to 16 floats, one 64-byte line,
+// so no two threads write one line) and adds only into it: no atomics, no per-thread copies of
+// the array. The blocks are bucketed by owner first, so each thread reads only its own work:
+//   1. the batch is cut into T bag ranges; thread w counts its range's blocks per owner;
+//   2. prefix sums give every (range, owner) pair its place in one work list, grouped by owner
+//      and, within an owner, in range order; thread w writes its blocks there;
+//   3. thread o walks owner o's list, prefetching the slots a few entries ahead, and adds.
+// The walk touches every block twice (steps 1, 2) in parallel instead of once per thread, and an
+// owner's list is the fixed walk order restricted to its slots: every slot sums its terms in
+// the same order whatever T is, so gradients are bit-for-bit deterministic and independent of the
+// thread count. A block that straddles two ranges is listed for both, each adding its part.
 template <typename scalar_t>
 void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
                    int64_t out_dim, const int64_t* starts, scalar_t* target, int64_t array_size,
                    scalar_t alpha) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Slot ranges aligned to 16 floats (one 64-byte line) so no two threads write one line.
   const int64_t chunk = ((array_size + threads - 1) / threads + 15) / 16 * 16;
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t lo = t * chunk, hi = std::min(array_size, lo + chunk);
-      if (lo >= hi) continue;
-      for_each_block<scalar_t>(pb, z, weights, grad_out, out_dim, starts, target, lo, hi,
-                               [&](int64_t s, scalar_t scale, const scalar_t* g) {
-                                 add_block<scalar_t>(target, s, z, lo, hi, alpha * scale, g);
-                               });
+  const int64_t owners = (array_size + chunk - 1) / chunk;
+  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
+  if (owners <= 1 || pb.batch < 2) {  // one range: no work list; each bag's slots prefetched a bag ahead
+    for (int64_t b = 0; b < pb.batch; ++b) {
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
+                            [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+        add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
+      });
+    }
+    return;
+  }
+  const int64_t ranges = std::min(threads, pb.batch);
+  const int64_t bags_per_range = (pb.batch + ranges - 1) / ranges;
+  auto range_bags = [&](int64_t w) {
+    return std::make_pair(std::min(pb.batch, w * bags_per_range), std::min(pb.batch, (w + 1) * bags_per_range));
+  };
+  // 1. blocks per (range, owner)
+  std::vector<int64_t> pos(ranges * owners, 0);
+  at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t* count = pos.data() + w * owners;
+      const auto [b0, b1] = range_bags(w);
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+        for (int64_t o = s / chunk; o <= (s + z - 1) / chunk; ++o) ++count[o];
+      });
+    }
+  });
+  // 2. where each (range, owner) writes: grouped by owner, ranges in order
+  std::vector<int64_t> owner_begin(owners + 1, 0);
+  for (int64_t o = 0, next = 0; o < owners; ++o) {
+    owner_begin[o] = next;
+    for (int64_t w = 0; w < ranges; ++w) {
+      const int64_t n = pos[w * owners + o];
+      pos[w * owners + o] = next;
+      next += n;
+    }
+    owner_begin[o + 1] = next;
+  }
+  const int64_t total = owner_begin[owners];
+  at::Tensor storage = hugepage_empty({total * static_cast<int64_t>(sizeof(BlockRef<scalar_t>))}, at::kByte);
+  auto* refs = reinterpret_cast<BlockRef<scalar_t>*>(storage.data_ptr<uint8_t>());
+  at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t* next = pos.data() + w * owners;
+      const auto [b0, b1] = range_bags(w);
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+        const scalar_t a = alpha * scale;
+        for (int64_t o = s / chunk; o <= (s + z - 1) / chunk; ++o) refs[next[o]++] = BlockRef<scalar_t>{s, g, a};
+      });
+    }
+  });
+  // 3. each owner adds its blocks into its range
+  at::parallel_for(0, owners, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t lo = o * chunk, hi = std::min(array_size, lo + chunk);
+      const int64_t end = owner_begin[o + 1];
+      for (int64_t k = owner_begin[o]; k < end; ++k) {
+        if (k + kPrefetchAhead < end) {
+          const BlockRef<scalar_t>& r = refs[k + kPrefetchAhead];
+          const int64_t a = std::max(r.s, lo), e = std::min(r.s + z, hi);
+          prefetch_lines(target + a, (e - a) * static_cast<int64_t>(sizeof(scalar_t)), true);
+          prefetch_lines(grad_out + r.g, block_bytes, false);
+        }
+        const BlockRef<scalar_t>& r = refs[k];
+        add_block<scalar_t>(target, r.s, z, lo, hi, r.alpha, grad_out + r.g);
+      }
     }
   });
 }
@@ -353,96 +422,6 @@ int64_t max_out_col(const Problem& pb) {
     c = std::max(c, pb.meta[f * kMetaCols + kOutCol] + pb.meta[f * kMetaCols + kDim]);
   }
   return c;
-}
-
-constexpr size_t kHugePage = size_t(2) << 20;
-
-// Large buffers (the array, its gradient, the pooled output) live in their own anonymous
-// mappings, 2 MiB aligned and advised to use transparent huge pages (MADV_HUGEPAGE). ROBE reads
-// and writes blocks at random offsets: with 4 KiB pages nearly every block is a TLB miss, with
-// 2 MiB pages the whole 108 MB array needs 54 TLB entries. Released per-step buffers go to a
-// small cache (at most kMaxCached mappings, kMaxCachedBytes in all; ROBE_DIST_BUFFER_CACHE=0
-// turns it off) so the next step reuses them instead of faulting fresh pages in.
-struct Mapping {
-  void* base;
-  size_t total;
-};
-
-constexpr size_t kMaxCached = 4;
-constexpr size_t kMaxCachedBytes = size_t(512) << 20;
-
-struct BufferCache {
-  std::mutex mutex;
-  std::vector<Mapping> free;
-  size_t bytes = 0;
-  const bool enabled = [] {
-    const char* env = std::getenv("ROBE_DIST_BUFFER_CACHE");
-    return env == nullptr || std::string(env) != "0";
-  }();
-
-  bool take(size_t total, Mapping* out) {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (size_t i = 0; i < free.size(); ++i) {
-      if (free[i].total == total) {
-        *out = free[i];
-        free.erase(free.begin() + i);
-        bytes -= total;
-        return true;
-      }
-    }
-    return false;
-  }
-
-  void give(Mapping m) {
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      if (enabled && free.size() < kMaxCached && bytes + m.total <= kMaxCachedBytes) {
-        free.push_back(m);
-        bytes += m.total;
-        return;
-      }
-    }
-    munmap(m.base, m.total);
-  }
-};
-
-BufferCache& buffer_cache() {
-  static BufferCache* cache = new BufferCache();  // never destroyed: deleters may run at exit
-  return *cache;
-}
-
-// An uninitialised tensor in a huge-page mapping; *fresh tells whether its pages are new (and
-// therefore zero). Small sizes, or a failed mapping, fall back to ATen's allocator.
-at::Tensor hugepage_empty_impl(at::IntArrayRef sizes, at::ScalarType dtype, bool* fresh) {
-  const int64_t numel = c10::multiply_integers(sizes);
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-  const auto options = at::TensorOptions().dtype(dtype);
-  *fresh = false;
-  if (bytes < kHugePage) return at::empty(sizes, options);
-  const size_t total = (bytes + kHugePage - 1) / kHugePage * kHugePage + kHugePage;  // + room to align
-  Mapping m{nullptr, total};
-  if (!buffer_cache().take(total, &m)) {
-    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base == MAP_FAILED) return at::empty(sizes, options);
-    m.base = base;
-    *fresh = true;
-  }
-  const uintptr_t aligned = (reinterpret_cast<uintptr_t>(m.base) + kHugePage - 1) & ~(uintptr_t)(kHugePage - 1);
-  if (*fresh) madvise(reinterpret_cast<void*>(aligned), total - kHugePage, MADV_HUGEPAGE);
-  return at::from_blob(
-      reinterpret_cast<void*>(aligned), sizes, [m](void*) { buffer_cache().give(m); }, options);
-}
-
-at::Tensor hugepage_empty(at::IntArrayRef sizes, at::ScalarType dtype) {
-  bool fresh;
-  return hugepage_empty_impl(sizes, dtype, &fresh);
-}
-
-at::Tensor hugepage_zeros(at::IntArrayRef sizes, at::ScalarType dtype) {
-  bool fresh;
-  at::Tensor t = hugepage_empty_impl(sizes, dtype, &fresh);
-  if (!fresh) t.zero_();  // fresh anonymous pages are already zero
-  return t;
 }
 
 }  // namespace
@@ -517,5 +496,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("robe_forward", &robe_forward);
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);
-  m.def("hugepage_zeros", &hugepage_zeros);
+  m.def("hugepage_zeros", &robe_dist::hugepage_zeros);
 }
