@@ -274,3 +274,66 @@ def test_compressed_allreduce_sends_half_the_bytes(tmp_path, data_dir):
     run = tmp_path / "fp16"
     ok(train(run, data_dir, "dist.grad_compression=fp16", "train.max_steps=20", "eval.at_end=false", nproc=2))
     assert records(run, "train")[-1]["robe_allreduce_bytes"] == 20 * 262144 * 2
+
+
+_HYBRID_STEPS = r"""
+import json, sys, torch
+from pathlib import Path
+from robe_dist.inference.export import load_trained_model
+from robe_dist.train import Trainer
+from robe_dist.train_config import load_config
+from robe_dist.trainer.env import init_distributed, shutdown
+from robe_dist.trainer.metrics_log import MetricsLog
+
+run = Path(sys.argv[1])
+cfg = load_config("configs/tiny_synthetic.yaml", sys.argv[2:])
+env = init_distributed(cfg.dist)
+trainer = Trainer(cfg, env, run)
+trainer.log = MetricsLog(run, env, 3, 0, False)
+trainer.save()
+start = trainer.last_checkpoint
+batches = [b for _, b in zip(range(3), trainer.data.train_batches(0, 0))]
+it = iter(batches)
+for _ in batches:
+    trainer.pipeline.progress(it)
+trainer.state.step = len(batches)
+trainer.save()
+trained = dict(load_trained_model(trainer.last_checkpoint)[0].dlrm.named_parameters())
+model = load_trained_model(start)[0].dlrm.train()
+opt = torch.optim.Adagrad(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps)
+for b in batches:
+    opt.zero_grad()
+    logits = model(b.dense_features, b.sparse_features).squeeze(-1)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels.float()).backward()
+    opt.step()
+diff = {n: (p.detach() - trained[n].detach()).abs().max().item() for n, p in model.named_parameters()}
+print(json.dumps({"diff": diff, "kinds": trainer.model.sharding_summary}))
+trainer = None
+shutdown()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sharding", ["table_wise", "data_parallel"])
+def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, sharding):
+    """The planner's kind of model (full tables, table-wise with FBGEMM's fused Adagrad or
+    data-parallel with the dense one, next to a ROBE array) trained by the trainer (DMP,
+    TrainPipelineSparseDist) takes the steps that an unsharded copy of it takes with
+    torch.optim.Adagrad on the same batches."""
+    ok(train(tmp_path / "data_run", data_dir, "train.max_steps=1", "eval.at_end=false"))  # makes the data
+    overrides = [o for o in SMALL if not o.startswith(("robe.", "optim."))] + [
+        f"data.path={data_dir}", "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]",
+        "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05",
+        f"dist.table_sharding={sharding}",
+    ]  # fmt: skip
+    run = tmp_path / "steps"
+    run.mkdir()
+    p = subprocess.run([sys.executable, "-c", _HYBRID_STEPS, str(run), *overrides], cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    full_kind = "table_wise/fused" if sharding == "table_wise" else "data_parallel/dense"
+    assert out["kinds"].get(full_kind, 0) >= 19, out["kinds"]  # (+ the ROBE array: data_parallel/dense)
+    assert any(".robe.array" in n for n in out["diff"]) and any(".full." in n for n in out["diff"])
+    far = {n: d for n, d in out["diff"].items() if d > 1e-4}  # a step of Adagrad moves a weight by ~lr = 0.05
+    assert not far, far
