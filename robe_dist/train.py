@@ -169,7 +169,9 @@ class Trainer:
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
         sizes = dict(zip(self.data.feature_names, num_embeddings))
         ids = "vocab" if self.data.manifest.get("kind") == "vocab" else "raw"
-        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids)
+        fingerprint = (self.data.manifest.get("vocab") or {}).get("fingerprint")
+        vocab = {"path": str(Path(self.data.path).resolve()), "fingerprint": fingerprint} if fingerprint else None
+        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids, vocab)
         model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)

@@ -9,7 +9,9 @@ others (rare, or unseen in the counted files) map to index 0. So table ``t`` nee
 The output directory is a complete dataset: remapped ``NAME_sparse.npy`` (int32, and
 ``NAME_sparse_multi_hot.npy`` if present), the dense and label files hard-linked (or copied)
 from the source, ``table_stats.json`` (per-table id statistics of the counted files, for the
-placement planner: robe_dist.data.stats) and a manifest (kind "vocab") written last.
+placement planner: robe_dist.data.stats), ``vocab_values.npz`` (the kept values of every table:
+``Vocabulary`` applies them to raw ids, as robe-predict does for raw Criteo rows) and a manifest
+(kind "vocab", with the vocabulary's fingerprint) written last.
 
 Cost: one pass to count, one to remap, in chunks of ``CHUNK_ROWS`` rows. Counts are sorted
 (value, count) arrays per table; with the cap, a table with more than ``max_ind_range / 16``
@@ -20,6 +22,7 @@ more than ``DENSE_LUT_MIN_KEPT`` kept values (same size).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -40,6 +43,7 @@ CHUNK_ROWS = 1 << 20
 #: max_ind_range (fast); below, by binary search in the sorted kept values (small memory).
 DENSE_LUT_MIN_KEPT = 1 << 20
 CARDINALITIES_NAME = "cardinalities.json"
+VALUES_NAME = "vocab_values.npz"
 
 
 class _TableCounter:
@@ -95,6 +99,66 @@ class _TableMap:
         pos = np.searchsorted(self.kept, values)
         hit = self.kept[np.minimum(pos, len(self.kept) - 1)] == values
         return np.where(hit, pos + 1, 0).astype(np.int32)
+
+
+def fingerprint(kept: list[np.ndarray], max_ind_range: int) -> str:
+    """A short digest of a vocabulary (its cap and every table's kept values): models record it,
+    and robe-predict checks that the vocabulary it applies is the one the model was trained on."""
+    h = hashlib.sha256(f"robe_dist.vocab/1;max_ind_range={max_ind_range};".encode())
+    for values in kept:
+        values = np.ascontiguousarray(values, dtype=np.int64)
+        h.update(len(values).to_bytes(8, "little"))
+        h.update(values.tobytes())
+    return h.hexdigest()[:16]
+
+
+class Vocabulary:
+    """The value -> index maps of a ``robe-data vocab`` directory, applied to raw ids.
+
+    Example::
+
+        vocab = Vocabulary.load("data/criteo_vocab")
+        ids = vocab.apply(raw_ids)        # int64 [n, 26] raw -> int32 [n, 26] indices (0: unseen)
+    """
+
+    def __init__(self, kept: list[np.ndarray], max_ind_range: int, fingerprint: str) -> None:
+        self.kept, self.max_ind_range, self.fingerprint = kept, max_ind_range, fingerprint
+        self._maps = [_TableMap(k, max_ind_range) for k in kept]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Vocabulary":
+        """Raises ``DataError`` for a directory that is not a vocabulary, one written before the
+        values were stored, or a values file that does not match the manifest's fingerprint."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        params = manifest.get("vocab") or {}
+        if manifest.get("kind") != "vocab":
+            raise DataError(f"{directory}: not a robe-data vocab directory (its manifest is of kind {manifest.get('kind')!r})")
+        if "fingerprint" not in params:
+            raise DataError(
+                f"{directory}: a vocabulary written before robe_dist stored its values (no {VALUES_NAME}); "
+                "rebuild it with robe-data vocab (synthetic data: delete the directory, robe-train rebuilds it)"
+            )
+        with np.load(directory / params.get("values", VALUES_NAME)) as npz:
+            kept = [npz[name] for name in DEFAULT_CAT_NAMES]
+        found = fingerprint(kept, params["max_ind_range"])
+        if found != params["fingerprint"]:
+            raise DataError(f"{directory}: {VALUES_NAME} does not match the manifest (fingerprint {found}, manifest "
+                            f"{params['fingerprint']}): damaged or replaced; rebuild it with robe-data vocab")  # fmt: skip
+        return cls(kept, params["max_ind_range"], found)
+
+    def apply(self, ids: np.ndarray) -> np.ndarray:
+        """int32 ``[n, 26]`` indices of raw ids ``[n, 26]`` (capped first, as when the vocabulary
+        was built; values it did not keep map to 0)."""
+        ids = np.asarray(ids).astype(np.int64)
+        if ids.ndim != 2 or ids.shape[1] != len(self._maps):
+            raise DataError(f"Vocabulary.apply: ids must be [rows, {len(self._maps)}], got {list(ids.shape)}")
+        if self.max_ind_range > 0:
+            ids = ids % self.max_ind_range
+        out = np.empty(ids.shape, dtype=np.int32)
+        for t, table in enumerate(self._maps):
+            out[:, t] = table(ids[:, t])
+        return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -160,6 +224,14 @@ def build_vocab(
         maps.append(_TableMap(counters[t].kept(min_count), max_ind_range))
         counters[t] = None  # type: ignore[call-overload]  # free the counts
     table_sizes = [len(m.kept) + 1 for m in maps]
+    values_path = out_dir / VALUES_NAME
+    tmp = partial_path(values_path)
+    with open(tmp, "wb") as f:
+        np.savez(f, **{name: m.kept.astype(np.int64) for name, m in zip(DEFAULT_CAT_NAMES, maps)})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, values_path)
+    digest = fingerprint([m.kept for m in maps], max_ind_range)
 
     parts = ["sparse"] + ([MULTI_HOT_PART] if bag_sizes else [])
     for name in names:
@@ -185,7 +257,8 @@ def build_vocab(
         if log:
             log(f"remapped {name}")
 
-    params = {"max_ind_range": max_ind_range, "min_count": min_count, "train_only": train_only, "oov_index": 0}
+    params = {"max_ind_range": max_ind_range, "min_count": min_count, "train_only": train_only, "oov_index": 0,
+              "values": VALUES_NAME, "fingerprint": digest}  # fmt: skip
     cards = {"table_sizes": table_sizes, "feature_names": list(DEFAULT_CAT_NAMES), **params, "source": manifest["path"]}
     write_json_atomic(out_dir / CARDINALITIES_NAME, cards)
     # everything else (multi_hot_sizes, params, planted_auc: the labels are unchanged) carries over

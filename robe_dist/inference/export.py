@@ -120,6 +120,7 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
         "hash": cfg.robe.hash if spec["robe_tables"] else None, "robe_seed": cfg.robe.seed if spec["robe_tables"] else None,
         "block_size": cfg.robe.block_size if spec["robe_tables"] else None, "id_moduli": spec["id_moduli"],
         "data": cfg.data.path or "synthetic", "multi_hot": cfg.data.multi_hot, "ids": spec.get("ids", "raw"),
+        "vocab": spec.get("vocab"),
         "embedding_floats": sum(p.numel() for n, p in dlrm.named_parameters() if n.startswith("sparse_arch.")),
     }  # fmt: skip
     return model, info

@@ -5,11 +5,14 @@
 ``--data`` is a dataset in robe_dist's npy layout (``robe-data ingest`` of Criteo TSV/CSV, or a
 synthetic dataset; the same ids the model was trained on, so the vocab dir for a vocab-trained
 model) with ``--split`` one of its splits, or a raw labelled Criteo file (TSV/CSV, plain or gzip,
-parsed as ``robe-data ingest`` parses it: bad lines counted and skipped, never scored; models
-trained on raw ids only). One probability per row goes to ``--out`` (text, one line each, in row
-order); the labels give AUC and log-loss, printed.
+parsed as ``robe-data ingest`` parses it: bad lines counted and skipped, never scored). A model
+trained on ids remapped by ``robe-data vocab`` scores raw rows through that vocabulary:
+``--vocab DIR`` (default: the directory it was trained on, if it is still there), checked against
+the fingerprint the model recorded. One probability per row goes to ``--out`` (text, one line
+each, in row order); the labels give AUC and log-loss, printed.
 
     robe-predict --model model.pt2 --data day_23.gz --out scores.txt
+    robe-predict --model model.pt2 --data day_23.gz --vocab data/criteo_vocab --out scores.txt
 """
 
 from __future__ import annotations
@@ -86,17 +89,46 @@ def score_split(model, data: Path, split: str, batch_size: int, multi_hot: bool)
     return torch.cat(probs), torch.cat(labels)
 
 
-def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, Any]:
+def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
+    """The ``Vocabulary`` a vocab-trained model reads raw ids through: ``vocab_dir``, or the
+    directory recorded at training; ``ExportError`` unless its fingerprint is the model's."""
+    from robe_dist.data.layout import DataError
+    from robe_dist.data.vocab import Vocabulary
+
+    recorded = meta.get("vocab")
+    if not recorded:
+        raise ExportError(
+            "this model was trained on ids remapped by robe-data vocab, but its checkpoint does not record which "
+            "vocabulary (trained before robe_dist stored vocabularies): retrain it, or score a dataset in the npy "
+            "layout with the same vocabulary"
+        )
+    where = vocab_dir if vocab_dir is not None else Path(recorded["path"])
+    if vocab_dir is None and not where.is_dir():
+        raise ExportError(
+            f"this model reads ids through the vocabulary it was trained with ({where}, no longer there): "
+            "pass --vocab DIR (that robe-data vocab output)"
+        )
+    try:
+        vocab = Vocabulary.load(where)
+    except (DataError, FileNotFoundError, OSError, KeyError, ValueError) as e:
+        raise ExportError(f"--vocab {where}: {e}") from None
+    if vocab.fingerprint != recorded["fingerprint"]:
+        raise ExportError(
+            f"--vocab {where}: vocabulary {vocab.fingerprint} is not the one this model was trained with "
+            f"({recorded['fingerprint']}, built at {recorded['path']})"
+        )
+    return vocab
+
+
+def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
+              vocab_dir: Optional[Path] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
     """Probabilities and labels of the good rows of a raw Criteo file (TSV or CSV, plain or gzip,
     labelled: Criteo's 40 fields), parsed as ``robe-data ingest`` parses it; bad rows are counted
-    and skipped (the returned ParseStats says how many and why), never scored."""
+    and skipped (the returned ParseStats says how many and why), never scored. A vocab-trained
+    model's ids go through its vocabulary (``model_vocabulary``) first."""
     from robe_dist.data.ingest import ParsedFile
 
-    if meta.get("ids") == "vocab":
-        raise ExportError(
-            f"--data {path}: this model was trained on ids remapped by robe-data vocab, and robe-predict cannot "
-            "apply that vocabulary to raw rows yet: score a dataset in the npy layout with the same vocabulary"
-        )
+    vocab = model_vocabulary(meta, vocab_dir) if meta.get("ids") == "vocab" else None
     if meta.get("multi_hot"):
         raise ExportError(f"--data {path}: a multi-hot model scores npy datasets only (raw Criteo rows are one-hot)")
     parsed = ParsedFile(path)
@@ -104,8 +136,9 @@ def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any]) -> Tuple
     try:
         with torch.no_grad():
             for block in parsed:
+                ids = vocab.apply(block.sparse) if vocab is not None else block.sparse
                 for a in range(0, len(block.labels), batch_size):
-                    sparse = torch.from_numpy(block.sparse[a : a + batch_size])
+                    sparse = torch.from_numpy(ids[a : a + batch_size])
                     n = sparse.shape[0]
                     values = sparse.t().reshape(-1).to(torch.int64)
                     probs.append(model(torch.from_numpy(block.dense[a : a + batch_size]), values,
@@ -134,6 +167,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True,
                    help="a dataset dir in robe_dist's npy layout, or a raw labelled Criteo file (.tsv/.csv, gzip or not)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="npy datasets: the split to score")
+    p.add_argument("--vocab", type=Path, default=None, metavar="DIR",
+                   help="raw rows, vocab-trained model: the robe-data vocab directory it was trained with "
+                        "(default: the one recorded at training)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write one probability per row here")
     p.add_argument("--batch-size", type=int, default=16384)
     return p.parse_args(argv)
@@ -148,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.time()
         skipped = ""
         if args.data.is_file():
-            probs, labels, stats = score_raw(model, args.data, args.batch_size, meta)
+            probs, labels, stats = score_raw(model, args.data, args.batch_size, meta, args.vocab)
             if stats.bad_rows:
                 reasons = ", ".join(f"{k}: {v:,}" for k, v in stats.bad.items() if v)
                 skipped = f"; {stats.bad_rows:,} bad lines skipped, not scored ({reasons})"

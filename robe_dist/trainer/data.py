@@ -26,8 +26,11 @@ _NO_CAP = 2**62  # modulus that leaves any id unchanged
 
 
 def _complete_vocab(path: Path) -> bool:
+    """A finished vocabulary that stores its values (older ones are rebuilt: robe-predict needs
+    the values to score raw rows)."""
     manifest = load_manifest_file(path) if path.is_dir() else None
-    return bool(manifest and manifest.get("kind") == "vocab" and manifest.get("complete"))
+    return bool(manifest and manifest.get("kind") == "vocab" and manifest.get("complete")
+                and "fingerprint" in (manifest.get("vocab") or {}))  # fmt: skip
 
 
 def synthetic_cache_dir(cfg: Config) -> Path:

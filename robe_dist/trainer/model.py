@@ -78,13 +78,15 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
 
 
 def model_spec(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int],
-               id_moduli: Dict[str, int], ids: str = "raw") -> Dict:  # fmt: skip
+               id_moduli: Dict[str, int], ids: str = "raw", vocab: Optional[Dict] = None) -> Dict:  # fmt: skip
     """What ``build_collection`` was given, as JSON: with the run's config it rebuilds the
     model without the data (``robe-export``). ``id_moduli``: features whose ids are taken modulo;
-    ``ids``: ``"vocab"`` when the data's ids were remapped by ``robe-data vocab``, else ``"raw"``."""
+    ``ids``: ``"vocab"`` when the data's ids were remapped by ``robe-data vocab``, else ``"raw"``;
+    ``vocab``: that vocabulary's ``path`` and ``fingerprint`` (robe-predict applies it to raw rows)."""
     return {
         "version": 1,
         "ids": ids,
+        "vocab": vocab,
         "tables": [[t.name, t.feature_names[0], int(t.num_embeddings), int(t.embedding_dim)] for t in tables],
         "robe_tables": list(robe_names),
         "array_size": cfg.robe.robe_config(array_size).array_size if robe_names else None,

@@ -66,6 +66,14 @@ def hybrid(tmp_path_factory, data_dir) -> dict:
     return dict(m, ckpt=Path(m["summary"]["checkpoint"]), vocab=Path(str(data_dir) + "-vocab"))
 
 
+@pytest.fixture(scope="module")
+def hybrid_artifact(tmp_path_factory, hybrid) -> Path:
+    """``hybrid`` exported (fp32), for the tests that only read the artifact."""
+    art = tmp_path_factory.mktemp("artifact") / "model.pt2"
+    assert robe_export.main(["--checkpoint", str(hybrid["ckpt"]), "--out", str(art)]) == 0
+    return art
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid, nproc):
@@ -92,11 +100,10 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid
 
 
 @pytest.mark.integration
-def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, hybrid):
+def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, hybrid, hybrid_artifact):
     import torch
 
-    art = tmp_path / "model.pt2"
-    assert call(robe_export.main, capsys, "--checkpoint", hybrid["ckpt"], "--out", art)[0] == 0
+    art = hybrid_artifact
 
     def refused(model: Path) -> str:
         code, _, err = call(robe_predict.main, capsys, "--model", model, "--data", hybrid["vocab"])
@@ -162,8 +169,45 @@ def test_raw_criteo_rows_score_as_ingested_and_bad_rows_are_skipped(tmp_path, ca
     got = torch.tensor([float(x) for x in scores.read_text().split()])
     assert len(got) == len(expected) == 1000
     torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-7)
-    # a model trained on vocabulary ids refuses raw rows
-    art2 = tmp_path / "vocab.pt2"
-    assert call(robe_export.main, capsys, "--checkpoint", hybrid["ckpt"], "--out", art2)[0] == 0
-    code, _, err = call(robe_predict.main, capsys, "--model", art2, "--data", rows)
-    assert code == 2 and len(err) == 1 and "robe-data vocab" in err[0], err
+
+
+@pytest.mark.integration
+def test_raw_rows_of_a_vocab_model_go_through_its_vocabulary(tmp_path, capsys, data_dir, hybrid, hybrid_artifact):
+    """The default model reads ids remapped by robe-data vocab: raw Criteo text of the test day
+    scores as the vocabulary's npy rows do; another vocabulary, or none, is refused in one line."""
+    import numpy as np
+    import torch
+
+    from robe_dist.data.rawtext import RawRows, format_tsv
+    from robe_dist.data.vocab import build_vocab
+
+    n = 3000
+    raw_ids = np.load(data_dir / "day_2_sparse.npy")[:n].astype(np.int64)  # the raw synthetic source
+    dense = np.random.default_rng(0).integers(-2, 60, (n, 13))
+    rows = RawRows(labels=np.load(data_dir / "day_2_labels.npy")[:n].reshape(-1).astype(np.int32), dense=dense,
+                   dense_missing=dense == 7, ids=raw_ids)  # fmt: skip
+    tsv = tmp_path / "day_2.tsv"
+    tsv.write_bytes(format_tsv(rows))
+    art = hybrid_artifact
+    scores = tmp_path / "scores.txt"
+    code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", tsv, "--out", scores)  # recorded vocab
+    assert code == 0, err
+    vocab_ids = torch.from_numpy(np.load(hybrid["vocab"] / "day_2_sparse.npy")[:n].astype(np.int64))
+    assert (vocab_ids > 0).float().mean() > 0.5  # mostly ids the vocabulary kept
+    model, _ = robe_predict.load_artifact(art)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(rows.transformed_dense()), vocab_ids.t().reshape(-1),
+                         torch.ones(vocab_ids.numel(), dtype=torch.int64))  # fmt: skip
+    got = torch.tensor([float(x) for x in scores.read_text().split()])
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-7)
+    assert call(robe_predict.main, capsys, "--model", art, "--data", tsv, "--vocab", hybrid["vocab"])[0] == 0
+
+    def refused(vocab: Path) -> str:
+        code, _, err = call(robe_predict.main, capsys, "--model", art, "--data", tsv, "--vocab", vocab)
+        assert code == 2 and len(err) == 1, err
+        return err[0]
+
+    assert "not a robe-data vocab directory" in refused(data_dir)
+    other = tmp_path / "other_vocab"
+    build_vocab(data_dir, other, max_ind_range=0, min_count=2, train_only=True, log=None)
+    assert "is not the one this model was trained with" in refused(other)

@@ -101,3 +101,32 @@ def test_refuses_in_place_and_foreign_outputs(src: Path, tmp_path: Path) -> None
     generate(other, 100, days=1, log=None)
     with pytest.raises(DataError, match="synthetic"):
         V.build_vocab(src, other, log=None)
+
+
+@pytest.mark.parametrize("cap, min_count", [(1000, 1), (0, 2)])
+def test_stored_vocabulary_maps_raw_ids_as_the_remapped_files(src: Path, tmp_path: Path, cap: int, min_count: int) -> None:
+    V.build_vocab(src, tmp_path, max_ind_range=cap, min_count=min_count, train_only=True, log=None)
+    vocab = V.Vocabulary.load(tmp_path)
+    for d in range(3):  # day 2 was not counted: its unseen values map to 0 there too
+        raw = np.load(src / f"day_{d}_sparse.npy")
+        assert np.array_equal(vocab.apply(raw), np.load(tmp_path / f"day_{d}_sparse.npy"))
+    other = V.build_vocab(src, tmp_path / "other", max_ind_range=cap, min_count=min_count + 1, log=None)
+    assert other["vocab"]["fingerprint"] != read_manifest(tmp_path)["vocab"]["fingerprint"]
+
+
+def test_vocabulary_without_or_with_damaged_values_is_refused(src: Path, tmp_path: Path) -> None:
+    V.build_vocab(src, tmp_path, max_ind_range=0, log=None)
+    values = tmp_path / V.VALUES_NAME
+    with np.load(values) as npz:
+        kept = {k: npz[k] for k in npz.files}
+    kept["cat_3"] = kept["cat_3"][:-1]
+    np.savez(values, **kept)
+    with pytest.raises(DataError, match="does not match the manifest"):
+        V.Vocabulary.load(tmp_path)
+    manifest = read_manifest(tmp_path)
+    del manifest["vocab"]["fingerprint"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="before robe_dist stored its values"):
+        V.Vocabulary.load(tmp_path)
+    with pytest.raises(DataError, match="not a robe-data vocab directory"):
+        V.Vocabulary.load(src)
