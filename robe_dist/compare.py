@@ -25,6 +25,7 @@ Quality runs use ``quality_processes`` processes (1 by default); the systems run
 ``systems.budget`` on each of ``systems.processes`` process counts (gloo on CPU, nccl on GPUs) and
 record samples/s, peak memory, the bytes each rank holds and the bytes it sends per step, counted
 where they are sent (robe_dist.distributed.comm_counter and the trainer's all-reduce counters).
+An arm whose quality run failed is reported as failed and not timed.
 """
 
 from __future__ import annotations
@@ -383,7 +384,13 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
         _write_json(out_dir / "compare.json", result)
     sb = cfg.systems.budget
     if sb is not None:
+        ok = {r["id"] for r in result["quality"] if r.get("exit") == 0}
         timed = [s for s in specs if not s.infeasible and (s.kind == "full" or s.budget == sb)]
+        # an arm whose quality run failed (diverged, crashed) would fail its timed runs alike
+        result["not_timed"] = [s.id for s in timed if s.id not in ok]
+        timed = [s for s in timed if s.id in ok]
+        for name in result["not_timed"]:
+            log(f"  {name}: not timed (its quality run failed)")
         extra = quick + [f"train.max_steps={cfg.systems.steps}", "eval.at_end=false",
                          f"train.log_every_steps={max(1, cfg.systems.steps // 6)}"]  # fmt: skip
         reps = cfg.systems.repeats

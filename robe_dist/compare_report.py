@@ -407,6 +407,8 @@ def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] 
             table(*systems_rows(result)),
             "",
         ]
+        if result.get("not_timed"):
+            lines += ["Not timed (their quality runs failed): " + ", ".join(result["not_timed"]) + ".", ""]
         evals = [(_label(r), eval_rate(r)) for r in result["quality"] if eval_rate(r)]
         if evals:
             lines += ["Evaluation samples/s (1 process, the test split): "

@@ -68,8 +68,10 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     # the diverging arm fails alone: reported, the others complete, exit 1 with one line naming it
     assert p.returncode == 1, p.stderr[-4000:]
-    assert "3 run(s) failed: broken@100x, broken@100x (2p, timed), broken@100x (2p, timed)" in p.stderr.splitlines()[-1]
+    assert "1 run(s) failed: broken@100x " in p.stderr.splitlines()[-1]
     report = (out / "report.md").read_text()
+    assert "Not timed (their quality runs failed): broken@100x." in report  # nor run: it would fail alike
+    assert not any(d.name.startswith("broken") for d in (out / "systems").iterdir())
     for png in ("auc_vs_memory.png", "throughput.png", "bytes_per_step.png", "loss_curves.png", "traffic_projection.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
