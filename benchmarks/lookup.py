@@ -14,9 +14,21 @@ from other processes hits every variant alike; the figures are medians over ``--
                     and zeroed in place every step).
   robe_fused        RobeEmbeddingBagCollection(fused_sgd_lr=lr): the backward applies the SGD update
                     to the array in place; no optimizer step, no dense gradient.
+  robe_dmp          what robe-train runs: the same collection sharded by robe_dist's sharder inside
+                    DistributedModelParallel (world size 1, gloo: the replicated array, its
+                    gradient hook), stepped by the trainer's optimiser (TrainOptimizer, SGD) and
+                    zero_grad before the forward, as TorchRec's train pipeline calls them.
   torchrec          EmbeddingBagCollection with full tables (MLPerf v1 sizes / --table-scale),
                     sharded by DistributedModelParallel (world size 1, gloo, CPU), TABLE_WISE with
                     the FUSED compute kernel: FBGEMM's TBE with the SGD update fused in its backward.
+
+The headline is robe_dmp against torchrec. The allocator is process-wide, so it is a run option
+(``--allocator``): ``glibc`` (the default; large blocks are mmap-ed and returned at every free, so
+a fresh 109 MB output pays its page faults every step), ``thp`` (PyTorch's own switch,
+THP_MEM_ALLOC_ENABLE=1: blocks of 2 MiB and more are 2 MiB-aligned and advised huge pages, so
+they fault in 2 MiB at a time) or ``jemalloc`` (the script re-executes itself with
+libjemalloc preloaded and freed pages kept: MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1).
+TorchRec's best setting is the one to compare with (docs/performance.md: jemalloc here).
 
 Also measured: the machine's memory bandwidth (STREAM-like copy and triad over --bw-mb MB arrays,
 all threads; best of several repetitions, before and after the steps), and, per variant, the
@@ -36,6 +48,7 @@ a no-op.
 Run::
 
     python benchmarks/lookup.py                       # the paper's setting, 35-60 s on 2 quiet cores
+    python benchmarks/lookup.py --allocator jemalloc  # TorchRec's best case (apt-get install libjemalloc2)
     python benchmarks/lookup.py --hash paper --json /tmp/lookup.json
 """
 
@@ -78,10 +91,43 @@ def _apply_omp_wait_policy(argv: List[str]) -> str:
     return os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
 
 
+ALLOCATORS = ("glibc", "thp", "jemalloc")
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2",
+)  # fmt: skip
+
+
+def _apply_allocator(argv: List[str]) -> str:
+    """Puts the ``--allocator`` in force before torch loads (re-executing this script under
+    jemalloc); returns a description of what is in force."""
+    choice = "glibc"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--allocator="):
+            choice = arg.split("=", 1)[1]
+        elif arg == "--allocator" and i + 1 < len(argv):
+            choice = argv[i + 1]
+    if choice == "thp":
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        return "thp (THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator, 2 MiB-aligned huge pages for >= 2 MiB)"
+    if choice == "jemalloc":
+        if "libjemalloc" in os.environ.get("LD_PRELOAD", ""):
+            return f"jemalloc ({os.environ['LD_PRELOAD']}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
+        lib = os.environ.get("ROBE_DIST_JEMALLOC") or next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+        if lib is None:
+            sys.exit("benchmarks/lookup.py: --allocator jemalloc needs libjemalloc.so.2 (Debian/Ubuntu: apt-get install "
+                     f"libjemalloc2), not found in {', '.join(JEMALLOC_PATHS)}; or set ROBE_DIST_JEMALLOC=PATH")
+        env = dict(os.environ, LD_PRELOAD=lib, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return "glibc (default malloc)"
+
+
 if __name__ == "__main__":
     _OMP_WAIT_POLICY = _apply_omp_wait_policy(sys.argv[1:])
+    _ALLOCATOR = _apply_allocator(sys.argv[1:])
 else:  # imported: torch may already be loaded; report what the process has
     _OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
+    _ALLOCATOR = "as the importing process"
 
 import torch  # noqa: E402  (after OMP_WAIT_POLICY is set)
 
@@ -199,7 +245,8 @@ def byte_model(batch: int, features: int, dim: int, array_size: int) -> Dict[str
     }
     dense = dict(common, dense_grad_zero=4 * array_size, sgd_full_array=12 * array_size)
     keep = dict(dense, zero_grad_inplace=4 * array_size, accumulate_grad=12 * array_size)
-    models = {"robe_fused": common, "robe_dense": dense, "robe_dense_keep": keep, "torchrec": dict(common)}
+    models = {"robe_fused": common, "robe_dense": dense, "robe_dense_keep": keep, "robe_dmp": dict(dense),
+              "torchrec": dict(common)}  # fmt: skip
     for m in models.values():
         m["total"] = sum(v for k, v in m.items() if k != "total")
     return models
@@ -251,6 +298,35 @@ def check_fused_equals_dense(hash_mode: str, lr: float) -> float:
     if not torch.allclose(fused.array, dense.array, rtol=1e-5, atol=1e-6):
         raise AssertionError(f"fused ROBE step != dense step + SGD (hash={hash_mode}): max |diff| {err:.3g}")
     return err
+
+
+def build_robe_dmp(tables, cfg, lr: float, array: torch.Tensor):
+    """The collection as robe-train runs it: on ``meta``, planned by RobeShardingPlanner with
+    robe_dist's sharders, wrapped in DistributedModelParallel (world size 1), its array set to
+    ``array``; and the trainer's optimiser (SGD at ``lr``) over it."""
+    import torch.distributed as dist
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import Topology
+
+    from robe_dist.distributed import RobeShardingPlanner, ShardedRobeEmbeddingBagCollection, get_default_sharders
+    from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+    from robe_dist.train_config import OptimConfig
+    from robe_dist.trainer.model import embedding_parameters
+    from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
+
+    optim_cfg = OptimConfig(name="sgd", lr=lr)
+    opt_cls, opt_kwargs = optimizer_spec(optim_cfg)
+    sharders = get_default_sharders(optimizer_class=opt_cls, optimizer_kwargs=opt_kwargs)
+    ebc = RobeEmbeddingBagCollection(tables, cfg, device=torch.device("meta"))
+    planner = RobeShardingPlanner(topology=Topology(world_size=1, compute_device="cpu"))
+    plan = planner.collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(ebc, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    sharded = [m for m in dmp.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)]
+    if len(sharded) != 1:
+        raise AssertionError(f"expected one ShardedRobeEmbeddingBagCollection in the DMP model, found {len(sharded)}")
+    with torch.no_grad():
+        sharded[0].array.copy_(array)
+    return dmp, sharded[0], TrainOptimizer(dmp, optim_cfg, embedding_parameters(dmp))
 
 
 # ----------------------------------------------------------------------------------- TorchRec
@@ -349,6 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--omp-wait-policy", choices=OMP_POLICIES, default="passive",
                    help="OMP_WAIT_POLICY for this run, set before torch loads (without the flag: passive unless OMP_WAIT_POLICY is set; inherit keeps the environment's)")
     p.add_argument("--json", type=str, default=None, help="also write the numbers to this path")
+    p.add_argument("--allocator", choices=ALLOCATORS, default="glibc",
+                   help="memory allocator of the whole process (see the module doc); applied before torch loads")
     return p.parse_args(argv)
 
 
@@ -377,7 +455,8 @@ def main(argv=None) -> Dict:
     }
     print(f"# robe_dist lookup benchmark: one embedding training step (forward, backward, SGD update)")
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; "
-          + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; robe_dist._C {'built' if has_cpp_extension() else 'MISSING'}; OMP_WAIT_POLICY {_OMP_WAIT_POLICY}")
+          + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; robe_dist._C {'built' if has_cpp_extension() else 'MISSING'}; OMP_WAIT_POLICY {_OMP_WAIT_POLICY}; "
+          f"allocator {_ALLOCATOR}")
     print(f"setup: batch {B}, {F} one-hot features, dim {D}, ROBE array {m:,} floats, Z={Z}, hash={args.hash}, "
           f"lr {args.lr}; TorchRec tables = MLPerf v1 / {args.table_scale}; {args.iters} timed rounds "
           f"(+{args.warmup} warm-up), interleaved")
@@ -424,13 +503,18 @@ def main(argv=None) -> Dict:
     if not all(torch.equal(modules[n].array, modules["robe_fused"].array) for n in ROBE_VARIANTS):
         raise AssertionError("ROBE variants did not start from the same array")
 
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    gc.collect()
+    r0 = rss_bytes()
+    robe_dmp, robe_sharded, robe_dmp_opt = build_robe_dmp(robe_tables, cfg, args.lr, modules["robe_fused"].array.detach())
+    mem["robe_dmp"] = {"build_rss_growth": rss_bytes() - r0}
+
     tr = None
     if not args.skip_torchrec:
-        import torch.distributed as dist
-
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=0, world_size=1)
         gc.collect()
         r0 = rss_bytes()
         t0 = time.perf_counter()
@@ -461,6 +545,20 @@ def main(argv=None) -> Dict:
 
         return step
 
+    def robe_dmp_step(i: int) -> Dict[str, float]:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        robe_dmp_opt.zero_grad()  # TorchRec's train pipeline: zero_grad before the forward
+        out = robe_dmp(kjt(robe_values[i % args.batches]))
+        if hasattr(out, "wait"):
+            out = out.wait()
+        t1 = time.perf_counter()
+        out.values().backward(g)
+        t2 = time.perf_counter()
+        robe_dmp_opt.step()
+        t3 = time.perf_counter()
+        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "step": t3 - t0, "cpu": time.process_time() - c0}
+
     def torchrec_step(i: int) -> Dict[str, float]:
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -476,6 +574,7 @@ def main(argv=None) -> Dict:
         "robe_dense": robe_step("robe_dense", True),
         "robe_dense_keep": robe_step("robe_dense_keep", False),
         "robe_fused": robe_step("robe_fused", False),
+        "robe_dmp": robe_dmp_step,
     }
     if tr is not None:
         steps["torchrec"] = torchrec_step
@@ -496,11 +595,12 @@ def main(argv=None) -> Dict:
     del before_arr
     if changed == 0:
         raise AssertionError("ROBE: the step did not change the array")
-    for n in ("robe_dense", "robe_dense_keep"):
+    arrays["robe_dmp"] = robe_sharded.array.detach()
+    for n in ("robe_dense", "robe_dense_keep", "robe_dmp"):
         if not torch.allclose(arrays[n], arrays["robe_fused"], rtol=1e-5, atol=1e-7):
             err = (arrays[n] - arrays["robe_fused"]).abs().max().item()
             raise AssertionError(f"ROBE: {n} and robe_fused disagree after one step (max |diff| {err:.3g})")
-    msg = f"check: one step changed {changed:,} ROBE slots ({changed / m:.1%} of the array), dense == fused (allclose)"
+    msg = f"check: one step changed {changed:,} ROBE slots ({changed / m:.1%} of the array), dense == DMP == fused (allclose)"
     if tr is not None:
         rows = check_torchrec_update(tr_weights, tr_before, g, D, args.lr)
         msg += f"; TorchRec: {rows:,} touched rows == old - lr * grad"
@@ -535,7 +635,7 @@ def main(argv=None) -> Dict:
     }
 
     # ---- results
-    for name in ROBE_VARIANTS:
+    for name in ROBE_VARIANTS + ("robe_dmp",):
         arr = 4 * m
         mem[name]["tensor_bytes"] = arr + (0 if name == "robe_fused" else arr)  # array (+ dense grad; SGD: no state)
     if tr is not None:
@@ -589,8 +689,10 @@ def main(argv=None) -> Dict:
           "model; of bw = (bytes / step) / triad; memory in MB: tensors = array + dense grad / TBE weights, "
           "build RSS = RSS growth building it, step peak = RSS high-water growth during one step)")
     if tr_sps:
+        print(f"headline, the training path (robe_dmp) against TorchRec under allocator {_ALLOCATOR.split(' ')[0]}: "
+              f"{res['robe_dmp']['vs_torchrec']:.2f}x (fastest rounds {res['robe_dmp']['vs_torchrec_fastest_round']:.2f}x)")
         fastest = max(ROBE_VARIANTS, key=lambda n: res[n]["samples_per_s"])
-        print(f"ROBE/TorchRec throughput: dense (headline) {res['robe_dense']['vs_torchrec']:.2f}x, "
+        print(f"ROBE/TorchRec throughput, bare module: dense {res['robe_dense']['vs_torchrec']:.2f}x, "
               f"dense set_to_none=False {res['robe_dense_keep']['vs_torchrec']:.2f}x, "
               f"fused {res['robe_fused']['vs_torchrec']:.2f}x (fastest ROBE variant: {fastest}); "
               f"fastest rounds (least disturbed by other processes): dense "
@@ -606,7 +708,8 @@ def main(argv=None) -> Dict:
           f"(other processes on the machine; {os.cpu_count()} cpus)")
 
     out = {
-        "args": vars(args), "versions": versions, "omp_wait_policy": _OMP_WAIT_POLICY, "threads": torch.get_num_threads(), "bandwidth": bw,
+        "args": vars(args), "versions": versions, "omp_wait_policy": _OMP_WAIT_POLICY, "allocator": _ALLOCATOR,
+        "threads": torch.get_num_threads(), "bandwidth": bw,
         "sizes": {"robe_array_bytes": 4 * m, "full_tables_bytes": full_bytes, "scaled_tables_bytes": scaled_bytes,
                   "full_over_array": full_bytes / (4 * m), "scaled_over_array": scaled_bytes / (4 * m)},
         "byte_models": models, "results": res, "checks": {"small_case_max_diff": errs, "robe_slots_changed": changed},
@@ -616,10 +719,9 @@ def main(argv=None) -> Dict:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"wrote {args.json}")
-    if tr is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    del robe_dmp, robe_sharded, robe_dmp_opt, steps
+    gc.collect()
+    dist.destroy_process_group()
     return out
 
 
