@@ -61,6 +61,7 @@ from robe_dist.trainer.model import (
     table_configs,
 )  # fmt: skip
 from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
+from robe_dist.trainer.profile import StepProfiler
 
 logger = logging.getLogger("robe_dist.train")
 
@@ -191,6 +192,7 @@ class Trainer:
         # and checkpoints pause it (robe_dist.distributed.comm_counter)
         self.comm = CommCounter().install() if env.world_size > 1 else None
         self.stop_request = StopRequest()
+        self.profiler = StepProfiler(cfg.logging.profile_steps, run_dir, env.rank, env.device)
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         self.results: dict = {}
@@ -324,10 +326,12 @@ class Trainer:
         self.pipeline.reset()
         t_log, since_log, done = time.time(), 0, 0
         while True:
+            self.profiler.before_step(state.step + 1)
             try:
                 loss, _, _ = self.pipeline.progress(batches)
             except StopIteration:
                 break
+            self.log_profile(self.profiler.after_step(state.step + 1))
             state.step += 1
             state.step_in_epoch += 1
             state.samples += self.cfg.train.global_batch_size
@@ -340,8 +344,14 @@ class Trainer:
             self.stopping = self.stop_request.agreed(self.env, state.step)
             if self.stopping:
                 break
+        self.log_profile(self.profiler.stop())  # a window cut short by the end of the chunk
         self.log_train(running, t_log, since_log)  # before any eval or save: never keep a NaN model
         return done
+
+    def log_profile(self, record: Optional[dict]) -> None:
+        if record is not None:
+            self.log.write("profile", **record)
+            self.log.message(StepProfiler.describe(record))
 
     def run(self) -> dict:
         """Trains until the epochs, ``train.max_steps`` or ``train.target_auc`` say stop, with

@@ -298,6 +298,11 @@ class LoggingConfig:
     all_ranks: bool = False
     """Also print log messages from ranks other than 0."""
 
+    profile_steps: Optional[List[int]] = None
+    """``[first, last]``: profile global steps ``first..last`` (1-based) with ``torch.profiler`` on
+    every rank: ``RUN/profile/rank<r>.trace.json`` and ``.txt``, and a ``profile`` record of ms per
+    step by phase and operator in ``metrics.jsonl`` (robe_dist.trainer.profile). ``null``: off."""
+
 
 @dataclass
 class Config:
@@ -583,6 +588,9 @@ def validate(cfg: Config) -> None:
     _positive(e.max_batches, "eval.max_batches", allow_none=True)
     _positive(c.every_steps, "checkpoint.every_steps", allow_none=True)
     _positive(c.keep, "checkpoint.keep")
+    ps = cfg.logging.profile_steps
+    if ps is not None and not (len(ps) == 2 and 1 <= ps[0] <= ps[1]):
+        raise ValueError(f"logging.profile_steps must be [first, last] with 1 <= first <= last, or null; got {ps}")
     _positive(cfg.dist.cpu_threads, "dist.cpu_threads", allow_none=True)
     if cfg.dist.backend == "nccl" and cfg.dist.device == "cpu":
         raise ValueError("dist.backend 'nccl' needs dist.device 'cuda'; use 'gloo' (or 'auto') on CPU")

@@ -85,7 +85,7 @@ def checkpoint_tensors(path: Path, tmp_path: Path) -> dict:
 
 def test_one_process_end_to_end(tmp_path, data_dir):
     run = tmp_path / "run"
-    p = ok(train(run, data_dir, "eval.every_samples=25000", "checkpoint.every_steps=50"))
+    p = ok(train(run, data_dir, "eval.every_samples=25000", "checkpoint.every_steps=50", "logging.profile_steps=[45,60]"))
     train_lines = records(run, "train")
     assert train_lines and {"step", "samples", "loss", "samples_per_s", "peak_mem_bytes", "robe_allreduce_bytes"} <= set(train_lines[0])
     assert train_lines[-1]["step"] == 102 and train_lines[-1]["samples"] == 102 * 512
@@ -100,13 +100,22 @@ def test_one_process_end_to_end(tmp_path, data_dir):
     assert "val  AUC" in p.stdout and "planted model, the best reachable" in p.stdout
     assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step_00000100", "step_00000102"]
     assert (run / "config.yaml").is_file()
+    # the profile window [45, 60] is cut short by the evaluation after step 49
+    (prof,) = records(run, "profile")
+    assert prof["first_step"] == 45 and prof["steps"] == 5
+    assert prof["phases_ms"]["forward"] > 0 and prof["phases_ms"]["backward"] > 0 and prof["phases_ms"]["optimizer"] > 0
+    assert prof["operators_ms"]["ROBE lookup (forward)"] > 0 and prof["operators_ms"]["ROBE lookup (backward)"] > 0
+    assert "profile of steps 45..49" in p.stdout and (run / "profile" / "rank0.trace.json").stat().st_size > 1000
 
 
 @pytest.mark.integration
 def test_two_processes_reach_the_same_auc_and_evaluate_identically(tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     ok(train(one, data_dir))
-    ok(train(two, data_dir, nproc=2))
+    ok(train(two, data_dir, "logging.profile_steps=[50,54]", nproc=2))
+    (prof,) = records(two, "profile")  # rank 0's; every rank writes its trace
+    assert prof["steps"] == 5 and prof["operators_ms"]["all-reduce (launch)"] > 0
+    assert all((two / "profile" / f"rank{r}.txt").is_file() for r in (0, 1))
     (s1,), (s2,) = records(one, "summary"), records(two, "summary")
     assert s1["step"] == s2["step"] == 102  # the global batch is split over the ranks
     assert abs(s1["val_auc"] - s2["val_auc"]) < 0.01

@@ -68,6 +68,8 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("model.dense_arch_layer_sizes=[64, 32]", "model.dense_arch_layer_sizes must end with model.embedding_dim (16)"),
         ("model.over_arch_layer_sizes=[64, 2]", "model.over_arch_layer_sizes must end with 1"),
         ("robe.block_size=3", "model.embedding_dim (16) must be a multiple of robe.block_size (3)"),
+        ("logging.profile_steps=[5,2]", "logging.profile_steps must be [first, last] with 1 <= first <= last"),
+        ("logging.profile_steps=[0]", "logging.profile_steps must be [first, last]"),
         ("robe.array_size=8", "set robe.budget or robe.array_size, not both"),
         ("robe.features=all;robe.budget=null;robe.array_size=8", "robe.array_size (8) must be >= block_size (16)"),
         ("robe.budget=12 apples", "robe.budget must be bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x), got '12 apples'"),
