@@ -250,13 +250,10 @@ def check_run(base: Path, common: Sequence[str], spec: RunSpec, facts: DataFacts
         if cfg.robe.budget is not None and spec.infeasible is None:
             tables, robe_names = table_configs(cfg, facts.features, facts.sizes)
             stats = None
-            if cfg.robe.features == "auto" and cfg.data.kind == "synthetic":
-                from robe_dist.trainer.data import synthetic_cache_dir
+            if cfg.robe.features == "auto":
+                from robe_dist.trainer.data import training_data_dir
 
-                path = synthetic_cache_dir(cfg)
-                stats = read_table_stats(path.with_name(path.name + "-vocab") if cfg.data.vocab else path)
-            elif cfg.robe.features == "auto":
-                stats = read_table_stats(cfg.data.path)
+                stats = read_table_stats(training_data_dir(cfg))
             try:
                 placement = place_tables(cfg, tables, robe_names, stats)
                 spec.embedding_floats = placement.used_bytes // 4

@@ -42,6 +42,15 @@ def synthetic_cache_dir(cfg: Config) -> Path:
     return Path("data_cache") / f"synthetic-{d.synthetic_rows}-{d.synthetic_days}-{d.synthetic_seed}-{d.synthetic_scale:g}{mh}"
 
 
+def training_data_dir(cfg: Config) -> Path:
+    """The dataset directory a run of ``cfg`` reads: ``data.path`` for Criteo; for synthetic data
+    its cache directory, or that directory's ``-vocab`` sibling with ``data.vocab``."""
+    if cfg.data.kind != "synthetic":
+        return Path(cfg.data.path)
+    path = synthetic_cache_dir(cfg)
+    return path.with_name(path.name + "-vocab") if cfg.data.vocab else path
+
+
 def cap_ids(batch: Batch, moduli: torch.Tensor) -> Batch:
     """``batch`` with the ids of feature ``f`` taken modulo ``moduli[f]`` (TorchRec's Criteo
     "hashes"): full tables and the paper mapping need ids in ``[0, num_embeddings)``."""
@@ -160,7 +169,7 @@ def make_synthetic(cfg: Config, log=logger.info) -> Path:
     )  # fmt: skip
     if not d.vocab:
         return path
-    vocab_path = path.with_name(path.name + "-vocab")
+    vocab_path = training_data_dir(cfg)
     if not _complete_vocab(vocab_path):
         # raw 32-bit ids: no modulo cap; counted on the train split, as in production
         build_vocab(path, vocab_path, max_ind_range=0, train_only=True, log=log)
@@ -172,9 +181,5 @@ def prepare_data(cfg: Config, env: DistEnv) -> RunData:
     with ``data.vocab``; reads the manifest."""
     if cfg.data.kind == "synthetic":
         on_rank0(env, lambda: make_synthetic(cfg), (DataError, OSError, ValueError))
-        path = synthetic_cache_dir(cfg)
-        if cfg.data.vocab:
-            path = path.with_name(path.name + "-vocab")
-    else:
-        path = Path(cfg.data.path)
+    path = training_data_dir(cfg)
     return RunData(path=path, manifest=read_manifest(path), cfg=cfg, env=env)
