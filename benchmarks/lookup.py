@@ -719,7 +719,7 @@ def main(argv=None) -> Dict:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"wrote {args.json}")
-    del robe_dmp, robe_sharded, robe_dmp_opt, steps
+    robe_dmp = robe_sharded = robe_dmp_opt = steps = None  # free the model before the process group
     gc.collect()
     dist.destroy_process_group()
     return out
