@@ -336,7 +336,19 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   const int64_t chunk = ((array_size + threads - 1) / threads + 15) / 16 * 16;
   const int64_t owners = (array_size + chunk - 1) / chunk;
   const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t max_start = array_size - z;
+  auto check_starts_in_range = [&](bool found, int64_t bad) {
+    TORCH_CHECK_VALUE(!found, "robe: the backward's block starts must lie in [0, ", max_start,
+                      "] (array_size ", array_size, ", block_size ", z, "), found ", bad,
+                      ": starts of another array, or not the forward's");
+  };
   if (owners <= 1 || pb.batch < 2) {  // one range: no work list; each bag's slots prefetched a bag ahead
+    bool found = false;  // checked before anything is written (the fused update writes the array)
+    int64_t bad = 0;
+    walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+      if (s < 0 || s > max_start) found = true, bad = s;
+    });
+    check_starts_in_range(found, bad);
     for (int64_t b = 0; b < pb.batch; ++b) {
       walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
                             [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
@@ -351,17 +363,25 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   auto range_bags = [&](int64_t w) {
     return std::make_pair(std::min(pb.batch, w * bags_per_range), std::min(pb.batch, (w + 1) * bags_per_range));
   };
-  // 1. blocks per (range, owner)
+  // 1. blocks per (range, owner); starts outside the array stop here, before anything is written
   std::vector<int64_t> pos(ranges * owners, 0);
+  std::atomic<bool> found{false};
+  std::atomic<int64_t> bad{0};
   at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = pos.data() + w * owners;
       const auto [b0, b1] = range_bags(w);
       walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+        if (s < 0 || s > max_start) {
+          bad.store(s);
+          found.store(true);
+          return;
+        }
         for (int64_t o = s / chunk; o <= (s + z - 1) / chunk; ++o) ++count[o];
       });
     }
   });
+  check_starts_in_range(found.load(), bad.load());
   // 2. where each (range, owner) writes: grouped by owner, ranges in order
   std::vector<int64_t> owner_begin(owners + 1, 0);
   for (int64_t o = 0, next = 0; o < owners; ++o) {
@@ -373,9 +393,11 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
     }
     owner_begin[o + 1] = next;
   }
-  const int64_t total = owner_begin[owners];
-  at::Tensor storage = hugepage_empty({total * static_cast<int64_t>(sizeof(BlockRef<scalar_t>))}, at::kByte);
-  auto* refs = reinterpret_cast<BlockRef<scalar_t>*>(storage.data_ptr<uint8_t>());
+  // the work list: a buffer of this thread's, kept between steps (not from the huge-page cache,
+  // whose few slots belong to the output and the gradient)
+  thread_local std::vector<BlockRef<scalar_t>> work;
+  if (work.size() < static_cast<size_t>(owner_begin[owners])) work.resize(owner_begin[owners]);
+  BlockRef<scalar_t>* refs = work.data();
   at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* next = pos.data() + w * owners;

@@ -165,7 +165,7 @@ def test_backward_work_lists_match_the_reference_at_any_thread_count(pooling, ar
     tables = make_tables(pooling)
     kjt = make_kjt(tables, batch=64, max_len=6)
     ebc = make_ebc(tables, array_size=array_size)
-    g = torch.randint(-8, 9, (64, 72), generator=torch.Generator().manual_seed(0)) / 4.0
+    g = torch.randn(64, 72, generator=torch.Generator().manual_seed(0))  # inexact sums: the order shows
     array64 = ebc.array.detach().double().requires_grad_()
     reference = torch.autograd.grad(torch_lookup(ebc, kjt, array64), array64, g.double())[0]
     before = torch.get_num_threads()
@@ -185,6 +185,33 @@ def test_backward_work_lists_match_the_reference_at_any_thread_count(pooling, ar
     assert all(torch.equal(grads[0], other) for other in grads[1:])
     assert all(torch.equal(updated[0], other) for other in updated[1:])
     torch.testing.assert_close(updated[0].double(), ebc.array.detach().double() - 0.5 * reference, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_refuses_block_starts_outside_the_array(threads):
+    """The backward's starts come from the forward; others (another array's, edited) are an error
+    before anything is written, never a write out of bounds (serial path and work lists)."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=4099)
+    values, weights, offsets, meta, batch = lookup_args(ebc, make_kjt(tables, batch=64))
+    spec = ebc.lookup_spec
+    out, starts, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
+                                                       *ops._static_args(spec))  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for bad in (4099 - spec.block_size + 1, -5):
+            edited = starts.clone()
+            edited[int((starts >= 0).nonzero()[-1])] = bad
+            with pytest.raises(ValueError, match=rf"block starts must lie in \[0, {4099 - spec.block_size}\].*found {bad}"):
+                torch.ops.robe_dist.pooled_lookup_backward(
+                    torch.ones_like(out), weights, offsets, meta, edited, batch, 4099, spec.block_size,
+                    spec.max_blocks, spec.occurrences, values.numel(), True,
+                )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fused_sgd_equals_dense_sgd():
