@@ -172,6 +172,11 @@ class Trainer:
         ids = "vocab" if self.data.manifest.get("kind") == "vocab" else "raw"
         fingerprint = (self.data.manifest.get("vocab") or {}).get("fingerprint")
         vocab = {"path": str(Path(self.data.path).resolve()), "fingerprint": fingerprint} if fingerprint else None
+        if ids == "vocab" and vocab is None:
+            logger.warning(
+                "%s: a vocabulary written before robe-data vocab stored its values: robe-predict will score npy "
+                "datasets with this model, but raw Criteo rows only with --vocab of a rebuilt vocabulary", self.data.path
+            )
         self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids, vocab)
         model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
@@ -322,8 +327,18 @@ class Trainer:
         """Trains on ``batches`` through the pipeline (which drains at their end); returns the
         number of steps done. Stops early, after a whole step, when the ranks agree on a stop
         request (``self.stopping`` is then the signal's name)."""
-        state, log_every = self.state, self.cfg.train.log_every_steps
         self.pipeline.reset()
+        try:
+            done = self._train_steps(batches, running, self.cfg.train.log_every_steps)
+        except BaseException:
+            self.profiler.stop()  # (an error, a NaN: no profile record)
+            raise
+        self.log_profile(self.profiler.stop())  # a window cut short by the end of the chunk
+        return done
+
+    def _train_steps(self, batches, running: RunningLoss, log_every: int) -> int:
+        """``train_chunk``'s loop: the steps, their logging and the profile window."""
+        state = self.state
         t_log, since_log, done = time.time(), 0, 0
         while True:
             self.profiler.before_step(state.step + 1)
@@ -344,7 +359,6 @@ class Trainer:
             self.stopping = self.stop_request.agreed(self.env, state.step)
             if self.stopping:
                 break
-        self.log_profile(self.profiler.stop())  # a window cut short by the end of the chunk
         self.log_train(running, t_log, since_log)  # before any eval or save: never keep a NaN model
         return done
 

@@ -11,8 +11,8 @@ matter for recommendation models (the embedding lookups, the collectives, the de
     python -m robe_dist.train --set logging.profile_steps=[20,29] --set train.max_steps=30
 
 A window cut short by an evaluation, a checkpoint or the end of training ends there (the record
-says how many steps it covers). Times are CPU times of the calls on the host (on a GPU, kernel
-time is the ``device_ms`` of the same record), so an asynchronous collective counts its launch;
+says how many steps it covers). Times are CPU times of the calls on the host (on a GPU, the operators' kernel time is the
+``device_ms`` of the same record), so an asynchronous collective counts its launch;
 its wait shows up where the result is needed (``wait_sparse_data_dist``, the backward).
 """
 
@@ -25,10 +25,10 @@ from typing import Dict, List, Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-#: The phases of one TrainPipelineSparseDist step (record_function labels, batch index removed).
+#: The phases of one TrainPipelineSparseDist step (its top-level record_function labels, batch
+#: index removed; "## next_batch ##" is inside "## copy_batch_to_gpu ##", so not counted again).
 PHASES = {
     "zero_grad": "zero_grad",
-    "next_batch": "data: next batch (load, to device)",
     "copy_batch_to_gpu": "data: next batch (load, to device)",
     "wait_for_batch": "data: next batch (load, to device)",
     "start_sparse_data_dist": "input dist (ids all-to-all)",
@@ -78,13 +78,16 @@ class StepProfiler:
         return self.stop() if step >= self.last else None
 
     def stop(self) -> Optional[Dict]:
-        """Closes the window now (end of a chunk of steps); writes the files; returns the summary."""
+        """Closes the window now (end of a chunk of steps, an error); writes the files and returns
+        the summary, unless no step ran in it (then the window opens again at the next step)."""
         if self._prof is None:
             return None
         prof, self._prof = self._prof, None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         prof.__exit__(None, None, None)
+        if self._steps == 0:  # the chunk ended before its first step: nothing to report
+            return None
         self.dir.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json"))
         averages = prof.key_averages()
