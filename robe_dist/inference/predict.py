@@ -96,11 +96,11 @@ def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
     from robe_dist.data.vocab import Vocabulary
 
     recorded = meta.get("vocab")
-    if not recorded:
+    if not recorded and vocab_dir is None:
         raise ExportError(
             "this model was trained on ids remapped by robe-data vocab, but its checkpoint does not record which "
-            "vocabulary (trained before robe_dist stored vocabularies): retrain it, or score a dataset in the npy "
-            "layout with the same vocabulary"
+            "vocabulary (trained before robe_dist stored vocabularies, or on one without stored values): pass "
+            "--vocab DIR (that vocabulary, rebuilt by robe-data vocab if needed), or score a dataset in the npy layout"
         )
     where = vocab_dir if vocab_dir is not None else Path(recorded["path"])
     if vocab_dir is None and not where.is_dir():
@@ -112,7 +112,10 @@ def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
         vocab = Vocabulary.load(where)
     except (DataError, FileNotFoundError, OSError, KeyError, ValueError) as e:
         raise ExportError(f"--vocab {where}: {e}") from None
-    if vocab.fingerprint != recorded["fingerprint"]:
+    if not recorded:
+        print(f"robe-predict: warning: the model records no vocabulary; {where} ({vocab.fingerprint}) is used "
+              "unchecked: it must be the one the model was trained with", file=sys.stderr)  # fmt: skip
+    elif vocab.fingerprint != recorded["fingerprint"]:
         raise ExportError(
             f"--vocab {where}: vocabulary {vocab.fingerprint} is not the one this model was trained with "
             f"({recorded['fingerprint']}, built at {recorded['path']})"
