@@ -111,13 +111,15 @@ def _apply_allocator(argv: List[str]) -> str:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         return "thp (THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator, 2 MiB-aligned huge pages for >= 2 MiB)"
     if choice == "jemalloc":
-        if "libjemalloc" in os.environ.get("LD_PRELOAD", ""):
+        if os.environ.get("_ROBE_DIST_LOOKUP_JEMALLOC") == "1":  # this is the re-executed process
             return f"jemalloc ({os.environ['LD_PRELOAD']}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
         lib = os.environ.get("ROBE_DIST_JEMALLOC") or next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-        if lib is None:
+        if lib is None or not os.path.exists(lib):
             sys.exit("benchmarks/lookup.py: --allocator jemalloc needs libjemalloc.so.2 (Debian/Ubuntu: apt-get install "
                      f"libjemalloc2), not found in {', '.join(JEMALLOC_PATHS)}; or set ROBE_DIST_JEMALLOC=PATH")
-        env = dict(os.environ, LD_PRELOAD=lib, MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+        preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
+        env = dict(os.environ, LD_PRELOAD=preload, _ROBE_DIST_LOOKUP_JEMALLOC="1",
+                   MALLOC_CONF=os.environ.get("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     return "glibc (default malloc)"
 

@@ -29,16 +29,18 @@ TINY=(--set train.max_steps=600 --set "logging.profile_steps=[401,420]")
 run() {  # name nproc threads args...   (threads: of the single process; "config": the config's own)
   local name=$1 n=$2 threads=$3; shift 3
   rm -rf "${OUT:?}/$name"
+  local rc=0
   if [[ $n == 1 && $threads == config ]]; then
-    $PY -m robe_dist.train --run-dir "$OUT/$name" "${QUIET[@]}" "$@" > "$OUT/$name.log" 2>&1
+    $PY -m robe_dist.train --run-dir "$OUT/$name" "${QUIET[@]}" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
   elif [[ $n == 1 ]]; then
     OMP_NUM_THREADS=$threads $PY -m robe_dist.train --run-dir "$OUT/$name" "${QUIET[@]}" --set dist.cpu_threads="$threads" "$@" \
-      > "$OUT/$name.log" 2>&1
+      > "$OUT/$name.log" 2>&1 || rc=$?
   else
     OMP_NUM_THREADS=1 $PY -m torch.distributed.run --standalone --nproc_per_node="$n" -m robe_dist.train \
-      --run-dir "$OUT/$name" "${QUIET[@]}" --set dist.cpu_threads=1 "$@" > "$OUT/$name.log" 2>&1
+      --run-dir "$OUT/$name" "${QUIET[@]}" --set dist.cpu_threads=1 "$@" > "$OUT/$name.log" 2>&1 || rc=$?
   fi
   echo "== $name ($n process(es))"
+  if [[ $rc != 0 ]]; then echo "FAILED (exit $rc), the end of $OUT/$name.log:"; tail -n 20 "$OUT/$name.log"; return 0; fi
   grep -A14 "^profile of" "$OUT/$name.log" || true
   grep "^summary:" "$OUT/$name.log"
 }
