@@ -31,7 +31,7 @@ def test_window_reopens_after_an_empty_chunk_and_reports_its_steps(tmp_path):
     assert record["first_step"] == 5 and record["steps"] == 2
     assert set(record["phases_ms"]) == {"forward", "data: next batch (load, to device)"}
     assert record["operators_ms"]["dense layers (addmm/mm/bmm, self)"] > 0
-    assert record["step_ms"] == round(sum(record["phases_ms"].values()), 3)
+    assert abs(record["step_ms"] - sum(record["phases_ms"].values())) < 0.003  # (each rounded to 0.001)
     assert (tmp_path / "profile" / "rank0.trace.json").is_file() and (tmp_path / "profile" / "rank0.txt").is_file()
     prof.before_step(6)
     assert prof.after_step(6) is None  # one window per run
