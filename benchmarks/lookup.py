@@ -455,7 +455,7 @@ def main(argv=None) -> Dict:
         "python": platform.python_version(), "torch": torch.__version__, "torchrec": torchrec.__version__,
         "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
     }
-    print(f"# robe_dist lookup benchmark: one embedding training step (forward, backward, SGD update)")
+    print("# robe_dist lookup benchmark: one embedding training step (forward, backward, SGD update)")
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; robe_dist._C {'built' if has_cpp_extension() else 'MISSING'}; OMP_WAIT_POLICY {_OMP_WAIT_POLICY}; "
           f"allocator {_ALLOCATOR}")
@@ -529,57 +529,42 @@ def main(argv=None) -> Dict:
         tr = dmp
 
     # ---- steps
-    def robe_step(name: str, set_to_none: bool) -> Callable[[int], Dict[str, float]]:
-        mod, opt = modules[name], optims.get(name)
+    def make_step(model, values: List[torch.Tensor], update: Optional[Callable[[], None]] = None,
+                  before: Optional[Callable[[], None]] = None) -> Callable[[int], Dict[str, float]]:
+        """One timed step on batch ``i``: ``before()`` and the forward (waiting for a sharded
+        model's result), ``backward(g)``, then ``update()`` (none: the update is in the backward)."""
 
         def step(i: int) -> Dict[str, float]:
             c0 = time.process_time()
             t0 = time.perf_counter()
-            out = mod(kjt(robe_values[i % args.batches]))
+            if before is not None:
+                before()
+            out = model(kjt(values[i % args.batches]))
+            if hasattr(out, "wait"):
+                out = out.wait()
             t1 = time.perf_counter()
             out.values().backward(g)
             t2 = time.perf_counter()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=set_to_none)
-            t3 = time.perf_counter()
+            if update is not None:
+                update()
+            t3 = time.perf_counter() if update is not None else t2
             return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "step": t3 - t0, "cpu": time.process_time() - c0}
 
         return step
 
-    def robe_dmp_step(i: int) -> Dict[str, float]:
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        robe_dmp_opt.zero_grad()  # TorchRec's train pipeline: zero_grad before the forward
-        out = robe_dmp(kjt(robe_values[i % args.batches]))
-        if hasattr(out, "wait"):
-            out = out.wait()
-        t1 = time.perf_counter()
-        out.values().backward(g)
-        t2 = time.perf_counter()
-        robe_dmp_opt.step()
-        t3 = time.perf_counter()
-        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "step": t3 - t0, "cpu": time.process_time() - c0}
-
-    def torchrec_step(i: int) -> Dict[str, float]:
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        out = tr(kjt(tr_values[i % args.batches]))
-        if hasattr(out, "wait"):
-            out = out.wait()
-        t1 = time.perf_counter()
-        out.values().backward(g)  # TBE backward applies EXACT_SGD in place
-        t2 = time.perf_counter()
-        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": 0.0, "step": t2 - t0, "cpu": time.process_time() - c0}
+    def sgd_update(name: str, set_to_none: bool) -> Callable[[], None]:
+        opt = optims[name]
+        return lambda: (opt.step(), opt.zero_grad(set_to_none=set_to_none))
 
     steps = {
-        "robe_dense": robe_step("robe_dense", True),
-        "robe_dense_keep": robe_step("robe_dense_keep", False),
-        "robe_fused": robe_step("robe_fused", False),
-        "robe_dmp": robe_dmp_step,
+        "robe_dense": make_step(modules["robe_dense"], robe_values, sgd_update("robe_dense", True)),
+        "robe_dense_keep": make_step(modules["robe_dense_keep"], robe_values, sgd_update("robe_dense_keep", False)),
+        "robe_fused": make_step(modules["robe_fused"], robe_values),  # the SGD update is in the backward
+        # TorchRec's train pipeline calls zero_grad before the forward
+        "robe_dmp": make_step(robe_dmp, robe_values, robe_dmp_opt.step, before=robe_dmp_opt.zero_grad),
     }
     if tr is not None:
-        steps["torchrec"] = torchrec_step
+        steps["torchrec"] = make_step(tr, tr_values)  # TBE backward applies EXACT_SGD in place
     names = list(steps)
 
     # ---- training check: one step of every variant on batch 0

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from robe_dist.data.npy import npy_header, partial_path
@@ -55,17 +55,22 @@ def part_path(directory: str | os.PathLike, name: str, part: str) -> Path:
     return Path(directory) / f"{name}_{part}.npy"
 
 
-def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
-    """Write ``record`` as JSON to ``path`` atomically (temporary name, fsync, rename)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """``write(f)`` into a temporary file beside ``path``, fsync it, rename it to ``path``: readers
+    see the old file or the whole new one."""
     path = Path(path)
     tmp = partial_path(path)
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
+    """Write ``record`` as JSON to ``path`` atomically (``write_atomic``)."""
+    return write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:

@@ -33,7 +33,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_json_atomic, write_manifest,
+    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_atomic, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -101,6 +101,12 @@ class _TableMap:
         return np.where(hit, pos + 1, 0).astype(np.int32)
 
 
+def capped(ids: np.ndarray, max_ind_range: int) -> np.ndarray:
+    """int64 ``ids % max_ind_range`` (MLPerf's cap; ``max_ind_range <= 0``: the ids as they are)."""
+    ids = np.asarray(ids).astype(np.int64)
+    return ids % max_ind_range if max_ind_range > 0 else ids
+
+
 def fingerprint(kept: list[np.ndarray], max_ind_range: int) -> str:
     """A short digest of a vocabulary (its cap and every table's kept values): models record it,
     and robe-predict checks that the vocabulary it applies is the one the model was trained on."""
@@ -150,11 +156,9 @@ class Vocabulary:
     def apply(self, ids: np.ndarray) -> np.ndarray:
         """int32 ``[n, 26]`` indices of raw ids ``[n, 26]`` (capped first, as when the vocabulary
         was built; values it did not keep map to 0)."""
-        ids = np.asarray(ids).astype(np.int64)
+        ids = capped(ids, self.max_ind_range)
         if ids.ndim != 2 or ids.shape[1] != len(self._maps):
             raise DataError(f"Vocabulary.apply: ids must be [rows, {len(self._maps)}], got {list(ids.shape)}")
-        if self.max_ind_range > 0:
-            ids = ids % self.max_ind_range
         out = np.empty(ids.shape, dtype=np.int32)
         for t, table in enumerate(self._maps):
             out[:, t] = table(ids[:, t])
@@ -202,17 +206,13 @@ def build_vocab(
     columns = np.repeat(np.arange(CAT_FEATURE_COUNT), bag_sizes) if bag_sizes else np.arange(CAT_FEATURE_COUNT)
     counted = names[:-1] if train_only and len(names) > 1 else names
 
-    def capped(block: np.ndarray) -> np.ndarray:
-        block = block.astype(np.int64)
-        return block % max_ind_range if max_ind_range > 0 else block
-
     counters = [_TableCounter(max_ind_range) for _ in range(CAT_FEATURE_COUNT)]
     counted_rows = 0
     for name in counted:
         ids = np.load(part_path(src_dir, name, id_part), mmap_mode="r")
         counted_rows += len(ids)
         for lo in range(0, len(ids), CHUNK_ROWS):
-            block = capped(ids[lo : lo + CHUNK_ROWS])
+            block = capped(ids[lo : lo + CHUNK_ROWS], max_ind_range)
             for t in range(CAT_FEATURE_COUNT):
                 counters[t].add(block[:, columns == t].reshape(-1))
         if log:
@@ -224,13 +224,8 @@ def build_vocab(
         maps.append(_TableMap(counters[t].kept(min_count), max_ind_range))
         counters[t] = None  # type: ignore[call-overload]  # free the counts
     table_sizes = [len(m.kept) + 1 for m in maps]
-    values_path = out_dir / VALUES_NAME
-    tmp = partial_path(values_path)
-    with open(tmp, "wb") as f:
-        np.savez(f, **{name: m.kept.astype(np.int64) for name, m in zip(DEFAULT_CAT_NAMES, maps)})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, values_path)
+    write_atomic(out_dir / VALUES_NAME,
+                 lambda f: np.savez(f, **{name: m.kept.astype(np.int64) for name, m in zip(DEFAULT_CAT_NAMES, maps)}))
     digest = fingerprint([m.kept for m in maps], max_ind_range)
 
     parts = ["sparse"] + ([MULTI_HOT_PART] if bag_sizes else [])
@@ -242,7 +237,7 @@ def build_vocab(
             dst = part_path(out_dir, name, part)
             with NpyAppender(partial_path(dst), np.int32, (ids.shape[1],)) as writer:
                 for lo in range(0, len(ids), CHUNK_ROWS):
-                    block = capped(ids[lo : lo + CHUNK_ROWS])
+                    block = capped(ids[lo : lo + CHUNK_ROWS], max_ind_range)
                     mapped = np.empty(block.shape, dtype=np.int32)
                     for t in range(CAT_FEATURE_COUNT):
                         sel = cols == t
