@@ -485,8 +485,8 @@ class FusedUpdate:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"FusedUpdate.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"FusedUpdate.lr must be a positive float, got {self.lr!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):  # (0: a schedule's end)
+            raise ValueError(f"FusedUpdate.lr must be a non-negative float, got {self.lr!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ValueError(f"FusedUpdate.eps must be a positive float, got {self.eps!r}")
 

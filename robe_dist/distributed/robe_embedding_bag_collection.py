@@ -62,7 +62,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
 from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
-from robe_dist.ops import new_array
+from robe_dist.ops import FusedUpdate, new_array
 
 ARRAY_PARAMETER_NAME = "array"
 """Name under which the planner sees a ROBE collection's array (plan key, constraints key)."""
@@ -214,7 +214,8 @@ class ShardedRobeEmbeddingBagCollection(
             raise ValueError(
                 f"{where}: the module was built with {given}, which updates the array "
                 "inside the backward from the LOCAL gradient: replicas would diverge. Build it without a fused "
-                "update and train the array with a dense optimiser (e.g. torch.optim.SGD)."
+                "update and train the array with a dense optimiser (e.g. torch.optim.SGD); at world size 1, "
+                "fuse_optimizer(optimizer) on the sharded module applies that optimiser inside the backward."
             )
         if getattr(module.array, "_in_backward_optimizers", None):
             raise ValueError(
@@ -252,6 +253,7 @@ class ShardedRobeEmbeddingBagCollection(
             self._check_same_config_on_all_ranks(where)
             with torch.no_grad():
                 dist.broadcast(self.array.data, src=dist.get_global_rank(self._pg, 0), group=self._pg)
+        self._fused_optimizer: Optional[torch.optim.Optimizer] = None
         self._hooked_array_id: Optional[int] = None  # id(), not the tensor: a Parameter attribute would register
         self.allreduce_bytes = 0
         """Bytes of gradient this rank has handed to its all-reduces ("hook" mode), counted at each call."""
@@ -367,7 +369,62 @@ class ShardedRobeEmbeddingBagCollection(
 
     def compute(self, ctx: RobeEmbeddingBagCollectionContext, dist_input: KJTList) -> KeyedTensor:
         self._relink_lookup_state()
-        return self._robe(dist_input[0])
+        if self._fused_optimizer is None or not (torch.is_grad_enabled() and self.array.requires_grad):
+            return self._robe(dist_input[0])
+        fused, state = self._fused_step()
+        return self._robe.lookup(dist_input[0], fused, state)
+
+    # ------------------------------------------------------------------ fused update (world size 1)
+    def fuse_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """From now on the backward applies ``optimizer``'s update to the array in place, as
+        TorchRec's fused tables do: the array's gradient is never materialised (one array-sized
+        buffer less; with SGD on CPU one pass over the touched blocks instead of a gradient, its
+        zeroing and an optimiser pass over the whole array). World size 1 only: replicas must
+        average their gradients before any update.
+
+        ``optimizer`` must hold the array: ``torch.optim.SGD`` (no momentum, weight decay,
+        nesterov, maximize) or ``torch.optim.Adagrad`` (no weight decay, lr_decay, maximize). Each
+        training forward reads the array's current ``lr`` (and ``eps``) from its param group, so
+        schedules apply, and Adagrad's sum of squares is ``optimizer.state[array]["sum"]``:
+        ``optimizer.state_dict()`` and checkpoints look as without fusing (Adagrad's ``step``
+        count stays at its value, which nothing reads without ``lr_decay``). ``optimizer.step()``
+        then skips the array (its ``.grad`` is ``None``). The arithmetic is the optimiser's: Adagrad
+        on CPU gives its bits exactly, SGD sums a slot's contributions in another order.
+
+        Example::
+
+            opt = torch.optim.SGD(dmp.parameters(), lr=0.05)
+            sharded = dmp.module.sparse_arch.embedding_bag_collection  # the ShardedRobeEmbeddingBagCollection
+            sharded.fuse_optimizer(opt)
+        """
+        where = f"ShardedRobeEmbeddingBagCollection({self._module_fqn or ''!s}).fuse_optimizer"
+        if self._world_size != 1:
+            raise ValueError(
+                f"{where}: world_size={self._world_size}; a fused update steps on the LOCAL gradient before it is "
+                "averaged over ranks, so replicas would diverge (world size 1 only)"
+            )
+        if self._gradient_sync != "hook":
+            raise ValueError(f"{where}: gradient_sync={self._gradient_sync!r} hands the array's gradient to DDP; "
+                             "a fused update leaves none (use gradient_sync='hook')")  # fmt: skip
+        fused_update_kind(optimizer, self.array, where)  # raises on what it cannot fuse
+        self._fused_optimizer = optimizer
+
+    def unfuse_optimizer(self) -> None:
+        """Back to a dense gradient in ``array.grad`` (undoes ``fuse_optimizer``)."""
+        self._fused_optimizer = None
+
+    @property
+    def fused_optimizer_kind(self) -> Optional[str]:
+        """``"sgd"`` or ``"adagrad"`` when ``fuse_optimizer`` is in effect, else ``None``."""
+        opt = self._fused_optimizer
+        return None if opt is None else fused_update_kind(opt, self.array, "fused_optimizer_kind")
+
+    def _fused_step(self):
+        opt = self._fused_optimizer
+        kind = fused_update_kind(opt, self.array, "ShardedRobeEmbeddingBagCollection")  # (the array may have been replaced)
+        group = next(g for g in opt.param_groups if any(p is self.array for p in g["params"]))
+        state = opt.state[self.array].get("sum") if kind == "adagrad" else None
+        return FusedUpdate(kind, float(group["lr"]), float(group.get("eps", 1e-10))), state
 
     def output_dist(self, ctx: RobeEmbeddingBagCollectionContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
         return LazyNoWait(output)
@@ -406,6 +463,28 @@ class ShardedRobeEmbeddingBagCollection(
 
     def extra_repr(self) -> str:
         return f"{self._robe.extra_repr()}, sharding=data_parallel, world_size={self._world_size}, gradient_sync={self._gradient_sync!r}"
+
+
+def fused_update_kind(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> str:
+    """``"sgd"`` or ``"adagrad"``: the update of ``optimizer`` on ``array`` that the kernels can
+    apply inside the backward. ``ValueError`` naming the setting that prevents it."""
+    group = next((g for g in optimizer.param_groups if any(p is array for p in g["params"])), None)
+    if group is None:
+        raise ValueError(f"{where}: the optimizer does not hold the ROBE array")
+    name = type(optimizer).__name__
+    if isinstance(optimizer, torch.optim.SGD):
+        kind, unsupported = "sgd", ("momentum", "weight_decay", "nesterov", "maximize")
+    elif isinstance(optimizer, torch.optim.Adagrad):
+        kind, unsupported = "adagrad", ("weight_decay", "lr_decay", "maximize")
+        if "sum" not in optimizer.state[array]:
+            raise ValueError(f"{where}: torch.optim.Adagrad has no 'sum' state for the array")
+    else:
+        raise ValueError(f"{where}: {name} cannot be fused into the ROBE backward (torch.optim.SGD or Adagrad can)")
+    given = [k for k in unsupported if group.get(k)]
+    if given:
+        raise ValueError(f"{where}: {name} with {', '.join(f'{k}={group[k]}' for k in given)} cannot be fused into "
+                         "the ROBE backward (the kernels apply plain SGD / Adagrad)")  # fmt: skip
+    return kind
 
 
 class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCollection]):

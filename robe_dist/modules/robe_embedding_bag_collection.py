@@ -323,6 +323,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of ``features``: KeyedTensor of values ``[B, sum of dims]``."""
+        return self.lookup(features, self.fused_update, getattr(self, "fused_state", None))
+
+    def lookup(
+        self, features: KeyedJaggedTensor, fused: Optional[FusedUpdate] = None, state: Optional[torch.Tensor] = None
+    ) -> KeyedTensor:
+        """``forward`` with the fused update given per call (``None``: a dense gradient into
+        ``array.grad``); ``state``: Adagrad's sum of squares ``[m]``. The sharded module uses it to
+        apply its optimiser's current step (``ShardedRobeEmbeddingBagCollection.fuse_optimizer``)."""
         # (CUDA graph capture forbids the event queries of the deferred input check)
         eager = not _tracing() and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
         if eager:
@@ -345,7 +353,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         try:
             pooled, status = robe_pooled_lookup(
                 array, values, weights, offsets, batch, meta, self._spec,
-                fused=self.fused_update, state=getattr(self, "fused_state", None),
+                fused=fused, state=state,
             )  # fmt: skip
         except ValueError as e:  # the kernels number features; name them
             raise ValueError(

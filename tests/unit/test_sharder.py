@@ -272,3 +272,59 @@ def test_load_state_dict_assign_relinks_the_lookup():
     assert not torch.equal(sharded(features).wait().values(), other(features).values())
     sharded.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
     assert torch.equal(sharded(features).wait().values(), other(features).values())
+
+
+# ------------------------------------------------------------------------------ fused update, world size 1
+def _train(sharded, opt, steps=3, lrs=(0.1, 0.05, 0.2)):
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lrs[step]  # a schedule: the fused update must follow it
+        opt.zero_grad(set_to_none=True)
+        sharded(kjt(batch=8, seed=step)).wait().values().pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adagrad])
+def test_fused_optimizer_takes_the_optimizers_steps(opt_cls):
+    cfg = RobeConfig(array_size=M, block_size=32)
+    dense = shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg))
+    fused = shard_local(copy.deepcopy(dense.robe_module))
+    initial = dense.array.detach().clone()
+    dense_opt, fused_opt = opt_cls([dense.array], lr=0.1), opt_cls([fused.array], lr=0.1)
+    fused.fuse_optimizer(fused_opt)
+    assert fused.fused_optimizer_kind == ("sgd" if opt_cls is torch.optim.SGD else "adagrad")
+    _train(dense, dense_opt)
+    _train(fused, fused_opt)
+    assert fused.array.grad is None  # never materialised
+    assert (fused.array != initial).sum() > 1000  # trained
+    if opt_cls is torch.optim.Adagrad:
+        # Adagrad on CPU: the optimiser's own arithmetic on the same gradient, bit for bit, state included
+        assert torch.equal(fused.array, dense.array)
+        assert torch.equal(fused_opt.state[fused.array]["sum"], dense_opt.state[dense.array]["sum"])
+    else:  # SGD adds a slot's contributions one by one
+        torch.testing.assert_close(fused.array, dense.array, rtol=1e-5, atol=1e-10)
+    assert list(fused_opt.state_dict()["state"]) == list(dense_opt.state_dict()["state"])
+    # evaluation (no grad) does not update; unfusing goes back to a dense gradient
+    before = fused.array.detach().clone()
+    with torch.no_grad():
+        fused(kjt(batch=8, seed=9)).wait()
+    assert torch.equal(fused.array, before)
+    fused.unfuse_optimizer()
+    fused(kjt(batch=8, seed=9)).wait().values().sum().backward()
+    assert fused.array.grad is not None and torch.equal(fused.array, before)
+
+
+def test_fused_optimizer_refusals_name_the_setting():
+    cfg = RobeConfig(array_size=M, block_size=32)
+    sharded = shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg))
+    for opt, match in [
+        (torch.optim.SGD([sharded.array], lr=0.1, momentum=0.9), "momentum=0.9"),
+        (torch.optim.Adagrad([sharded.array], lr=0.1, weight_decay=1e-4), "weight_decay=0.0001"),
+        (torch.optim.Adam([sharded.array], lr=0.1), "Adam cannot be fused"),
+        (torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), "does not hold the ROBE array"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sharded.fuse_optimizer(opt)
+    ddp = shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg), gradient_sync="ddp")
+    with pytest.raises(ValueError, match="gradient_sync='ddp'"):
+        ddp.fuse_optimizer(torch.optim.SGD([ddp.array], lr=0.1))
