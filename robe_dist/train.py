@@ -60,7 +60,7 @@ from robe_dist.trainer.model import (
     shard_model,
     table_configs,
 )  # fmt: skip
-from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
+from robe_dist.trainer.optim import TrainOptimizer, fuse_robe_updates, optimizer_spec
 from robe_dist.trainer.profile import StepProfiler
 
 logger = logging.getLogger("robe_dist.train")
@@ -183,6 +183,9 @@ class Trainer:
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)
         self.robe = robe_modules(self.model)
         self.optimizer = TrainOptimizer(self.model, cfg.optim, embedding_parameters(self.model))
+        fused = fuse_robe_updates(self.model, self.optimizer, cfg.robe.fused_update, env.world_size)
+        if fused:
+            logger.info("%s", fused)
         if has_sharded_modules(self.model):
             self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
         else:

@@ -147,6 +147,15 @@ class RobeSection:
     init_scale: Optional[float] = None
     """Uniform init in +-init_scale (``null``: sqrt(1 / largest table), as the paper)."""
 
+    fused_update: bool = True
+    """On one process, apply the array's optimiser inside the lookup's backward, as TorchRec's
+    fused tables do (no array-sized gradient; with SGD on CPU one pass over the touched blocks
+    instead of three over the array). Needs ``optim.name`` sgd (no momentum or weight decay) or
+    adagrad (no weight decay) and no ``optim.grad_clip_norm``; otherwise, and always on more
+    processes (they average the gradient first), the array gets a dense gradient. The trainer logs
+    which. The same steps (Adagrad on CPU bit for bit, SGD up to the order of float additions) and
+    the same checkpoints either way."""
+
     def robe_config(self, array_size: Optional[int] = None) -> RobeConfig:
         """The array's RobeConfig; ``array_size`` (from a placement) overrides ``robe.array_size``."""
         size = array_size if array_size is not None else self.array_size

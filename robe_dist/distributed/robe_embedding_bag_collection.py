@@ -385,10 +385,9 @@ class ShardedRobeEmbeddingBagCollection(
         ``optimizer`` must hold the array: ``torch.optim.SGD`` (no momentum, weight decay,
         nesterov, maximize) or ``torch.optim.Adagrad`` (no weight decay, lr_decay, maximize). Each
         training forward reads the array's current ``lr`` (and ``eps``) from its param group, so
-        schedules apply, and Adagrad's sum of squares is ``optimizer.state[array]["sum"]``:
-        ``optimizer.state_dict()`` and checkpoints look as without fusing (Adagrad's ``step``
-        count stays at its value, which nothing reads without ``lr_decay``). ``optimizer.step()``
-        then skips the array (its ``.grad`` is ``None``). The arithmetic is the optimiser's: Adagrad
+        schedules apply, and Adagrad's sum of squares and step count are
+        ``optimizer.state[array]``: ``optimizer.state_dict()`` and checkpoints are as without
+        fusing. ``optimizer.step()`` then skips the array (its ``.grad`` is ``None``). The arithmetic is the optimiser's: Adagrad
         on CPU gives its bits exactly, SGD sums a slot's contributions in another order.
 
         Example::
@@ -423,7 +422,12 @@ class ShardedRobeEmbeddingBagCollection(
         opt = self._fused_optimizer
         kind = fused_update_kind(opt, self.array, "ShardedRobeEmbeddingBagCollection")  # (the array may have been replaced)
         group = next(g for g in opt.param_groups if any(p is self.array for p in g["params"]))
-        state = opt.state[self.array].get("sum") if kind == "adagrad" else None
+        state = None
+        if kind == "adagrad":
+            state = opt.state[self.array]
+            if "step" in state:  # counted as torch.optim.Adagrad.step() counts it (state_dicts stay alike)
+                state["step"] += 1
+            state = state["sum"]
         return FusedUpdate(kind, float(group["lr"]), float(group.get("eps", 1e-10))), state
 
     def output_dist(self, ctx: RobeEmbeddingBagCollectionContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from robe_dist.distributed import ShardedRobeEmbeddingBagCollection
 from robe_dist.train_config import OptimConfig
 
 def optimizer_spec(cfg: OptimConfig) -> Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]:
@@ -58,11 +59,19 @@ class TrainOptimizer:
         fused = getattr(model, "fused_optimizer", None)
         if fused is not None and fused.params:
             optims.append(("fused", fused))
+        self.torch_optimizers: List[torch.optim.Optimizer] = []
+        """The torch optimisers inside (dense part, embeddings), for ``fuse_robe_updates``."""
+
+        def wrap(params: Dict[str, torch.Tensor], lr: float) -> KeyedOptimizer:
+            opt = cls(list(params.values()), lr=lr, **kwargs)
+            self.torch_optimizers.append(opt)
+            return KeyedOptimizerWrapper(params, lambda ps: opt)
+
         if dense:
-            optims.append(("dense", KeyedOptimizerWrapper(dense, lambda ps: cls(ps, lr=cfg.lr, **kwargs))))
+            optims.append(("dense", wrap(dense, cfg.lr)))
         if embeddings:
             emb_lr = cfg.embedding_lr or cfg.lr
-            optims.append(("embeddings", KeyedOptimizerWrapper(embeddings, lambda ps: cls(ps, lr=emb_lr, **kwargs))))
+            optims.append(("embeddings", wrap(embeddings, emb_lr)))
         self.optimizer = CombinedOptimizer(optims)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.clip_params = list(dense.values()) + list(embeddings.values())
@@ -92,3 +101,39 @@ class TrainOptimizer:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+    def holder_of(self, param: torch.Tensor) -> torch.optim.Optimizer:
+        """The torch optimiser that trains ``param``."""
+        for opt in self.torch_optimizers:
+            if any(p is param for group in opt.param_groups for p in group["params"]):
+                return opt
+        raise KeyError("parameter not trained by this TrainOptimizer")
+
+
+def fuse_robe_updates(model: nn.Module, optimizer: TrainOptimizer, fused_update: bool, world_size: int) -> Optional[str]:
+    """Fuses the optimiser's step on each ROBE array into the lookup's backward
+    (``ShardedRobeEmbeddingBagCollection.fuse_optimizer``) where that takes the same steps: one
+    process, ``robe.fused_update``, SGD without momentum / Adagrad, no gradient clipping. Returns
+    the line to log (``None``: the model has no ROBE array)."""
+    sharded = [m for m in model.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)]
+    if not sharded:
+        return None
+    cfg = optimizer.cfg
+    why_not = None
+    if not fused_update:
+        why_not = "robe.fused_update is false"
+    elif world_size > 1:
+        why_not = f"{world_size} processes average it first"
+    elif cfg.grad_clip_norm is not None:
+        why_not = "optim.grad_clip_norm clips it"
+    else:
+        try:
+            for m in sharded:
+                m.fuse_optimizer(optimizer.holder_of(m.array))
+        except ValueError as e:
+            for m in sharded:
+                m.unfuse_optimizer()
+            why_not = str(e).split(": ", 1)[-1]
+    if why_not:
+        return f"ROBE array: dense gradient, then the optimiser ({why_not})"
+    return f"ROBE array: {cfg.name} fused into the lookup's backward (one process: no array-sized gradient)"

@@ -151,6 +151,20 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
     assert not different, f"resumed run differs from the uninterrupted one in {different}"
 
 
+def test_fused_update_takes_the_dense_steps(tmp_path, data_dir):
+    """One process, Adagrad: the array's update fused into the lookup's backward (the default)
+    gives the checkpoint of the dense gradient + torch.optim.Adagrad, bit for bit (so it resumes
+    on any number of ranks as that one does)."""
+    common = ["train.max_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false"]
+    fused, dense = tmp_path / "fused", tmp_path / "dense"
+    assert "adagrad fused into the lookup's backward" in ok(train(fused, data_dir, *common)).stderr
+    assert "robe.fused_update is false" in ok(train(dense, data_dir, *common, "robe.fused_update=false")).stderr
+    a = checkpoint_tensors(fused / "checkpoints" / "step_00000020", tmp_path)
+    b = checkpoint_tensors(dense / "checkpoints" / "step_00000020", tmp_path)
+    assert a.keys() == b.keys() and any(k.startswith("optim.") and k.endswith("array.sum") for k in a)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
 @pytest.mark.integration
 def test_resume_bit_for_bit_with_sharded_tables_on_two_ranks(tmp_path, data_dir):
     """3 tables in the ROBE array, 23 full tables placed by the planner (table-wise with fused

@@ -300,7 +300,8 @@ def test_fused_optimizer_takes_the_optimizers_steps(opt_cls):
     if opt_cls is torch.optim.Adagrad:
         # Adagrad on CPU: the optimiser's own arithmetic on the same gradient, bit for bit, state included
         assert torch.equal(fused.array, dense.array)
-        assert torch.equal(fused_opt.state[fused.array]["sum"], dense_opt.state[dense.array]["sum"])
+        for key in ("sum", "step"):
+            assert torch.equal(fused_opt.state[fused.array][key], dense_opt.state[dense.array][key])
     else:  # SGD adds a slot's contributions one by one
         torch.testing.assert_close(fused.array, dense.array, rtol=1e-5, atol=1e-10)
     assert list(fused_opt.state_dict()["state"]) == list(dense_opt.state_dict()["state"])
