@@ -14,10 +14,13 @@ from other processes hits every variant alike; the figures are medians over ``--
                     and zeroed in place every step).
   robe_fused        RobeEmbeddingBagCollection(fused_sgd_lr=lr): the backward applies the SGD update
                     to the array in place; no optimizer step, no dense gradient.
-  robe_dmp          what robe-train runs: the same collection sharded by robe_dist's sharder inside
-                    DistributedModelParallel (world size 1, gloo: the replicated array, its
-                    gradient hook), stepped by the trainer's optimiser (TrainOptimizer, SGD) and
-                    zero_grad before the forward, as TorchRec's train pipeline calls them.
+  robe_dmp          what robe-train runs on one process: the same collection sharded by robe_dist's
+                    sharder inside DistributedModelParallel (world size 1, gloo), the trainer's
+                    optimiser (TrainOptimizer, SGD) with its step on the array fused into the
+                    lookup's backward (fuse_robe_updates, robe.fused_update: true), and zero_grad
+                    before the forward, as TorchRec's train pipeline calls them.
+  robe_dmp_dense    the same with robe.fused_update: false: the dense gradient, then the optimiser
+                    (what each rank does with more processes, less the all-reduce).
   torchrec          EmbeddingBagCollection with full tables (MLPerf v1 sizes / --table-scale),
                     sharded by DistributedModelParallel (world size 1, gloo, CPU), TABLE_WISE with
                     the FUSED compute kernel: FBGEMM's TBE with the SGD update fused in its backward.
@@ -247,8 +250,8 @@ def byte_model(batch: int, features: int, dim: int, array_size: int) -> Dict[str
     }
     dense = dict(common, dense_grad_zero=4 * array_size, sgd_full_array=12 * array_size)
     keep = dict(dense, zero_grad_inplace=4 * array_size, accumulate_grad=12 * array_size)
-    models = {"robe_fused": common, "robe_dense": dense, "robe_dense_keep": keep, "robe_dmp": dict(dense),
-              "torchrec": dict(common)}  # fmt: skip
+    models = {"robe_fused": common, "robe_dense": dense, "robe_dense_keep": keep, "robe_dmp": dict(common),
+              "robe_dmp_dense": dict(dense), "torchrec": dict(common)}  # fmt: skip
     for m in models.values():
         m["total"] = sum(v for k, v in m.items() if k != "total")
     return models
@@ -302,10 +305,11 @@ def check_fused_equals_dense(hash_mode: str, lr: float) -> float:
     return err
 
 
-def build_robe_dmp(tables, cfg, lr: float, array: torch.Tensor):
+def build_robe_dmp(tables, cfg, lr: float, array: torch.Tensor, fused_update: bool):
     """The collection as robe-train runs it: on ``meta``, planned by RobeShardingPlanner with
     robe_dist's sharders, wrapped in DistributedModelParallel (world size 1), its array set to
-    ``array``; and the trainer's optimiser (SGD at ``lr``) over it."""
+    ``array``; and the trainer's optimiser (SGD at ``lr``) over it, fused into the backward as
+    the trainer fuses it (``fused_update``: the config's ``robe.fused_update``)."""
     import torch.distributed as dist
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import Topology
@@ -314,7 +318,7 @@ def build_robe_dmp(tables, cfg, lr: float, array: torch.Tensor):
     from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
     from robe_dist.train_config import OptimConfig
     from robe_dist.trainer.model import embedding_parameters
-    from robe_dist.trainer.optim import TrainOptimizer, optimizer_spec
+    from robe_dist.trainer.optim import TrainOptimizer, fuse_robe_updates, optimizer_spec
 
     optim_cfg = OptimConfig(name="sgd", lr=lr)
     opt_cls, opt_kwargs = optimizer_spec(optim_cfg)
@@ -328,7 +332,11 @@ def build_robe_dmp(tables, cfg, lr: float, array: torch.Tensor):
         raise AssertionError(f"expected one ShardedRobeEmbeddingBagCollection in the DMP model, found {len(sharded)}")
     with torch.no_grad():
         sharded[0].array.copy_(array)
-    return dmp, sharded[0], TrainOptimizer(dmp, optim_cfg, embedding_parameters(dmp))
+    opt = TrainOptimizer(dmp, optim_cfg, embedding_parameters(dmp))
+    how = fuse_robe_updates(dmp, opt, fused_update, world_size=1)
+    if (sharded[0].fused_optimizer_kind is not None) != fused_update:
+        raise AssertionError(f"robe_dmp: fused_update={fused_update} but the trainer's rule gave: {how}")
+    return dmp, sharded[0], opt
 
 
 # ----------------------------------------------------------------------------------- TorchRec
@@ -510,10 +518,12 @@ def main(argv=None) -> Dict:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
-    gc.collect()
-    r0 = rss_bytes()
-    robe_dmp, robe_sharded, robe_dmp_opt = build_robe_dmp(robe_tables, cfg, args.lr, modules["robe_fused"].array.detach())
-    mem["robe_dmp"] = {"build_rss_growth": rss_bytes() - r0}
+    dmps = {}
+    for name, fused in (("robe_dmp", True), ("robe_dmp_dense", False)):
+        gc.collect()
+        r0 = rss_bytes()
+        dmps[name] = build_robe_dmp(robe_tables, cfg, args.lr, modules["robe_fused"].array.detach(), fused)
+        mem[name] = {"build_rss_growth": rss_bytes() - r0}
 
     tr = None
     if not args.skip_torchrec:
@@ -560,9 +570,9 @@ def main(argv=None) -> Dict:
         "robe_dense": make_step(modules["robe_dense"], robe_values, sgd_update("robe_dense", True)),
         "robe_dense_keep": make_step(modules["robe_dense_keep"], robe_values, sgd_update("robe_dense_keep", False)),
         "robe_fused": make_step(modules["robe_fused"], robe_values),  # the SGD update is in the backward
-        # TorchRec's train pipeline calls zero_grad before the forward
-        "robe_dmp": make_step(robe_dmp, robe_values, robe_dmp_opt.step, before=robe_dmp_opt.zero_grad),
     }
+    for name, (model, _, opt) in dmps.items():  # TorchRec's train pipeline calls zero_grad before the forward
+        steps[name] = make_step(model, robe_values, opt.step, before=opt.zero_grad)
     if tr is not None:
         steps["torchrec"] = make_step(tr, tr_values)  # TBE backward applies EXACT_SGD in place
     names = list(steps)
@@ -582,8 +592,11 @@ def main(argv=None) -> Dict:
     del before_arr
     if changed == 0:
         raise AssertionError("ROBE: the step did not change the array")
-    arrays["robe_dmp"] = robe_sharded.array.detach()
-    for n in ("robe_dense", "robe_dense_keep", "robe_dmp"):
+    for name, (_, sharded, _) in dmps.items():
+        arrays[name] = sharded.array.detach()
+    if dmps["robe_dmp"][1].array.grad is not None:
+        raise AssertionError("robe_dmp: the trainer's fused path left a dense gradient on the array")
+    for n in ("robe_dense", "robe_dense_keep", "robe_dmp", "robe_dmp_dense"):
         if not torch.allclose(arrays[n], arrays["robe_fused"], rtol=1e-5, atol=1e-7):
             err = (arrays[n] - arrays["robe_fused"]).abs().max().item()
             raise AssertionError(f"ROBE: {n} and robe_fused disagree after one step (max |diff| {err:.3g})")
@@ -622,9 +635,9 @@ def main(argv=None) -> Dict:
     }
 
     # ---- results
-    for name in ROBE_VARIANTS + ("robe_dmp",):
+    for name in ROBE_VARIANTS + tuple(dmps):
         arr = 4 * m
-        mem[name]["tensor_bytes"] = arr + (0 if name == "robe_fused" else arr)  # array (+ dense grad; SGD: no state)
+        mem[name]["tensor_bytes"] = arr + (0 if name in ("robe_fused", "robe_dmp") else arr)  # array (+ dense grad; SGD: no state)
     if tr is not None:
         mem["torchrec"]["tensor_bytes"] = tr_info["weight_bytes"]  # TBE weights; EXACT_SGD: no state
     models = byte_model(B, F, D, m)
@@ -677,7 +690,8 @@ def main(argv=None) -> Dict:
           "build RSS = RSS growth building it, step peak = RSS high-water growth during one step)")
     if tr_sps:
         print(f"headline, the training path (robe_dmp) against TorchRec under allocator {_ALLOCATOR.split(' ')[0]}: "
-              f"{res['robe_dmp']['vs_torchrec']:.2f}x (fastest rounds {res['robe_dmp']['vs_torchrec_fastest_round']:.2f}x)")
+              f"{res['robe_dmp']['vs_torchrec']:.2f}x (fastest rounds {res['robe_dmp']['vs_torchrec_fastest_round']:.2f}x); "
+              f"with the dense gradient (robe_dmp_dense, as on more processes) {res['robe_dmp_dense']['vs_torchrec']:.2f}x")
         fastest = max(ROBE_VARIANTS, key=lambda n: res[n]["samples_per_s"])
         print(f"ROBE/TorchRec throughput, bare module: dense {res['robe_dense']['vs_torchrec']:.2f}x, "
               f"dense set_to_none=False {res['robe_dense_keep']['vs_torchrec']:.2f}x, "
@@ -706,7 +720,7 @@ def main(argv=None) -> Dict:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
         print(f"wrote {args.json}")
-    robe_dmp = robe_sharded = robe_dmp_opt = steps = None  # free the model before the process group
+    dmps = steps = None  # free the models before the process group
     gc.collect()
     dist.destroy_process_group()
     return out
