@@ -25,11 +25,13 @@ is read as is: :func:`read_manifest` builds the manifest from the ``.npy`` heade
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 from robe_dist.data.npy import npy_header, partial_path
@@ -66,6 +68,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on ``<directory>.lock`` (created next to it): two processes that
+    build the same cached dataset at once take turns, and the second finds it built."""
+    path = Path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:

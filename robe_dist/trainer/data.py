@@ -14,7 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from robe_dist.data import synthetic
 from robe_dist.data.criteo import DEFAULT_CAT_NAMES
 from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
-from robe_dist.data.layout import DataError, load_manifest_file
+from robe_dist.data.layout import DataError, directory_lock, load_manifest_file
 from robe_dist.data.stats import TableStats, ensure_table_stats, read_table_stats
 from robe_dist.data.vocab import build_vocab
 from robe_dist.train_config import Config
@@ -163,16 +163,17 @@ def make_synthetic(cfg: Config, log=logger.info) -> Path:
     ``data.vocab``; returns the directory to train on (one process only)."""
     d = cfg.data
     path = synthetic_cache_dir(cfg)
-    synthetic.generate(
-        path, d.synthetic_rows, days=d.synthetic_days, seed=d.synthetic_seed, scale=d.synthetic_scale,
-        multi_hot=d.multi_hot, log=log,
-    )  # fmt: skip
-    if not d.vocab:
-        return path
-    vocab_path = training_data_dir(cfg)
-    if not _complete_vocab(vocab_path):
-        # raw 32-bit ids: no modulo cap; counted on the train split, as in production
-        build_vocab(path, vocab_path, max_ind_range=0, train_only=True, log=log)
+    with directory_lock(path):  # runs started at once on the same cache take turns
+        synthetic.generate(
+            path, d.synthetic_rows, days=d.synthetic_days, seed=d.synthetic_seed, scale=d.synthetic_scale,
+            multi_hot=d.multi_hot, log=log,
+        )  # fmt: skip
+        if not d.vocab:
+            return path
+        vocab_path = training_data_dir(cfg)
+        if not _complete_vocab(vocab_path):
+            # raw 32-bit ids: no modulo cap; counted on the train split, as in production
+            build_vocab(path, vocab_path, max_ind_range=0, train_only=True, log=log)
     return vocab_path
 
 

@@ -149,3 +149,22 @@ def test_a_directory_holding_something_else_is_refused(tmp_path):
     (made / "day_1_dense.npy.partial").write_bytes(b"half")
     generate(made, 300, days=2, seed=1, log=None)
     assert read_manifest(made)["rows"] == 300
+
+
+def test_directory_lock_makes_a_second_builder_wait(tmp_path):
+    """Two runs that build the same cached dataset at once take turns (trainer.data.make_synthetic)."""
+    import subprocess
+    import sys
+    import time
+
+    from robe_dist.data.layout import directory_lock
+
+    cache, marker = tmp_path / "synthetic-x", tmp_path / "second_ran"
+    code = (f"from robe_dist.data.layout import directory_lock\n"
+            f"with directory_lock({str(cache)!r}): open({str(marker)!r}, 'w').close()")
+    with directory_lock(cache):
+        other = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(1.5)
+        assert not marker.exists() and other.poll() is None  # waits for the holder
+    assert other.wait(timeout=60) == 0 and marker.exists()
+    assert not cache.exists()  # the lock lives next to the directory, not in it
