@@ -36,3 +36,22 @@ def test_window_reopens_after_an_empty_chunk_and_reports_its_steps(tmp_path):
     prof.before_step(6)
     assert prof.after_step(6) is None  # one window per run
     assert "profile of steps 5..6" in StepProfiler.describe(record)
+
+
+def test_tbe_line_counts_forward_and_backward_once():
+    """The operator names of one FBGEMM TBE step on CPU (torch.profiler, torchrec 1.8): the line
+    takes the forward's outermost op and the backward's autograd node, none of their nested ops."""
+    from robe_dist.trainer.profile import OPERATORS
+
+    (tbe,) = [test for label, test in OPERATORS if label.startswith("FBGEMM TBE")]
+    names = {  # name: counted
+        "fbgemm::split_embedding_codegen_lookup_sgd_function_pt2": True,
+        "fbgemm::split_embedding_codegen_forward_unweighted_pt2_wrapper": False,
+        "fbgemm::split_embedding_codegen_forward_cpu": False,
+        "torch::autograd::CppNode<SplitLookupFunction_sgd_Op_pt2>": True,
+        "autograd::engine::evaluate_function: torch::autograd::CppNode<SplitLookupFunction_sgd_Op_pt2>": False,
+        "fbgemm::split_embedding_backward_codegen_sgd_unweighted_pt2_wrapper": False,
+        "fbgemm::split_embedding_backward_codegen_sgd_cpu": False,
+        "fbgemm::bounds_check_indices": False,
+    }
+    assert {n: bool(tbe(n)) for n in names} == names
