@@ -2,7 +2,7 @@
 """The GPU device check's measurements (launch/gpu_check.sh runs this after the CUDA tests).
 
 1. ``compare``: the Triton op (CUDA) against the C++ op (CPU) on the same inputs: forward, dense
-   gradient (fast and deterministic backward), fused SGD, both mappings, a weighted and a MEAN
+   gradient (fast and deterministic backward), fused SGD and Adagrad, both mappings, a weighted and a MEAN
    case; max differences and whether the deterministic backward repeats bit for bit.
 2. ``bandwidth``: the device's copy bandwidth (``dst.copy_(src)`` over 1 GiB, best of 20), the
    yardstick of the byte model.
@@ -201,6 +201,13 @@ def compare(args, device: torch.device) -> Dict:
                                                       ops.OPTIMIZERS["sgd"], args.lr, 0.0, False)  # fmt: skip
         sgd_t = ebc.array.detach().to(device)
         triton_lookup.fused_update(sgd_t, None, optimizer=ops.OPTIMIZERS["sgd"], lr=args.lr, eps=0.0, deterministic=False, **bw)
+        # fused Adagrad (the trainer's default on one process), from a state already holding a step
+        state0 = grad_c.square() * 0.5
+        ada_c, ada_sc = ebc.array.detach().clone(), state0.clone()
+        torch.ops.robe_dist.pooled_lookup_fused_update(ada_c, ada_sc, grad_out, w, off, meta, starts_c, b, *bsizes,
+                                                      ops.OPTIMIZERS["adagrad"], args.lr, 1e-10, False)  # fmt: skip
+        ada_t, ada_st = ebc.array.detach().to(device), state0.to(device)
+        triton_lookup.fused_update(ada_t, ada_st, optimizer=ops.OPTIMIZERS["adagrad"], lr=args.lr, eps=1e-10, deterministic=False, **bw)
         sync(device)
         diff = lambda a, c: float((a.detach().cpu().double() - c.detach().double()).abs().max())  # noqa: E731
         results[name] = dict(
@@ -208,11 +215,13 @@ def compare(args, device: torch.device) -> Dict:
             forward_max_abs_diff=diff(out_t, out_c), grad_fast_max_abs_diff=diff(fast, grad_c),
             grad_deterministic_max_abs_diff=diff(det[0], grad_c), deterministic_repeats_bitwise=bool(torch.equal(det[0], det[1])),
             fused_sgd_max_abs_diff=diff(sgd_t, sgd_c), grad_max_abs=float(grad_c.abs().max()),
+            fused_adagrad_max_abs_diff=diff(ada_t, ada_c), fused_adagrad_state_max_rel_diff=diff(ada_st, ada_sc) / max(float(ada_sc.abs().max()), 1e-30),
             triton_seconds_incl_compile=round(time.perf_counter() - t0, 3),
         )  # fmt: skip
     results["all_match"] = all(
         r["starts_equal"] and r["status_ok"] and r["deterministic_repeats_bitwise"] and r["forward_max_abs_diff"] < 1e-4
         and r["grad_fast_max_abs_diff"] < 1e-3 and r["grad_deterministic_max_abs_diff"] < 1e-3 and r["fused_sgd_max_abs_diff"] < 1e-4
+        and r["fused_adagrad_max_abs_diff"] < 1e-4 and r["fused_adagrad_state_max_rel_diff"] < 1e-4
         for r in results.values()
     )  # fmt: skip
     return results
