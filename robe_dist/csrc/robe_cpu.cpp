@@ -543,6 +543,19 @@ void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::T
   });
 }
 
+// For tests: SlotDivider(divisor, max_dividend) applied to each of `dividends` (int64 >= 0).
+at::Tensor slot_quotients(int64_t divisor, int64_t max_dividend, const at::Tensor& dividends) {
+  TORCH_CHECK_VALUE(divisor >= 1 && dividends.dtype() == at::kLong && dividends.dim() == 1,
+                    "slot_quotients: divisor >= 1 and a 1-D int64 tensor");
+  const SlotDivider div(divisor, max_dividend);
+  auto in = dividends.contiguous();
+  auto out = at::empty_like(in);
+  const int64_t* x = in.data_ptr<int64_t>();
+  int64_t* q = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < in.numel(); ++i) q[i] = div(x[i]);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robe_dist CPU operators: ROBE-Z pooled lookup, exact backward, fused SGD backward";
   // Bumped whenever a signature or the `starts` layout changes: robe_dist/ops.py refuses (with a
@@ -552,4 +565,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);
   m.def("hugepage_zeros", &robe_dist::hugepage_zeros);
+  m.def("_slot_quotients", &slot_quotients);  // tests only
 }

@@ -434,3 +434,20 @@ def test_paper_mapping_is_exact_at_the_id_bound(seed):
     ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt)
     torch.testing.assert_close(ebc(kjt).values(), ref)
     torch.testing.assert_close(torch_lookup(ebc, kjt).detach(), ref)
+
+
+@pytest.mark.skipif(not ops.has_cpp_extension(), reason="needs the C++ operator")
+def test_backward_bucketing_quotient_is_exact():
+    """The backward finds a slot's owning thread by a multiply with a precomputed reciprocal
+    (below 2^32; a division above): it must equal floor division everywhere, edges included."""
+    from robe_dist.ops import _C
+
+    g = torch.Generator().manual_seed(0)
+    top = 2**32 - 1
+    divisors = [2, 3, 16, 48, 1000, 13_500_016, 2**31 - 1, 2**31, 2**32 - 5] + torch.randint(2, 2**32, (40,), generator=g).tolist()
+    for d in divisors:
+        edges = [0, 1, d - 1, d, d + 1, top, top - 1] + [k * d + e for k in (1, 2, top // d) for e in (-1, 0, 1)]
+        x = torch.cat([torch.tensor([e for e in edges if 0 <= e <= top]), torch.randint(0, 2**32, (2000,), generator=g)])
+        assert torch.equal(_C._slot_quotients(d, top, x), x // d), d  # the multiply
+        big = x * 2**8 + 255  # above 2^32: the division
+        assert torch.equal(_C._slot_quotients(d, int(big.max()), big), big // d), d
