@@ -199,14 +199,14 @@ def compare(args, device: torch.device) -> Dict:
         sgd_c = ebc.array.detach().clone()
         torch.ops.robe_dist.pooled_lookup_fused_update(sgd_c, None, grad_out, w, off, meta, starts_c, b, *bsizes,
                                                       ops.OPTIMIZERS["sgd"], args.lr, 0.0, False)  # fmt: skip
-        sgd_t = ebc.array.detach().to(device)
+        sgd_t = ebc.array.detach().to(device, copy=True)  # (a copy on CPU too: --smoke)
         triton_lookup.fused_update(sgd_t, None, optimizer=ops.OPTIMIZERS["sgd"], lr=args.lr, eps=0.0, deterministic=False, **bw)
         # fused Adagrad (the trainer's default on one process), from a state already holding a step
         state0 = grad_c.square() * 0.5
         ada_c, ada_sc = ebc.array.detach().clone(), state0.clone()
         torch.ops.robe_dist.pooled_lookup_fused_update(ada_c, ada_sc, grad_out, w, off, meta, starts_c, b, *bsizes,
                                                       ops.OPTIMIZERS["adagrad"], args.lr, 1e-10, False)  # fmt: skip
-        ada_t, ada_st = ebc.array.detach().to(device), state0.to(device)
+        ada_t, ada_st = ebc.array.detach().to(device, copy=True), state0.to(device, copy=True)
         triton_lookup.fused_update(ada_t, ada_st, optimizer=ops.OPTIMIZERS["adagrad"], lr=args.lr, eps=1e-10, deterministic=False, **bw)
         sync(device)
         diff = lambda a, c: float((a.detach().cpu().double() - c.detach().double()).abs().max())  # noqa: E731
@@ -466,4 +466,10 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    failed = [p for p in ("compare", "bandwidth", "steps", "l2") if "error" in result.get(p, {})]
+    if result.get("compare", {}).get("all_match") is False:
+        failed.append("compare (Triton != C++ op)")
+    if failed:  # every figure is written; the step's exit status says something is wrong
+        print(f"gpu_check: FAILED: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)

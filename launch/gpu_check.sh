@@ -72,6 +72,7 @@ step inference 180 "$PY" benchmarks/inference.py "${INFER[@]}" --json "$OUT/infe
 
 # d. the tiny config under torchrun with nccl, world size 1
 RUN="$OUT/tiny_run"
+rm -rf "$RUN"  # this script's own run: a second check into the same OUT starts afresh
 step train 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m robe_dist.train \
   --run-dir "$RUN" --set train.max_steps="${TRAIN_STEPS:-300}" "${TRAIN_DEV[@]}"
 cp "$RUN/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null || true
