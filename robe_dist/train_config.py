@@ -149,8 +149,8 @@ class RobeSection:
 
     fused_update: bool = True
     """On one process, apply the array's optimiser inside the lookup's backward, as TorchRec's
-    fused tables do (no array-sized gradient; with SGD on CPU one pass over the touched blocks
-    instead of three over the array). Needs ``optim.name`` sgd (no momentum or weight decay) or
+    fused tables do (no gradient kept on the array; with SGD, or on CUDA, none built at all: one
+    pass over the touched blocks instead of three over the array). Needs ``optim.name`` sgd (no momentum or weight decay) or
     adagrad (no weight decay) and no ``optim.grad_clip_norm``; otherwise, and always on more
     processes (they average the gradient first), the array gets a dense gradient. The trainer logs
     which. The same steps (Adagrad on CPU bit for bit, SGD up to the order of float additions) and

@@ -73,11 +73,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 @contextlib.contextmanager
 def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
     """Holds an exclusive lock on ``<directory>.lock`` (created next to it): two processes that
-    build the same cached dataset at once take turns, and the second finds it built."""
+    build the same cached dataset at once take turns, and the second finds it built. Where the
+    lock file cannot be made or locked (a read-only place, a file system without ``flock``), it
+    goes on without one."""
     path = Path(directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f"{path.name}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.parent / f"{path.name}.lock", "a")
+    except OSError:  # a read-only place (a finished dataset there is only read): no lock to take
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some NFS mounts): go on unlocked, as before
+            yield
+            return
         try:
             yield
         finally:

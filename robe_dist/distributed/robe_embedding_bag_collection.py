@@ -371,24 +371,38 @@ class ShardedRobeEmbeddingBagCollection(
         self._relink_lookup_state()
         if self._fused_optimizer is None or not (torch.is_grad_enabled() and self.array.requires_grad):
             return self._robe(dist_input[0])
-        fused, state = self._fused_step()
-        return self._robe.lookup(dist_input[0], fused, state)
+        fused, state, step = self._fused_step()
+        out = self._robe.lookup(dist_input[0], fused, state)
+        if step is not None:  # counted as torch.optim.Adagrad.step() counts it: once a backward
+
+            def count_step(grad: torch.Tensor) -> None:
+                step.add_(1)
+
+            out.values().register_hook(count_step)
+        return out
 
     # ------------------------------------------------------------------ fused update (world size 1)
     def fuse_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """From now on the backward applies ``optimizer``'s update to the array in place, as
-        TorchRec's fused tables do: the array's gradient is never materialised (one array-sized
-        buffer less; with SGD on CPU one pass over the touched blocks instead of a gradient, its
-        zeroing and an optimiser pass over the whole array). World size 1 only: replicas must
-        average their gradients before any update.
+        TorchRec's fused tables do: no gradient is left on the array between the backward and
+        ``optimizer.step()`` (with SGD, or any optimiser under the Triton kernels, none is built
+        at all: one pass over the touched blocks instead of a gradient, its zeroing and an
+        optimiser pass over the whole array; Adagrad on CPU builds it inside the op and frees it
+        there). World size 1 only: replicas must average their gradients before any update.
 
         ``optimizer`` must hold the array: ``torch.optim.SGD`` (no momentum, weight decay,
         nesterov, maximize) or ``torch.optim.Adagrad`` (no weight decay, lr_decay, maximize). Each
         training forward reads the array's current ``lr`` (and ``eps``) from its param group, so
         schedules apply, and Adagrad's sum of squares and step count are
         ``optimizer.state[array]``: ``optimizer.state_dict()`` and checkpoints are as without
-        fusing. ``optimizer.step()`` then skips the array (its ``.grad`` is ``None``). The arithmetic is the optimiser's: Adagrad
-        on CPU gives its bits exactly, SGD sums a slot's contributions in another order.
+        fusing. ``optimizer.step()`` then skips the array (its ``.grad`` is ``None``). The
+        arithmetic is the optimiser's: Adagrad on CPU gives its bits exactly, SGD sums a slot's
+        contributions in another order.
+
+        Every backward through the module is a step: gradient accumulation (several backwards per
+        ``optimizer.step()``) or two lookups per step would take more steps than the dense path,
+        and a pipeline that runs a forward before the previous ``optimizer.step()`` reads the rate
+        one step early. The module keeps ``optimizer``: after building a new one, fuse again.
 
         Example::
 
@@ -422,13 +436,10 @@ class ShardedRobeEmbeddingBagCollection(
         opt = self._fused_optimizer
         kind = fused_update_kind(opt, self.array, "ShardedRobeEmbeddingBagCollection")  # (the array may have been replaced)
         group = next(g for g in opt.param_groups if any(p is self.array for p in g["params"]))
-        state = None
+        state = step = None
         if kind == "adagrad":
-            state = opt.state[self.array]
-            if "step" in state:  # counted as torch.optim.Adagrad.step() counts it (state_dicts stay alike)
-                state["step"] += 1
-            state = state["sum"]
-        return FusedUpdate(kind, float(group["lr"]), float(group.get("eps", 1e-10))), state
+            state, step = opt.state[self.array]["sum"], opt.state[self.array].get("step")
+        return FusedUpdate(kind, float(group["lr"]), float(group.get("eps", 1e-10))), state, step
 
     def output_dist(self, ctx: RobeEmbeddingBagCollectionContext, output: KeyedTensor) -> LazyAwaitable[KeyedTensor]:
         return LazyNoWait(output)

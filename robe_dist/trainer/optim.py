@@ -130,10 +130,10 @@ def fuse_robe_updates(model: nn.Module, optimizer: TrainOptimizer, fused_update:
         try:
             for m in sharded:
                 m.fuse_optimizer(optimizer.holder_of(m.array))
-        except ValueError as e:
+        except (KeyError, ValueError) as e:
             for m in sharded:
                 m.unfuse_optimizer()
             why_not = str(e).split(": ", 1)[-1]
     if why_not:
         return f"ROBE array: dense gradient, then the optimiser ({why_not})"
-    return f"ROBE array: {cfg.name} fused into the lookup's backward (one process: no array-sized gradient)"
+    return f"ROBE array: {cfg.name} fused into the lookup's backward (one process)"

@@ -42,9 +42,11 @@ PHASES = {
 OPERATORS = [
     ("ROBE lookup (forward)", lambda n: n == "robe_dist::pooled_lookup"),
     ("ROBE lookup (backward)", lambda n: n in ("robe_dist::pooled_lookup_backward", "robe_dist::pooled_lookup_fused_update")),
-    # the forward's outermost op, and the backward's autograd node (its fbgemm ops are nested in it)
+    # the forward's outermost op, and the backward's autograd node (its fbgemm ops are nested in
+    # it); sharded tables (split_...) and data-parallel ones (dense_...)
     ("FBGEMM TBE (full tables, forward + fused backward)",
-     lambda n: n.startswith("fbgemm::split_embedding_codegen_lookup_") or n.startswith("torch::autograd::CppNode<SplitLookupFunction")),
+     lambda n: n.startswith(("fbgemm::split_embedding_codegen_lookup_", "fbgemm::dense_embedding_codegen_lookup_"))
+     or (n.startswith("torch::autograd::CppNode<") and "SplitLookupFunction" in n)),
     ("all-reduce (launch)", lambda n: n.startswith("c10d::") and "allreduce" in n),
     ("all-to-all (launch)", lambda n: n.startswith("c10d::") and "alltoall" in n),
     ("dense layers (addmm/mm/bmm, self)", lambda n: n in ("aten::addmm", "aten::mm", "aten::bmm")),

@@ -152,13 +152,17 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
 
 
 def test_fused_update_takes_the_dense_steps(tmp_path, data_dir):
-    """One process, Adagrad: the array's update fused into the lookup's backward (the default)
-    gives the checkpoint of the dense gradient + torch.optim.Adagrad, bit for bit (so it resumes
-    on any number of ranks as that one does)."""
-    common = ["train.max_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false"]
+    """One process, Adagrad under a warm-up and decay schedule: the array's update fused into the
+    lookup's backward (the default) gives the checkpoint of the dense gradient +
+    torch.optim.Adagrad, bit for bit (so it resumes on any number of ranks as that one does)."""
+    common = ["train.max_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false", "optim.warmup_steps=5",
+              "optim.decay_start_step=10", "optim.decay_steps=8", "logging.profile_steps=[12,13]"]  # fmt: skip
     fused, dense = tmp_path / "fused", tmp_path / "dense"
     assert "adagrad fused into the lookup's backward" in ok(train(fused, data_dir, *common)).stderr
     assert "robe.fused_update is false" in ok(train(dense, data_dir, *common, "robe.fused_update=false")).stderr
+    # the op that ran: the fused update, or the dense backward
+    assert "pooled_lookup_fused_update" in (fused / "profile" / "rank0.txt").read_text()
+    assert "pooled_lookup_fused_update" not in (dense / "profile" / "rank0.txt").read_text()
     a = checkpoint_tensors(fused / "checkpoints" / "step_00000020", tmp_path)
     b = checkpoint_tensors(dense / "checkpoints" / "step_00000020", tmp_path)
     assert a.keys() == b.keys() and any(k.startswith("optim.") and k.endswith("array.sum") for k in a)

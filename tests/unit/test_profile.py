@@ -53,5 +53,9 @@ def test_tbe_line_counts_forward_and_backward_once():
         "fbgemm::split_embedding_backward_codegen_sgd_unweighted_pt2_wrapper": False,
         "fbgemm::split_embedding_backward_codegen_sgd_cpu": False,
         "fbgemm::bounds_check_indices": False,
+        # a data-parallel table (DenseTableBatchedEmbeddingBagsCodegen)
+        "fbgemm::dense_embedding_codegen_lookup_function": True,
+        "torch::autograd::CppNode<(anonymous namespace)::SplitLookupFunction_Dense_Op>": True,
+        "autograd::engine::evaluate_function: torch::autograd::CppNode<(anonymous namespace)::SplitLookupFunction_Dense_Op>": False,
     }
     assert {n: bool(tbe(n)) for n in names} == names
