@@ -83,9 +83,17 @@ def checkpoint_tensors(path: Path, tmp_path: Path) -> dict:
     return dict(flat(torch.load(out, weights_only=False)))
 
 
-def test_one_process_end_to_end(tmp_path, data_dir):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, data_dir):
+    """A one-epoch run on one process with evaluations, checkpoints and a profile window (shared:
+    test_two_processes_... compares with it; evaluations and the profile do not change training)."""
+    run = tmp_path_factory.mktemp("one") / "run"
     p = ok(train(run, data_dir, "eval.every_samples=25000", "checkpoint.every_steps=50", "logging.profile_steps=[45,60]"))
+    return run, p
+
+
+def test_one_process_end_to_end(one_process_run):
+    run, p = one_process_run
     train_lines = records(run, "train")
     assert train_lines and {"step", "samples", "loss", "samples_per_s", "peak_mem_bytes", "robe_allreduce_bytes"} <= set(train_lines[0])
     assert train_lines[-1]["step"] == 102 and train_lines[-1]["samples"] == 102 * 512
@@ -109,9 +117,8 @@ def test_one_process_end_to_end(tmp_path, data_dir):
 
 
 @pytest.mark.integration
-def test_two_processes_reach_the_same_auc_and_evaluate_identically(tmp_path, data_dir):
-    one, two = tmp_path / "one", tmp_path / "two"
-    ok(train(one, data_dir))
+def test_two_processes_reach_the_same_auc_and_evaluate_identically(tmp_path, data_dir, one_process_run):
+    one, two = one_process_run[0], tmp_path / "two"
     ok(train(two, data_dir, "logging.profile_steps=[50,54]", nproc=2))
     (prof,) = records(two, "profile")  # rank 0's; every rank writes its trace
     assert prof["steps"] == 5 and prof["operators_ms"]["all-reduce (launch)"] > 0
@@ -135,9 +142,18 @@ def test_two_processes_reach_the_same_auc_and_evaluate_identically(tmp_path, dat
 
 
 def test_resume_continues_bit_for_bit(tmp_path, data_dir):
-    common = ["train.max_steps=60", "checkpoint.every_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false"]
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    ok(train(straight, data_dir, *common))
+    """Adagrad under a warm-up and decay schedule, one process: a run stopped at step 30 and
+    resumed ends with the uninterrupted run's checkpoint, bit for bit. Both fuse the array's update
+    into the lookup's backward (the default); a run with robe.fused_update: false (the dense
+    gradient + torch.optim.Adagrad) also writes that checkpoint, bit for bit."""
+    common = ["train.max_steps=60", "checkpoint.every_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false",
+              "optim.warmup_steps=5", "optim.decay_start_step=25", "optim.decay_steps=40", "logging.profile_steps=[12,13]"]  # fmt: skip
+    straight, broken, dense = tmp_path / "straight", tmp_path / "broken", tmp_path / "dense"
+    assert "adagrad fused into the lookup's backward" in ok(train(straight, data_dir, *common)).stderr
+    assert "robe.fused_update is false" in ok(train(dense, data_dir, *common, "robe.fused_update=false")).stderr
+    # the op that ran: the fused update, or the dense backward
+    assert "pooled_lookup_fused_update" in (straight / "profile" / "rank0.txt").read_text()
+    assert "pooled_lookup_fused_update" not in (dense / "profile" / "rank0.txt").read_text()
     ok(train(broken, data_dir, *common, "train.max_steps=30"))  # "interrupted" at step 30
     assert (broken / "checkpoints" / "step_00000030").is_dir()
     p = ok(train(broken, data_dir, *common, resume=True))
@@ -149,24 +165,9 @@ def test_resume_continues_bit_for_bit(tmp_path, data_dir):
     assert any(k.endswith("hash_signature") for k in a), "the ROBE hash signature must be in the checkpoint"
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"resumed run differs from the uninterrupted one in {different}"
-
-
-def test_fused_update_takes_the_dense_steps(tmp_path, data_dir):
-    """One process, Adagrad under a warm-up and decay schedule: the array's update fused into the
-    lookup's backward (the default) gives the checkpoint of the dense gradient +
-    torch.optim.Adagrad, bit for bit (so it resumes on any number of ranks as that one does)."""
-    common = ["train.max_steps=20", "optim.name=adagrad", "optim.lr=0.05", "eval.at_end=false", "optim.warmup_steps=5",
-              "optim.decay_start_step=10", "optim.decay_steps=8", "logging.profile_steps=[12,13]"]  # fmt: skip
-    fused, dense = tmp_path / "fused", tmp_path / "dense"
-    assert "adagrad fused into the lookup's backward" in ok(train(fused, data_dir, *common)).stderr
-    assert "robe.fused_update is false" in ok(train(dense, data_dir, *common, "robe.fused_update=false")).stderr
-    # the op that ran: the fused update, or the dense backward
-    assert "pooled_lookup_fused_update" in (fused / "profile" / "rank0.txt").read_text()
-    assert "pooled_lookup_fused_update" not in (dense / "profile" / "rank0.txt").read_text()
-    a = checkpoint_tensors(fused / "checkpoints" / "step_00000020", tmp_path)
-    b = checkpoint_tensors(dense / "checkpoints" / "step_00000020", tmp_path)
-    assert a.keys() == b.keys() and any(k.startswith("optim.") and k.endswith("array.sum") for k in a)
-    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    c = checkpoint_tensors(dense / "checkpoints" / "step_00000060", tmp_path)
+    assert c.keys() == a.keys() and any(k.startswith("optim.") and k.endswith("array.sum") for k in a)
+    assert not [k for k in a if not torch.equal(a[k], c[k])], "the fused and dense updates differ"
 
 
 @pytest.mark.integration
