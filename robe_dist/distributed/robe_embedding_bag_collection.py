@@ -37,7 +37,7 @@ import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -419,7 +419,7 @@ class ShardedRobeEmbeddingBagCollection(
         if self._gradient_sync != "hook":
             raise ValueError(f"{where}: gradient_sync={self._gradient_sync!r} hands the array's gradient to DDP; "
                              "a fused update leaves none (use gradient_sync='hook')")  # fmt: skip
-        fused_update_kind(optimizer, self.array, where)  # raises on what it cannot fuse
+        fusable_update(optimizer, self.array, where)  # raises on what it cannot fuse
         self._fused_optimizer = optimizer
 
     def unfuse_optimizer(self) -> None:
@@ -430,12 +430,12 @@ class ShardedRobeEmbeddingBagCollection(
     def fused_optimizer_kind(self) -> Optional[str]:
         """``"sgd"`` or ``"adagrad"`` when ``fuse_optimizer`` is in effect, else ``None``."""
         opt = self._fused_optimizer
-        return None if opt is None else fused_update_kind(opt, self.array, "fused_optimizer_kind")
+        return None if opt is None else fusable_update(opt, self.array, "fused_optimizer_kind")[0]
 
     def _fused_step(self):
         opt = self._fused_optimizer
-        kind = fused_update_kind(opt, self.array, "ShardedRobeEmbeddingBagCollection")  # (the array may have been replaced)
-        group = next(g for g in opt.param_groups if any(p is self.array for p in g["params"]))
+        # checked each step: the array may have been replaced (load_state_dict(assign=True))
+        kind, group = fusable_update(opt, self.array, "ShardedRobeEmbeddingBagCollection")
         state = step = None
         if kind == "adagrad":
             state, step = opt.state[self.array]["sum"], opt.state[self.array].get("step")
@@ -480,9 +480,10 @@ class ShardedRobeEmbeddingBagCollection(
         return f"{self._robe.extra_repr()}, sharding=data_parallel, world_size={self._world_size}, gradient_sync={self._gradient_sync!r}"
 
 
-def fused_update_kind(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> str:
-    """``"sgd"`` or ``"adagrad"``: the update of ``optimizer`` on ``array`` that the kernels can
-    apply inside the backward. ``ValueError`` naming the setting that prevents it."""
+def fusable_update(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> Tuple[str, Dict[str, Any]]:
+    """``(kind, param_group)``: the update of ``optimizer`` on ``array`` that the kernels can apply
+    inside the backward (``"sgd"`` or ``"adagrad"``) and the group holding ``array``.
+    ``ValueError`` naming the setting that prevents it."""
     group = next((g for g in optimizer.param_groups if any(p is array for p in g["params"])), None)
     if group is None:
         raise ValueError(f"{where}: the optimizer does not hold the ROBE array")
@@ -499,7 +500,7 @@ def fused_update_kind(optimizer: torch.optim.Optimizer, array: torch.Tensor, whe
     if given:
         raise ValueError(f"{where}: {name} with {', '.join(f'{k}={group[k]}' for k in given)} cannot be fused into "
                          "the ROBE backward (the kernels apply plain SGD / Adagrad)")  # fmt: skip
-    return kind
+    return kind, group
 
 
 class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCollection]):
