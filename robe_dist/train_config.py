@@ -177,7 +177,12 @@ class OptimConfig:
     """Peak learning rate of the dense part (and of the embeddings unless ``embedding_lr``)."""
 
     embedding_lr: Optional[float] = None
-    """Learning rate of the ROBE array and full tables (``null``: ``lr``); scheduled like ``lr``."""
+    """Learning rate of the full tables and the ROBE arrays (``null``: ``lr``); scheduled like ``lr``."""
+
+    robe_lr: Optional[float] = None
+    """Learning rate of the ROBE arrays alone (``null``: ``embedding_lr``); scheduled like ``lr``.
+    A shared slot takes the steps of every id hashed to it, so the array can want a smaller rate
+    than exact rows (docs/placement.md measures it)."""
 
     momentum: float = 0.0
     """``sgd`` only: momentum (dense part and ROBE array)."""
@@ -561,6 +566,7 @@ def validate(cfg: Config) -> None:
 
     _positive(o.lr, "optim.lr")
     _positive(o.embedding_lr, "optim.embedding_lr", allow_none=True)
+    _positive(o.robe_lr, "optim.robe_lr", allow_none=True)
     _positive(o.momentum, "optim.momentum", allow_zero=True)
     _positive(o.eps, "optim.eps")
     _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)

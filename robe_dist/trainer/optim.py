@@ -35,7 +35,9 @@ def lr_factor(cfg: OptimConfig, step: int) -> float:
 
 class TrainOptimizer:
     """What the train pipeline drives: one optimiser over the dense MLPs, the ROBE arrays and
-    (fused into the backward) the full tables, with the schedule and clipping around it.
+    (fused into the backward) the full tables, with the schedule and clipping around it. Its parts
+    (keys of the state dict): ``fused`` (full tables), ``dense`` (MLPs, at ``lr``), ``embeddings``
+    (data-parallel full tables, at ``embedding_lr``) and ``robe`` (the arrays, at ``robe_lr``).
 
     ``zero_grad()`` (called by the pipeline before the forward) sets every group's rate for the
     coming step, so the fused tables, which update inside the backward, use the same rate as the
@@ -53,8 +55,10 @@ class TrainOptimizer:
         cls, kwargs = optimizer_spec(cfg)
         params = dict(in_backward_optimizer_filter(model.named_parameters()))
         embedding_ids = {id(p) for p in embedding_params}
-        embeddings = {n: p for n, p in params.items() if id(p) in embedding_ids}
-        dense = {n: p for n, p in params.items() if n not in embeddings}
+        array_ids = {id(m.array) for m in model.modules() if isinstance(m, ShardedRobeEmbeddingBagCollection)}
+        arrays = {n: p for n, p in params.items() if id(p) in array_ids}
+        embeddings = {n: p for n, p in params.items() if id(p) in embedding_ids and n not in arrays}
+        dense = {n: p for n, p in params.items() if n not in embeddings and n not in arrays}
         optims: List[Tuple[str, KeyedOptimizer]] = []
         fused = getattr(model, "fused_optimizer", None)
         if fused is not None and fused.params:
@@ -69,12 +73,14 @@ class TrainOptimizer:
 
         if dense:
             optims.append(("dense", wrap(dense, cfg.lr)))
+        emb_lr = cfg.embedding_lr or cfg.lr
         if embeddings:
-            emb_lr = cfg.embedding_lr or cfg.lr
             optims.append(("embeddings", wrap(embeddings, emb_lr)))
+        if arrays:
+            optims.append(("robe", wrap(arrays, cfg.robe_lr or emb_lr)))
         self.optimizer = CombinedOptimizer(optims)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.clip_params = list(dense.values()) + list(embeddings.values())
+        self.clip_params = list(dense.values()) + list(embeddings.values()) + list(arrays.values())
         self.step_count = 0
         self.last_grad_norm: float = float("nan")
 
