@@ -218,7 +218,7 @@ class Trainer:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
             return
         if not (path / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+            raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
         self.state.world_size = self.env.world_size
         self._sent_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes, self.state.alltoall_bytes)
@@ -520,7 +520,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             print(f"robe-train: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signame].value
-    except (DataError, FileExistsError, PlacementError) as e:
+    except (DataError, FileExistsError, PlacementError, ckpt.CheckpointError) as e:
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("robe-train: %s", e)
         return 2

@@ -43,6 +43,11 @@ from robe_dist.trainer.optim import TrainOptimizer
 
 logger = logging.getLogger("robe_dist.train")
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that this run cannot continue from: another model, ROBE mapping or global batch
+    size, or not a complete checkpoint. robe-train says it in one line and exits with status 2."""
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STATE_FILE = "trainer_state.json"
 
@@ -187,7 +192,7 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
     current = _robe_signatures(model)
     theirs = saved.get("robe_signatures", {})
     if set(current) != set(theirs):
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} holds ROBE arrays at {sorted(theirs) or 'no module'}, this model at "
             f"{sorted(current) or 'no module'}: it was written for another model (robe.features, model.arch)"
         )
@@ -196,7 +201,7 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
             old_cfg = saved_cfg.get("robe", {})
             new_cfg = asdict(cfg.robe)
             diff = [f"robe.{k}: checkpoint {old_cfg.get(k)!r}, config {new_cfg[k]!r}" for k in new_cfg if old_cfg.get(k) != new_cfg[k]]
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {path}: the ROBE hash signature of {where} does not match this run's "
                 f"(checkpoint {theirs[where]}, this run {sig}; [version, mapping, seed, Z, m, table layout]). "
                 f"Differences: {'; '.join(diff) or 'the table layout (model.num_embeddings_per_feature)'}. "
@@ -204,19 +209,37 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
             )
 
 
+def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
+    """Renames, in ``sd["optim"]["state"]``, the ROBE arrays' optimiser state (``robe.<param>``)
+    to where a checkpoint of an earlier version keeps it (``embeddings.<param>``) when only that
+    is stored; returns ``{old: new}`` to rename it back after loading."""
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefixes = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}
+    state, renamed = sd["optim"]["state"], {}
+    for key in [k for k in state if k.startswith("robe.")]:
+        old = "embeddings." + key[len("robe."):]
+        if state[key] and not any(p.startswith(f"optim.state.{key}") for p in prefixes) and f"optim.state.{old}" in prefixes:
+            state[old] = state.pop(key)
+            renamed[old] = key
+    return renamed
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg: Config, env: DistEnv) -> TrainerState:
     """Loads model, optimiser and (same world size) RNG states in place; returns the trainer state.
 
+    A checkpoint written before the ROBE arrays had their own optimiser part (``optim.robe_lr``)
+    holds their state under ``embeddings``: it is read from there.
+
     Raises:
-        RuntimeError: the checkpoint's ROBE mapping or model does not match ``model``.
-        ValueError: ``train.global_batch_size`` differs from the checkpoint's (data position).
+        CheckpointError: the checkpoint's ROBE mapping or model does not match ``model``, or its
+            ``train.global_batch_size`` differs (the data position is counted in its batches).
     """
     saved = json.loads((path / _STATE_FILE).read_text())
     saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
     _check_robe_compatible(path, saved, saved_cfg, model, cfg)
     state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
     if state.global_batch_size != cfg.train.global_batch_size:
-        raise ValueError(
+        raise CheckpointError(
             f"train.global_batch_size is {cfg.train.global_batch_size} but checkpoint {path} was written with "
             f"{state.global_batch_size}: the data position (epoch {state.epoch}, batch {state.step_in_epoch}) "
             "is counted in its batches; resume with the same global batch size"
@@ -236,16 +259,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             if opt is not getattr(model, "fused_optimizer", None):
                 opt.init_state()
         sd["optim"] = optimizer.state_dict()
+    legacy = _read_legacy_keys(sd, path) if load_optim else {}
     try:
         dcp.load(sd, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # DCP's error lists the failing key; say what it means
         failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
         first = next(iter(failures.values())) if failures else e
         reason = str(first[0] if isinstance(first, tuple) else first)
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} does not fit this model: {reason} Was it written with other model.* or robe.features "
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
+    for old, new in legacy.items():
+        sd["optim"]["state"][new] = sd["optim"]["state"].pop(old)
     model.load_state_dict(sd["model"])
     if load_optim:
         optimizer.load_state_dict(sd["optim"])
