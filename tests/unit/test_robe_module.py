@@ -451,3 +451,25 @@ def test_backward_bucketing_quotient_is_exact():
         assert torch.equal(_C._slot_quotients(d, top, x), x // d), d  # the multiply
         big = x * 2**8 + 255  # above 2^32: the division
         assert torch.equal(_C._slot_quotients(d, int(big.max()), big), big // d), d
+
+
+def test_streamed_large_outputs_equal_cached_ones():
+    """Outputs of >= 32 MiB are pooled in a cached row and written with non-temporal stores
+    (robe_cpu.cpp, store_row): the rows must be those of a small batch, bit for bit, also where
+    a feature's row is not a multiple of 4 floats or not 16-byte aligned (plain copies there)."""
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=512, num_embeddings=5000, feature_names=["f1"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="b", embedding_dim=506, num_embeddings=300, feature_names=["f2"], pooling=PoolingType.SUM),
+        EmbeddingBagConfig(name="c", embedding_dim=6, num_embeddings=7, feature_names=["f3"], pooling=PoolingType.MEAN),
+    ]
+    ebc = make_ebc(tables, array_size=1 << 16, block_size=2)
+    big = make_kjt(tables, batch=8192, seed=3, extra_key=False)
+    out = ebc(big).values().detach()
+    assert out.numel() * 4 >= 32 << 20  # the streamed path (kStreamOutputBytes)
+    n = 64
+    parts = big.to_dict()
+    lengths = [parts[k].lengths()[:n] for k in big.keys()]
+    values = [parts[k].values()[: int(ls.sum())] for k, ls in zip(big.keys(), lengths)]
+    small = KeyedJaggedTensor(keys=big.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
+    assert torch.equal(out[:n], ebc(small).values().detach())
+    torch.testing.assert_close(out, torch_lookup(ebc, big).detach(), rtol=1e-5, atol=1e-5)
