@@ -179,10 +179,10 @@ class OptimConfig:
     embedding_lr: Optional[float] = None
     """Learning rate of the full tables and the ROBE arrays (``null``: ``lr``); scheduled like ``lr``."""
 
-    robe_lr: Optional[float] = None
-    """Learning rate of the ROBE arrays alone (``null``: ``embedding_lr``); scheduled like ``lr``.
-    A shared slot takes the steps of every id hashed to it, so the array can want a smaller rate
-    than exact rows (docs/placement.md measures it)."""
+    robe_lr_factor: float = 1.0
+    """Learning rate of the ROBE arrays as a multiple of the embeddings' (``embedding_lr``, else
+    ``lr``), so that it follows them when they are changed. A shared slot takes the steps of every
+    id hashed to it, so the array can want a smaller rate than exact rows (docs/placement.md)."""
 
     momentum: float = 0.0
     """``sgd`` only: momentum (dense part and ROBE array)."""
@@ -566,7 +566,7 @@ def validate(cfg: Config) -> None:
 
     _positive(o.lr, "optim.lr")
     _positive(o.embedding_lr, "optim.embedding_lr", allow_none=True)
-    _positive(o.robe_lr, "optim.robe_lr", allow_none=True)
+    _positive(o.robe_lr_factor, "optim.robe_lr_factor")
     _positive(o.momentum, "optim.momentum", allow_zero=True)
     _positive(o.eps, "optim.eps")
     _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)

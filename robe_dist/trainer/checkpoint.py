@@ -227,7 +227,7 @@ def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg: Config, env: DistEnv) -> TrainerState:
     """Loads model, optimiser and (same world size) RNG states in place; returns the trainer state.
 
-    A checkpoint written before the ROBE arrays had their own optimiser part (``optim.robe_lr``)
+    A checkpoint written before the ROBE arrays had their own optimiser part (``optim.robe_lr_factor``)
     holds their state under ``embeddings``: it is read from there.
 
     Raises:

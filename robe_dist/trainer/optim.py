@@ -37,7 +37,7 @@ class TrainOptimizer:
     """What the train pipeline drives: one optimiser over the dense MLPs, the ROBE arrays and
     (fused into the backward) the full tables, with the schedule and clipping around it. Its parts
     (keys of the state dict): ``fused`` (full tables), ``dense`` (MLPs, at ``lr``), ``embeddings``
-    (data-parallel full tables, at ``embedding_lr``) and ``robe`` (the arrays, at ``robe_lr``).
+    (data-parallel full tables, at ``embedding_lr``) and ``robe`` (the arrays, at ``robe_lr_factor`` times that).
 
     ``zero_grad()`` (called by the pipeline before the forward) sets every group's rate for the
     coming step, so the fused tables, which update inside the backward, use the same rate as the
@@ -77,7 +77,7 @@ class TrainOptimizer:
         if embeddings:
             optims.append(("embeddings", wrap(embeddings, emb_lr)))
         if arrays:
-            optims.append(("robe", wrap(arrays, cfg.robe_lr or emb_lr)))
+            optims.append(("robe", wrap(arrays, cfg.robe_lr_factor * emb_lr)))
         self.optimizer = CombinedOptimizer(optims)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.clip_params = list(dense.values()) + list(embeddings.values()) + list(arrays.values())

@@ -32,6 +32,7 @@ SMALL = [  # ~1 s of training: 60k rows, 100 steps of 512; every table in a 1 Mi
     "robe.block_size=16",
     "optim.name=adam",
     "optim.lr=0.003",
+    "optim.robe_lr_factor=1",
     "train.global_batch_size=512",
     "eval.batch_size=4096",
     "train.log_every_steps=10",
@@ -358,7 +359,7 @@ for sharding in shardings:
     model = load_trained_model(start)[0].dlrm.train()
     arrays = [p for n, p in model.named_parameters() if n.endswith(".robe.array")]
     rest = [p for n, p in model.named_parameters() if not n.endswith(".robe.array")]
-    groups = [{"params": rest}, {"params": arrays, "lr": cfg.optim.robe_lr}]
+    groups = [{"params": rest}, {"params": arrays, "lr": cfg.optim.lr * cfg.optim.robe_lr_factor}]
     opt = torch.optim.Adagrad(groups, lr=cfg.optim.lr, eps=cfg.optim.eps)
     for b in batches:
         opt.zero_grad()
@@ -378,11 +379,11 @@ def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir):
     """The planner's kind of model (full tables, table-wise with FBGEMM's fused Adagrad or
     data-parallel with the dense one, next to a ROBE array) trained by the trainer (DMP,
     TrainPipelineSparseDist) takes the steps that an unsharded copy of it takes with
-    torch.optim.Adagrad on the same batches; the array at its own rate (``optim.robe_lr``)."""
+    torch.optim.Adagrad on the same batches; the array at its own rate (``optim.robe_lr_factor``)."""
     ok(train(tmp_path / "data_run", data_dir, "train.max_steps=1", "eval.at_end=false"))  # makes the data
     overrides = [o for o in SMALL if not o.startswith(("robe.", "optim."))] + [
         f"data.path={data_dir}", "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]",
-        "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05", "optim.robe_lr=0.02",
+        "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05", "optim.robe_lr_factor=0.4",
     ]  # fmt: skip
     p = subprocess.run([sys.executable, "-c", _HYBRID_STEPS, str(tmp_path), "table_wise,data_parallel", *overrides],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -80,7 +80,7 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("train.target_auc=0.4", "train.target_auc must be in (0.5, 1] or null"),
         ("train.precision=bf16", "train.precision 'bf16' needs dist.device 'cuda'"),
         ("checkpoint.keep=0", "checkpoint.keep must be > 0"),
-        ("optim.robe_lr=0", "optim.robe_lr must be > 0"),
+        ("optim.robe_lr_factor=0", "optim.robe_lr_factor must be > 0"),
         ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
         ("dist.grad_compression=int8", "dist.grad_compression must be one of ['none', 'fp16', 'bf16']"),
         ("dist.grad_compression=bf16", "dist.grad_compression 'bf16' needs dist.device 'cuda'"),
