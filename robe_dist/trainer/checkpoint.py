@@ -259,15 +259,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             if opt is not getattr(model, "fused_optimizer", None):
                 opt.init_state()
         sd["optim"] = optimizer.state_dict()
-    legacy = _read_legacy_keys(sd, path) if load_optim else {}
     try:
+        legacy = _read_legacy_keys(sd, path) if load_optim else {}
         dcp.load(sd, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # DCP's error lists the failing key; say what it means
         failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
         first = next(iter(failures.values())) if failures else e
-        reason = str(first[0] if isinstance(first, tuple) else first)
+        reason = str(first[0] if isinstance(first, tuple) else first).rstrip(".")
         raise CheckpointError(
-            f"checkpoint {path} does not fit this model: {reason} Was it written with other model.* or robe.features "
+            f"checkpoint {path} does not fit this model: {reason}. Was it written with other model.* or robe.features "
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
     for old, new in legacy.items():
