@@ -203,18 +203,18 @@ inline void prefetch_lines(const void* p, int64_t bytes, bool write) {
   }
 }
 
-// Outputs at least this large are written with non-temporal stores (store_row).
+// Outputs at least this large are written with non-temporal stores (stream_row).
 constexpr int64_t kStreamOutputBytes = int64_t(32) << 20;
 
-// Writes n values from src (a pooled row built in cache) to dst. With `stream` (float, x86,
-// dst 16-byte aligned, n a multiple of 4) the stores are non-temporal: a pooled output larger
-// than the caches is written once and read back from memory by the next operator anyway, so
-// this skips the read-for-ownership of each of its lines and keeps the array's blocks cached.
+// Writes n values from src (a pooled row built in cache) to dst, with non-temporal stores where
+// it can (float, x86, dst 16-byte aligned, n a multiple of 4; plain copies otherwise): a pooled
+// output larger than the caches is written once and read back from memory by the next operator
+// anyway, so this skips the read-for-ownership of each of its lines and keeps the array cached.
 template <typename scalar_t>
-inline void store_row(scalar_t* dst, const scalar_t* src, int64_t n, bool stream) {
+inline void stream_row(scalar_t* dst, const scalar_t* src, int64_t n) {
 #if defined(__SSE__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0 && n % 4 == 0) {
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0 && n % 4 == 0) {
       for (int64_t j = 0; j < n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
       return;
     }
@@ -240,7 +240,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
   // Bag-major: a thread fills whole output rows, contiguous in memory. For each row, first hash
   // every block of every feature and prefetch it (the reads are random, so this keeps many cache
   // misses in flight), then accumulate: into the output, or, for an output larger than the caches,
-  // into a cached row that is then streamed out (store_row). The same operations either way.
+  // into a cached row that is then streamed out (stream_row). The same operations either way.
   const bool stream = pb.batch * out_dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamOutputBytes;
   int64_t max_dim = 0;
   for (int64_t f = 0; f < F; ++f) max_dim = std::max(max_dim, pb.meta[f * kMetaCols + kDim]);
@@ -272,7 +272,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
         const int64_t lo = off[b], hi = off[b + 1];
         if (hi == lo) {  // empty bag: zeros (the output is not pre-zeroed)
           std::fill(row, row + dim, scalar_t(0));
-          if (stream) store_row(dst_row, row, dim, true);
+          if (stream) stream_row(dst_row, row, dim);
           continue;
         }
         for (int64_t i = lo; i < hi; ++i) {
@@ -294,7 +294,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
           const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(hi - lo);
           for (int64_t j = 0; j < dim; ++j) row[j] *= inv;
         }
-        if (stream) store_row(dst_row, row, dim, true);
+        if (stream) stream_row(dst_row, row, dim);
       }
     }
     if (stream) store_fence();  // the streamed rows are visible before the op returns

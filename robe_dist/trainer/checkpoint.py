@@ -48,6 +48,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that this run cannot continue from: another model, ROBE mapping or global batch
     size, or not a complete checkpoint. robe-train says it in one line and exits with status 2."""
 
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _STATE_FILE = "trainer_state.json"
 
@@ -214,11 +215,11 @@ def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
     to where a checkpoint of an earlier version keeps it (``embeddings.<param>``) when only that
     is stored; returns ``{old: new}`` to rename it back after loading."""
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    prefixes = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}
+    params = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}  # optim.state.<param>.<name>
     state, renamed = sd["optim"]["state"], {}
     for key in [k for k in state if k.startswith("robe.")]:
         old = "embeddings." + key[len("robe."):]
-        if state[key] and not any(p.startswith(f"optim.state.{key}") for p in prefixes) and f"optim.state.{old}" in prefixes:
+        if state[key] and f"optim.state.{key}" not in params and f"optim.state.{old}" in params:
             state[old] = state.pop(key)
             renamed[old] = key
     return renamed

@@ -455,7 +455,7 @@ def test_backward_bucketing_quotient_is_exact():
 
 def test_streamed_large_outputs_equal_cached_ones():
     """Outputs of >= 32 MiB are pooled in a cached row and written with non-temporal stores
-    (robe_cpu.cpp, store_row): the rows must be those of a small batch, bit for bit, also where
+    (robe_cpu.cpp, stream_row): the rows must be those of a small batch, bit for bit, also where
     a feature's row is not a multiple of 4 floats or not 16-byte aligned (plain copies there)."""
     tables = [
         EmbeddingBagConfig(name="a", embedding_dim=512, num_embeddings=5000, feature_names=["f1"], pooling=PoolingType.MEAN),
