@@ -175,7 +175,7 @@ def shard_model(
             fused["beta1"], fused["beta2"] = cfg.optim.betas
         # no scaling with the world size: TorchRec divides the sharded tables' gradients by it in
         # the all-to-all's backward (comm_ops gradient division), as DDP averages the dense part
-        # (tests/integration/test_train.py::test_full_tables_take_the_same_step_on_one_and_two_ranks)
+        # (tests/integration/test_train.py::test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly)
         # TorchRec's placeholder classes: their kwargs go to FBGEMM's fused kernel as they are
         _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
     compression = cfg.dist.grad_compression

@@ -90,7 +90,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_dir, re
     """torchrun forwards SIGTERM to its workers; they agree on a step (checked every 10), save one
     checkpoint and stop; the resumed run ends where the uninterrupted run does (the 1-process
     reference, up to float summation order; bit-for-bit resume on 2 ranks is
-    test_train.py::test_resume_bit_for_bit_with_sharded_tables_on_two_ranks)."""
+    test_train.py::test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly)."""
     run = tmp_path / "run"
     proc = start(run, data_dir, nproc=2)
     wait_for_training(run, proc)
