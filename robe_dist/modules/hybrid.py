@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Collection, List, Optional, Tuple, Union
+from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torchrec.distributed.types import Awaitable
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     EmbeddingBagCollectionInterface,
@@ -19,6 +19,58 @@ from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagColl
 
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
+
+#: A hot id and its feature's slot share one int64 key, ``slot << HOT_ID_BITS | id``: ids of split
+#: tables must lie in ``[0, 2**HOT_ID_BITS)`` (Criteo's are 32-bit hashes, a vocabulary's are dense).
+HOT_ID_BITS = 40
+HOT_SUFFIX = "@hot"
+
+
+@torch.fx.wrap
+def _split_hot(
+    features: KeyedJaggedTensor, hot_keys: torch.Tensor, hot_base: torch.Tensor, hot_rows: torch.Tensor,
+    slot_of: Dict[str, int],
+) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+    """``(robe_input, hot_input)`` for ``features``: both with its keys and lengths.
+
+    ``robe_input`` carries per-sample weights 0 for the hot ids of split features (1 elsewhere), so the array neither reads nor trains them. ``hot_input``'s values
+    are, for split features, the hot id's row in its exact table, or the table's tail row
+    ``hot_rows[slot]`` for every other id (0 for the other features, which the hot tables do not
+    read). ``slot_of``: the hot slot of each split feature. No host
+    synchronisation: the feature of every value is found from the lengths on the device.
+    """
+    values, lengths = features.values(), features.lengths()
+    slots = [slot_of.get(k, -1) for k in features.keys()]
+    num_keys = len(slots)
+    ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
+    key_of_value = torch.searchsorted(ends, torch.arange(values.numel(), device=values.device), right=True)
+    slot = torch.tensor(slots, dtype=torch.long, device=values.device)[key_of_value]
+    split = slot >= 0
+    slot0 = slot.clamp(min=0)
+    query = (slot0 << HOT_ID_BITS) | values.long()
+    pos = torch.searchsorted(hot_keys, query).clamp(max=hot_keys.numel() - 1)
+    hot = split & (hot_keys[pos] == query)
+    row = torch.where(hot, pos - hot_base[slot0], hot_rows[slot0])
+    hot_values = torch.where(split, row, torch.zeros_like(row)).to(values.dtype)
+    robe_input = KeyedJaggedTensor(
+        keys=features.keys(), values=values, weights=(~hot).float(), lengths=lengths, stride=features.stride()
+    )
+    hot_input = KeyedJaggedTensor(keys=features.keys(), values=hot_values, lengths=lengths, stride=features.stride())
+    return robe_input, hot_input
+
+
+@torch.fx.wrap
+def _add_hot(merged: KeyedTensor, hot: Union[KeyedTensor, Awaitable[KeyedTensor]], columns: torch.Tensor,
+             hot_order: List[str]) -> KeyedTensor:  # fmt: skip
+    """``merged`` plus the exact tables' pooled rows added into their tables' columns
+    (``columns``: the merged column of each of ``hot_order``'s, concatenated)."""
+    if isinstance(hot, Awaitable):
+        hot = hot.wait()
+    offsets = hot.offset_per_key()
+    where = {k: (offsets[i], offsets[i + 1]) for i, k in enumerate(hot.keys())}
+    parts = [hot.values()[:, where[k][0] : where[k][1]] for k in hot_order]
+    values = merged.values().index_add(1, columns, torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return KeyedTensor(keys=merged.keys(), length_per_key=merged.length_per_key(), values=values)
 
 
 @torch.fx.wrap
@@ -75,8 +127,15 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             all tables whose ``num_embeddings`` exceeds ``max_full_rows``.
         max_full_rows (Optional[int]): with ``robe_tables=None``, tables with more rows go to the
             ROBE array (default: every table).
-        device (Optional[torch.device]): device of both children (``"meta"`` allowed).
+        device (Optional[torch.device]): device of the children (``"meta"`` allowed).
         is_weighted (bool): the features carry per-sample weights.
+        hot_ids (Optional[Dict[str, Sequence[int]]]): for ROBE tables (SUM pooling) the ids that
+            get exact rows instead of the array (the most frequent ones, e.g. from the planner):
+            table ``t`` then also has an ordinary table ``t@hot`` (child ``hot``) of
+            ``len(hot_ids[t]) + 1`` rows, one per hot id and a last, shared by all of ``t``'s
+            other ids (its tail row), and ``t``'s embedding of an id is its exact row if the id is
+            hot, else the tail row plus the id's ROBE embedding. The array is not read for hot ids.
+            Ids of such tables must lie in ``[0, 2**40)``.
 
     Call args:
         features (KeyedJaggedTensor): must contain the features of all tables (extra keys ignored).
@@ -94,6 +153,11 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ebc.robe.embedding_bag_configs()   # [user]
         ebc.full.embedding_bag_configs()   # [country]
         ebc(kjt).keys()                    # ['f_user', 'f_country']
+
+        # the 3 most frequent users get exact rows; the others share the array (and a tail row)
+        hot = RobeHybridEmbeddingBagCollection(tables, RobeConfig(array_size=1 << 24), max_full_rows=100_000,
+                                               hot_ids={"user": [7, 42, 1000]})
+        hot.hot.embedding_bag_configs()    # [user@hot: 4 rows]
     """
 
     def __init__(
@@ -104,6 +168,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         max_full_rows: Optional[int] = None,
         device: Optional[torch.device] = None,
         is_weighted: bool = False,
+        hot_ids: Optional[Dict[str, Sequence[int]]] = None,
     ) -> None:
         super().__init__()
         if not tables:
@@ -126,8 +191,19 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         robe_cfgs = [t for t in tables if t.name in robe_set]
         full_cfgs = [t for t in tables if t.name not in robe_set]
         self._robe_tables, self._full_tables = robe_cfgs, full_cfgs
+        if hot_ids and any(len(v) for v in hot_ids.values()):
+            if is_weighted:
+                raise ValueError("RobeHybridEmbeddingBagCollection: hot_ids with weighted features (is_weighted=True) are not supported")
+            mean = [t.name for t in robe_cfgs if t.pooling != PoolingType.SUM]
+            if mean:
+                raise ValueError(f"RobeHybridEmbeddingBagCollection: hot_ids need every ROBE table SUM-pooled (the array is "
+                                 f"read with per-sample weights); {mean} are not")  # fmt: skip
+        else:
+            hot_ids = None
         self.robe: Optional[RobeEmbeddingBagCollection] = (
-            RobeEmbeddingBagCollection(robe_cfgs, robe, device=device, is_weighted=is_weighted) if robe_cfgs else None
+            RobeEmbeddingBagCollection(robe_cfgs, robe, device=device, is_weighted=is_weighted or bool(hot_ids))
+            if robe_cfgs
+            else None
         )
         self.full: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(full_cfgs, is_weighted=is_weighted, device=device) if full_cfgs else None
@@ -154,15 +230,71 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._length_per_key: List[int] = [t.embedding_dim for t, t_names in zip(tables, global_names) for _ in t_names]
         self._has_robe = self.robe is not None
         self._has_full = self.full is not None
+        self.hot: Optional[EmbeddingBagCollection] = None
+        self._hot_tables: List[EmbeddingBagConfig] = []
+        if hot_ids:
+            self._init_hot(hot_ids, robe_cfgs, device)
+
+    def _init_hot(self, hot_ids: Dict[str, Sequence[int]], robe_cfgs: List[EmbeddingBagConfig], device) -> None:
+        """The exact tables of the hot ids and the buffers that route ids to them (``_split_hot``)."""
+        by_name = {t.name: t for t in robe_cfgs}
+        unknown = sorted(set(hot_ids) - set(by_name))
+        if unknown:
+            raise ValueError(f"RobeHybridEmbeddingBagCollection: hot_ids names {unknown}, which are not ROBE tables "
+                             f"({sorted(by_name)})")  # fmt: skip
+        keys, base, rows, slot_of = [], [], [], {}
+        for name in [t.name for t in robe_cfgs if t.name in hot_ids]:
+            t = by_name[name]
+            ids = torch.as_tensor(list(hot_ids[name]), dtype=torch.long).unique()  # sorted
+            if ids.numel() == 0:
+                continue
+            if int(ids.min()) < 0 or int(ids.max()) >= 1 << HOT_ID_BITS:
+                raise ValueError(f"RobeHybridEmbeddingBagCollection: hot_ids of table {name!r} must lie in "
+                                 f"[0, 2**{HOT_ID_BITS}), got [{int(ids.min())}, {int(ids.max())}]")  # fmt: skip
+            if len(t.feature_names) != 1:
+                raise ValueError(f"RobeHybridEmbeddingBagCollection: table {name!r} with hot_ids must read one feature")
+            slot = len(rows)
+            slot_of[t.feature_names[0]] = slot
+            base.append(sum(len(k) for k in keys))
+            keys.append((slot << HOT_ID_BITS) | ids)
+            rows.append(ids.numel())
+            self._hot_tables.append(
+                EmbeddingBagConfig(name=name + HOT_SUFFIX, embedding_dim=t.embedding_dim, num_embeddings=ids.numel() + 1,
+                                   feature_names=list(t.feature_names), pooling=PoolingType.SUM)  # fmt: skip
+            )
+        if not self._hot_tables:
+            return
+        self._hot_slot_of: Dict[str, int] = slot_of
+        self.register_buffer("hot_keys", torch.cat(keys).to(device if device is not None and device.type != "meta" else "cpu"))
+        self.register_buffer("hot_base", torch.tensor(base, dtype=torch.long, device=self.hot_keys.device))
+        self.register_buffer("hot_rows", torch.tensor(rows, dtype=torch.long, device=self.hot_keys.device))
+        self.hot = EmbeddingBagCollection(self._hot_tables, device=device)
+        # the merged columns of every hot table (in the hot child's table order)
+        offsets, col = {}, 0
+        for k, n in zip(self._keys, self._length_per_key):
+            offsets[k] = col
+            col += n
+        names_in_output = dict(zip([t.name for t in self._embedding_bag_configs], get_embedding_names_by_table(self._embedding_bag_configs)))
+        self._hot_order = [t.feature_names[0] for t in self._hot_tables]  # the hot child's embedding names
+        cols = [torch.arange(offsets[names_in_output[t.name[: -len(HOT_SUFFIX)]][0]],
+                             offsets[names_in_output[t.name[: -len(HOT_SUFFIX)]][0]] + t.embedding_dim) for t in self._hot_tables]  # fmt: skip
+        self.register_buffer("hot_columns", torch.cat(cols).to(self.hot_keys.device), persistent=False)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of all tables: KeyedTensor ``[B, sum of dims]`` in table order."""
         pooled = []
+        hot_input = None
+        robe_input = features
+        if self.hot is not None:
+            robe_input, hot_input = _split_hot(features, self.hot_keys, self.hot_base, self.hot_rows, self._hot_slot_of)
         if self._has_robe:
-            pooled.append(self.robe(features))
+            pooled.append(self.robe(robe_input))
         if self._has_full:
             pooled.append(self.full(features))
-        return _merge_pooled(pooled, self._sources, self._keys, self._length_per_key)
+        merged = _merge_pooled(pooled, self._sources, self._keys, self._length_per_key)
+        if hot_input is not None:
+            merged = _add_hot(merged, self.hot(hot_input), self.hot_columns, self._hot_order)
+        return merged
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._embedding_bag_configs
@@ -179,5 +311,11 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def full_table_names(self) -> List[str]:
         return [t.name for t in self._full_tables]
 
+    @property
+    def hot_table_names(self) -> List[str]:
+        """``t@hot`` for every ROBE table with exact rows for its hot ids."""
+        return [t.name for t in self._hot_tables]
+
     def extra_repr(self) -> str:
-        return f"robe_tables={self.robe_table_names}, full_tables={self.full_table_names}"
+        hot = f", hot_tables={self.hot_table_names}" if self._hot_tables else ""
+        return f"robe_tables={self.robe_table_names}, full_tables={self.full_table_names}{hot}"

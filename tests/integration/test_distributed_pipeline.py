@@ -40,8 +40,10 @@ def make_dlrm(kind: str, seed: int = 0) -> DLRMTrain:
     robe = RobeConfig(array_size=1 << 13, block_size=16)
     if kind == "robe_alone":
         ebc = RobeEmbeddingBagCollection(TABLES, robe)
-    else:  # "hybrid": the two big tables in the ROBE array, the small ones as full (table-wise) tables
+    elif kind == "hybrid":  # the two big tables in the ROBE array, the small ones as full (table-wise) tables
         ebc = RobeHybridEmbeddingBagCollection(TABLES, robe, max_full_rows=1000)
+    else:  # "hybrid_hot": and exact rows for some ids of the big tables (child "hot", sharded by TorchRec)
+        ebc = RobeHybridEmbeddingBagCollection(TABLES, robe, max_full_rows=1000, hot_ids={"big0": range(0, 100, 3), "big1": [7, 50]})
     return DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE_IN,
                           dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1]))
 
@@ -111,18 +113,21 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     }
 
 
-@pytest.mark.parametrize("kind,gradient_sync", [("robe_alone", "hook"), ("hybrid", "hook"), ("hybrid", "ddp")])
+@pytest.mark.parametrize("kind,gradient_sync", [("robe_alone", "hook"), ("hybrid", "hook"), ("hybrid", "ddp"), ("hybrid_hot", "hook")])
 def test_train_pipeline_sparse_dist_matches_plain_loop(pg2, kind, gradient_sync):
     steps = 6
     for r in pg2.run(_rank_pipeline, kind=kind, gradient_sync=gradient_sync, steps=steps):
         robe_path = ("model.sparse_arch.embedding_bag_collection" if kind == "robe_alone"
                      else "model.sparse_arch.embedding_bag_collection.robe")
         assert r["plan"][robe_path] == {"array": "data_parallel"}
-        if kind == "hybrid":
+        if kind != "robe_alone":
             full = r["plan"]["model.sparse_arch.embedding_bag_collection.full"]
             assert set(full) == {"small0", "small1"} and set(full.values()) == {"table_wise"}
             assert "model.sparse_arch.embedding_bag_collection.full" in r["pipelined"]
-        assert robe_path in r["pipelined"]  # the pipeline runs the ROBE module's input_dist ahead
+        if kind == "hybrid_hot":  # the exact tables are TorchRec's to shard; they read ids routed in forward
+            assert set(r["plan"]["model.sparse_arch.embedding_bag_collection.hot"]) == {"big0@hot", "big1@hot"}
+        else:
+            assert robe_path in r["pipelined"]  # the pipeline runs the ROBE module's input_dist ahead
         assert len(r["piped_losses"]) == steps
         # same operations in the same order: the pipelined run equals the plain loop exactly
         assert r["piped_losses"] == r["loop_losses"]

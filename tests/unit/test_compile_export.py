@@ -61,13 +61,14 @@ def test_opcheck_of_the_three_ops():
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("model_kind", ["dlrm", "dcn", "hybrid"])
+@pytest.mark.parametrize("model_kind", ["dlrm", "dcn", "hybrid", "hybrid_hot"])
 def test_torch_compile_fullgraph_matches_eager(model_kind):
     """No graph break anywhere in the model (fullgraph=True), also for a key order other than the
     tables' and keys the collection does not read; outputs and gradients equal eager's."""
-    if model_kind == "hybrid":
+    if model_kind.startswith("hybrid"):
         torch.manual_seed(0)
-        ebc = RobeHybridEmbeddingBagCollection(TABLES, RobeConfig(997, block_size=8), max_full_rows=60)
+        hot = {"t1": [0, 3, 7], "t2": range(0, 150, 2)} if model_kind == "hybrid_hot" else None
+        ebc = RobeHybridEmbeddingBagCollection(TABLES, RobeConfig(997, block_size=8), max_full_rows=60, hot_ids=hot)
     else:
         ebc = robe()
     model = dlrm(ebc, dcn=model_kind == "dcn")
@@ -87,10 +88,18 @@ def test_torch_compile_fullgraph_matches_eager(model_kind):
     torch.testing.assert_close(compiled(dense2, kjt2), model(dense2, kjt2))
 
 
-def test_torch_export_save_load_run(tmp_path):
+@pytest.mark.parametrize("model_kind", ["robe", "hybrid_hot"])
+def test_torch_export_save_load_run(tmp_path, model_kind):
     """``torch.export`` captures the lookup as ``robe_dist::pooled_lookup``; the saved program runs
-    after ``torch.export.load`` with the op registered by importing robe_dist.ops."""
-    model = dlrm(robe("paper")).eval()
+    after ``torch.export.load`` with the op registered by importing robe_dist.ops (also with exact
+    rows for hot ids, routed by their buffers)."""
+    if model_kind == "robe":
+        ebc = robe("paper")
+    else:
+        torch.manual_seed(0)
+        ebc = RobeHybridEmbeddingBagCollection(TABLES, RobeConfig(997, block_size=8), max_full_rows=60,
+                                               hot_ids={"t1": [0, 3, 7], "t2": range(0, 150, 2)})  # fmt: skip
+    model = dlrm(ebc).eval()
     dense, kjt = batch()
     ep = torch.export.export(model, (dense, kjt), strict=False)
     ops_in_graph = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
