@@ -1,8 +1,9 @@
 """Give it a memory budget, get a placement: which tables keep full rows, how large the ROBE array is.
 
 ``plan_placement(tables, budget, stats)`` decides, for every table, *full* (an ordinary table of
-``num_embeddings x dim`` floats: exact rows) or *ROBE* (a share of one array), and sizes the array
-with the bytes the full tables leave. The rule minimises a model of the error that collisions put
+``num_embeddings x dim`` floats: exact rows) or *ROBE* (a share of one array, with exact rows for
+its hottest ids where that pays), and sizes the array with the bytes the full tables and exact
+rows leave. The rule minimises a model of the error that collisions put
 into the embeddings, measured against the training split's id statistics
 (``robe_dist.data.stats``; without them every table's ids are taken as equally frequent):
 
@@ -28,11 +29,18 @@ into the embeddings, measured against the training split's id statistics
 * Full tables have no collisions but cost ``num_embeddings x dim`` floats of the budget, which
   shrinks ``m`` and raises ``E`` for the tables left in the array.
 
-Greedy: starting from every table in the array, the table whose move to full rows lowers ``E``
-the most per float is moved, until nothing fits; the best placement seen on the way wins (it can
-be the start: everything in the array). Ids are grouped in power-of-two count bins per table
-(``TableStats``), and ``lambda`` of every bin is a sum of per-table terms computed once, so
-planning 26 tables takes milliseconds.
+* Exact rows for hot ids: a table can also stay in the array but give its most frequent ids rows
+  of their own (``hot_rows``; the ids from ``TableStats.top_ids``), at one row per id plus a tail
+  row. Those ids leave the array: they no longer lose signal, nor take it from the others. Within
+  a large Zipf-like table the hottest ids are few and carry much of its mass, so a few hundred rows
+  remove most of the worst collisions (hot with hot).
+
+Greedy: starting from every table in the array, the move that lowers ``E`` the most per float is
+taken, until nothing fits: a whole table to full rows, or the next power-of-two count bin of a
+table's hottest ids to exact rows; the best placement seen on the way wins (it can be the start:
+everything in the array). Ids are grouped in power-of-two count bins per table (``TableStats``),
+every move changes ``lambda`` of all bins by one precomputed column, and all candidates of a step
+are scored at once, so planning 26 tables takes milliseconds.
 
 Example::
 
@@ -49,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from robe_dist.data.stats import TableStats
 
@@ -156,7 +164,8 @@ class TableChoice:
     placement: str
     """``"full"`` or ``"robe"``."""
     bytes: int
-    """Bytes of its full table (``"full"``), or 0 (its share of the array is not separable)."""
+    """Bytes of its full table (``"full"``), or of its exact rows (``"robe"``; its share of the
+    array is not separable)."""
     distinct: Optional[int]
     """Distinct ids seen in the training split (``None`` without statistics)."""
     occurrence_share: float
@@ -164,6 +173,9 @@ class TableChoice:
     expected_error: float
     """Its part of ``E`` relative to its occurrences (0 for full tables): the expected fraction of
     its signal lost to collisions in the model above."""
+    hot_rows: int = 0
+    """``"robe"`` tables: ids with exact rows (its most frequent; ``bytes`` counts them and the
+    tail row), the others in the array."""
 
 
 @dataclass
@@ -184,6 +196,8 @@ class Placement:
     """Active elements per array slot: distinct ids in the array x dim / array size."""
     used_stats: bool
     notes: List[str] = field(default_factory=list)
+    hot_ids: Dict[str, np.ndarray] = field(default_factory=dict)
+    """The ids with exact rows of each ``"robe"`` table that has any (``RobeHybridEmbeddingBagCollection``'s ``hot_ids``)."""
 
     @property
     def full_tables(self) -> List[str]:
@@ -210,7 +224,10 @@ class Placement:
         """The decision, as printed by the trainer and ``robe-data plan``."""
         lines = [
             f"placement for budget {self.budget} = {self.budget_bytes:,} bytes (full tables: {self.full_table_bytes:,} bytes): "
-            f"{len(self.full_tables)} full tables ({sum(t.bytes for t in self.tables):,} bytes) + ROBE array of "
+            f"{len(self.full_tables)} full tables ({sum(t.bytes for t in self.tables if t.placement == 'full'):,} bytes) + "
+            + (f"exact rows for {sum(t.hot_rows for t in self.tables):,} hot ids of {len(self.hot_ids)} tables "
+               f"({sum(t.bytes for t in self.tables if t.placement == 'robe'):,} bytes) + " if self.hot_ids else "")
+            + f"ROBE array of "
             f"{self.array_size:,} floats ({self.array_size * BYTES_PER_FLOAT:,} bytes, Z={self.block_size}) for "
             f"{len(self.robe_tables)} tables; {self.compression:,.1f}x smaller than the full tables",
         ]
@@ -220,12 +237,14 @@ class Placement:
                 f"expected signal lost to collisions {self.expected_error:.2%} of all occurrences"
                 + ("" if self.used_stats else " (no id statistics: ids taken as uniform over each table)")
             )
-        lines.append(f"  {'table':<14} {'place':<5} {'rows':>12} {'distinct':>10} {'occ.':>6} {'bytes':>14} {'lost':>7}")
+        lines.append(f"  {'table':<14} {'place':<5} {'rows':>12} {'distinct':>10} {'occ.':>6} {'exact':>8} {'bytes':>14} {'lost':>7}")
         for t in self.tables:
             distinct = f"{t.distinct:,}" if t.distinct is not None else "-"
             lost = f"{t.expected_error:.1%}" if t.placement == "robe" else "-"
+            exact = f"{t.rows:,}" if t.placement == "full" else f"{t.hot_rows:,}"
             lines.append(
-                f"  {t.name:<14} {t.placement:<5} {t.rows:>12,} {distinct:>10} {t.occurrence_share:>6.1%} {t.bytes:>14,} {lost:>7}"
+                f"  {t.name:<14} {t.placement:<5} {t.rows:>12,} {distinct:>10} {t.occurrence_share:>6.1%} {exact:>8} "
+                f"{t.bytes:>14,} {lost:>7}"
             )
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -250,52 +269,73 @@ class Placement:
             raise ValueError("build_collection: the tables are not the ones this placement was planned for")
         if not self.robe_tables:
             return EmbeddingBagCollection(tables=list(tables), device=device)
-        if not self.full_tables:
+        if not self.full_tables and not self.hot_ids:
             return RobeEmbeddingBagCollection(list(tables), self.robe_config(**robe_kwargs), device=device)
         return RobeHybridEmbeddingBagCollection(
-            list(tables), self.robe_config(**robe_kwargs), robe_tables=self.robe_tables, device=device
-        )
+            list(tables), self.robe_config(**robe_kwargs), robe_tables=self.robe_tables, device=device,
+            hot_ids={k: v.tolist() for k, v in self.hot_ids.items()} or None,
+        )  # fmt: skip
 
     def to_dict(self) -> Dict:
         return {
             "budget": str(self.budget), "budget_bytes": self.budget_bytes, "full_table_bytes": self.full_table_bytes,
             "used_bytes": self.used_bytes, "compression": round(self.compression, 3), "array_size": self.array_size,
             "block_size": self.block_size, "full_tables": self.full_tables, "robe_tables": self.robe_tables,
+            "hot_rows": {k: len(v) for k, v in self.hot_ids.items()},
             "expected_error": self.expected_error, "load": self.load, "collision_probability": self.collision_probability,
             "used_stats": self.used_stats, "notes": self.notes,
         }  # fmt: skip
 
 
 class _ErrorModel:
-    """``E`` of the module doc for any set of tables in the array and any array size."""
+    """``E`` of the module doc for any set of count bins in the array and any array size.
+
+    Bins, not tables, are the unit: a table in the array contributes all its bins but those whose
+    ids have exact rows (its hottest, ``cut``)."""
 
     def __init__(self, ids: List[np.ndarray], counts: List[np.ndarray], dims: np.ndarray) -> None:
         self.owner = np.repeat(np.arange(len(ids)), [len(a) for a in ids])
         self.n = np.concatenate(ids)
         self.c = np.concatenate(counts)
-        d = dims[self.owner]
-        # share[k, j] = c_j / (c_k + c_j): what an id of bin k loses to one collision with bin j
+        self.d = dims[self.owner]
+        # w[k, j] = c_j / (c_k + c_j) * n_j * d_j: an id of bin k's collisions with bin j, times m
         share = self.c[None, :] / (self.c[:, None] + self.c[None, :])
-        onehot = np.zeros((len(self.n), len(ids)))
-        onehot[np.arange(len(self.n)), self.owner] = 1.0
-        # per_table[k, u] = sum over bins j of table u of share[k, j] * n_j * d_j (one id's collisions
-        # with table u, times m); an id does not collide with itself
-        self.per_table = (share * (self.n * d)[None, :]) @ onehot
-        self.per_table[np.arange(len(self.n)), self.owner] -= 0.5 * d
+        self.w = share * (self.n * self.d)[None, :]
         self.mass = self.n * self.c
+        # the bins of each table, hottest first (a cut of k takes the table's first k)
+        self.hottest = [np.flatnonzero(self.owner == t)[np.argsort(-self.c[self.owner == t], kind="stable")]
+                        for t in range(len(ids))]  # fmt: skip
 
-    def lost(self, robe: np.ndarray, m: float) -> np.ndarray:
+    def inside(self, robe: np.ndarray, cut: Optional[np.ndarray] = None) -> np.ndarray:
+        """Bins in the array: those of ``robe`` tables, less each table's ``cut`` hottest."""
+        inside = robe[self.owner].copy()
+        if cut is not None:
+            for t in np.flatnonzero(cut):
+                inside[self.hottest[t][: cut[t]]] = False
+        return inside
+
+    def sums(self, inside: np.ndarray) -> np.ndarray:
+        """``m * lambda_k / gamma`` of every bin (an id does not collide with itself)."""
+        return self.w[:, inside].sum(axis=1) - 0.5 * self.d
+
+    def total(self, inside: np.ndarray, sums: np.ndarray, m: float) -> float:
+        if m <= 0 or not inside.any():
+            return 0.0
+        lam = COLLISION_WEIGHT * np.maximum(sums[inside] / m, 0.0)
+        return float((self.mass[inside] * lam / (1.0 + lam)).sum())
+
+    def lost(self, robe: np.ndarray, m: float, cut: Optional[np.ndarray] = None) -> np.ndarray:
         """Expected lost occurrences per table (0 for tables not in the array)."""
         out = np.zeros(len(robe))
-        if not robe.any() or m <= 0:
+        inside = self.inside(robe, cut)
+        if not inside.any() or m <= 0:
             return out
-        inside = robe[self.owner]
-        lam = COLLISION_WEIGHT * np.maximum(self.per_table[inside][:, robe].sum(axis=1) / m, 0.0)
+        lam = COLLISION_WEIGHT * np.maximum(self.sums(inside)[inside] / m, 0.0)
         np.add.at(out, self.owner[inside], self.mass[inside] * lam / (1.0 + lam))
         return out
 
-    def __call__(self, robe: np.ndarray, m: float) -> float:
-        return float(self.lost(robe, m).sum())
+    def __call__(self, robe: np.ndarray, m: float, cut: Optional[np.ndarray] = None) -> float:
+        return float(self.lost(robe, m, cut).sum())
 
 
 class _Problem:
@@ -323,6 +363,7 @@ class _Problem:
                     f"{sorted(by_feature)[:6]}...): statistics of another dataset? Recompute them (robe-data stats)"
                 )
         ids, counts, occurrences, self.distinct = [], [], [], []
+        self.top: List[Optional[np.ndarray]] = []  # each table's most frequent ids, where known
         for t in tables:
             if by_feature is not None:
                 st = by_feature[t.feature_names[0]]
@@ -331,39 +372,64 @@ class _Problem:
                 counts.append(c)
                 occurrences.append(float(st.occurrences))
                 self.distinct.append(st.distinct)
+                self.top.append(st.top_ids)
             else:  # one occurrence per sample spread evenly over the rows
                 ids.append(np.array([float(t.num_embeddings)]))
                 counts.append(np.array([1.0 / t.num_embeddings]))
                 occurrences.append(1.0)
                 self.distinct.append(None)
+                self.top.append(None)
         self.occ = np.array(occurrences)
         self.active = np.array([d if d is not None else r for d, r in zip(self.distinct, self.rows)]) * self.dims
         self.error = _ErrorModel(ids, counts, self.dims)
+        # how many of a table's hottest bins can get exact rows: their ids must be among the known
+        # most frequent ones, and at least one bin stays in the array (all of them: a full table)
+        self.hot_limit = np.zeros(len(tables), dtype=np.int64)
+        for i, top in enumerate(self.top):
+            if top is None or len(tables[i].feature_names) != 1 or tables[i].pooling != PoolingType.SUM:
+                continue
+            sizes = np.cumsum(self.error.n[self.error.hottest[i]])
+            self.hot_limit[i] = min(int(np.searchsorted(sizes, len(top), side="right")), len(sizes) - 1)
 
-    def array_for(self, full: np.ndarray) -> float:
-        return self.budget_floats - float(self.cost[full].sum())
+    def hot_count(self, t: int, cut: int) -> int:
+        """Ids of table ``t`` with exact rows when its ``cut`` hottest bins are cut."""
+        return int(self.error.n[self.error.hottest[t][:cut]].sum())
 
-    def placement(self, full: np.ndarray, notes: List[str]) -> Placement:
+    def hot_cost(self, cut: np.ndarray) -> np.ndarray:
+        """Floats of each table's exact rows: one per hot id and a tail row (0 without a cut)."""
+        return np.array([(self.hot_count(t, int(k)) + 1) * self.dims[t] if k else 0.0 for t, k in enumerate(cut)])
+
+    def array_for(self, full: np.ndarray, cut: Optional[np.ndarray] = None) -> float:
+        hot = float(self.hot_cost(cut).sum()) if cut is not None else 0.0
+        return self.budget_floats - float(self.cost[full].sum()) - hot
+
+    def placement(self, full: np.ndarray, notes: List[str], cut: Optional[np.ndarray] = None) -> Placement:
         robe = ~full
-        array_size = int(self.array_for(full)) if robe.any() else 0
-        lost = self.error.lost(robe, array_size)
+        cut = np.zeros(len(full), dtype=np.int64) if cut is None else np.where(full, 0, cut)
+        array_size = int(self.array_for(full, cut)) if robe.any() else 0
+        lost = self.error.lost(robe, array_size, cut)
         total_occ = max(self.occ.sum(), 1e-300)
+        hot_cost = self.hot_cost(cut)
+        hot_ids = {t.name: self.top[i][: self.hot_count(i, int(cut[i]))] for i, t in enumerate(self.tables) if cut[i]}
         choices = [
             TableChoice(
                 name=t.name, features=list(t.feature_names), rows=int(t.num_embeddings), dim=int(t.embedding_dim),
-                placement="full" if full[i] else "robe", bytes=int(self.cost[i]) * BYTES_PER_FLOAT if full[i] else 0,
+                placement="full" if full[i] else "robe",
+                bytes=int(self.cost[i] if full[i] else hot_cost[i]) * BYTES_PER_FLOAT,
                 distinct=self.distinct[i], occurrence_share=float(self.occ[i] / total_occ),
                 expected_error=float(min(lost[i] / max(self.occ[i], 1e-300), 1.0)),
+                hot_rows=len(hot_ids.get(t.name, ())),
             )  # fmt: skip
             for i, t in enumerate(self.tables)
         ]
-        if robe.any() and not full.any():
+        if robe.any() and not full.any() and not cut.any():
             notes.append("every table is in the ROBE array")
+        active = float(self.active[robe].sum() - sum(len(hot_ids.get(t.name, ())) * self.dims[i] for i, t in enumerate(self.tables)))
         return Placement(
             budget=self.budget, budget_bytes=int(self.budget_bytes), full_table_bytes=self.full_floats * BYTES_PER_FLOAT,
             tables=choices, array_size=array_size, block_size=self.block_size,
-            expected_error=float(lost.sum() / total_occ), load=float(self.active[robe].sum() / array_size) if array_size else 0.0,
-            used_stats=self.used_stats, notes=notes,
+            expected_error=float(lost.sum() / total_occ), load=active / array_size if array_size else 0.0,
+            used_stats=self.used_stats, notes=notes, hot_ids=hot_ids,
         )  # fmt: skip
 
     def check_array(self, full: np.ndarray, what: str) -> None:
@@ -381,8 +447,10 @@ def plan_placement(
     budget: Union[str, int, float, Budget],
     stats: Optional[Sequence[TableStats]] = None,
     block_size: int = 32,
+    hot_rows: bool = False,
 ) -> Placement:
-    """Chooses full tables and the ROBE array size for ``budget`` (see the module doc).
+    """Chooses full tables, exact rows for hot ids and the ROBE array size for ``budget`` (see the
+    module doc).
 
     Args:
         tables: every table (``num_embeddings`` is what a full table costs; ids of a full table
@@ -391,6 +459,10 @@ def plan_placement(
         stats: id statistics of the training split, one per table's first feature, matched by
             feature name (``robe_dist.data.stats``); ``None``: uniform ids.
         block_size: the array's Z; every ``embedding_dim`` must be a multiple of it.
+        hot_rows: the most frequent ids of tables in the array may get exact rows (where the
+            statistics list them: ``TableStats.top_ids``); ``False`` (default): whole tables only.
+            Measured on synthetic data, the rule spends too much on exact rows at 10x and 1000x
+            (docs/placement.md): an option to study, not yet a default.
 
     Raises:
         ValueError: a budget below one embedding of array, statistics of other features, a
@@ -402,32 +474,72 @@ def plan_placement(
             np.ones(len(tables), dtype=bool),
             [f"the budget ({pb.budget}) covers every table as a full table: no compression, no ROBE array"],
         )
-    full = np.zeros(len(tables), dtype=bool)
+    n_tables = len(tables)
+    full = np.zeros(n_tables, dtype=bool)
+    cut = np.zeros(n_tables, dtype=np.int64)
     pb.check_array(full, "with every table in it")
-    error, cost = pb.error, pb.cost
+    em, cost, dims = pb.error, pb.cost, pb.dims
+    limit = pb.hot_limit if hot_rows else np.zeros(n_tables, dtype=np.int64)
+    owner_onehot = np.zeros((len(em.n), n_tables), dtype=bool)
+    owner_onehot[np.arange(len(em.n)), em.owner] = True
+    inside = np.ones(len(em.n), dtype=bool)
+    sums = em.sums(inside)
+    per_table = em.w @ owner_onehot  # [bins, tables]: the sums' part of each table's inside bins
+    spent = np.zeros(n_tables)  # floats each table takes outside the array (full table or exact rows)
     m = float(pb.budget_floats)
-    best_full, best_err = full.copy(), error(~full, m)
+
+    def totals(new_inside: np.ndarray, new_sums: np.ndarray, new_m: np.ndarray) -> np.ndarray:
+        """E of each candidate (columns)."""
+        lam = COLLISION_WEIGHT * np.maximum(new_sums / np.maximum(new_m, 1e-300)[None, :], 0.0)
+        return (np.where(new_inside, em.mass[:, None] * lam / (1.0 + lam), 0.0)).sum(axis=0)
+
+    best = (full.copy(), cut.copy(), em.total(inside, sums, m))
     while True:
-        current = error(~full, m)
-        choice, choice_score = None, -math.inf
-        for t in np.flatnonzero(~full):
-            if m - cost[t] < pb.min_array:
-                continue
-            trial = full.copy()
-            trial[t] = True
-            if trial.all():
-                continue  # at least one table stays in the array (all-full did not fit)
-            score = (current - error(~trial, m - cost[t])) / cost[t]
-            if score > choice_score:
-                choice, choice_score = t, score
-        if choice is None:
+        current = em.total(inside, sums, m)
+        open_t = ~full
+        # whole tables: every inside bin of t leaves; t's exact rows (if any) are replaced by the table
+        move = np.maximum(cost - spent, 1e-9)
+        ok_full = open_t & (m - move >= pb.min_array) & (open_t.sum() > 1)
+        # the next hottest bin of t gets exact rows (and t a tail row at its first cut)
+        nxt = np.array([em.hottest[t][cut[t]] if cut[t] < limit[t] else -1 for t in range(n_tables)])
+        ok_hot = open_t & (nxt >= 0)
+        hot_move = np.where(ok_hot, em.n[np.maximum(nxt, 0)] * dims + np.where(cut == 0, dims, 0.0), np.inf)
+        ok_hot &= m - hot_move >= pb.min_array
+        scores = np.full(2 * n_tables, -np.inf)
+        if ok_full.any():
+            ts = np.flatnonzero(ok_full)
+            new_inside = inside[:, None] & ~owner_onehot[:, ts]
+            scores[ts] = (current - totals(new_inside, sums[:, None] - per_table[:, ts], m - move[ts])) / move[ts]
+        if ok_hot.any():
+            ts = np.flatnonzero(ok_hot)
+            js = nxt[ts]
+            new_inside = np.repeat(inside[:, None], len(ts), axis=1)
+            new_inside[js, np.arange(len(ts))] = False
+            scores[n_tables + ts] = (current - totals(new_inside, sums[:, None] - em.w[:, js], m - hot_move[ts])) / hot_move[ts]
+        k = int(np.argmax(scores))
+        if not np.isfinite(scores[k]):
             break
-        full[choice] = True
-        m -= cost[choice]
-        err = error(~full, m)
-        if err < best_err:
-            best_full, best_err = full.copy(), err
-    return pb.placement(best_full, [])
+        if k < n_tables:  # the whole table
+            t = k
+            sums = sums - per_table[:, t]
+            per_table[:, t] = 0.0
+            inside &= ~owner_onehot[:, t]
+            m -= move[t]
+            spent[t] = cost[t]
+            full[t], cut[t] = True, 0
+        else:
+            t = k - n_tables
+            j = nxt[t]
+            sums = sums - em.w[:, j]
+            per_table[:, t] -= em.w[:, j]
+            inside[j] = False
+            m -= hot_move[t]
+            spent[t] += hot_move[t]
+            cut[t] += 1
+        err = em.total(inside, sums, m)
+        if err < best[2]:
+            best = (full.copy(), cut.copy(), err)
+    return pb.placement(best[0], [], best[1])
 
 
 def evaluate_placement(

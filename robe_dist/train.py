@@ -161,7 +161,7 @@ class Trainer:
         self.placement: Optional[Placement] = None
         array_size = None
         if cfg.robe.budget is not None:
-            stats = self.data.table_stats() if cfg.robe.features == "auto" else None
+            stats = self.data.table_stats(top_ids=cfg.robe.hot_rows) if cfg.robe.features == "auto" else None
             self.placement = place_tables(cfg, tables, robe_names, stats)
             robe_names, array_size = self.placement.robe_tables, self.placement.array_size or None
             logger.info("%s", self.placement.describe())
@@ -177,8 +177,9 @@ class Trainer:
                 "%s: a vocabulary written before robe-data vocab stored its values: robe-predict will score npy "
                 "datasets with this model, but raw Criteo rows only with --vocab of a rebuilt vocabulary", self.data.path
             )
-        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids, vocab)
-        model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size), env.device)
+        hot_ids = self.placement.hot_ids if self.placement is not None else {}
+        self.model_spec = model_spec(cfg, tables, robe_names, array_size, {f: sizes[f] for f in bounded}, ids, vocab, hot_ids)
+        model = build_dlrm(cfg, build_collection(cfg, tables, robe_names, array_size, hot_ids=hot_ids), env.device)
         opt_cls, opt_kwargs = optimizer_spec(cfg.optim)
         self.model = shard_model(model, cfg, env, opt_cls, opt_kwargs)
         self.robe = robe_modules(self.model)

@@ -130,6 +130,13 @@ class RobeSection:
     (``100x``). Required by ``features: auto``; with ``all`` or a list, the array gets what the
     full tables leave. Set this or ``array_size``, not both."""
 
+    hot_rows: bool = False
+    """With ``features: auto``: let the planner also give the most frequent ids of the tables it
+    keeps in the array exact rows (a small ordinary table per such table, one row per hot id and a
+    tail row; the array keeps their other ids), where the statistics list them (``robe-data
+    stats`` / ``vocab``). Off by default: on this project's synthetic data the planner's rule
+    spends too much on them (docs/placement.md: -0.003 AUC at 10x, +0.0004 at 100x, -0.005 at 1000x)."""
+
     array_size: Optional[int] = None
     """Length of the array in float32 elements (the paper's CriteoTB runs: 27,000,000). ``null``:
     from ``robe.budget``, else 1,000,000."""

@@ -135,8 +135,9 @@ def _parser() -> argparse.ArgumentParser:
         "stats",
         help="per-table id statistics of the train split (for robe.features: auto)",
         description="One pass over the train split's sparse ids (all files but the last): per table, the "
-        "distinct ids, occurrences and a histogram of the ids' counts in power-of-two bins. Written to "
-        "DIR/table_stats.json (robe-data vocab writes it too); the placement planner reads it.",
+        "distinct ids, occurrences, a histogram of the ids' counts in power-of-two bins and the most "
+        "frequent ids. Written to DIR/table_stats.json and DIR/table_top_ids.npz (robe-data vocab writes "
+        "them too); the placement planner reads them.",
     )
     sta.add_argument("--data", "-d", required=True, metavar="DIR", help="dataset directory")
     sta.add_argument("--all-files", action="store_true", help="count every file, not only the train split")
@@ -144,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     pla = sub.add_parser(
         "plan",
         help="show the placement of tables (full or ROBE) for a memory budget",
-        description="Plan which tables keep full rows and how large the ROBE array is for a budget "
+        description="Plan which tables keep full rows, which hot ids get exact rows and how large the ROBE array is for a budget "
         "(bytes such as 64MB, or a compression ratio such as 100x against the full tables), from the "
         "dataset's table sizes and id statistics (table_stats.json; computed first if missing). "
         "Prints the decision as robe-train would (robe.features: auto).",
@@ -154,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     pla.add_argument("--dim", type=int, default=16, help="embedding dim of every table (default 16)")
     pla.add_argument("--block-size", type=int, default=32, help="Z of the array (default 32; at most --dim)")
     pla.add_argument("--no-stats", action="store_true", help="ignore id statistics: sizes only")
+    pla.add_argument("--hot-rows", action="store_true", help="let the planner give hot ids exact rows (robe.hot_rows: true)")
     pla.add_argument("--json", action="store_true", help="print the decision as JSON")
 
     inf = sub.add_parser(
@@ -211,9 +213,10 @@ def _plan(args: argparse.Namespace) -> None:
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=int(n), feature_names=[f])
         for f, n in zip(DEFAULT_CAT_NAMES, sizes)
     ]
-    stats = None if args.no_stats else ensure_table_stats(args.data)
+    stats = None if args.no_stats else ensure_table_stats(args.data, top_ids=args.hot_rows)
     t0 = time.perf_counter()
-    placement = plan_placement(tables, args.budget, stats, block_size=min(args.block_size, args.dim))
+    placement = plan_placement(tables, args.budget, stats, block_size=min(args.block_size, args.dim),
+                               hot_rows=args.hot_rows)  # fmt: skip
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({**placement.to_dict(), "planning_s": seconds}, indent=1))

@@ -3,7 +3,9 @@
 For every table: the distinct ids seen, the occurrences, and a histogram of the ids' counts in
 power-of-two bins (bin ``k`` holds the ids seen ``2**k .. 2**(k+1) - 1`` times: how many, and
 how many occurrences they account for). A few hundred numbers describe a 40M-id table, enough for
-``robe_dist.placement`` to tell hot ids from the tail.
+``robe_dist.placement`` to tell hot ids from the tail. And the most frequent ids themselves (up to
+``TOP_IDS`` per table, with their counts, in ``table_top_ids.npz`` beside the JSON): the planner
+gives the hottest ids of the tables it keeps in the ROBE array exact rows.
 
 Computed in one pass over the train split's sparse ids (``compute_table_stats``; ``robe-data
 vocab`` writes them as a by-product of its counting pass), stored as ``table_stats.json`` in the
@@ -17,18 +19,21 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES
-from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest, write_json_atomic
+from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest, write_atomic, write_json_atomic
 
 STATS_NAME = "table_stats.json"
+TOP_IDS_NAME = "table_top_ids.npz"
 STATS_VERSION = 1
 CHUNK_ROWS = 1 << 20
+#: The most frequent ids kept per table (with their counts): what the planner can give exact rows.
+TOP_IDS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,33 @@ class TableStats:
     """``bin_ids[k]``: ids seen between ``2**k`` and ``2**(k+1) - 1`` times."""
     bin_counts: List[int]
     """``bin_counts[k]``: their occurrences."""
+    top_ids: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    """int64: the ``TOP_IDS`` most frequent ids, most frequent first (ties: smaller id first), as
+    the dataset stores them; ``None`` where unknown (statistics written before they were kept)."""
+    top_counts: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    """int64: their counts."""
 
     @classmethod
-    def from_counts(cls, name: str, rows: int, counts: np.ndarray) -> "TableStats":
-        """From the count of every distinct id (any order)."""
+    def from_counts(cls, name: str, rows: int, counts: np.ndarray, ids: Optional[np.ndarray] = None) -> "TableStats":
+        """From the count of every distinct id (any order); with ``ids`` (the id of each count),
+        also the most frequent ids."""
         counts = np.asarray(counts, dtype=np.int64)
-        counts = counts[counts > 0]
+        seen = counts > 0
+        counts = counts[seen]
         bins = np.floor(np.log2(counts)).astype(np.int64) if len(counts) else np.zeros(0, dtype=np.int64)
         nbins = int(bins.max()) + 1 if len(bins) else 0
+        top_ids = top_counts = None
+        if ids is not None:
+            ids = np.asarray(ids, dtype=np.int64)[seen]
+            k = min(TOP_IDS, len(counts))
+            pick = np.argpartition(-counts, k - 1)[:k] if 0 < k < len(counts) else np.arange(len(counts))
+            order = np.lexsort((ids[pick], -counts[pick]))  # count descending, then id
+            top_ids, top_counts = ids[pick][order], counts[pick][order]
         return cls(
             name=name, rows=int(rows), distinct=len(counts), occurrences=int(counts.sum()),
             bin_ids=np.bincount(bins, minlength=nbins).tolist(),
             bin_counts=np.bincount(bins, weights=counts, minlength=nbins).astype(np.int64).tolist(),
+            top_ids=top_ids, top_counts=top_counts,
         )  # fmt: skip
 
     def histogram(self) -> tuple[np.ndarray, np.ndarray]:
@@ -107,16 +127,35 @@ def compute_table_stats(
     return stats
 
 
-def stats_of_counter(name: str, rows: int, counter) -> TableStats:
-    """``TableStats`` of a ``robe_dist.data.vocab._TableCounter``."""
-    counts = counter.dense[counter.dense > 0] if counter.dense is not None else counter.counts
-    return TableStats.from_counts(name, rows, counts)
+def stats_of_counter(name: str, rows: int, counter, id_map: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> TableStats:
+    """``TableStats`` of a ``robe_dist.data.vocab._TableCounter``; ``id_map`` turns its values into
+    the ids the dataset stores (a vocabulary's indices), for the most frequent ids."""
+    if counter.dense is not None:
+        values = np.flatnonzero(counter.dense)
+        counts = counter.dense[values].astype(np.int64)
+    else:
+        values, counts = counter.keys, counter.counts
+    st = TableStats.from_counts(name, rows, counts, values)
+    if id_map is not None and st.top_ids is not None:
+        mapped = np.asarray(id_map(st.top_ids), dtype=np.int64)
+        kept = mapped != 0  # values below the vocabulary's min_count share index 0: no exact row
+        st = TableStats(**_fields(st), top_ids=mapped[kept], top_counts=st.top_counts[kept])
+    return st
+
+
+def _fields(st: TableStats) -> dict:
+    return {k: getattr(st, k) for k in ("name", "rows", "distinct", "occurrences", "bin_ids", "bin_counts")}
 
 
 def write_table_stats(data_dir: str | os.PathLike, stats: Sequence[TableStats], files: Sequence[str]) -> Path:
-    """Writes ``table_stats.json`` atomically; returns its path."""
-    record = {"version": STATS_VERSION, "files": list(files), "tables": [asdict(s) for s in stats]}
-    return write_json_atomic(Path(data_dir) / STATS_NAME, record)
+    """Writes ``table_stats.json`` (and ``table_top_ids.npz`` where the most frequent ids are known)
+    atomically; returns the JSON's path."""
+    data_dir = Path(data_dir)
+    if all(s.top_ids is not None for s in stats):
+        arrays = {f"{s.name}.{k}": getattr(s, f"top_{k}") for s in stats for k in ("ids", "counts")}
+        write_atomic(data_dir / TOP_IDS_NAME, lambda f: np.savez(f, **arrays))
+    record = {"version": STATS_VERSION, "files": list(files), "tables": [_fields(s) for s in stats]}
+    return write_json_atomic(data_dir / STATS_NAME, record)
 
 
 def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:
@@ -128,15 +167,27 @@ def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:
         record = json.loads(path.read_text())
         if record.get("version") != STATS_VERSION:
             raise DataError(f"{path}: version {record.get('version')}, expected {STATS_VERSION}; recompute it (robe-data stats)")
-        return [TableStats(**t) for t in record["tables"]]
+        stats = [TableStats(**t) for t in record["tables"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a table statistics file ({type(e).__name__}: {e}); recompute it (robe-data stats)") from e
+    top = Path(data_dir) / TOP_IDS_NAME
+    if not top.is_file():
+        return stats  # written before the most frequent ids were kept: the planner keeps whole tables
+    try:
+        with np.load(top) as z:
+            return [TableStats(**_fields(s), top_ids=z[f"{s.name}.ids"], top_counts=z[f"{s.name}.counts"]) for s in stats]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{top}: not the most frequent ids of {path.name}'s tables ({type(e).__name__}: {e}); "
+                        "recompute them (robe-data stats)") from e  # fmt: skip
 
 
-def ensure_table_stats(data_dir: str | os.PathLike, log: Optional[Callable[[str], None]] = print) -> List[TableStats]:
-    """The dataset's statistics, computed over its train split and written first if missing."""
+def ensure_table_stats(
+    data_dir: str | os.PathLike, log: Optional[Callable[[str], None]] = print, top_ids: bool = False
+) -> List[TableStats]:
+    """The dataset's statistics, computed over its train split and written first if missing (with
+    ``top_ids``, also if they were written before the most frequent ids were kept)."""
     stats = read_table_stats(data_dir)
-    if stats is None:
+    if stats is None or (top_ids and any(s.top_ids is None for s in stats)):
         manifest = read_manifest(Path(data_dir))
         names = [f["name"] for f in manifest["files"]]
         files = names[:-1] if len(names) > 1 else names

@@ -217,11 +217,12 @@ def build_vocab(
                 counters[t].add(block[:, columns == t].reshape(-1))
         if log:
             log(f"counted {name} ({len(ids):,} rows)")
-    # the placement planner's input, from the same pass (robe_dist.data.stats)
-    stats = [stats_of_counter(n, counted_rows, c) for n, c in zip(DEFAULT_CAT_NAMES, counters)]
-    maps = []
+    # the placement planner's input, from the same pass (robe_dist.data.stats), its most frequent
+    # ids as the vocabulary's indices
+    stats, maps = [], []
     for t in range(CAT_FEATURE_COUNT):
         maps.append(_TableMap(counters[t].kept(min_count), max_ind_range))
+        stats.append(stats_of_counter(DEFAULT_CAT_NAMES[t], counted_rows, counters[t], id_map=maps[t]))
         counters[t] = None  # type: ignore[call-overload]  # free the counts
     table_sizes = [len(m.kept) + 1 for m in maps]
     write_atomic(out_dir / VALUES_NAME,

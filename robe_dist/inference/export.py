@@ -92,11 +92,12 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     import torch.distributed.checkpoint as dcp
 
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
-    from robe_dist.trainer.model import build_collection, build_dlrm, tables_of_spec
+    from robe_dist.trainer.model import build_collection, build_dlrm, placeholder_hot_ids, tables_of_spec
 
     cfg, spec = checkpoint_parts(checkpoint)
     tables = tables_of_spec(spec)
-    collection = build_collection(cfg, tables, spec["robe_tables"], spec["array_size"], device=torch.device("cpu"))
+    collection = build_collection(cfg, tables, spec["robe_tables"], spec["array_size"], device=torch.device("cpu"),
+                                  hot_ids=placeholder_hot_ids(spec))  # fmt: skip
     train_model = build_dlrm(cfg, collection, torch.device("cpu"))
     state = train_model.state_dict()
     try:

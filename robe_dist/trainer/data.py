@@ -96,10 +96,11 @@ class RunData:
             )
         return [int(s) for s in sizes]
 
-    def table_stats(self) -> List[TableStats]:
+    def table_stats(self, top_ids: bool = False) -> List[TableStats]:
         """Per-table id statistics of the train split (``table_stats.json`` in the dataset; rank 0
-        computes and writes it first if it is missing: one pass over the train split)."""
-        on_rank0(self.env, lambda: ensure_table_stats(self.path, log=logger.info), (DataError, OSError))
+        computes and writes it first if it is missing, or, with ``top_ids``, if it lacks the most
+        frequent ids: one pass over the train split)."""
+        on_rank0(self.env, lambda: ensure_table_stats(self.path, log=logger.info, top_ids=top_ids), (DataError, OSError))
         stats = read_table_stats(self.path)
         assert stats is not None
         return stats

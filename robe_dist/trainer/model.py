@@ -78,11 +78,14 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
 
 
 def model_spec(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int],
-               id_moduli: Dict[str, int], ids: str = "raw", vocab: Optional[Dict] = None) -> Dict:  # fmt: skip
+               id_moduli: Dict[str, int], ids: str = "raw", vocab: Optional[Dict] = None,
+               hot_ids: Optional[Dict[str, Sequence[int]]] = None) -> Dict:  # fmt: skip
     """What ``build_collection`` was given, as JSON: with the run's config it rebuilds the
     model without the data (``robe-export``). ``id_moduli``: features whose ids are taken modulo;
     ``ids``: ``"vocab"`` when the data's ids were remapped by ``robe-data vocab``, else ``"raw"``;
-    ``vocab``: that vocabulary's ``path`` and ``fingerprint`` (robe-predict applies it to raw rows)."""
+    ``vocab``: that vocabulary's ``path`` and ``fingerprint`` (robe-predict applies it to raw rows);
+    ``hot_ids``: the exact-row ids of ROBE tables (their number is kept: the ids themselves are
+    the model's buffers, in its checkpoints)."""
     return {
         "version": 1,
         "ids": ids,
@@ -91,7 +94,14 @@ def model_spec(cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[s
         "robe_tables": list(robe_names),
         "array_size": cfg.robe.robe_config(array_size).array_size if robe_names else None,
         "id_moduli": {f: int(n) for f, n in id_moduli.items()},
+        "hot_rows": {t: len(v) for t, v in (hot_ids or {}).items()},
     }
+
+
+def placeholder_hot_ids(spec: Dict) -> Dict[str, range]:
+    """Hot ids of the right number for a model rebuilt from ``spec`` (loading its checkpoint
+    replaces them with the trained model's)."""
+    return {t: range(n) for t, n in spec.get("hot_rows", {}).items()}
 
 
 def tables_of_spec(spec: Dict) -> List[EmbeddingBagConfig]:
@@ -104,30 +114,31 @@ def place_tables(
     """The placement for ``robe.budget``: planned (``robe.features: auto``, from ``stats``) or,
     for a fixed list of ROBE tables, the array the full tables leave."""
     if cfg.robe.features == "auto":
-        return plan_placement(tables, cfg.robe.budget, stats, block_size=cfg.robe.block_size)
+        return plan_placement(tables, cfg.robe.budget, stats, block_size=cfg.robe.block_size, hot_rows=cfg.robe.hot_rows)
     return evaluate_placement(tables, cfg.robe.budget, robe_names, stats, block_size=cfg.robe.block_size)
 
 
 def build_collection(
     cfg: Config, tables: List[EmbeddingBagConfig], robe_names: List[str], array_size: Optional[int] = None,
-    device: torch.device = torch.device("meta"),
+    device: torch.device = torch.device("meta"), hot_ids: Optional[Dict[str, Sequence[int]]] = None,
 ) -> nn.Module:
     """The embedding collection DLRM reads: all tables in one ROBE array, all full tables (on
-    ``meta``: DMP materialises each rank's shards), both (RobeHybridEmbeddingBagCollection), or
-    quotient-remainder tables (``model.qr_max_rows``, QREmbeddingBagCollection). ``device``: of the
-    full tables (``meta`` for DMP; a real device to load a checkpoint into, as robe-export does).
-    ``array_size`` (a placement's) overrides ``robe.array_size``."""
+    ``meta``: DMP materialises each rank's shards), both (RobeHybridEmbeddingBagCollection, also
+    for exact rows of ``hot_ids``), or quotient-remainder tables (``model.qr_max_rows``,
+    QREmbeddingBagCollection). ``device``: of the full tables (``meta`` for DMP; a real device to
+    load a checkpoint into, as robe-export does). ``array_size`` (a placement's) overrides
+    ``robe.array_size``."""
     robe = cfg.robe.robe_config(array_size) if robe_names else None
     if cfg.model.qr_max_rows is not None:  # validated: no ROBE tables then
         try:
             return QREmbeddingBagCollection(tables, cfg.model.qr_max_rows, cfg.model.qr_operation, device=device)
         except ValueError as e:
             raise PlacementError(f"model.qr_max_rows {cfg.model.qr_max_rows:,}: {e}") from None
-    if len(robe_names) == len(tables):
+    if len(robe_names) == len(tables) and not hot_ids:
         return RobeEmbeddingBagCollection(tables, robe)
     if not robe_names:
         return EmbeddingBagCollection(tables=tables, device=device)
-    return RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=robe_names, device=device)
+    return RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=robe_names, device=device, hot_ids=hot_ids or None)
 
 
 def build_dlrm(cfg: Config, collection: nn.Module, device: torch.device) -> nn.Module:

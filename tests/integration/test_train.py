@@ -393,24 +393,35 @@ shutdown()
 
 
 @pytest.mark.integration
-def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, five_steps):
+@pytest.mark.parametrize("case", ["lists", "hot_rows"])
+def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, five_steps, case):
     """The planner's kind of model (full tables, table-wise with FBGEMM's fused Adagrad or
-    data-parallel with the dense one, next to a ROBE array) trained by the trainer (DMP,
-    TrainPipelineSparseDist) takes the steps that an unsharded copy of it takes with
-    torch.optim.Adagrad on the same batches; the array at its own rate (``optim.robe_lr_factor``)."""
+    data-parallel with the dense one, next to a ROBE array; with ``hot_rows``, also exact rows for
+    the hottest ids of the array's tables, planned from the statistics) trained by the trainer
+    (DMP, TrainPipelineSparseDist) takes the steps that an unsharded copy of it, rebuilt from the
+    checkpoint as robe-export does, takes with torch.optim.Adagrad on the same batches; the array
+    at its own rate (``optim.robe_lr_factor``)."""
     # (five_steps: the data exists)
     overrides = [o for o in SMALL if not o.startswith(("robe.", "optim."))] + [
-        f"data.path={data_dir}", "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]",
-        "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05", "optim.robe_lr_factor=0.4",
+        f"data.path={data_dir}", "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05",
+        "optim.robe_lr_factor=0.4", "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]",
     ]  # fmt: skip
-    p = subprocess.run([sys.executable, "-c", _HYBRID_STEPS, str(tmp_path), "table_wise,data_parallel", *overrides],
+    shardings = "table_wise,data_parallel"
+    if case == "hot_rows":
+        overrides = [o for o in overrides if not o.startswith(("robe.features", "robe.budget", "robe.array_size", "data.vocab"))]
+        overrides += ["data.vocab=true", "robe.features=auto", "robe.budget=20x", "robe.array_size=null", "robe.hot_rows=true",
+                      "robe.block_size=4"]  # fmt: skip
+        shardings = "table_wise"
+    p = subprocess.run([sys.executable, "-c", _HYBRID_STEPS, str(tmp_path), shardings, *overrides],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
     results = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert [r["sharding"] for r in results] == ["table_wise", "data_parallel"]
+    assert [r["sharding"] for r in results] == shardings.split(",")
     for r in results:
         full_kind = "table_wise/fused" if r["sharding"] == "table_wise" else "data_parallel/dense"
-        assert r["kinds"].get(full_kind, 0) >= 19, r["kinds"]  # (+ the ROBE array: data_parallel/dense)
+        assert r["kinds"].get(full_kind, 0) >= (19 if case == "lists" else 2), r["kinds"]  # (+ the array: data_parallel/dense)
         assert any(".robe.array" in n for n in r["diff"]) and any(".full." in n for n in r["diff"])
+        if case == "hot_rows":
+            assert any(".hot.embedding_bags." in n for n in r["diff"]), "the planner gave no hot ids exact rows"
         far = {n: d for n, d in r["diff"].items() if d > 1e-4}  # a step of Adagrad moves a weight by ~lr: 0.05, 0.02
         assert not far, (r["sharding"], far)

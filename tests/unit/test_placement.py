@@ -60,11 +60,26 @@ def test_stats_count_the_train_split(dataset):
         _, counts = np.unique(ids[:, t], return_counts=True)
         assert s.rows == len(ids) == s.occurrences
         assert s == TableStats.from_counts(s.name, len(ids), counts)
+        # the most frequent ids as the dataset stores them: count descending, then id
+        values, counts = np.unique(ids[:, t], return_counts=True)
+        order = np.lexsort((values, -counts))
+        assert s.top_ids.tolist() == values[order].tolist() and s.top_counts.tolist() == counts[order].tolist()
     # robe-data vocab wrote the same statistics of the same split, and they round-trip
-    assert read_table_stats(dataset / "vocab") == stats
+    vocab_stats = read_table_stats(dataset / "vocab")
+    assert vocab_stats == stats
     write_table_stats(dataset, stats, ["day_0", "day_1"])
-    assert read_table_stats(dataset) == stats
+    again = read_table_stats(dataset)
+    assert again == stats and all(np.array_equal(a.top_ids, b.top_ids) for a, b in zip(again, stats))
     assert compute_table_stats(dataset / "vocab", log=None) == stats  # dense ids: the same counts
+    # the vocabulary's most frequent ids are its indices, as its train split stores them
+    remapped = np.concatenate([np.load(part_path(dataset / "vocab", f"day_{d}", "sparse")) for d in (0, 1)])
+    for t, s in enumerate(vocab_stats):
+        values, counts = np.unique(remapped[:, t], return_counts=True)
+        order = np.lexsort((values, -counts))
+        assert s.top_ids.tolist() == values[order].tolist() and s.top_counts.tolist() == counts[order].tolist()
+    # statistics written before the most frequent ids were kept still read, without them
+    (dataset / "table_top_ids.npz").unlink()
+    assert all(s.top_ids is None for s in read_table_stats(dataset))
 
 
 def mlperf_tables(dataset):
@@ -93,6 +108,41 @@ def test_planner_keeps_small_frequent_tables_whole_and_beats_both_extremes(datas
     text = p.describe()
     assert "t_cat_0" in text and "ROBE array" in text and "expected signal lost" in text
     json.dumps(p.to_dict())
+
+
+def test_planner_gives_hot_ids_exact_rows_within_the_budget(dataset):
+    """With the statistics' most frequent ids, the planner may give the hottest ids of tables it
+    keeps in the array exact rows: always its most frequent ones, within the budget, for a lower
+    expected loss than whole tables alone; the collection it builds routes exactly those ids."""
+    tables = mlperf_tables(dataset)
+    stats = read_table_stats(dataset / "vocab")
+    by_feature = {s.name: s for s in stats}
+    full_bytes = sum(t.num_embeddings * 16 * 4 for t in tables)
+    with_hot = []
+    for ratio in (10, 100, 1000):
+        whole = plan_placement(tables, f"{ratio}x", stats, block_size=16, hot_rows=False)
+        hot = plan_placement(tables, f"{ratio}x", stats, block_size=16, hot_rows=True)
+        assert not whole.hot_ids and hot.used_bytes <= full_bytes / ratio + 4 and hot.array_size >= 16
+        assert hot.expected_error <= whole.expected_error
+        for t in hot.tables:
+            if t.placement == "robe" and t.hot_rows:
+                top = by_feature[t.features[0]].top_ids
+                assert hot.hot_ids[t.name].tolist() == top[: t.hot_rows].tolist()
+                assert t.bytes == (t.hot_rows + 1) * 16 * 4  # its rows and a tail row
+            else:
+                assert t.name not in hot.hot_ids
+        with_hot += [hot] if hot.hot_ids else []
+    assert with_hot, "the planner gives some hot ids exact rows on this data"
+    hot = with_hot[0]
+    ebc = hot.build_collection(tables)
+    assert isinstance(ebc, RobeHybridEmbeddingBagCollection)
+    assert ebc.hot_table_names == [f"{n}@hot" for n in hot.hot_ids]
+    assert [c.num_embeddings for c in ebc.hot.embedding_bag_configs()] == [len(v) + 1 for v in hot.hot_ids.values()]
+    assert "exact rows for" in hot.describe() and json.dumps(hot.to_dict())
+    # statistics without the most frequent ids: whole tables only, as before
+    bare = [TableStats(**{k: getattr(s, k) for k in ("name", "rows", "distinct", "occurrences", "bin_ids", "bin_counts")})
+            for s in stats]  # fmt: skip
+    assert not plan_placement(tables, "10x", bare, block_size=16, hot_rows=True).hot_ids
 
 
 def test_planner_without_statistics_uses_sizes():
