@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,11 +34,12 @@ def _split_hot(
 ) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
     """``(robe_input, hot_input)`` for ``features``: both with its keys and lengths.
 
-    ``robe_input`` carries per-sample weights 0 for the hot ids of split features (1 elsewhere), so the array neither reads nor trains them. ``hot_input``'s values
-    are, for split features, the hot id's row in its exact table, or the table's tail row
-    ``hot_rows[slot]`` for every other id (0 for the other features, which the hot tables do not
-    read). ``slot_of``: the hot slot of each split feature. No host
-    synchronisation: the feature of every value is found from the lengths on the device.
+    ``robe_input`` carries per-sample weights 0 for the hot ids of split features (1 elsewhere),
+    so the array neither reads nor trains them. ``hot_input``'s values are, for split features,
+    the hot id's row in its exact table, or the table's tail row ``hot_rows[slot]`` for every
+    other id (0 for the other features, which the hot tables do not read). ``slot_of``: the hot
+    slot of each split feature. No host synchronisation: the feature of every value is found from
+    the lengths on the device.
     """
     values, lengths = features.values(), features.lengths()
     slots = [slot_of.get(k, -1) for k in features.keys()]
@@ -233,9 +235,10 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.hot: Optional[EmbeddingBagCollection] = None
         self._hot_tables: List[EmbeddingBagConfig] = []
         if hot_ids:
-            self._init_hot(hot_ids, robe_cfgs, device)
+            self._init_hot(hot_ids, tables, robe_cfgs, device)
 
-    def _init_hot(self, hot_ids: Dict[str, Sequence[int]], robe_cfgs: List[EmbeddingBagConfig], device) -> None:
+    def _init_hot(self, hot_ids: Dict[str, Sequence[int]], tables: List[EmbeddingBagConfig],
+                  robe_cfgs: List[EmbeddingBagConfig], device) -> None:  # fmt: skip
         """The exact tables of the hot ids and the buffers that route ids to them (``_split_hot``)."""
         by_name = {t.name: t for t in robe_cfgs}
         unknown = sorted(set(hot_ids) - set(by_name))
@@ -269,15 +272,12 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer("hot_base", torch.tensor(base, dtype=torch.long, device=self.hot_keys.device))
         self.register_buffer("hot_rows", torch.tensor(rows, dtype=torch.long, device=self.hot_keys.device))
         self.hot = EmbeddingBagCollection(self._hot_tables, device=device)
-        # the merged columns of every hot table (in the hot child's table order)
-        offsets, col = {}, 0
-        for k, n in zip(self._keys, self._length_per_key):
-            offsets[k] = col
-            col += n
-        names_in_output = dict(zip([t.name for t in self._embedding_bag_configs], get_embedding_names_by_table(self._embedding_bag_configs)))
+        # the output columns of every hot table's base table, in the hot child's table order
+        start = dict(zip(self._keys, itertools.accumulate([0] + self._length_per_key)))
+        output_name = {t.name: names[0] for t, names in zip(tables, get_embedding_names_by_table(tables))}
         self._hot_order = [t.feature_names[0] for t in self._hot_tables]  # the hot child's embedding names
-        cols = [torch.arange(offsets[names_in_output[t.name[: -len(HOT_SUFFIX)]][0]],
-                             offsets[names_in_output[t.name[: -len(HOT_SUFFIX)]][0]] + t.embedding_dim) for t in self._hot_tables]  # fmt: skip
+        cols = [torch.arange(c, c + t.embedding_dim)
+                for t in self._hot_tables for c in [start[output_name[t.name[: -len(HOT_SUFFIX)]]]]]  # fmt: skip
         self.register_buffer("hot_columns", torch.cat(cols).to(self.hot_keys.device), persistent=False)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
