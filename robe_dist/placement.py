@@ -1,9 +1,9 @@
 """Give it a memory budget, get a placement: which tables keep full rows, how large the ROBE array is.
 
 ``plan_placement(tables, budget, stats)`` decides, for every table, *full* (an ordinary table of
-``num_embeddings x dim`` floats: exact rows) or *ROBE* (a share of one array, with exact rows for
-its hottest ids where that pays), and sizes the array with the bytes the full tables and exact
-rows leave. The rule minimises a model of the error that collisions put
+``num_embeddings x dim`` floats: exact rows) or *ROBE* (a share of one array; with
+``hot_rows=True`` also exact rows for its hottest ids), and sizes the array with the bytes the full
+tables and exact rows leave. The rule minimises a model of the error that collisions put
 into the embeddings, measured against the training split's id statistics
 (``robe_dist.data.stats``; without them every table's ids are taken as equally frequent):
 
@@ -33,7 +33,9 @@ into the embeddings, measured against the training split's id statistics
   of their own (``hot_rows``; the ids from ``TableStats.top_ids``), at one row per id plus a tail
   row. Those ids leave the array: they no longer lose signal, nor take it from the others. Within
   a large Zipf-like table the hottest ids are few and carry much of its mass, so a few hundred rows
-  remove most of the worst collisions (hot with hot).
+  remove most of the worst collisions (hot with hot). The model prices no cost for an exact row
+  (a rarely seen id's row is a noisy estimate that a shared slot regularises), and measured on
+  synthetic data it overspends on them: off by default (docs/placement.md).
 
 Greedy: starting from every table in the array, the move that lowers ``E`` the most per float is
 taken, until nothing fits: a whole table to full rows, or the next power-of-two count bin of a
