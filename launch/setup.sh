@@ -65,7 +65,7 @@ PIP_QUIET_ERR() { "${PIP[@]}" "$@" 2> >(grep -vE "^WARNING: Location|dependency 
 
 echo "setup: installing torch $TORCH_VERSION ($STACK), triton $TRITON_VERSION, $FBGEMM_PKG, build tools"
 PIP_QUIET_ERR install "${TORCH_INDEX[@]}" "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" "$FBGEMM_PKG" \
-  "setuptools>=64" wheel numpy pyyaml pytest matplotlib
+  "setuptools>=64" wheel numpy pyyaml pytest pytest-xdist matplotlib
 echo "setup: installing torchrec $TORCHREC_VERSION (--no-deps) and its needs"
 PIP_QUIET_ERR install --no-deps "torchrec==$TORCHREC_VERSION"
 PIP_QUIET_ERR install "${TORCHREC_NEEDS[@]}"
