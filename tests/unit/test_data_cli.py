@@ -31,6 +31,13 @@ def test_synth_info_vocab(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert len(sizes) == 26 and np.load(tmp_path / "v" / "day_0_sparse.npy").max() < max(sizes)
     assert main(["info", "--json", str(tmp_path / "v")]) == 0
     assert json.loads(capsys.readouterr().out)["table_sizes"] == sizes
+    # the vocabulary's most frequent ids are its indices; values below --min-count (index 0) have none
+    with np.load(tmp_path / "v" / "table_top_ids.npz") as top:
+        assert all(top[k].min() >= 1 for k in top.files if k.endswith(".ids") and len(top[k]))
+    # robe-data plan: whole tables by default, exact rows for hot ids with --hot-rows
+    for flags, has_hot in (([], False), (["--hot-rows"], True)):
+        assert main(["plan", "--data", str(tmp_path / "v"), "--budget", "10x", "--json", *flags]) == 0
+        assert bool(json.loads(capsys.readouterr().out)["hot_rows"]) == has_hot
 
 
 def test_ingest_reports_bad_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
