@@ -304,6 +304,8 @@ class _ErrorModel:
         share = self.c[None, :] / (self.c[:, None] + self.c[None, :])
         self.w = share * (self.n * self.d)[None, :]
         self.mass = self.n * self.c
+        self.onehot = np.zeros((len(self.n), len(ids)), dtype=bool)  # [bins, tables]: bin k of table t
+        self.onehot[np.arange(len(self.n)), self.owner] = True
         # the bins of each table, hottest first (a cut of k takes the table's first k)
         self.hottest = [np.flatnonzero(self.owner == t)[np.argsort(-self.c[self.owner == t], kind="stable")]
                         for t in range(len(ids))]  # fmt: skip
@@ -320,24 +322,23 @@ class _ErrorModel:
         """``m * lambda_k / gamma`` of every bin (an id does not collide with itself)."""
         return self.w[:, inside].sum(axis=1) - 0.5 * self.d
 
+    def bin_loss(self, inside: np.ndarray, sums: np.ndarray, m) -> np.ndarray:
+        """Expected lost occurrences of every bin (0 outside the array) for an array of ``m``
+        floats; with ``[bins, candidates]`` arguments and ``m`` per candidate, of each candidate."""
+        lam = COLLISION_WEIGHT * np.maximum(sums / np.maximum(m, 1e-300), 0.0)
+        mass = self.mass if sums.ndim == 1 else self.mass[:, None]
+        return np.where(inside, mass * lam / (1.0 + lam), 0.0)
+
     def total(self, inside: np.ndarray, sums: np.ndarray, m: float) -> float:
-        if m <= 0 or not inside.any():
-            return 0.0
-        lam = COLLISION_WEIGHT * np.maximum(sums[inside] / m, 0.0)
-        return float((self.mass[inside] * lam / (1.0 + lam)).sum())
+        """``E`` of the bins ``inside`` an array of ``m`` floats, given their ``sums``."""
+        return float(self.bin_loss(inside, sums, m).sum()) if m > 0 else 0.0
 
     def lost(self, robe: np.ndarray, m: float, cut: Optional[np.ndarray] = None) -> np.ndarray:
         """Expected lost occurrences per table (0 for tables not in the array)."""
-        out = np.zeros(len(robe))
         inside = self.inside(robe, cut)
-        if not inside.any() or m <= 0:
-            return out
-        lam = COLLISION_WEIGHT * np.maximum(self.sums(inside)[inside] / m, 0.0)
-        np.add.at(out, self.owner[inside], self.mass[inside] * lam / (1.0 + lam))
-        return out
-
-    def __call__(self, robe: np.ndarray, m: float, cut: Optional[np.ndarray] = None) -> float:
-        return float(self.lost(robe, m, cut).sum())
+        if m <= 0:
+            return np.zeros(len(robe))
+        return self.bin_loss(inside, self.sums(inside), m) @ self.onehot
 
 
 class _Problem:
@@ -426,7 +427,7 @@ class _Problem:
         ]
         if robe.any() and not full.any() and not cut.any():
             notes.append("every table is in the ROBE array")
-        active = float(self.active[robe].sum() - sum(len(hot_ids.get(t.name, ())) * self.dims[i] for i, t in enumerate(self.tables)))
+        active = float(self.active[robe].sum() - sum(c.hot_rows * c.dim for c in choices))
         return Placement(
             budget=self.budget, budget_bytes=int(self.budget_bytes), full_table_bytes=self.full_floats * BYTES_PER_FLOAT,
             tables=choices, array_size=array_size, block_size=self.block_size,
@@ -482,8 +483,7 @@ def plan_placement(
     pb.check_array(full, "with every table in it")
     em, cost, dims = pb.error, pb.cost, pb.dims
     limit = pb.hot_limit if hot_rows else np.zeros(n_tables, dtype=np.int64)
-    owner_onehot = np.zeros((len(em.n), n_tables), dtype=bool)
-    owner_onehot[np.arange(len(em.n)), em.owner] = True
+    owner_onehot = em.onehot
     inside = np.ones(len(em.n), dtype=bool)
     sums = em.sums(inside)
     per_table = em.w @ owner_onehot  # [bins, tables]: the sums' part of each table's inside bins
@@ -492,12 +492,11 @@ def plan_placement(
 
     def totals(new_inside: np.ndarray, new_sums: np.ndarray, new_m: np.ndarray) -> np.ndarray:
         """E of each candidate (columns)."""
-        lam = COLLISION_WEIGHT * np.maximum(new_sums / np.maximum(new_m, 1e-300)[None, :], 0.0)
-        return (np.where(new_inside, em.mass[:, None] * lam / (1.0 + lam), 0.0)).sum(axis=0)
+        return em.bin_loss(new_inside, new_sums, new_m[None, :]).sum(axis=0)
 
-    best = (full.copy(), cut.copy(), em.total(inside, sums, m))
+    current = em.total(inside, sums, m)
+    best = (full.copy(), cut.copy(), current)
     while True:
-        current = em.total(inside, sums, m)
         open_t = ~full
         # whole tables: every inside bin of t leaves; t's exact rows (if any) are replaced by the table
         move = np.maximum(cost - spent, 1e-9)
@@ -538,9 +537,9 @@ def plan_placement(
             m -= hot_move[t]
             spent[t] += hot_move[t]
             cut[t] += 1
-        err = em.total(inside, sums, m)
-        if err < best[2]:
-            best = (full.copy(), cut.copy(), err)
+        current = em.total(inside, sums, m)
+        if current < best[2]:
+            best = (full.copy(), cut.copy(), current)
     return pb.placement(best[0], [], best[1])
 
 
