@@ -6,8 +6,10 @@ ends: torchrun prints a traceback and a failure table when a worker exits non-ze
 (``ChildFailedError``) or when it receives SIGTERM / SIGINT itself (``SignalException``, after
 forwarding the signal to its workers). robe-train's workers already said why in one line from rank
 0 (a config or data error: exit 2; a NaN loss: 3; stopped by a signal after checkpointing: 128 +
-signal), so this launcher exits with that status and prints nothing more; for any other failure
-(a crash: the workers printed their tracebacks) it adds one line naming the ranks and statuses::
+signal), so this launcher exits with that status and prints nothing more (also when torchrun
+stopped rank 0 while it was leaving, because another rank had exited first: ``exit_status``); for
+any other failure (a crash: the workers printed their tracebacks) it adds one line naming the
+ranks and statuses::
 
     python -m robe_dist.torchrun --standalone --nproc_per_node=2 -m robe_dist.train --config configs/tiny_synthetic.yaml
 """
@@ -18,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -26,6 +28,26 @@ from torch.distributed.run import parse_args, run
 
 EXPLAINED = {2, 3} | {128 + s.value for s in (signal.SIGTERM, signal.SIGINT)}
 """Exit statuses whose reason robe-train's rank 0 has already printed."""
+
+STOPPED_BY_AGENT = {-signal.SIGTERM.value, -signal.SIGKILL.value}
+"""Statuses of workers that torchrun itself stopped (SIGTERM, then SIGKILL after a grace period)
+because another worker had exited: consequences, not causes."""
+
+
+def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
+    """The launcher's exit status and the line it prints (``None``: the workers said why), from
+    the failed workers' statuses by rank.
+
+    After a user error every rank exits 2 once rank 0 has said why, but the first rank to exit
+    makes torchrun stop the others: rank 0, still leaving the process group, can end as -15. So the
+    status is the lowest rank's explained one when every other failure is explained or was stopped
+    by the agent; anything else (a crash, a segfault) is listed."""
+    explained = [c for _, c in sorted(codes.items()) if c in EXPLAINED]
+    if explained and all(c in EXPLAINED or c in STOPPED_BY_AGENT for c in codes.values()):
+        return explained[0], None
+    listed = ", ".join(f"rank {r} status {c}" for r, c in sorted(codes.items()))
+    first = next(c for _, c in sorted(codes.items()))
+    return (first if 0 < first < 256 else 1), f"torchrun: workers failed ({listed}); their output above says why"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -36,13 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        first = next(iter(codes.values()))
-        if first in EXPLAINED:
-            return first
-        listed = ", ".join(f"rank {r} status {c}" for r, c in codes.items())
-        print(f"torchrun: workers failed ({listed}); their output above says why", file=sys.stderr)
-        return first if 0 < first < 256 else 1
+        status, line = exit_status({rank: f.exitcode for rank, f in e.failures.items()})
+        if line is not None:
+            print(line, file=sys.stderr)
+        return status
     except SignalException as e:
         name = signal.Signals(e.sigval).name
         print(f"torchrun: received {name} and passed it to the workers (see their last line)", file=sys.stderr)

@@ -1,0 +1,35 @@
+"""How robe_dist.torchrun ends a run whose workers failed (the status and the one line)."""
+
+import pytest
+
+from robe_dist.torchrun import exit_status
+
+
+@pytest.mark.parametrize(
+    "codes, status",
+    [
+        ({0: 2, 1: 2}, 2),  # a user error: every rank exits 2
+        ({0: -15, 1: 2}, 2),  # rank 1 left first, torchrun stopped rank 0 as it left the group
+        ({0: -9, 1: 3}, 3),  # a NaN loss, rank 0 killed after the grace period
+        ({0: 143, 1: -15}, 143),  # preempted: checkpointed and left with 128 + SIGTERM
+        ({1: 2, 0: 3}, 3),  # the lowest rank's status, whatever the order torchrun lists them in
+    ],
+)
+def test_explained_statuses_pass_through_silently(codes, status):
+    assert exit_status(codes) == (status, None)
+
+
+@pytest.mark.parametrize(
+    "codes, status",
+    [
+        ({0: 1, 1: -15}, 1),  # a crash: its traceback is above
+        ({0: -11, 1: 2}, 1),  # a segfault is not explained by another rank's user error
+        ({0: -15, 1: -15}, 1),  # stopped from outside with nothing said
+        ({0: 2, 1: 1}, 2),  # one rank crashed while the other met a user error: list both
+    ],
+)
+def test_other_failures_are_listed_in_one_line(codes, status):
+    got, line = exit_status(codes)
+    assert got == status
+    assert line is not None and "\n" not in line
+    assert all(f"rank {r} status {c}" in line for r, c in codes.items())
