@@ -32,7 +32,7 @@ import torch
 
 from robe_dist import hashing
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 """The ``robe_dist._C`` this source expects (csrc/robe_cpu.cpp sets ``ABI_VERSION``)."""
 
 
@@ -137,6 +137,13 @@ def _feature_rows(meta: torch.Tensor) -> List[List[int]]:
     return meta.tolist()  # a host read: this path is the fallback, not the fast one
 
 
+def starts_dtype(array_size: int) -> torch.dtype:
+    """The dtype of ``pooled_lookup``'s block starts: int32 where the array has at most 2^31 - 1
+    slots (every start fits; half the bytes the forward writes and the backward reads again),
+    int64 beyond. The same on every device (C++ ``starts_dtype``)."""
+    return torch.int32 if array_size <= torch.iinfo(torch.int32).max else torch.int64
+
+
 def _bag_bounds(offsets: torch.Tensor, k: int, batch: int, num_values: int) -> torch.Tensor:
     off = offsets[k * batch : k * batch + batch + 1]
     bad = (off[1:] < off[:-1]).any() | (off[0] < 0) | (off[-1] > num_values)
@@ -154,7 +161,7 @@ def torch_forward(
     """``pooled_lookup`` in vectorised PyTorch (any device): the reference and the fallback."""
     n = values.numel()
     out = array.new_zeros(batch, out_dim)
-    starts = torch.full((occurrences, n, max_blocks), -1, dtype=torch.long, device=array.device)
+    starts = torch.full((occurrences, n, max_blocks), -1, dtype=starts_dtype(array.numel()), device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.long, device=array.device)
     values, offsets = values.long(), offsets.long()
     num_starts = array.numel() - block_size + 1
@@ -171,7 +178,7 @@ def torch_forward(
             if bool(bad.any()):
                 raise ValueError(_bad_id_message(int(ids[bad][0]), f"#{f}", num_embeddings))
             s = hashing.paper_starts_torch(ids, key, nb, num_starts, tuple(paper_constants))
-        starts[r, lo:hi, :nb] = s
+        starts[r, lo:hi, :nb] = s.to(starts.dtype)
         if pooling == POOLING_IDS["MEAN"] and weights is not None:
             raise ValueError(_MEAN_WEIGHTS_MESSAGE.format(feature=f"#{f}"))
         emb = array[(s.unsqueeze(-1) + within).reshape(len(ids), dim)]
@@ -204,7 +211,7 @@ def torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, 
         if pooling == POOLING_IDS["MEAN"]:
             scale = scale / lengths.clamp(min=1).to(grad_out.dtype)[bag_of_id]
         g = grad_out[bag_of_id, col : col + dim].reshape(hi - lo, nb, block_size) * scale[:, None, None]
-        slots = (starts[r, lo:hi, :nb].unsqueeze(-1) + within).reshape(-1)
+        slots = (starts[r, lo:hi, :nb].long().unsqueeze(-1) + within).reshape(-1)
         grad.index_add_(0, slots, g.reshape(-1))
     return grad
 
@@ -252,7 +259,8 @@ def pooled_lookup(
     block_size: int,
     paper_constants: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled ROBE embeddings: ``(out [batch, out_dim], starts [R * N * max_blocks], status [2])``."""
+    """Pooled ROBE embeddings: ``(out [batch, out_dim], starts [R * N * max_blocks], status [2])``;
+    ``starts`` has dtype ``starts_dtype(array.numel())``."""
     return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
                          block_size, paper_constants)  # fmt: skip
 
@@ -323,7 +331,7 @@ def _pooled_lookup_fake(array, values, weights, offsets, meta, batch, out_dim, m
                         block_size, paper_constants):  # fmt: skip
     check_inputs(array, values, weights, offsets, meta, batch)
     out = array.new_empty(batch, out_dim)
-    starts = values.new_empty(occurrences * values.shape[0] * max_blocks, dtype=torch.long)
+    starts = values.new_empty(occurrences * values.shape[0] * max_blocks, dtype=starts_dtype(array.shape[0]))
     return out, starts, values.new_empty(2, dtype=torch.long)
 
 

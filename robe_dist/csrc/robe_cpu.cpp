@@ -22,10 +22,11 @@
 //                                 column, pooling (0 sum, 1 mean), index k of its key in the KJT,
 //                                 occurrence r (0, or 1, 2, ... for the later tables that read a
 //                                 key an earlier table of the collection already reads)
-// Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts` [R * N * MB] int64, kept for
-// the backward: starts[(r * N + i) * MB + c] is the start of block c of value i as read by the
+// Outputs: out [B, out_dim] (a KeyedTensor's values) and `starts` [R * N * MB], kept for the
+// backward: starts[(r * N + i) * MB + c] is the start of block c of value i as read by the
 // feature of occurrence r of its key, -1 where no feature reads it (MB = max blocks per id,
-// R = max occurrences). One index per block, never one per element.
+// R = max occurrences). One index per block, never one per element; int32 where the array has at
+// most 2^31 - 1 slots (every start fits: half the bytes written and read again), else int64.
 //
 // The backward partitions the array's slots between threads: the blocks are bucketed by the
 // thread that owns their slots, and each thread adds only into its own slots (backward_impl).
@@ -90,12 +91,13 @@ struct Hash {
 
   // Fills starts[0..nb) for one id of one feature. Returns false for an out-of-range
   // id in the paper mapping (the caller reports it).
-  inline bool starts_for(int64_t id, const int64_t* meta, int64_t nb, int64_t* starts) const {
+  template <typename start_t>
+  inline bool starts_for(int64_t id, const int64_t* meta, int64_t nb, start_t* starts) const {
     if (mode == kHashUniversal) {
       const uint64_t h = fmix64(static_cast<uint64_t>(id) ^ static_cast<uint64_t>(meta[kKey]));
       for (int64_t blk = 0; blk < nb; ++blk) {
         const uint64_t hb = fmix64(h + static_cast<uint64_t>(blk + 1) * kGolden);
-        starts[blk] = static_cast<int64_t>((hb >> 1) % num_starts);
+        starts[blk] = static_cast<start_t>((hb >> 1) % num_starts);
       }
       return true;
     }
@@ -103,7 +105,7 @@ struct Hash {
     const int64_t g = id + meta[kKey];              // < 2^62 (checked by the module)
     const int64_t base = ((g % p) * a + c) % p;      // (g mod P) * A < 2^62: no overflow
     for (int64_t blk = 0; blk < nb; ++blk) {
-      starts[blk] = static_cast<int64_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts);
+      starts[blk] = static_cast<start_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts);
     }
     return true;
   }
@@ -229,9 +231,9 @@ inline void store_fence() {
 #endif
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename start_t>
 void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, const scalar_t* weights,
-                  scalar_t* out, int64_t out_dim, int64_t* starts) {
+                  scalar_t* out, int64_t out_dim, start_t* starts) {
   std::atomic<int64_t> bad_feature{-1};
   std::atomic<int64_t> bad_id{0};
   const int64_t z = hash.z;
@@ -252,7 +254,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
         const int64_t* off = pb.bag_offsets(f);
         const int64_t nb = m[kDim] / z;
         for (int64_t i = off[b]; i < off[b + 1]; ++i) {
-          int64_t* st = starts + pb.start_index(f, i);
+          start_t* st = starts + pb.start_index(f, i);
           if (!hash.starts_for(pb.values[i], m, nb, st)) {
             int64_t expected = -1;
             if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
@@ -276,7 +278,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
           continue;
         }
         for (int64_t i = lo; i < hi; ++i) {
-          const int64_t* st = starts + pb.start_index(f, i);
+          const start_t* st = starts + pb.start_index(f, i);
           const scalar_t w = weights ? weights[i] : scalar_t(1);
           for (int64_t blk = 0; blk < nb; ++blk) {
             const scalar_t* src = array + st[blk];
@@ -309,9 +311,9 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
 // then feature, value, block): the block starts at slot s of the array, its upstream gradient at
 // grad_out[g], and it enters the pooled output with factor `scale` (its weight, times 1 / bag
 // length for MEAN).
-template <typename scalar_t, typename Fn>
+template <typename scalar_t, typename start_t, typename Fn>
 inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-                        const int64_t* starts, int64_t b0, int64_t b1, Fn&& fn) {
+                        const start_t* starts, int64_t b0, int64_t b1, Fn&& fn) {
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t f = 0; f < pb.num_features; ++f) {
       const int64_t* m = pb.meta + f * kMetaCols;
@@ -323,7 +325,7 @@ inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, i
           m[kPooling] == kPoolMean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
       const int64_t grow = b * out_dim + m[kOutCol];
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
-        const int64_t* st = starts + pb.start_index(f, i);
+        const start_t* st = starts + pb.start_index(f, i);
         const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
         for (int64_t blk = 0; blk < nb; ++blk) fn(st[blk], grow + blk * z, scale);
       }
@@ -388,9 +390,9 @@ struct SlotDivider {
 // owner's list is the fixed walk order restricted to its slots: every slot sums its terms in
 // the same order whatever T is, so gradients are bit-for-bit deterministic and independent of the
 // thread count. A block that straddles two ranges is listed for both, each adding its part.
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, typename start_t>
 void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
-                   int64_t out_dim, const int64_t* starts, scalar_t* target, int64_t array_size,
+                   int64_t out_dim, const start_t* starts, scalar_t* target, int64_t array_size,
                    scalar_t alpha) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = ((array_size + threads - 1) / threads + 15) / 16 * 16;
@@ -406,14 +408,14 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   if (owners <= 1 || pb.batch < 2) {  // one range: no work list; each bag's slots prefetched a bag ahead
     bool found = false;  // checked before anything is written (the fused update writes the array)
     int64_t bad = 0;
-    walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+    walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
       if (s < 0 || s > max_start) found = true, bad = s;
     });
     check_starts_in_range(found, bad);
     for (int64_t b = 0; b < pb.batch; ++b) {
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
                             [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
         add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
       });
     }
@@ -432,7 +434,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = pos.data() + w * owners;
       const auto [b0, b1] = range_bags(w);
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) {
           bad.store(s);
           found.store(true);
@@ -463,7 +465,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* next = pos.data() + w * owners;
       const auto [b0, b1] = range_bags(w);
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
         const scalar_t a = alpha * scale;
         for (int64_t o = owner_of(s), last = owner_of(s + z - 1); o <= last; ++o) refs[next[o]++] = BlockRef<scalar_t, index_t>{static_cast<index_t>(s), static_cast<index_t>(g), a};
       });
@@ -488,23 +490,46 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   });
 }
 
-// backward_impl with 32-bit work-list entries where every slot and grad_out offset fits.
-template <typename scalar_t>
+constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+
+// The forward's `starts` dtype: int32 where every start (< array_size) fits.
+at::ScalarType starts_dtype(int64_t array_size) { return array_size <= kMax32 ? at::kInt : at::kLong; }
+
+// backward_impl for the starts' dtype, with 32-bit work-list entries where every slot and
+// grad_out offset fits.
+template <typename scalar_t, typename start_t>
 void backward_dispatch(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
-                       int64_t out_dim, const int64_t* starts, scalar_t* target, int64_t array_size,
+                       int64_t out_dim, const start_t* starts, scalar_t* target, int64_t array_size,
                        scalar_t alpha) {
-  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
   if (array_size <= kMax32 && pb.batch * out_dim <= kMax32) {
-    backward_impl<scalar_t, int32_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
+    backward_impl<scalar_t, int32_t, start_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
   } else {
-    backward_impl<scalar_t, int64_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
+    backward_impl<scalar_t, int64_t, start_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
   }
 }
 
-void check_starts(const at::Tensor& starts, const Problem& pb) {
-  TORCH_CHECK_VALUE(starts.dtype() == at::kLong && starts.dim() == 1 && starts.is_contiguous() &&
-                  starts.numel() == pb.occurrences * pb.num_values * pb.max_blocks,
-              "robe: starts must be the forward's contiguous int64 [R * N * max_blocks] tensor");
+template <typename scalar_t>
+void backward_dispatch(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
+                       int64_t out_dim, const at::Tensor& starts, scalar_t* target, int64_t array_size,
+                       scalar_t alpha) {
+  if (starts.scalar_type() == at::kInt) {
+    backward_dispatch<scalar_t, int32_t>(pb, z, weights, grad_out, out_dim, starts.data_ptr<int32_t>(), target,
+                                         array_size, alpha);
+  } else {
+    backward_dispatch<scalar_t, int64_t>(pb, z, weights, grad_out, out_dim, starts.data_ptr<int64_t>(), target,
+                                         array_size, alpha);
+  }
+}
+
+// The forward's starts, or the same values widened to int64 (also accepted: the tests check that
+// both widths give the same bits).
+void check_starts(const at::Tensor& starts, const Problem& pb, int64_t array_size) {
+  const auto dtype = starts.scalar_type();
+  TORCH_CHECK_VALUE((dtype == starts_dtype(array_size) || dtype == at::kLong) && starts.dim() == 1 &&
+                        starts.is_contiguous() && starts.numel() == pb.occurrences * pb.num_values * pb.max_blocks,
+                    "robe: starts must be the forward's contiguous ", starts_dtype(array_size),
+                    " [R * N * max_blocks] tensor (array_size ", array_size, "), got ", dtype, " [",
+                    starts.numel(), "]");
 }
 
 void check_grad_out(const at::Tensor& g, const Problem& pb, int64_t max_col) {
@@ -522,7 +547,7 @@ int64_t max_out_col(const Problem& pb) {
 
 }  // namespace
 
-// Returns (out [B, out_dim], starts [R * N * max_blocks]).
+// Returns (out [B, out_dim], starts [R * N * max_blocks], int32 or int64: starts_dtype).
 std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& values,
                                      const at::Tensor& weights, const at::Tensor& offsets, int64_t batch,
                                      const at::Tensor& meta, int64_t out_dim, int64_t max_blocks,
@@ -537,13 +562,18 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
   const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
   TORCH_CHECK_VALUE(max_out_col(pb) <= out_dim, "robe: the features' columns run past out_dim ", out_dim);
   check_weights(weights, array, pb);
-  auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options());
+  auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options().dtype(starts_dtype(array.size(0))));
   auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every column a feature owns is written
   if (max_out_col(pb) < out_dim || pb.num_features == 0) out.zero_();
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
-    forward_impl<scalar_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
-                           starts.data_ptr<int64_t>());
+    if (starts.scalar_type() == at::kInt) {
+      forward_impl<scalar_t, int32_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
+                                      starts.data_ptr<int32_t>());
+    } else {
+      forward_impl<scalar_t, int64_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
+                                      starts.data_ptr<int64_t>());
+    }
   });
   return {out, starts};
 }
@@ -553,14 +583,14 @@ at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& weights, 
                          int64_t batch, const at::Tensor& meta, const at::Tensor& starts, int64_t array_size,
                          int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values) {
   Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
-  check_starts(starts, pb);
+  check_starts(starts, pb, array_size);
   auto g = grad_out.contiguous();
   check_grad_out(g, pb, max_out_col(pb));
   check_weights(weights, g, pb);
   auto grad = hugepage_zeros({array_size}, g.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "robe_backward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
-    backward_dispatch<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
+    backward_dispatch<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts,
                             grad.data_ptr<scalar_t>(), array_size, scalar_t(1));
   });
   return grad;
@@ -573,13 +603,13 @@ void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::T
   TORCH_CHECK_VALUE(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
               "robe: array must be a contiguous 1-D CPU tensor");
   Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
-  check_starts(starts, pb);
+  check_starts(starts, pb, array.size(0));
   auto g = grad_out.to(array.scalar_type()).contiguous();
   check_grad_out(g, pb, max_out_col(pb));
   check_weights(weights, array, pb);
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_backward_sgd", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
-    backward_dispatch<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts.data_ptr<int64_t>(),
+    backward_dispatch<scalar_t>(pb, block_size, w, g.data_ptr<scalar_t>(), g.size(1), starts,
                             array.data_ptr<scalar_t>(), array.size(0), static_cast<scalar_t>(-lr));
   });
 }
@@ -601,7 +631,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robe_dist CPU operators: ROBE-Z pooled lookup, exact backward, fused SGD backward";
   // Bumped whenever a signature or the `starts` layout changes: robe_dist/ops.py refuses (with a
   // warning naming the fix) an extension built from other sources.
-  m.attr("ABI_VERSION") = 2;
+  m.attr("ABI_VERSION") = 3;
   m.def("robe_forward", &robe_forward);
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);

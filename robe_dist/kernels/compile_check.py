@@ -20,7 +20,9 @@ from typing import Dict, Iterator, Tuple
 
 
 def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
-    """``(name, kernel, signature, constexprs)`` for every combination the launchers use."""
+    """``(name, kernel, signature, constexprs)`` for every combination the launchers use (the block
+    starts are int32 or int64, ``robe_dist.ops.starts_dtype``: each width rides along with another
+    type's, so both compile without doubling the variants)."""
     from robe_dist.kernels import triton_lookup as tk
 
     for array, ids, offsets, hash_mode, weighted, (z, nb) in itertools.product(
@@ -28,14 +30,14 @@ def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]
     ):
         zp, nbp = 1 << (z - 1).bit_length(), 1 << (nb - 1).bit_length()
         sig = dict(array_ptr=f"*{array}", values_ptr=f"*{ids}", weights_ptr=f"*{array}", offsets_ptr=f"*{offsets}",
-                   meta_ptr="*i64", out_ptr=f"*{array}", starts_ptr="*i64", status_ptr="*i64", batch="i32",
+                   meta_ptr="*i64", out_ptr=f"*{array}", starts_ptr=f"*{ids}", status_ptr="*i64", batch="i32",
                    out_dim="i32", num_values="i64", num_starts="i64", pa="i64", pb="i64", pc="i64", pp="i64")  # fmt: skip
         const = dict(HASH=hash_mode, Z=z, ZP=zp, NBP=nbp, MB=nb, HAS_WEIGHTS=weighted)
         yield f"forward[{array},{ids},{offsets},hash={hash_mode},w={weighted},Z={z}]", tk._forward_kernel, sig, const
     for grad, offsets, weighted, (z, nb) in itertools.product(("fp32", "bf16"), ("i64", "i32"), (False, True), ((32, 4), (1, 128))):
         zp, nbp = 1 << (z - 1).bit_length(), 1 << (nb - 1).bit_length()
         sig = dict(grad_out_ptr=f"*{grad}", weights_ptr=f"*{grad}", offsets_ptr=f"*{offsets}", meta_ptr="*i64",
-                   starts_ptr="*i64", target_ptr="*fp32", status_ptr="*i64", alpha="fp32", batch="i32", out_dim="i32",
+                   starts_ptr=f"*{offsets}", target_ptr="*fp32", status_ptr="*i64", alpha="fp32", batch="i32", out_dim="i32",
                    num_values="i64")  # fmt: skip
         const = dict(Z=z, ZP=zp, NBP=nbp, MB=nb, HAS_WEIGHTS=weighted)
         yield f"backward_atomic[{grad},{offsets},w={weighted},Z={z}]", tk._backward_atomic_kernel, sig, const
@@ -44,7 +46,7 @@ def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]
                    status_ptr="*i64", batch="i32", out_dim="i32", num_values="i64")  # fmt: skip
         yield f"row_info[{grad},w={weighted}]", tk._row_info_kernel, sig, dict(HAS_WEIGHTS=weighted)
     for target, mode, z in itertools.product(("fp32", "bf16"), (0, 1, 2), (32, 1)):
-        sig = dict(sorted_ptr="*i64", order_ptr="*i64", bounds_ptr="*i64", row_base_ptr="*i64", row_scale_ptr="*fp32",
+        sig = dict(sorted_ptr="*i32" if target == "fp32" else "*i64", order_ptr="*i64", bounds_ptr="*i64", row_base_ptr="*i64", row_scale_ptr="*fp32",
                    grad_out_ptr=f"*{target}", target_ptr=f"*{target}", state_ptr="*fp32", num_tiles="i64",
                    array_size="i64", lr="fp32", eps="fp32")  # fmt: skip
         const = dict(Z=z, MB=128 // z, T=tk.TILE, MODE=mode)

@@ -11,7 +11,8 @@ Design (one program per (bag, feature) for the forward and the fast backward, on
   id hashes its ``nb = dim / Z`` block starts (one hash per block, never one index per element),
   reads the ``[nb, Z]`` tile of the array (``Z`` contiguous floats per block), accumulates in fp32
   with the per-sample weight, and writes its ``dim`` output columns once (MEAN divides first).
-  The starts are stored for the backward (int64 ``[R * N * MB]``, ``-1`` where no feature reads).
+  The starts are stored for the backward (``[R * N * MB]``, ``-1`` where no feature reads; int32
+  where the array allows, as ``robe_dist.ops.starts_dtype`` says).
 * backward, default: the program loads its bag's upstream gradient row once and atomically adds
   ``scale * grad`` into the array's gradient at every block of every id (fp32 accumulation).
   Order of the atomic adds, hence the last bits, varies from run to run.
@@ -38,6 +39,8 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from robe_dist.ops import starts_dtype
 
 TILE = 64
 """Array slots per program of the deterministic (sorted) backward and the fused updates."""
@@ -124,7 +127,7 @@ def _forward_kernel(
             if (x < 0) | (x >= num_embeddings):
                 tl.atomic_min(status_ptr, i)
                 s = tl.full([NBP], -1, tl.int64)
-        tl.store(starts_row + i * MB + blk, s, mask=bmask)
+        tl.store(starts_row + i * MB + blk, s.to(starts_ptr.dtype.element_ty), mask=bmask)
         e = tl.load(array_ptr + s[:, None] + j[None, :], mask=emask & (s[:, None] >= 0), other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             e = e * tl.load(weights_ptr + i).to(tl.float32)
@@ -163,7 +166,7 @@ def _backward_atomic_kernel(
         g = g.to(tl.float32)
         starts_row = starts_ptr + occurrence * num_values * MB
         for i in range(lo, hi):
-            s = tl.load(starts_row + i * MB + blk, mask=bmask, other=-1)
+            s = tl.load(starts_row + i * MB + blk, mask=bmask, other=-1).to(tl.int64)
             w = scale
             if HAS_WEIGHTS:
                 w = tl.load(weights_ptr + i).to(tl.float32) * scale
@@ -209,7 +212,7 @@ def _tile_kernel(
     offs = t * T + tl.arange(0, T).to(tl.int64)
     acc = tl.zeros([T], dtype=tl.float32)
     for k in range(lo, hi):
-        s = tl.load(sorted_ptr + k)
+        s = tl.load(sorted_ptr + k).to(tl.int64)
         e = tl.load(order_ptr + k)
         ri = e // MB
         base = tl.load(row_base_ptr + ri) + (e % MB) * Z
@@ -256,11 +259,13 @@ def forward(
     block_size: int,
     paper_constants: List[int],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out [batch, out_dim], starts [R * N * MB] int64, status [2] int64)``; see the module doc."""
+    """``(out [batch, out_dim], starts [R * N * MB] (``starts_dtype``), status [2] int64)``; see the
+    module doc."""
     num_values = values.numel()
     num_features = meta.shape[0]
     out = torch.empty(batch, out_dim, dtype=array.dtype, device=array.device)
-    starts = torch.full((occurrences * num_values * max_blocks,), -1, dtype=torch.int64, device=array.device)
+    starts = torch.full((occurrences * num_values * max_blocks,), -1, dtype=starts_dtype(array.numel()),
+                        device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.int64, device=array.device)
     if batch == 0 or out_dim == 0:
         return out, starts, status
@@ -307,7 +312,7 @@ def _sorted_tiles(
     num_tiles = triton.cdiv(array_size, TILE)
     first = torch.arange(num_tiles, device=device, dtype=torch.int64) * TILE
     queries = torch.stack([(first - block_size + 1).clamp_(min=0), first + TILE])
-    bounds = torch.searchsorted(sorted_starts, queries).contiguous()  # [2, num_tiles]
+    bounds = torch.searchsorted(sorted_starts, queries.to(sorted_starts.dtype)).contiguous()  # [2, num_tiles]
     _tile_kernel[(num_tiles,)](
         sorted_starts, order, bounds, row_base, row_scale, grad_out, target, state if state is not None else target,
         num_tiles, array_size, lr, eps, Z=block_size, MB=max_blocks, T=TILE, MODE=mode,

@@ -214,6 +214,48 @@ def test_backward_refuses_block_starts_outside_the_array(threads):
         torch.set_num_threads(before)
 
 
+
+@pytest.mark.parametrize("hash", HASHES)
+def test_block_starts_are_32_bit_and_widening_them_changes_no_bit(hash):
+    """An array below 2^31 slots keeps its block starts in int32 (C++, PyTorch fallback and the
+    fake implementation agree on it); the backward also takes them widened to int64 (the layout
+    of arrays past 2^31 slots) and gives the same bits, gradient and fused update, on the serial
+    path and the work lists."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    assert ops.starts_dtype(2**31 - 1) == torch.int32 and ops.starts_dtype(2**31) == torch.int64
+    tables = make_tables()
+    ebc = make_ebc(tables, hash, array_size=4099)
+    values, weights, offsets, meta, batch = lookup_args(ebc, make_kjt(tables, batch=64, max_len=6))
+    spec, array = ebc.lookup_spec, ebc.array.detach()
+    static = ops._static_args(spec)
+    out, starts, _ = torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, *static)
+    _, ref_starts, _ = ops.torch_forward(array, values, weights, offsets, meta, batch, *static)
+    assert starts.dtype == ref_starts.dtype == torch.int32 and torch.equal(starts, ref_starts)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.robe_dist.pooled_lookup(*(mode.from_tensor(t) for t in (array, values)), weights,
+                                                 *(mode.from_tensor(t) for t in (offsets, meta)), batch, *static)  # fmt: skip
+    assert fake[1].dtype == torch.int32 and fake[1].shape == starts.shape
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    sizes = (spec.block_size, spec.max_blocks, spec.occurrences, values.numel())
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads = [torch.ops.robe_dist.pooled_lookup_backward(g, weights, offsets, meta, st, batch, 4099, sizes[0],
+                                                                *sizes[1:], True)  # fmt: skip
+                     for st in (starts, starts.long())]
+            assert torch.equal(grads[0], grads[1])
+            updated = [array.clone(), array.clone()]
+            for a, st in zip(updated, (starts, starts.long())):
+                torch.ops.robe_dist.pooled_lookup_fused_update(a, None, g, weights, offsets, meta, st, batch, *sizes,
+                                                               ops.OPTIMIZERS["sgd"], 0.5, 0.0, True)  # fmt: skip
+            assert torch.equal(updated[0], updated[1]) and not torch.equal(updated[0], array)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match=r"starts must be the forward's contiguous Int \[R \* N \* max_blocks\]"):
+        torch.ops.robe_dist.pooled_lookup_backward(g, weights, offsets, meta, starts.short(), batch, 4099, *sizes, True)
+
 def test_fused_sgd_equals_dense_sgd():
     if not ops.has_cpp_extension():
         pytest.skip("robe_dist._C not built")
