@@ -27,6 +27,25 @@ HOT_ID_BITS = 40
 HOT_SUFFIX = "@hot"
 
 
+_SLOT_TABLES: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+
+
+def _slot_table(slots: List[int], like: torch.Tensor) -> torch.Tensor:
+    """``slots`` as an int64 tensor on ``like``'s device, made once per (device, slots) and kept:
+    a tensor built from a list at every step is a blocking host-to-device copy on CUDA (and no
+    CUDA graph can hold it). Traced or exported calls (fake or functional tensors) get a fresh one,
+    a constant of their graph."""
+    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
+        return torch.tensor(slots, dtype=torch.long, device=like.device)
+    key = (str(like.device), tuple(slots))
+    table = _SLOT_TABLES.get(key)
+    if table is None:
+        if len(_SLOT_TABLES) >= 256:  # key orders are few in practice; bound it anyway
+            _SLOT_TABLES.clear()
+        table = _SLOT_TABLES[key] = torch.tensor(slots, dtype=torch.long, device=like.device)
+    return table
+
+
 @torch.fx.wrap
 def _split_hot(
     features: KeyedJaggedTensor, hot_keys: torch.Tensor, hot_base: torch.Tensor, hot_rows: torch.Tensor,
@@ -39,14 +58,14 @@ def _split_hot(
     the hot id's row in its exact table, or the table's tail row ``hot_rows[slot]`` for every
     other id (0 for the other features, which the hot tables do not read). ``slot_of``: the hot
     slot of each split feature. No host synchronisation: the feature of every value is found from
-    the lengths on the device.
+    the lengths on the device, and the slot of every key is a tensor kept there (``_slot_table``).
     """
     values, lengths = features.values(), features.lengths()
     slots = [slot_of.get(k, -1) for k in features.keys()]
     num_keys = len(slots)
     ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
     key_of_value = torch.searchsorted(ends, torch.arange(values.numel(), device=values.device), right=True)
-    slot = torch.tensor(slots, dtype=torch.long, device=values.device)[key_of_value]
+    slot = _slot_table(slots, values)[key_of_value]
     split = slot >= 0
     slot0 = slot.clamp(min=0)
     query = (slot0 << HOT_ID_BITS) | values.long()
