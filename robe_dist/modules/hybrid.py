@@ -27,22 +27,20 @@ HOT_ID_BITS = 40
 HOT_SUFFIX = "@hot"
 
 
-_SLOT_TABLES: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
-
-
-def _slot_table(slots: List[int], like: torch.Tensor) -> torch.Tensor:
-    """``slots`` as an int64 tensor on ``like``'s device, made once per (device, slots) and kept:
-    a tensor built from a list at every step is a blocking host-to-device copy on CUDA (and no
-    CUDA graph can hold it). Traced or exported calls (fake or functional tensors) get a fresh one,
-    a constant of their graph."""
-    if type(like) is not torch.Tensor or torch.compiler.is_compiling():
-        return torch.tensor(slots, dtype=torch.long, device=like.device)
-    key = (str(like.device), tuple(slots))
-    table = _SLOT_TABLES.get(key)
+def _slot_table(slots: List[int], hot_keys: torch.Tensor) -> torch.Tensor:
+    """``slots`` as an int64 tensor on ``hot_keys``' device, made once per key order and kept in
+    ``hot_keys``' ``__dict__`` (as the ROBE module keeps its ``meta`` per key order; a moved module
+    has new buffers, so nothing stale survives a ``.to()``): a tensor built from a list at every
+    step is a blocking host-to-device copy on CUDA, which no CUDA graph can hold. Traced, compiled
+    or exported calls (fake or functional tensors) get a fresh one, a constant of their graph."""
+    if type(hot_keys) is not torch.Tensor or torch.compiler.is_compiling():
+        return torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
+    cache: Dict[Tuple[int, ...], torch.Tensor] = hot_keys.__dict__.setdefault("_robe_slots_by_keys", {})
+    table = cache.get(tuple(slots))
     if table is None:
-        if len(_SLOT_TABLES) >= 256:  # key orders are few in practice; bound it anyway
-            _SLOT_TABLES.clear()
-        table = _SLOT_TABLES[key] = torch.tensor(slots, dtype=torch.long, device=like.device)
+        if len(cache) >= 64:  # key orders are few in practice; bound it anyway
+            cache.clear()
+        table = cache[tuple(slots)] = torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
     return table
 
 
@@ -65,7 +63,7 @@ def _split_hot(
     num_keys = len(slots)
     ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
     key_of_value = torch.searchsorted(ends, torch.arange(values.numel(), device=values.device), right=True)
-    slot = _slot_table(slots, values)[key_of_value]
+    slot = _slot_table(slots, hot_keys)[key_of_value]
     split = slot >= 0
     slot0 = slot.clamp(min=0)
     query = (slot0 << HOT_ID_BITS) | values.long()

@@ -86,19 +86,18 @@ def test_hot_ids_read_exact_rows_and_the_rest_the_array_plus_a_tail_row():
 def test_each_key_orders_slots_are_made_once_and_kept():
     """The slot of every key reaches the device once per key order, not at every step (on CUDA a
     tensor built from a list is a blocking copy); another key order gets its own, and is right."""
-    from robe_dist.modules import hybrid as module
-
     h = hybrid()
-    module._SLOT_TABLES.clear()
     h(kjt(BAGS, 3))
-    (first,) = module._SLOT_TABLES.values()
+    cache = h.hot_keys.__dict__["_robe_slots_by_keys"]
+    (first,) = cache.values()
     h(kjt(BAGS, 3))
-    assert list(module._SLOT_TABLES.values()) == [first] and module._SLOT_TABLES[("cpu", (-1, 1, 0, -1, -1))] is first
+    assert list(cache.values()) == [first] and cache[(-1, 1, 0, -1, -1)] is first
     reordered = {k: BAGS[k] for k in ("fb", "fd", "fa", "zz", "fc")}
     got = h(kjt(reordered, 3)).to_dict()
-    assert len(module._SLOT_TABLES) == 2
+    assert len(cache) == 2
     for k, want in expected(h, BAGS).items():
         torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-6)
+
 
 def test_hot_ids_train_their_rows_and_never_the_array():
     h = hybrid()
