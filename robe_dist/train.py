@@ -65,6 +65,15 @@ from robe_dist.trainer.profile import StepProfiler
 
 logger = logging.getLogger("robe_dist.train")
 
+
+class _NoStreamsOnCpu(logging.Filter):
+    """Drops TorchRec's warning that a pipelined postproc module "has no default/dist stream ...
+    race conditions and NaNs": on CPU there are no streams and the pipeline's stages run in order
+    on one thread, so nothing can race (on CUDA the pipeline gives it its streams and says nothing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "stream. This may cause race conditions" not in record.getMessage()
+
 EXIT_DIVERGED = 3
 STOP_CHECK_EVERY = 10
 """Steps between the ranks' agreement on a stop request (an all-reduce); every step on 1 rank."""
@@ -188,7 +197,13 @@ class Trainer:
         if fused:
             logger.info("%s", fused)
         if has_sharded_modules(self.model):
-            self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True)
+            # pipeline_postproc: the hot-id router of a hybrid with exact rows (a module without
+            # parameters between the batch and the sharded children) runs a batch ahead too
+            postproc_log = logging.getLogger("torchrec.distributed.train_pipeline.postproc")
+            if env.device.type == "cpu" and not any(isinstance(f, _NoStreamsOnCpu) for f in postproc_log.filters):
+                postproc_log.addFilter(_NoStreamsOnCpu())
+            self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, env.device, execute_all_batches=True,
+                                                    pipeline_postproc=True)  # fmt: skip
         else:
             logger.warning(
                 "the model has no sharded module (no sharder for its embedding collection): "

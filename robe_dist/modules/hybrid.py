@@ -78,6 +78,29 @@ def _split_hot(
     return robe_input, hot_input
 
 
+class HotIdRouter(torch.nn.Module):
+    """Routes the ids of tables with exact rows for their hot ids: ``(robe_input, hot_input)``
+    (``_split_hot``) from the collection's input.
+
+    A module of its own, with buffers and no parameters, so that TorchRec's
+    ``TrainPipelineSparseDist(..., pipeline_postproc=True)`` runs it a batch ahead, as a
+    "postproc" module, and the ROBE and ``hot`` children it feeds get their input distribution
+    pipelined like the full tables'. Its buffers: ``hot_keys`` (sorted ``slot << 40 | id`` of
+    every hot id), ``hot_base`` (where each slot's keys start), ``hot_rows`` (each slot's hot ids,
+    the index of its tail row).
+    """
+
+    def __init__(self, keys: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, slot_of: Dict[str, int]) -> None:
+        super().__init__()
+        self.slot_of = dict(slot_of)
+        self.register_buffer("hot_keys", keys)
+        self.register_buffer("hot_base", base)
+        self.register_buffer("hot_rows", rows)
+
+    def forward(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
+        return _split_hot(features, self.hot_keys, self.hot_base, self.hot_rows, self.slot_of)
+
+
 @torch.fx.wrap
 def _add_hot(merged: KeyedTensor, hot: Union[KeyedTensor, Awaitable[KeyedTensor]], columns: torch.Tensor,
              hot_order: List[str]) -> KeyedTensor:  # fmt: skip
@@ -154,7 +177,9 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ``len(hot_ids[t]) + 1`` rows, one per hot id and a last, shared by all of ``t``'s
             other ids (its tail row), and ``t``'s embedding of an id is its exact row if the id is
             hot, else the tail row plus the id's ROBE embedding. The array is not read for hot ids.
-            Ids of such tables must lie in ``[0, 2**40)``.
+            Ids of such tables must lie in ``[0, 2**40)``. A child ``hot_router``
+            (``HotIdRouter``) routes the ids; TorchRec's ``TrainPipelineSparseDist`` runs it a
+            batch ahead with ``pipeline_postproc=True``.
 
     Call args:
         features (KeyedJaggedTensor): must contain the features of all tables (extra keys ignored).
@@ -250,6 +275,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._has_robe = self.robe is not None
         self._has_full = self.full is not None
         self.hot: Optional[EmbeddingBagCollection] = None
+        self.hot_router: Optional[HotIdRouter] = None
         self._hot_tables: List[EmbeddingBagConfig] = []
         if hot_ids:
             self._init_hot(hot_ids, tables, robe_cfgs, device)
@@ -284,10 +310,9 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             )
         if not self._hot_tables:
             return
-        self._hot_slot_of: Dict[str, int] = slot_of
-        self.register_buffer("hot_keys", torch.cat(keys).to(device if device is not None and device.type != "meta" else "cpu"))
-        self.register_buffer("hot_base", torch.tensor(base, dtype=torch.long, device=self.hot_keys.device))
-        self.register_buffer("hot_rows", torch.tensor(rows, dtype=torch.long, device=self.hot_keys.device))
+        on = device if device is not None and device.type != "meta" else "cpu"  # routing needs the ids, even on meta
+        self.hot_router = HotIdRouter(torch.cat(keys).to(on), torch.tensor(base, dtype=torch.long, device=on),
+                                      torch.tensor(rows, dtype=torch.long, device=on), slot_of)  # fmt: skip
         self.hot = EmbeddingBagCollection(self._hot_tables, device=device)
         # the output columns of every hot table's base table, in the hot child's table order
         start = dict(zip(self._keys, itertools.accumulate([0] + self._length_per_key)))
@@ -295,7 +320,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._hot_order = [t.feature_names[0] for t in self._hot_tables]  # the hot child's embedding names
         cols = [torch.arange(c, c + t.embedding_dim)
                 for t in self._hot_tables for c in [start[output_name[t.name[: -len(HOT_SUFFIX)]]]]]  # fmt: skip
-        self.register_buffer("hot_columns", torch.cat(cols).to(self.hot_keys.device), persistent=False)
+        self.register_buffer("hot_columns", torch.cat(cols).to(on), persistent=False)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of all tables: KeyedTensor ``[B, sum of dims]`` in table order."""
@@ -303,7 +328,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         hot_input = None
         robe_input = features
         if self.hot is not None:
-            robe_input, hot_input = _split_hot(features, self.hot_keys, self.hot_base, self.hot_rows, self._hot_slot_of)
+            robe_input, hot_input = self.hot_router(features)
         if self._has_robe:
             pooled.append(self.robe(robe_input))
         if self._has_full:

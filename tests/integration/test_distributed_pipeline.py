@@ -80,7 +80,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     batches = [make_batch(step, rank) for step in range(steps)]
 
     piped, piped_opt = wrap(make_dlrm(kind), plan, sharders)
-    pipeline = TrainPipelineSparseDist(piped, piped_opt, device=torch.device("cpu"))
+    pipeline = TrainPipelineSparseDist(piped, piped_opt, device=torch.device("cpu"), pipeline_postproc=True)
     it = iter(batches)
     piped_losses: List[float] = []
     while True:
@@ -90,6 +90,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
             break
         piped_losses.append(float(loss))
     pipelined_names = [m.forward.name for m in pipeline._pipelined_modules]
+    postprocs = sorted(m.fqn for m in pipeline._pipelined_postprocs)
 
     loop, loop_opt = wrap(make_dlrm(kind), plan, sharders)
     loop_losses = []
@@ -106,6 +107,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     return {
         "plan": {path: {k: v.sharding_type for k, v in p.items()} for path, p in plan.plan.items()},
         "pipelined": pipelined_names,
+        "postprocs": postprocs,
         "piped_losses": piped_losses,
         "loop_losses": loop_losses,
         "piped_vs_loop": (a_piped - a_loop).abs().max().item(),
@@ -124,10 +126,12 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(pg2, kind, gradient_sync)
             full = r["plan"]["model.sparse_arch.embedding_bag_collection.full"]
             assert set(full) == {"small0", "small1"} and set(full.values()) == {"table_wise"}
             assert "model.sparse_arch.embedding_bag_collection.full" in r["pipelined"]
-        if kind == "hybrid_hot":  # the exact tables are TorchRec's to shard; they read ids routed in forward
+        if kind == "hybrid_hot":  # the exact tables are TorchRec's to shard
             assert set(r["plan"]["model.sparse_arch.embedding_bag_collection.hot"]) == {"big0@hot", "big1@hot"}
-        else:
-            assert robe_path in r["pipelined"]  # the pipeline runs the ROBE module's input_dist ahead
+            # the router runs a batch ahead as a postproc module, so the children it feeds are pipelined too
+            assert "model.sparse_arch.embedding_bag_collection.hot" in r["pipelined"]
+            assert r["postprocs"] == ["model.sparse_arch.embedding_bag_collection.hot_router"]
+        assert robe_path in r["pipelined"]  # the pipeline runs the ROBE module's input_dist ahead
         assert len(r["piped_losses"]) == steps
         # same operations in the same order: the pipelined run equals the plain loop exactly
         assert r["piped_losses"] == r["loop_losses"]

@@ -88,7 +88,7 @@ def test_each_key_orders_slots_are_made_once_and_kept():
     tensor built from a list is a blocking copy); another key order gets its own, and is right."""
     h = hybrid()
     h(kjt(BAGS, 3))
-    cache = h.hot_keys.__dict__["_robe_slots_by_keys"]
+    cache = h.hot_router.hot_keys.__dict__["_robe_slots_by_keys"]
     (first,) = cache.values()
     h(kjt(BAGS, 3))
     assert list(cache.values()) == [first] and cache[(-1, 1, 0, -1, -1)] is first
