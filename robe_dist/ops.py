@@ -25,12 +25,13 @@ The inputs' layout (``values``, ``offsets``, ``meta``, ``starts``) is described 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, List, Optional, Sequence, Tuple
 
 import torch
 
-from robe_dist import hashing
+from robe_dist import fbgemm_compat, hashing
 
 _ABI_VERSION = 3
 """The ``robe_dist._C`` this source expects (csrc/robe_cpu.cpp sets ``ABI_VERSION``)."""
@@ -49,6 +50,7 @@ def _load_extension():
 
 
 _C, _C_PROBLEM = _load_extension()
+fbgemm_compat.install()  # KJT offsets on CUDA with the CPU-only FBGEMM build (see that module)
 
 HASH_MODE_IDS = {"universal": 0, "paper": 1}
 POOLING_IDS = {"SUM": 0, "MEAN": 1}
@@ -567,32 +569,33 @@ def robe_pooled_lookup(
 
 # ------------------------------------------------------------------- deferred checks (CUDA)
 class DeferredStatus:
-    """Reports a CUDA lookup's malformed input one call later, without synchronising each step.
+    """Reports a CUDA lookup's malformed input a few calls later, without synchronising each step.
 
     CUDA kernels cannot raise: they keep every access in bounds and record the first bad
-    position in ``status``. ``submit`` copies it to pinned host memory asynchronously; ``poll``
-    raises ``ValueError`` (with ``describe``'s message) once that copy has landed, at the latest
-    when ``poll(wait=True)`` is called.
+    position in ``status``. ``submit`` copies it to pinned host memory asynchronously and queues
+    it; ``poll`` checks, oldest first, every queued status whose copy has landed and raises
+    ``ValueError`` (with its ``describe`` message) for the first bad one; ``poll(wait=True)``
+    waits for all of them. A queue, not one slot: while the device runs behind the host, a new
+    call must not drop the status of one whose copy has not landed yet.
     """
 
     def __init__(self) -> None:
-        self._pending: Optional[Tuple[torch.Tensor, "torch.cuda.Event", Callable[[int, int], str]]] = None
+        self._pending: Deque[Tuple[torch.Tensor, "torch.cuda.Event", Callable[[int, int], str]]] = deque()
 
     def submit(self, status: torch.Tensor, describe: Callable[[int, int], str]) -> None:
         host = torch.empty(2, dtype=torch.long, pin_memory=True)
         host.copy_(status, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        self._pending = (host, event, describe)
+        self._pending.append((host, event, describe))
 
     def poll(self, wait: bool = False) -> None:
-        if self._pending is None:
-            return
-        host, event, describe = self._pending
-        if not wait and not event.query():
-            return
-        event.synchronize()
-        self._pending = None
-        bad_value, bad_bag = host.tolist()
-        if bad_value != STATUS_OK or bad_bag != STATUS_OK:
-            raise ValueError(describe(bad_value, bad_bag))
+        while self._pending:
+            host, event, describe = self._pending[0]
+            if not wait and not event.query():
+                return
+            event.synchronize()
+            self._pending.popleft()
+            bad_value, bad_bag = host.tolist()
+            if bad_value != STATUS_OK or bad_bag != STATUS_OK:
+                raise ValueError(describe(bad_value, bad_bag))
