@@ -335,7 +335,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         eager = not _tracing() and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
         if eager:
             self.check_signature_unchanged()
-            self._status.poll()  # a CUDA error of the previous call, if its status has landed
+            self._status.poll()  # a CUDA error of an earlier call whose status has landed
         values, weights, offsets, meta, batch = _lookup_inputs(
             features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )
@@ -370,8 +370,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def check_input_errors(self) -> None:
         """Raises ``ValueError`` if the last CUDA lookup met malformed input (out-of-range ids of
         the paper mapping, offsets that decrease or run past the values). CUDA kernels record such
-        input without stopping the device; ``forward`` raises it one call later, this at once (it
-        waits for the device). CPU lookups raise in the call itself."""
+        input without stopping the device; ``forward`` raises it in a later call, once the status
+        has reached the host, this at once (it waits for the device). CPU lookups raise in the
+        call itself."""
         self._status.poll(wait=True)
 
     def _describe_status(self, values: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor, batch: int):

@@ -151,6 +151,14 @@ def test_malformed_input_raises_one_call_later_or_when_checked():
         gpu.check_input_errors()
     gpu(good)
     gpu.check_input_errors()  # the good call left no error
+    # a bad call followed by good ones before anything is checked: its status is not dropped (it
+    # raises in a later forward, once its copy has landed, or in the check at the end)
+    with pytest.raises(ValueError, match=r"id 1000000 of feature 'fb'"):
+        gpu(bad)
+        for _ in range(3):
+            gpu(good)
+        gpu.check_input_errors()
+    gpu.check_input_errors()  # reported once
     with pytest.raises(ValueError, match="is on cpu but the array is on cuda"):
         torch.ops.robe_dist.pooled_lookup(gpu.array, good.values().cpu(), None, good.offsets(), gpu.lookup_meta, 512,
                                           *ops._static_args(gpu.lookup_spec))  # fmt: skip
