@@ -71,7 +71,9 @@ def _block_starts(x, key, blk, num_starts, pa, pb, pc, pp, HASH: tl.constexpr):
     if HASH == 0:
         h = _fmix64(x.to(tl.uint64, bitcast=True) ^ key.to(tl.uint64, bitcast=True))
         hb = _fmix64(h + (blk.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
-        starts = ((hb >> 1) % num_starts.to(tl.uint64)).to(tl.int64)
+        # tl.cast, not num_starts.to(): an array of one block gives num_starts == 1, which the
+        # launcher specialises into a constant that has no .to()
+        starts = ((hb >> 1) % tl.cast(num_starts, tl.uint64)).to(tl.int64)
     else:
         # ((g * A + c * B + C) mod P) mod (m - Z + 1), evaluated without int64 overflow
         g = x + key
