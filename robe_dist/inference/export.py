@@ -9,8 +9,8 @@ process group needed). The artifact holds the dense MLPs, the ROBE array, the fu
 mixed model and the hash constants (buffers of the module), captured with ``torch.export`` around
 ``ScoringModel``: ``(dense [B, 13] float32, values [N] int64, lengths [26 * B] int64) ->
 probabilities [B]``, the KeyedJaggedTensor's layout (feature-major lengths). Loading it needs
-``torch.export.load`` and ``import robe_dist`` (the lookup's custom op) only; ``robe-predict``
-does both. Its metadata (``robe_dist.json`` inside the file) says what it holds.
+``import robe_dist.ops`` (the lookup's custom op, FBGEMM's ops) and ``torch.export.load`` only;
+``robe-predict`` does both. Its metadata (``robe_dist.json`` inside the file) says what it holds.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class Scorer:
 def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
     """The exported scoring module and its metadata; ``ExportError`` for a missing, truncated or
     newer artifact."""
-    import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup, which the graph calls
+    import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
 
     if not path.is_file():
         raise ExportError(f"--model {path}: no such file")

@@ -133,6 +133,31 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     assert not (tmp_path / "x.pt2").exists() and not (tmp_path / "y.pt2").exists()
 
 
+_LOAD_AS_DOCUMENTED = """
+import sys, torch, robe_dist.ops
+model = torch.export.load(sys.argv[1]).module()
+g = torch.Generator().manual_seed(0)
+dense, values = torch.rand(4, 13, generator=g), torch.randint(0, 3, (26 * 4,), generator=g)
+print(model(dense, values, torch.ones(26 * 4, dtype=torch.long)).tolist())
+"""
+
+
+@pytest.mark.integration
+def test_the_artifact_runs_after_torch_export_load_and_import_robe_dist_ops(hybrid_artifact):
+    """docs/inference.md: in a fresh interpreter, ``import robe_dist.ops`` (the custom op, and
+    FBGEMM's ops that the KJT layout calls) is all ``torch.export.load`` needs; the scores equal
+    robe-predict's loader's."""
+    import torch
+
+    p = subprocess.run([sys.executable, "-c", _LOAD_AS_DOCUMENTED, str(hybrid_artifact)], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    scores = torch.tensor(json.loads(p.stdout.strip().splitlines()[-1]))
+    model, _ = robe_predict.load_artifact(hybrid_artifact)
+    g = torch.Generator().manual_seed(0)
+    dense, values = torch.rand(4, 13, generator=g), torch.randint(0, 3, (26 * 4,), generator=g)
+    assert scores.shape == (4,) and torch.equal(scores, model(dense, values, torch.ones(26 * 4, dtype=torch.long)))
+
 def _criteo_sample() -> Path:
     env = os.environ.get("ROBE_DIST_CRITEO_SAMPLE")
     return (Path(env) if env else REPO.parent / "shared" / "data" / "criteo_sample") / "kaggle_train_head_1000.tsv"
