@@ -25,8 +25,37 @@ import importlib.machinery
 import importlib.util
 import statistics
 import time
+from typing import Tuple
 
 import torch
+
+
+class FusedSgdProblem:
+    """The inputs of ``benchmarks/lookup.py``'s step for the operator itself: ``features``
+    one-hot features of raw 32-bit ids (four batches, cycled), a fixed upstream gradient, and the
+    array's starting values; ``step`` runs the fused SGD step (``robe_forward`` +
+    ``robe_backward_sgd``, as ``robe.fused_update`` runs it) of any build of ``robe_dist._C``."""
+
+    def __init__(self, batch: int, features: int, dim: int, block_size: int, array_size: int) -> None:
+        self.batch, self.features, self.dim, self.z = batch, features, dim, block_size
+        g = torch.Generator().manual_seed(0)
+        self.start = torch.randn(array_size, generator=g) * 0.01
+        # meta columns: table key, num_embeddings, dim, output column, pooling, key index, occurrence
+        self.meta = torch.tensor([[f * 7919 + 1, 0, dim, f * dim, 0, f, 0] for f in range(features)], dtype=torch.long)
+        self.offsets = torch.arange(batch * features + 1, dtype=torch.long)
+        self.batches = [torch.randint(0, 2**32, (batch * features,), generator=g) for _ in range(4)]
+        self.grad = torch.randn(batch, features * dim, generator=g)
+        self.none = torch.empty(0)
+
+    def step(self, op, array: torch.Tensor, it: int) -> Tuple[float, float, torch.dtype]:
+        """One step of batch ``it`` on ``array`` (in place): (forward s, backward s, starts dtype)."""
+        values, B, F, D, Z = self.batches[it % len(self.batches)], self.batch, self.features, self.dim, self.z
+        t0 = time.perf_counter()
+        _, starts = op.robe_forward(array, values, self.none, self.offsets, B, self.meta, F * D, D // Z, 1, 0, Z,
+                                    [1, 1, 1, 2**31 - 1])  # fmt: skip
+        t1 = time.perf_counter()
+        op.robe_backward_sgd(array, self.grad, self.none, self.offsets, B, self.meta, starts, Z, D // Z, 1, values.numel(), 0.01)
+        return t1 - t0, time.perf_counter() - t1, starts.dtype
 
 
 def load(path: str, name: str):
@@ -55,29 +84,16 @@ def main() -> None:
     new_path = args.new or glob.glob(str(__import__("pathlib").Path(__file__).parents[1] / "robe_dist" / "_C*.so"))[0]
     sides = {"old": load(glob.glob(args.old)[0], "old"), "new": load(new_path, "new")}
     B, F, D, Z, m = args.batch, args.features, args.dim, args.block_size, args.array_size
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(m, generator=g) * 0.01
-    arrays = {k: start.clone() for k in sides}
-    # meta columns: table key, num_embeddings, dim, output column, pooling, key index, occurrence
-    meta = torch.tensor([[f * 7919 + 1, 0, D, f * D, 0, f, 0] for f in range(F)], dtype=torch.long)
-    offsets = torch.arange(B * F + 1, dtype=torch.long)
-    batches = [torch.randint(0, 2**32, (B * F,), generator=g) for _ in range(4)]
-    grad = torch.randn(B, F * D, generator=g)
-    none = torch.empty(0)
+    problem = FusedSgdProblem(B, F, D, Z, m)
+    arrays = {k: problem.start.clone() for k in sides}
     times = {k: {"step": [], "forward": [], "backward": []} for k in sides}
     dtypes = {}
     for it in range(args.warmup + args.steps):
         order = ("old", "new") if it % 2 == 0 else ("new", "old")
         for name in order:
-            op, values = sides[name], batches[it % len(batches)]
-            t0 = time.perf_counter()
-            _, starts = op.robe_forward(arrays[name], values, none, offsets, B, meta, F * D, D // Z, 1, 0, Z, [1, 1, 1, 2**31 - 1])
-            t1 = time.perf_counter()
-            op.robe_backward_sgd(arrays[name], grad, none, offsets, B, meta, starts, Z, D // Z, 1, values.numel(), 0.01)
-            t2 = time.perf_counter()
-            dtypes[name] = starts.dtype
+            forward_s, backward_s, dtypes[name] = problem.step(sides[name], arrays[name], it)
             if it >= args.warmup:
-                for key, t in (("step", t2 - t0), ("forward", t1 - t0), ("backward", t2 - t1)):
+                for key, t in (("step", forward_s + backward_s), ("forward", forward_s), ("backward", backward_s)):
                     times[name][key].append(1e3 * t)
     same = torch.equal(arrays["old"], arrays["new"])
     print(f"# operator A/B: batch {B}, {F} one-hot features, dim {D}, array {m:,} floats, Z={Z}, "

@@ -21,6 +21,8 @@
 #   c2. inference, benchmarks/inference.py: the exported ROBE DLRM (fp32, bf16) against the same
 #      DLRM with full tables (MLPerf v1 / 8: 12 GB) through FBGEMM and TorchRec's int8 path (where
 #      FBGEMM runs on CUDA) and TorchRec's unsharded EBC, batch 64 to 16384
+#   c3. cpu_threads, benchmarks/cpu_threads.py: the CPU operator's training step on 1, 2, 4, 8, 16
+#      threads of the machine's cores, and the same bits at each
 #   a. tests_cuda: the tests that exercise the GPU (CUDA tests, Triton kernels compiled for it and
 #      compared with the C++ operator, the KJT offsets shim); then tests_cpu, the rest of
 #      tests/unit with the time left (CI runs them on every commit); JUnit XML in $OUT
@@ -96,6 +98,12 @@ INFER=(--device cuda --table-scale 8 --batches 64 2048 16384 --iters 10)
 if [[ "${SMOKE:-0}" == 1 ]]; then INFER=(--table-scale 2000 --batches 64 --iters 3); fi
 step inference 180 "$PY" benchmarks/inference.py "${INFER[@]}" --json "$OUT/inference.json"
 
+# c3. the CPU operator's step on 1-16 threads of this machine's cores (issue #12: the design argued
+# for many threads, measurable only here), and its bits at every thread count
+THREADS=(--threads 1 2 4 8 16)
+if [[ "${SMOKE:-0}" == 1 ]]; then THREADS=(--threads 1 2 --steps 2 --warmup 1 --array-size 1000000 --batch 1024); fi
+step cpu_threads 90 "$PY" benchmarks/cpu_threads.py "${THREADS[@]}" --json "$OUT/cpu_threads.json"
+
 # a. the tests: those that exercise the GPU first, then the rest with the time left
 CUDA_TESTS=(tests/unit/test_cuda.py tests/unit/test_triton_kernels.py tests/unit/test_fbgemm_compat.py
             tests/unit/test_robe_module.py::test_cuda_matches_cpu)
@@ -108,7 +116,7 @@ step tests_cpu 200 "$PY" -m pytest tests/unit -q -p no:cacheprovider -rs --junit
   echo "{"
   echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\", \"total_s\": $(( $(date +%s) - START )),"
   first=1
-  for name in build bench train inference tests_cuda tests_cpu; do
+  for name in build bench train inference cpu_threads tests_cuda tests_cpu; do
     [[ $first -eq 1 ]] || echo ","
     first=0
     printf '  "%s": {"exit": %s, "seconds": %s}' "$name" "${RC[$name]:-null}" "${SECS[$name]:-null}"
