@@ -5,7 +5,8 @@ loading from the binary layout (samples/s).
 
 Ingestion runs in one process (``--workers 1``) on a generated raw Criteo TSV (synthetic rows in
 the real format: 37-40 fields, empty values, negative integers), on the same gzipped, and, if the
-real Kaggle rows are beside the repository (../shared/data/criteo_sample), on those 1,000 lines
+real Kaggle rows are beside the repository (../shared/data/criteo_sample, or the folder in
+``ROBE_DIST_CRITEO_SAMPLE``, as the tests take it), on those 1,000 lines
 repeated to the same size. "per core" divides by the CPU time of this process, so it holds on a busy machine; wall-clock
 figures are printed too. Loading iterates the train split of the ingested data with and without
 shuffling. Takes about a minute.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import zlib
@@ -27,7 +29,8 @@ from robe_dist.data.ingest import ingest
 from robe_dist.data.rawtext import format_tsv
 from robe_dist.data.synthetic import _Sampler, table_sizes
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "criteo_sample" / "kaggle_train_head_1000.tsv"
+SAMPLE = (Path(os.environ["ROBE_DIST_CRITEO_SAMPLE"]) if os.environ.get("ROBE_DIST_CRITEO_SAMPLE")  # as the tests
+          else Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo_sample") / "kaggle_train_head_1000.tsv"
 
 
 def write_synthetic_tsv(path: Path, rows: int, chunk: int = 1 << 16) -> None:
@@ -97,6 +100,8 @@ def main() -> None:
         if SAMPLE.is_file():
             inputs.append(tmp_path / "raw" / "kaggle_x1000")
             write_repeated_sample(inputs[-1], args.rows)
+        else:
+            print(f"no real Kaggle rows at {SAMPLE} (set ROBE_DIST_CRITEO_SAMPLE to the folder): kaggle_x1000 left out")
         for src in inputs:
             r = bench_ingest(src, tmp_path / f"out_{src.name}")
             results["ingest"].append(r)

@@ -1,6 +1,6 @@
 """robe-export: a trained checkpoint -> one ``torch.export`` file that scores without the trainer.
 
-    robe-export --checkpoint runs/tiny_synthetic/checkpoints/step_00001464 --out model.pt2
+    robe-export --checkpoint runs/tiny_synthetic/checkpoints/step_00000976 --out model.pt2
     robe-export --checkpoint RUN/checkpoints/step_N --out model_bf16.pt2 --dtype bf16 --data DATASET
                                           # bf16 array and tables; prints the validation AUC change
 
