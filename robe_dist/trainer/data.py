@@ -100,7 +100,10 @@ class RunData:
         """Per-table id statistics of the train split (``table_stats.json`` in the dataset; rank 0
         computes and writes it first if it is missing, or, with ``top_ids``, if it lacks the most
         frequent ids: one pass over the train split)."""
-        on_rank0(self.env, lambda: ensure_table_stats(self.path, log=logger.info, top_ids=top_ids), (DataError, OSError))
+        try:
+            on_rank0(self.env, lambda: ensure_table_stats(self.path, log=logger.info, top_ids=top_ids), (DataError, OSError))
+        except OSError as e:
+            raise DataError(f"{self.path}: computing the table statistics failed: {e}") from None
         stats = read_table_stats(self.path)
         assert stats is not None
         return stats
@@ -182,6 +185,9 @@ def prepare_data(cfg: Config, env: DistEnv) -> RunData:
     """Generates the synthetic dataset unless cached (rank 0; the others wait), and its vocabulary
     with ``data.vocab``; reads the manifest."""
     if cfg.data.kind == "synthetic":
-        on_rank0(env, lambda: make_synthetic(cfg), (DataError, OSError, ValueError))
+        try:
+            on_rank0(env, lambda: make_synthetic(cfg), (DataError, OSError, ValueError))
+        except OSError as e:  # a full disk, a path that cannot be a directory: the user's to fix
+            raise DataError(f"data.path: making the synthetic dataset failed: {e}") from None
     path = training_data_dir(cfg)
     return RunData(path=path, manifest=read_manifest(path), cfg=cfg, env=env)
