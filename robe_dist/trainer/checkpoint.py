@@ -126,32 +126,63 @@ def save_checkpoint(
     model from without the data) goes to ``model_spec.json``."""
     final = ckpt_dir / f"step_{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)  # fsyncs its files
-    _write_synced(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(_rng_state(), f))
-    if env.is_main:
-        record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
-        _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
-        if model_spec is not None:
-            _write_synced(tmp / MODEL_SPEC_FILE, lambda f: f.write(json.dumps(model_spec, indent=1).encode()))
-        _write_synced(tmp / _STATE_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
-    dist.barrier()
-    if env.is_main:
-        _fsync_dir(tmp)
-        previous = final.with_name(final.name + ".old")
-        if final.exists():  # a checkpoint of the same step, from an earlier attempt: kept until replaced
+
+    def make_dir() -> None:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write_files() -> None:
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)  # fsyncs its files
+        _write_synced(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(_rng_state(), f))
+        if env.is_main:
+            record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
+            _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+            if model_spec is not None:
+                _write_synced(tmp / MODEL_SPEC_FILE, lambda f: f.write(json.dumps(model_spec, indent=1).encode()))
+            _write_synced(tmp / _STATE_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+    def publish() -> None:
+        if env.is_main:
+            _fsync_dir(tmp)
+            previous = final.with_name(final.name + ".old")
+            if final.exists():  # a checkpoint of the same step, from an earlier attempt: kept until replaced
+                shutil.rmtree(previous, ignore_errors=True)
+                final.rename(previous)
+            tmp.rename(final)
+            _fsync_dir(ckpt_dir)
             shutil.rmtree(previous, ignore_errors=True)
-            final.rename(previous)
-        tmp.rename(final)
-        _fsync_dir(ckpt_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-        for old in list_checkpoints(ckpt_dir)[: -cfg.checkpoint.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+            for old in list_checkpoints(ckpt_dir)[: -cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    for phase in (make_dir, write_files, publish):  # each ends like a barrier
+        _on_every_rank(env, phase, f"writing checkpoint {final}")
     return final
+
+
+def _on_every_rank(env: DistEnv, fn, what: str) -> None:
+    """Runs ``fn`` on every rank; if it fails with an OS error (a full disk, a path that cannot be
+    a directory) on any rank, every rank raises ``CheckpointError`` naming the first, instead of
+    one rank dying while the others wait in the next collective. The checkpoint being written is
+    a ``.tmp`` directory until its rename, so the last complete one is untouched (and the next start
+    removes the partial one)."""
+    failure = None
+    try:
+        fn()
+    except (OSError, CheckpointException) as e:
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        if failures:
+            rank, (e, _) = next(iter(sorted(failures.items(), key=lambda kv: kv[0])))
+            failure = f"rank {rank}: {type(e).__name__}: {e}"
+        else:
+            failure = f"rank {env.rank}: {type(e).__name__}: {e}"
+    failures = [failure]
+    if env.world_size > 1:
+        failures = [None] * env.world_size
+        dist.all_gather_object(failures, failure)
+    first = next((f for f in failures if f is not None), None)
+    if first is not None:
+        raise CheckpointError(f"{what} failed ({first}); the last complete checkpoint is untouched")
 
 
 def _write_synced(path: Path, write) -> None:
