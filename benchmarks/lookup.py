@@ -238,7 +238,7 @@ def byte_model(batch: int, features: int, dim: int, array_size: int) -> Dict[str
       (read param, read grad, write param: 12 m).
     dense path (set_to_none=False): + zero_ of the kept gradient (4 m) + AccumulateGrad's
       grad += new (read 2, write 1: 12 m).
-    Not counted: bag offsets, ROBE's saved block starts (8 N dim / Z written and read), TBE's
+    Not counted: bag offsets, ROBE's saved block starts (4 N dim / Z written and read: int32 below 2^31 slots), TBE's
     sort of the ids, cache-line granularity (a 128-byte block at a random float offset spans
     2.94 64-byte lines on average, so real traffic is ~1.5x the element bytes), write-allocate.
     """

@@ -295,6 +295,16 @@ def _atomic_backward(
     )  # fmt: skip
 
 
+def tile_bounds(sorted_starts: torch.Tensor, first: torch.Tensor, block_size: int, array_size: int) -> torch.Tensor:
+    """``[2, tiles]``: for the tiles of slots ``[first, first + TILE)``, the range of
+    ``sorted_starts`` whose blocks overlap them (starts in ``[first - Z + 1, first + TILE)``).
+    The queries are clamped to ``[0, array_size]`` before they take the starts' dtype: the end of
+    the last tile of an array just under 2^31 slots would wrap in int32 (every start is at most
+    ``array_size - Z``, so the clamp changes no range)."""
+    queries = torch.stack([first - block_size + 1, first + TILE]).clamp_(0, array_size)
+    return torch.searchsorted(sorted_starts, queries.to(sorted_starts.dtype)).contiguous()
+
+
 def _sorted_tiles(
     mode: int, target: torch.Tensor, state: Optional[torch.Tensor], lr: float, eps: float,
     grad_out, weights, offsets, meta, starts, batch, block_size, max_blocks, num_values,
@@ -313,8 +323,7 @@ def _sorted_tiles(
     sorted_starts, order = torch.sort(starts, stable=True)  # the -1 entries (no block) come first
     num_tiles = triton.cdiv(array_size, TILE)
     first = torch.arange(num_tiles, device=device, dtype=torch.int64) * TILE
-    queries = torch.stack([(first - block_size + 1).clamp_(min=0), first + TILE])
-    bounds = torch.searchsorted(sorted_starts, queries.to(sorted_starts.dtype)).contiguous()  # [2, num_tiles]
+    bounds = tile_bounds(sorted_starts, first, block_size, array_size)
     _tile_kernel[(num_tiles,)](
         sorted_starts, order, bounds, row_base, row_scale, grad_out, target, state if state is not None else target,
         num_tiles, array_size, lr, eps, Z=block_size, MB=max_blocks, T=TILE, MODE=mode,

@@ -40,7 +40,8 @@ def _slot_table(slots: List[int], hot_keys: torch.Tensor) -> torch.Tensor:
     if table is None:
         if len(cache) >= 64:  # key orders are few in practice; bound it anyway
             cache.clear()
-        table = cache[tuple(slots)] = torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
+        with torch.inference_mode(False):  # kept across calls: never an inference tensor
+            table = cache[tuple(slots)] = torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
     return table
 
 

@@ -71,9 +71,12 @@ def _lookup_inputs(
                     f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
                     f"KeyedJaggedTensor (keys: {list(keys)})"
                 )
-            position = torch.tensor([index[f] for f in feature_names], dtype=torch.long)
-            variant = meta.clone()
-            variant[:, 5] = position.to(meta.device)[meta[:, 5]]
+            # kept across calls: made as a normal tensor even inside torch.inference_mode(), so
+            # that a first call there does not leave training an inference tensor to save
+            with torch.inference_mode(False):
+                position = torch.tensor([index[f] for f in feature_names], dtype=torch.long)
+                variant = meta.clone()
+                variant[:, 5] = position.to(meta.device)[meta[:, 5]]
             if cache is not None:
                 if len(cache) >= 64:
                     cache.clear()

@@ -99,6 +99,17 @@ def test_each_key_orders_slots_are_made_once_and_kept():
         torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-6)
 
 
+
+def test_a_first_call_under_inference_mode_leaves_training_working():
+    """The per-key-order tables kept between calls (the ROBE child's meta, the router's slots)
+    are made as normal tensors even when the first call runs under torch.inference_mode()."""
+    h = hybrid()
+    reordered = {k: BAGS[k] for k in ("fb", "fd", "fa", "zz", "fc")}
+    with torch.inference_mode():
+        h(kjt(reordered, 3))
+    h(kjt(reordered, 3)).values().sum().backward()
+    assert h.robe.array.grad is not None and h.robe.array.grad.any()
+
 def test_hot_ids_train_their_rows_and_never_the_array():
     h = hybrid()
     # only hot ids in the split tables, nothing in "d": the array gets no gradient at all

@@ -195,6 +195,19 @@ def test_every_kernel_variant_compiles_for_the_h200():
     assert run.stdout.count("ok   sm_90") >= 100, run.stdout[-2000:]
 
 
+
+def test_tile_bounds_of_an_array_just_under_2_to_the_31_slots():
+    """The deterministic backward's tiles find their blocks with searchsorted over the sorted
+    starts, int32 below 2^31 slots: the last tile's end query (2^31 here) must not wrap."""
+    m, z = 2**31 - 1, 32
+    starts = torch.tensor([-1, -1, 5, 1000, m - z - 40, m - z], dtype=torch.int32)
+    num_tiles = (m + triton_lookup.TILE - 1) // triton_lookup.TILE
+    first = torch.tensor([0, (num_tiles - 2) * triton_lookup.TILE, (num_tiles - 1) * triton_lookup.TILE])
+    got = triton_lookup.tile_bounds(starts, first, z, m)
+    want = triton_lookup.tile_bounds(starts.long(), first, z, m)  # no int32 anywhere
+    assert torch.equal(got, want)
+    assert got[:, 0].tolist() == [2, 3] and got[1, -1] == 6  # the last tile reaches the last start
+
 def test_paper_mapping_at_the_id_bound_equals_the_cpp_operator():
     """Global ids near 2**62: the Triton kernel reduces g mod P first, as the C++ operator does."""
     tables = [
