@@ -74,6 +74,7 @@ class _NoStreamsOnCpu(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "stream. This may cause race conditions" not in record.getMessage()
 
+
 EXIT_DIVERGED = 3
 STOP_CHECK_EVERY = 10
 """Steps between the ranks' agreement on a stop request (an all-reduce); every step on 1 rank."""
