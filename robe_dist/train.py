@@ -482,6 +482,10 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+class RunDirError(RuntimeError):
+    """The run directory cannot be made or written (a path under a file, a full disk): one line, exit 2."""
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str]) -> None:
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
 
@@ -496,7 +500,12 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
-    on_rank0(env, check_and_create, (FileExistsError, OSError))
+    try:
+        on_rank0(env, check_and_create, (FileExistsError, OSError))
+    except FileExistsError:
+        raise
+    except OSError as e:
+        raise RunDirError(f"--run-dir {run_dir}: cannot be made or written ({e})") from None
     ckpt.remove_partial_checkpoints(ckpt_dir, env)
 
 
@@ -537,7 +546,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             print(f"robe-train: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signame].value
-    except (DataError, FileExistsError, PlacementError, ckpt.CheckpointError) as e:
+    except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("robe-train: %s", e)
         return 2

@@ -318,16 +318,19 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["config", "run_dir", "data_path", "checkpoint_dir"])
+@pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir"])
 def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir, five_steps, case):
-    """A config error (every rank reads the config), a run dir that holds a run (only rank 0
-    looks), a data path where the synthetic data cannot be written (rank 0 makes it; an OSError
+    """A config error (every rank reads the config), a run dir that holds a run or cannot be made
+    (only rank 0 looks), a data path where the synthetic data cannot be written (rank 0 makes it; an OSError
     there) and a checkpoint dir that cannot be written after training (rank 0 makes it; the other
     rank must not be left waiting): one line from rank 0 through robe_dist.torchrun, no traceback,
     exit 2."""
     run = tmp_path / "run"
     if case == "run_dir":
         shutil.copytree(five_steps, run)
+    if case == "run_dir_path":
+        (tmp_path / "a_file").write_text("not a directory")
+        run = tmp_path / "a_file" / "run"
     launcher = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", "-m", "robe_dist.train"]
     data = data_dir
     if case == "data_path":
@@ -345,6 +348,7 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     said = [line for line in (p.stdout + p.stderr).splitlines() if "robe-train:" in line]
     assert len(said) == 1, p.stderr[-3000:]
     expected = {"config": "optim.name must be one of", "run_dir": "already holds checkpoints",
+                "run_dir_path": "/a_file/run: cannot be made or written ([Errno 20] Not a directory",
                 "data_path": "data.path: making the synthetic dataset failed: [Errno 20] Not a directory",
                 "checkpoint_dir": "step_00000003 failed (rank 0: NotADirectoryError: [Errno 20] Not a directory"}  # fmt: skip
     assert expected[case] in said[0]
