@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -139,12 +139,13 @@ def stats_of_counter(name: str, rows: int, counter, id_map: Optional[Callable[[n
     if id_map is not None and st.top_ids is not None:
         mapped = np.asarray(id_map(st.top_ids), dtype=np.int64)
         kept = mapped != 0  # values below the vocabulary's min_count share index 0: no exact row
-        st = TableStats(**_fields(st), top_ids=mapped[kept], top_counts=st.top_counts[kept])
+        st = replace(st, top_ids=mapped[kept], top_counts=st.top_counts[kept])
     return st
 
 
-def _fields(st: TableStats) -> dict:
-    return {k: getattr(st, k) for k in ("name", "rows", "distinct", "occurrences", "bin_ids", "bin_counts")}
+def _json_fields(st: TableStats) -> dict:
+    """What ``table_stats.json`` holds of ``st`` (the most frequent ids go to the ``.npz``)."""
+    return {f.name: getattr(st, f.name) for f in fields(st) if not f.name.startswith("top_")}
 
 
 def write_table_stats(data_dir: str | os.PathLike, stats: Sequence[TableStats], files: Sequence[str]) -> Path:
@@ -154,7 +155,7 @@ def write_table_stats(data_dir: str | os.PathLike, stats: Sequence[TableStats], 
     if all(s.top_ids is not None for s in stats):
         arrays = {f"{s.name}.{k}": getattr(s, f"top_{k}") for s in stats for k in ("ids", "counts")}
         write_atomic(data_dir / TOP_IDS_NAME, lambda f: np.savez(f, **arrays))
-    record = {"version": STATS_VERSION, "files": list(files), "tables": [_fields(s) for s in stats]}
+    record = {"version": STATS_VERSION, "files": list(files), "tables": [_json_fields(s) for s in stats]}
     return write_json_atomic(data_dir / STATS_NAME, record)
 
 
@@ -175,7 +176,7 @@ def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:
         return stats  # written before the most frequent ids were kept: the planner keeps whole tables
     try:
         with np.load(top) as z:
-            return [TableStats(**_fields(s), top_ids=z[f"{s.name}.ids"], top_counts=z[f"{s.name}.counts"]) for s in stats]
+            return [replace(s, top_ids=z[f"{s.name}.ids"], top_counts=z[f"{s.name}.counts"]) for s in stats]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{top}: not the most frequent ids of {path.name}'s tables ({type(e).__name__}: {e}); "
                         "recompute them (robe-data stats)") from e  # fmt: skip

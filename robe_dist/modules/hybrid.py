@@ -16,7 +16,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist.config import RobeConfig
-from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, kept_with
 
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
@@ -25,24 +25,6 @@ _Source = Tuple[int, str]
 #: tables must lie in ``[0, 2**HOT_ID_BITS)`` (Criteo's are 32-bit hashes, a vocabulary's are dense).
 HOT_ID_BITS = 40
 HOT_SUFFIX = "@hot"
-
-
-def _slot_table(slots: List[int], hot_keys: torch.Tensor) -> torch.Tensor:
-    """``slots`` as an int64 tensor on ``hot_keys``' device, made once per key order and kept in
-    ``hot_keys``' ``__dict__`` (as the ROBE module keeps its ``meta`` per key order; a moved module
-    has new buffers, so nothing stale survives a ``.to()``): a tensor built from a list at every
-    step is a blocking host-to-device copy on CUDA, which no CUDA graph can hold. Traced, compiled
-    or exported calls (fake or functional tensors) get a fresh one, a constant of their graph."""
-    if type(hot_keys) is not torch.Tensor or torch.compiler.is_compiling():
-        return torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
-    cache: Dict[Tuple[int, ...], torch.Tensor] = hot_keys.__dict__.setdefault("_robe_slots_by_keys", {})
-    table = cache.get(tuple(slots))
-    if table is None:
-        if len(cache) >= 64:  # key orders are few in practice; bound it anyway
-            cache.clear()
-        with torch.inference_mode(False):  # kept across calls: never an inference tensor
-            table = cache[tuple(slots)] = torch.tensor(slots, dtype=torch.long, device=hot_keys.device)
-    return table
 
 
 @torch.fx.wrap
@@ -57,14 +39,18 @@ def _split_hot(
     the hot id's row in its exact table, or the table's tail row ``hot_rows[slot]`` for every
     other id (0 for the other features, which the hot tables do not read). ``slot_of``: the hot
     slot of each split feature. No host synchronisation: the feature of every value is found from
-    the lengths on the device, and the slot of every key is a tensor kept there (``_slot_table``).
+    the lengths on the device, and the slot of every key is a tensor kept there (``kept_with``).
     """
     values, lengths = features.values(), features.lengths()
     slots = [slot_of.get(k, -1) for k in features.keys()]
     num_keys = len(slots)
     ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
     key_of_value = torch.searchsorted(ends, torch.arange(values.numel(), device=values.device), right=True)
-    slot = _slot_table(slots, hot_keys)[key_of_value]
+    # the slot of every key, kept on the device per key order (built from the list at every step,
+    # it would be a blocking host-to-device copy on CUDA, which no CUDA graph can hold)
+    table = kept_with(hot_keys, "_robe_slots_by_keys", tuple(slots),
+                      lambda: torch.tensor(slots, dtype=torch.long, device=hot_keys.device))  # fmt: skip
+    slot = table[key_of_value]
     split = slot >= 0
     slot0 = slot.clamp(min=0)
     query = (slot0 << HOT_ID_BITS) | values.long()

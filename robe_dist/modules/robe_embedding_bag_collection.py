@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +29,24 @@ _fx_symbolic_tracing = getattr(
 def _tracing() -> bool:
     """Inside torch.compile / torch.export or torchrec.fx / torch.fx symbolic tracing."""
     return torch.compiler.is_compiling() or _fx_symbolic_tracing()
+
+
+def kept_with(holder: torch.Tensor, name: str, key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, made once per ``key`` and kept in ``holder.__dict__[name]`` for later calls
+    (``holder``: a module's buffer, so a moved module, with new buffers, keeps nothing stale; at
+    most 64 kept). Made with inference mode off: a first call under ``torch.inference_mode()``
+    must not leave later training an inference tensor to save. Compiled, exported or fake-tensor
+    calls make it afresh (a constant of their graph)."""
+    if type(holder) is not torch.Tensor or torch.compiler.is_compiling():
+        return make()
+    cache: Dict[Hashable, torch.Tensor] = holder.__dict__.setdefault(name, {})
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= 64:  # key orders are few in practice; bound it anyway
+            cache.clear()
+        with torch.inference_mode(False):
+            value = cache[key] = make()
+    return value
 
 
 @torch.fx.wrap
@@ -58,12 +76,8 @@ def _lookup_inputs(
         weights = weights.to(array.dtype)
     keys = features.keys()
     if keys != feature_names:
-        # (compiled code bakes the variant into its graph: no cache there)
-        cache: Optional[Dict[Tuple[str, ...], torch.Tensor]] = (
-            None if torch.compiler.is_compiling() else meta.__dict__.setdefault("_robe_by_keys", {})
-        )
-        variant = cache.get(tuple(keys)) if cache is not None else None
-        if variant is None:
+
+        def variant() -> torch.Tensor:  # once per key order
             index = {k: i for i, k in enumerate(keys)}
             missing = [f for f in feature_names if f not in index]
             if missing:
@@ -71,17 +85,12 @@ def _lookup_inputs(
                     f"RobeEmbeddingBagCollection: feature(s) {missing} of its tables are missing from the input "
                     f"KeyedJaggedTensor (keys: {list(keys)})"
                 )
-            # kept across calls: made as a normal tensor even inside torch.inference_mode(), so
-            # that a first call there does not leave training an inference tensor to save
-            with torch.inference_mode(False):
-                position = torch.tensor([index[f] for f in feature_names], dtype=torch.long)
-                variant = meta.clone()
-                variant[:, 5] = position.to(meta.device)[meta[:, 5]]
-            if cache is not None:
-                if len(cache) >= 64:
-                    cache.clear()
-                cache[tuple(keys)] = variant
-        meta = variant
+            position = torch.tensor([index[f] for f in feature_names], dtype=torch.long)
+            out = meta.clone()
+            out[:, 5] = position.to(meta.device)[meta[:, 5]]
+            return out
+
+        meta = kept_with(meta, "_robe_by_keys", tuple(keys), variant)
     return values, weights, features.offsets(), meta, features.stride()
 
 
