@@ -37,7 +37,7 @@ import yaml
 from torch import nn
 
 from robe_dist.train_config import Config, to_yaml
-from robe_dist.trainer.env import DistEnv
+from robe_dist.trainer.env import DistEnv, share_failure
 from robe_dist.trainer.model import robe_modules
 from robe_dist.trainer.optim import TrainOptimizer
 
@@ -166,23 +166,23 @@ def _on_every_rank(env: DistEnv, fn, what: str) -> None:
     one rank dying while the others wait in the next collective. The checkpoint being written is
     a ``.tmp`` directory until its rename, so the last complete one is untouched (and the next start
     removes the partial one)."""
-    failure = None
-    try:
-        fn()
-    except (OSError, CheckpointException) as e:
-        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
-        if failures:
-            rank, (e, _) = next(iter(sorted(failures.items(), key=lambda kv: kv[0])))
-            failure = f"rank {rank}: {type(e).__name__}: {e}"
-        else:
-            failure = f"rank {env.rank}: {type(e).__name__}: {e}"
-    failures = [failure]
-    if env.world_size > 1:
-        failures = [None] * env.world_size
-        dist.all_gather_object(failures, failure)
-    first = next((f for f in failures if f is not None), None)
-    if first is not None:
-        raise CheckpointError(f"{what} failed ({first}); the last complete checkpoint is untouched")
+
+    def run() -> None:
+        try:
+            fn()
+        except (OSError, CheckpointException) as e:
+            rank, first = env.rank, e
+            if getattr(e, "failures", None):  # DCP's: {rank: (exception, traceback)}, of every rank
+                rank, (first, _) = min(e.failures.items(), key=lambda kv: kv[0])
+            raise _RankError(f"rank {rank}: {type(first).__name__}: {first}") from None
+
+    failure = share_failure(env, run, (_RankError,))
+    if failure is not None:
+        raise CheckpointError(f"{what} failed ({failure[1]}); the last complete checkpoint is untouched")
+
+
+class _RankError(Exception):
+    """A failed checkpoint phase on one rank, described."""
 
 
 def _write_synced(path: Path, write) -> None:

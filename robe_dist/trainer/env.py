@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -101,22 +101,42 @@ def setup_logging(env: DistEnv, all_ranks: bool) -> None:
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
 
 
-def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> None:
-    """Runs ``fn`` on rank 0 only (making data, checking the run dir); an expected error there is
-    raised on every rank, not left to the others as a hang or a broken connection in the next
-    collective. Synchronises the ranks (a broadcast) like a barrier."""
+def share_failure(
+    env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...], *, main_only: bool = False
+) -> Optional[Tuple[int, BaseException]]:
+    """Runs ``fn`` on rank 0 only (``main_only``: making data, checking the run dir) or on every
+    rank (writing a checkpoint's files), and shares an expected failure (an exception of one of
+    ``errors``): every rank returns ``(rank, exception)`` of the lowest failing rank, the exception
+    rebuilt as the same type with the same message, or None. So a failure on one rank can be raised
+    on all, not left to the others as a hang or a broken connection in the next collective.
+    Synchronises the ranks like a barrier (a broadcast or an all-gather)."""
     failure = None
-    if env.is_main:
+    if env.is_main or not main_only:
         try:
             fn()
         except errors as e:
-            failure = (errors.index(next(t for t in errors if isinstance(e, t))), str(e))
+            failure = (env.rank, next(i for i, t in enumerate(errors) if isinstance(e, t)), str(e))
     if env.world_size > 1:
-        box = [failure]
-        dist.broadcast_object_list(box, src=0)
-        failure = box[0]
+        if main_only:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        else:
+            every = [None] * env.world_size
+            dist.all_gather_object(every, failure)
+            failure = next((f for f in every if f is not None), None)
+    if failure is None:
+        return None
+    rank, kind, message = failure
+    return rank, errors[kind](message)
+
+
+def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> None:
+    """Runs ``fn`` on rank 0 only; an error of ``errors`` there is raised on every rank
+    (``share_failure``)."""
+    failure = share_failure(env, fn, errors, main_only=True)
     if failure is not None:
-        raise errors[failure[0]](failure[1])
+        raise failure[1]
 
 
 def shutdown() -> None:

@@ -297,3 +297,36 @@ def test_default_sharders_and_config_mismatch_between_ranks(pg2):
         assert r["types"] == "ShardedRobeEmbeddingBagCollection"
         assert r["out_shape"] == [4]
         assert "another configuration" in r["refused"] and "seed=5" in r["refused"]
+
+
+def _rank_share_failure(rank: int, world_size: int) -> Dict:
+    from robe_dist.trainer.env import DistEnv, share_failure
+
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    ran = []
+
+    def fail_on(ranks):
+        def fn():
+            ran.append(rank)
+            if rank in ranks:
+                raise NotADirectoryError(f"disk of rank {rank}")
+        return fn
+
+    got = {}
+    for name, ranks, main_only in [("none", (), False), ("rank1", (1,), False), ("both", (0, 1), False),
+                                   ("main_only", (0,), True)]:
+        failure = share_failure(env, fail_on(ranks), (ValueError, OSError), main_only=main_only)
+        got[name] = None if failure is None else (failure[0], type(failure[1]).__name__, str(failure[1]))
+    return {"got": got, "ran": ran}
+
+
+def test_a_failure_on_one_rank_is_shared_with_every_rank(pg2):
+    """``share_failure`` (the trainer's data, run-dir and checkpoint phases): the lowest failing
+    rank's error reaches every rank as the same type and message; ``main_only`` runs on rank 0 only."""
+    r0, r1 = pg2.run(_rank_share_failure)
+    for r in (r0, r1):
+        assert r["got"]["none"] is None
+        assert r["got"]["rank1"] == (1, "OSError", "disk of rank 1")  # rebuilt from the first listed type
+        assert r["got"]["both"] == (0, "OSError", "disk of rank 0")
+        assert r["got"]["main_only"] == (0, "OSError", "disk of rank 0")
+    assert r0["ran"] == [0, 0, 0, 0] and r1["ran"] == [1, 1, 1]  # main_only: rank 1 did not run it
