@@ -287,7 +287,7 @@ def robe_steps(args, device: torch.device, batch: int, kjts, grad: torch.Tensor)
                 r["bytes"] = byte_model(batch, args.features, args.dim, args.array_size, elem, dense_update=not fused)
                 r["tensor_bytes"] = mod.array.numel() * elem * (1 if fused else 2)
                 out[name] = r
-                del mod, opt
+                mod = opt = None  # frees them (a del would leave step() a dangling name)
             except Exception as e:  # noqa: BLE001 - report and go on with the other variants
                 out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
             if device.type == "cuda":
@@ -335,7 +335,7 @@ def baseline_steps(args, device: torch.device, batch: int, grad: torch.Tensor, s
         r.update(bytes=byte_model(batch, args.features, args.dim, rows * args.dim, 4, dense_update=True),
                  tensor_bytes=rows * args.dim * 4 * 2, table_rows=rows, table_divisor=scale)  # fmt: skip
         out[name] = r
-        del ebc, opt
+        ebc = opt = None
     except Exception as e:  # noqa: BLE001
         out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
     if device.type == "cuda":
@@ -369,7 +369,7 @@ def baseline_steps(args, device: torch.device, batch: int, grad: torch.Tensor, s
         r.update(bytes=byte_model(batch, args.features, args.dim, 0, 4, dense_update=False),
                  tensor_bytes=sum(sizes) * args.dim * 4, table_rows=sum(sizes), table_divisor=scale)  # fmt: skip
         out[name] = r
-        del bags, opt
+        bags = opt = None
     except Exception as e:  # noqa: BLE001
         out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
     if device.type == "cuda":
@@ -425,7 +425,7 @@ def l2(args, device: torch.device, copy_gbps: Optional[float]) -> Dict:
         if copy_gbps:
             r["share_of_copy_bw"] = r["GBps"] / copy_gbps
         out["fp32" if dtype == torch.float32 else "bf16"] = r
-        del mod
+        mod = None
     return out
 
 

@@ -27,7 +27,6 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from robe_dist import RobeConfig, RobeEmbeddingBagCollection
 from robe_dist.distributed import (
     RobeEmbeddingBagCollectionSharder,
-    ShardedRobeEmbeddingBagCollection,
     get_default_sharders,
 )
 
