@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--array-size", type=int, default=27_000_000)
+    p.add_argument("--block-align", type=int, default=1, help="block starts on multiples of this (16: a cache line)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per thread count")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="write the figures here")
@@ -49,7 +50,7 @@ def main() -> None:
             array = problem.start.clone()
             times = {"step": [], "forward": [], "backward": []}
             for it in range(args.warmup + args.steps):
-                forward_s, backward_s, _ = problem.step(op, array, it)
+                forward_s, backward_s, _ = problem.step(op, array, it, args.block_align)
                 if it >= args.warmup:
                     for key, t in (("step", forward_s + backward_s), ("forward", forward_s), ("backward", backward_s)):
                         times[key].append(1e3 * t)
@@ -60,7 +61,7 @@ def main() -> None:
     finally:
         torch.set_num_threads(before)
     first = rows[0]["step_ms"]
-    print(f"# CPU operator, fused SGD step: batch {B}, {F} one-hot features, dim {D}, array {m:,} floats, Z={Z}; "
+    print(f"# CPU operator, fused SGD step: batch {B}, {F} one-hot features, dim {D}, array {m:,} floats, Z={Z}, align {args.block_align}; "
           f"{os.cpu_count()} cpus; {args.steps} steps per thread count (+{args.warmup} warm-up)")  # fmt: skip
     print(f"{'threads':>7}{'step ms':>9}{'min':>7}{'fwd':>7}{'bwd':>7}{'speed-up':>10}  same bits")
     for r in rows:

@@ -168,12 +168,14 @@ def compare(args, device: torch.device) -> Dict:
     for name, hash_mode, pooling, weighted in [
         ("universal_sum", "universal", PoolingType.SUM, False), ("paper_sum_weighted", "paper", PoolingType.SUM, True),
         ("universal_mean", "universal", PoolingType.MEAN, False),
+        ("universal_sum_align16", "universal", PoolingType.SUM, False),
     ]:  # fmt: skip
         tbl = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=args.dim, num_embeddings=MLPERF_V1_TABLE_SIZES[i],
                                   feature_names=[f"f{i}"], pooling=pooling) for i in range(args.features)]  # fmt: skip
         torch.manual_seed(0)
-        ebc = RobeEmbeddingBagCollection(tbl, RobeConfig(min(args.array_size, 1_000_003), args.block_size, hash=hash_mode),
-                                         is_weighted=weighted)  # fmt: skip
+        robe = RobeConfig(min(args.array_size, 1_000_003), args.block_size, hash=hash_mode,
+                          block_align=16 if name.endswith("align16") else 1)  # fmt: skip
+        ebc = RobeEmbeddingBagCollection(tbl, robe, is_weighted=weighted)
         g = torch.Generator().manual_seed(1)
         lengths = torch.randint(0, 4, (args.features * batch,), generator=g)
         keys = [f"f{i}" for i in range(args.features)]
@@ -263,35 +265,36 @@ def _time(step: Callable[[], None], args, device: torch.device) -> Dict:
 def robe_steps(args, device: torch.device, batch: int, kjts, grad: torch.Tensor) -> Dict:
     out = {}
     tbl = tables(args.features, args.dim, MLPERF_V1_TABLE_SIZES)
-    for dtype in array_dtypes(device):
+    variants = [(dtype, fused, 1) for dtype in array_dtypes(device) for fused in (False, True)] + [(torch.float32, True, 16)]
+    for dtype, fused, align in variants:
         elem = torch.finfo(dtype).bits // 8
-        for fused in (False, True):
-            name = f"robe_{'fp32' if dtype == torch.float32 else 'bf16'}_{'fused' if fused else 'dense'}"
-            try:
-                torch.manual_seed(0)
-                mod = RobeEmbeddingBagCollection(tbl, RobeConfig(args.array_size, args.block_size), device=device,
-                                                 fused_sgd_lr=args.lr if fused else None).to(dtype)  # fmt: skip
-                opt = None if fused else torch.optim.SGD(mod.parameters(), lr=args.lr, **({"fused": True} if device.type == "cuda" else {}))
-                g = grad.to(dtype)
-                it = [0]
+        name = f"robe_{'fp32' if dtype == torch.float32 else 'bf16'}_{'fused' if fused else 'dense'}"
+        name += f"_align{align}" if align != 1 else ""
+        try:
+            torch.manual_seed(0)
+            robe = RobeConfig(args.array_size, args.block_size, block_align=align)
+            mod = RobeEmbeddingBagCollection(tbl, robe, device=device, fused_sgd_lr=args.lr if fused else None).to(dtype)
+            opt = None if fused else torch.optim.SGD(mod.parameters(), lr=args.lr, **({"fused": True} if device.type == "cuda" else {}))
+            g = grad.to(dtype)
+            it = [0]
 
-                def step():
-                    kjt = kjts[it[0] % len(kjts)]
-                    it[0] += 1
-                    mod(kjt).values().backward(g)
-                    if opt is not None:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+            def step():
+                kjt = kjts[it[0] % len(kjts)]
+                it[0] += 1
+                mod(kjt).values().backward(g)
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
 
-                r = _time(step, args, device)
-                r["bytes"] = byte_model(batch, args.features, args.dim, args.array_size, elem, dense_update=not fused)
-                r["tensor_bytes"] = mod.array.numel() * elem * (1 if fused else 2)
-                out[name] = r
-                mod = opt = None  # frees them (a del would leave step() a dangling name)
-            except Exception as e:  # noqa: BLE001 - report and go on with the other variants
-                out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            r = _time(step, args, device)
+            r["bytes"] = byte_model(batch, args.features, args.dim, args.array_size, elem, dense_update=not fused)
+            r["tensor_bytes"] = mod.array.numel() * elem * (1 if fused else 2)
+            out[name] = r
+            mod = opt = None  # frees them (a del would leave step() a dangling name)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other variants
+            out[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 

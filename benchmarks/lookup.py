@@ -422,6 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--array-size", type=int, default=27_000_000, help="ROBE array floats (paper: 27M)")
     p.add_argument("--block-size", type=int, default=32, help="ROBE Z")
+    p.add_argument("--block-align", type=int, default=1,
+                   help="ROBE block starts on multiples of this (RobeConfig.block_align; 16: a 64-byte line)")
     p.add_argument("--hash", choices=("universal", "paper"), default="universal",
                    help="universal: raw uint32-like ids; paper: ids in [0, MLPerf table size)")
     p.add_argument("--table-scale", type=int, default=20, help="TorchRec tables = MLPerf v1 sizes / this")
@@ -473,7 +475,7 @@ def main(argv=None) -> Dict:
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; robe_dist._C {'built' if has_cpp_extension() else 'MISSING'}; OMP_WAIT_POLICY {_OMP_WAIT_POLICY}; "
           f"allocator {_ALLOCATOR}")
-    print(f"setup: batch {B}, {F} one-hot features, dim {D}, ROBE array {m:,} floats, Z={Z}, hash={args.hash}, "
+    print(f"setup: batch {B}, {F} one-hot features, dim {D}, ROBE array {m:,} floats, Z={Z}, align {args.block_align}, hash={args.hash}, "
           f"lr {args.lr}; ids {args.ids}; TorchRec tables = MLPerf v1 / {args.table_scale}; {args.iters} timed rounds "
           f"(+{args.warmup} warm-up), interleaved")
     if not has_cpp_extension():
@@ -513,7 +515,7 @@ def main(argv=None) -> Dict:
     # ---- build the variants (RSS growth of each)
     mem: Dict[str, Dict[str, float]] = {}
     robe_tables = make_robe_tables(F, D, full_sizes)
-    cfg = RobeConfig(array_size=m, block_size=Z, hash=args.hash)
+    cfg = RobeConfig(array_size=m, block_size=Z, hash=args.hash, block_align=args.block_align)
     modules, optims = {}, {}
     for name in ROBE_VARIANTS:
         gc.collect()

@@ -14,7 +14,10 @@ Build the old side from a clone, then compare (the current build is the default 
     .venv/bin/python benchmarks/operator_ab.py --old /tmp/old/robe_dist/_C*.so
 
 Shapes default to ``benchmarks/lookup.py``'s: batch 8192, 26 one-hot features, dim 128, array
-27M floats, Z=32, universal hash, uniform ids.
+27M floats, Z=32, universal hash, uniform ids. ``--old-align`` / ``--new-align`` set each side's
+``block_align`` (the same build on both sides with ``--new-align 16`` measures the alignment alone)::
+
+    .venv/bin/python benchmarks/operator_ab.py --old robe_dist/_C*.so --new-align 16 --allow-different
 """
 
 from __future__ import annotations
@@ -47,12 +50,16 @@ class FusedSgdProblem:
         self.grad = torch.randn(batch, features * dim, generator=g)
         self.none = torch.empty(0)
 
-    def step(self, op, array: torch.Tensor, it: int) -> Tuple[float, float, torch.dtype]:
-        """One step of batch ``it`` on ``array`` (in place): (forward s, backward s, starts dtype)."""
+    def step(self, op, array: torch.Tensor, it: int, block_align: int = 1) -> Tuple[float, float, torch.dtype]:
+        """One step of batch ``it`` on ``array`` (in place): (forward s, backward s, starts dtype).
+        ``block_align`` needs a build of ABI 4 or later (older ones have no such argument)."""
         values, B, F, D, Z = self.batches[it % len(self.batches)], self.batch, self.features, self.dim, self.z
+        align = [block_align] if getattr(op, "ABI_VERSION", 1) >= 4 else []
+        if block_align != 1 and not align:
+            raise SystemExit(f"operator_ab: a build of ABI {getattr(op, 'ABI_VERSION', 1)} has no block_align")
         t0 = time.perf_counter()
         _, starts = op.robe_forward(array, values, self.none, self.offsets, B, self.meta, F * D, D // Z, 1, 0, Z,
-                                    [1, 1, 1, 2**31 - 1])  # fmt: skip
+                                    [1, 1, 1, 2**31 - 1], *align)  # fmt: skip
         t1 = time.perf_counter()
         op.robe_backward_sgd(array, self.grad, self.none, self.offsets, B, self.meta, starts, Z, D // Z, 1, values.numel(), 0.01)
         return t1 - t0, time.perf_counter() - t1, starts.dtype
@@ -78,6 +85,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--old-align", type=int, default=1, help="the old side's block_align")
+    p.add_argument("--new-align", type=int, default=1, help="the new side's block_align")
     p.add_argument("--allow-different", action="store_true", help="the change alters results: do not require equal arrays")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,21 +96,21 @@ def main() -> None:
     problem = FusedSgdProblem(B, F, D, Z, m)
     arrays = {k: problem.start.clone() for k in sides}
     times = {k: {"step": [], "forward": [], "backward": []} for k in sides}
-    dtypes = {}
+    dtypes, aligns = {}, {"old": args.old_align, "new": args.new_align}
     for it in range(args.warmup + args.steps):
         order = ("old", "new") if it % 2 == 0 else ("new", "old")
         for name in order:
-            forward_s, backward_s, dtypes[name] = problem.step(sides[name], arrays[name], it)
+            forward_s, backward_s, dtypes[name] = problem.step(sides[name], arrays[name], it, aligns[name])
             if it >= args.warmup:
                 for key, t in (("step", forward_s + backward_s), ("forward", forward_s), ("backward", backward_s)):
                     times[name][key].append(1e3 * t)
     same = torch.equal(arrays["old"], arrays["new"])
     print(f"# operator A/B: batch {B}, {F} one-hot features, dim {D}, array {m:,} floats, Z={Z}, "
           f"{args.threads} threads, {args.steps} interleaved steps per side (+{args.warmup} warm-up)")  # fmt: skip
-    print(f"{'side':<5}{'ABI':>4}{'starts':>13}{'step ms':>9}{'min':>7}{'fwd':>7}{'bwd':>7}")
+    print(f"{'side':<5}{'ABI':>4}{'align':>6}{'starts':>13}{'step ms':>9}{'min':>7}{'fwd':>7}{'bwd':>7}")
     for name, op in sides.items():
         t = times[name]
-        print(f"{name:<5}{getattr(op, 'ABI_VERSION', 1):>4}{str(dtypes[name]):>13}{statistics.median(t['step']):>9.1f}"
+        print(f"{name:<5}{getattr(op, 'ABI_VERSION', 1):>4}{aligns[name]:>6}{str(dtypes[name]):>13}{statistics.median(t['step']):>9.1f}"
               f"{min(t['step']):>7.1f}{statistics.median(t['forward']):>7.1f}{statistics.median(t['backward']):>7.1f}")  # fmt: skip
     ratio = statistics.median(times["old"]["step"]) / statistics.median(times["new"]["step"])
     print(f"new / old speed: {ratio:.3f}x (median steps); arrays after training: {'equal bit for bit' if same else 'DIFFERENT'}")

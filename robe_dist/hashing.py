@@ -2,7 +2,10 @@
 
 Both map block ``c`` of the embedding of id ``x`` in table ``t`` to a start in
 ``[0, m - Z]`` (a block never wraps around the end of the array); element ``j`` of the
-embedding is then ``array[start(t, x, j // Z) + j % Z]``.
+embedding is then ``array[start(t, x, j // Z) + j % Z]``. The formulas below are for starts at
+any slot (alignment ``a = 1``, the paper's); with ``RobeConfig.block_align = a`` a start is
+``a * (u mod S)`` with ``S = (m - Z) // a + 1`` (``num_block_starts``) and ``u`` the same hash
+value, so every block begins on a multiple of ``a`` (``a = 16``: a 64-byte line of float32).
 
 ``"universal"`` (robe_dist's own; raw int64 ids of any value, no vocabulary)::
 
@@ -65,6 +68,11 @@ def fnv1a64(data: bytes) -> int:
 def table_key(table_name: str, seed: int) -> int:
     """The universal mapping's per-table key, an unsigned 64-bit int."""
     return fmix64(fnv1a64(table_name.encode("utf-8")) ^ fmix64((seed & MASK64) ^ GOLDEN))
+
+
+def num_block_starts(array_size: int, block_size: int, block_align: int = 1) -> int:
+    """``S``, how many starts a block can have: the multiples of ``block_align`` in ``[0, m - Z]``."""
+    return (array_size - block_size) // block_align + 1
 
 
 def universal_start(key: int, x: int, block: int, num_starts: int) -> int:

@@ -3,7 +3,7 @@
 Three ops, registered when this module is imported (``robe_dist``'s modules import it):
 
 * ``torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, out_dim,
-  max_blocks, occurrences, hash_mode, block_size, paper_constants) -> (out, starts, status)``:
+  max_blocks, occurrences, hash_mode, block_size, paper_constants, block_align=1) -> (out, starts, status)``:
   pooled embeddings ``[batch, out_dim]`` of every (feature, bag) of a KeyedJaggedTensor, the block
   starts it read (kept for the backward) and a status of malformed input (see ``STATUS_OK``).
   Differentiable in ``array`` (one autograd registration: ``pooled_lookup_backward``).
@@ -33,7 +33,7 @@ import torch
 
 from robe_dist import fbgemm_compat, hashing
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 """The ``robe_dist._C`` this source expects (csrc/robe_cpu.cpp sets ``ABI_VERSION``)."""
 
 
@@ -106,6 +106,7 @@ class LookupSpec:
     poolings: Tuple[str, ...]
     out_dim: int
     occurrence: Tuple[int, ...]
+    block_align: int = 1
 
     @property
     def max_blocks(self) -> int:
@@ -158,7 +159,8 @@ def _bag_bounds(offsets: torch.Tensor, k: int, batch: int, num_values: int) -> t
 
 
 def torch_forward(
-    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode, block_size, paper_constants
+    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode, block_size, paper_constants,
+    block_align=1,
 ):  # fmt: skip
     """``pooled_lookup`` in vectorised PyTorch (any device): the reference and the fallback."""
     n = values.numel()
@@ -166,7 +168,7 @@ def torch_forward(
     starts = torch.full((occurrences, n, max_blocks), -1, dtype=starts_dtype(array.numel()), device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.long, device=array.device)
     values, offsets = values.long(), offsets.long()
-    num_starts = array.numel() - block_size + 1
+    num_starts = hashing.num_block_starts(array.numel(), block_size, block_align)
     within = torch.arange(block_size, device=array.device)
     for f, (key, num_embeddings, dim, col, pooling, k, r) in enumerate(_feature_rows(meta)):
         off = _bag_bounds(offsets, k, batch, n)
@@ -174,12 +176,12 @@ def torch_forward(
         ids = values[lo:hi]
         nb = dim // block_size
         if hash_mode == 0:
-            s = hashing.universal_starts_torch(ids, key, nb, num_starts)
+            s = hashing.universal_starts_torch(ids, key, nb, num_starts) * block_align
         else:
             bad = (ids < 0) | (ids >= num_embeddings)
             if bool(bad.any()):
                 raise ValueError(_bad_id_message(int(ids[bad][0]), f"#{f}", num_embeddings))
-            s = hashing.paper_starts_torch(ids, key, nb, num_starts, tuple(paper_constants))
+            s = hashing.paper_starts_torch(ids, key, nb, num_starts, tuple(paper_constants)) * block_align
         starts[r, lo:hi, :nb] = s.to(starts.dtype)
         if pooling == POOLING_IDS["MEAN"] and weights is not None:
             raise ValueError(_MEAN_WEIGHTS_MESSAGE.format(feature=f"#{f}"))
@@ -260,11 +262,13 @@ def pooled_lookup(
     hash_mode: int,
     block_size: int,
     paper_constants: List[int],
+    block_align: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled ROBE embeddings: ``(out [batch, out_dim], starts [R * N * max_blocks], status [2])``;
-    ``starts`` has dtype ``starts_dtype(array.numel())``."""
+    ``starts`` has dtype ``starts_dtype(array.numel())`` and holds multiples of ``block_align``
+    (the last argument, with a default: artifacts exported before it existed still load)."""
     return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
-                         block_size, paper_constants)  # fmt: skip
+                         block_size, paper_constants, block_align)  # fmt: skip
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -309,7 +313,7 @@ def _pooled_lookup_cuda(*args):
 
 @pooled_lookup.register_kernel("cpu")
 def _pooled_lookup_cpu(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
-                       block_size, paper_constants):  # fmt: skip
+                       block_size, paper_constants, block_align=1):  # fmt: skip
     check_inputs(array, values, weights, offsets, meta, batch)
     if array.dtype not in (torch.float32, torch.float64):
         raise ValueError(
@@ -319,18 +323,18 @@ def _pooled_lookup_cpu(array, values, weights, offsets, meta, batch, out_dim, ma
     if _C is None:
         _warn_fallback()
         return torch_forward(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences,
-                             hash_mode, block_size, paper_constants)  # fmt: skip
+                             hash_mode, block_size, paper_constants, block_align)  # fmt: skip
     w = weights if weights is not None else array.new_empty(0)
     out, starts = _C.robe_forward(
         array.contiguous(), values.long().contiguous(), w.contiguous(), offsets.long().contiguous(), batch,
-        meta.contiguous(), out_dim, max_blocks, occurrences, hash_mode, block_size, list(paper_constants),
+        meta.contiguous(), out_dim, max_blocks, occurrences, hash_mode, block_size, list(paper_constants), block_align,
     )  # fmt: skip
     return out, starts, torch.full((2,), STATUS_OK, dtype=torch.long)
 
 
 @pooled_lookup.register_fake
 def _pooled_lookup_fake(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
-                        block_size, paper_constants):  # fmt: skip
+                        block_size, paper_constants, block_align=1):  # fmt: skip
     check_inputs(array, values, weights, offsets, meta, batch)
     out = array.new_empty(batch, out_dim)
     starts = values.new_empty(occurrences * values.shape[0] * max_blocks, dtype=starts_dtype(array.shape[0]))
@@ -446,7 +450,7 @@ def _pooled_lookup_fused_update_fake(array, state, grad_out, weights, offsets, m
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, _, block_size, _ = inputs
+    array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, _, block_size = inputs[:11]
     _, starts, _ = output
     ctx.save_for_backward(weights, offsets, meta, starts)
     ctx.sizes = (batch, array.shape[0], block_size, max_blocks, occurrences, values.shape[0])
@@ -460,7 +464,7 @@ def _backward(ctx, grad_out, grad_starts, grad_status):
         grad_out.to(ctx.array_dtype), weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
         occurrences, num_values, torch.are_deterministic_algorithms_enabled(),
     )  # fmt: skip
-    return (grad,) + (None,) * 11
+    return (grad,) + (None,) * 12
 
 
 pooled_lookup.register_autograd(_backward, setup_context=_setup_context)
@@ -524,7 +528,8 @@ class _FusedLookup(torch.autograd.Function):
 
 
 def _static_args(spec: LookupSpec) -> tuple:
-    return (spec.out_dim, spec.max_blocks, spec.occurrences, spec.hash_mode, spec.block_size, list(spec.paper_constants))
+    return (spec.out_dim, spec.max_blocks, spec.occurrences, spec.hash_mode, spec.block_size, list(spec.paper_constants),
+            spec.block_align)  # fmt: skip
 
 
 def robe_pooled_lookup(

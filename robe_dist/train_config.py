@@ -144,6 +144,11 @@ class RobeSection:
     block_size: int = 32
     """Z: embeddings are read in blocks of Z contiguous floats (the paper: 32; as RobeConfig)."""
 
+    block_align: int = 1
+    """Block starts are multiples of this many floats (1: any slot, as the paper; 16: a 64-byte
+    line, so a block of Z = 32 floats spans 2 lines, not 2.94: a faster CPU step, see
+    docs/performance.md). Part of the mapping, saved in checkpoints (as RobeConfig.block_align)."""
+
     hash: Literal["universal", "paper"] = "universal"
     """The mapping: ``universal`` (raw int64 ids) or ``paper`` (the authors', ids < num_embeddings)."""
 
@@ -168,7 +173,7 @@ class RobeSection:
         size = array_size if array_size is not None else self.array_size
         return RobeConfig(
             array_size=size if size is not None else DEFAULT_ARRAY_SIZE, block_size=self.block_size, seed=self.seed,
-            hash=self.hash, init_scale=self.init_scale,
+            hash=self.hash, init_scale=self.init_scale, block_align=self.block_align,
         )  # fmt: skip
 
 

@@ -5,10 +5,11 @@
 //
 // One 1-D array M of m floats holds every embedding of every table. Element j of the
 // embedding of id x in table t is M[start(t, x, j / Z) + j % Z]: an embedding is cut in
-// blocks of Z contiguous floats and each block starts at a hashed offset in [0, m - Z].
-// The two mappings (docs/robe.md):
-//   universal: h = fmix64(x ^ key_t); start = (fmix64(h + (c + 1) * G) >> 1) mod (m - Z + 1)
-//   paper:     g = x + offset_t;      start = ((g * A + c * B + C) mod P) mod (m - Z + 1)
+// blocks of Z contiguous floats and each block starts at a hashed offset in [0, m - Z], a
+// multiple of the alignment a (1: any slot). With S = (m - Z) / a + 1 starts, the two mappings
+// (docs/robe.md):
+//   universal: h = fmix64(x ^ key_t); start = a * ((fmix64(h + (c + 1) * G) >> 1) mod S)
+//   paper:     g = x + offset_t;      start = a * (((g * A + c * B + C) mod P) mod S)
 // (fmix64 is MurmurHash3's 64-bit finaliser, G = 0x9E3779B97F4A7C15, all in uint64 arithmetic;
 // the paper mapping is evaluated as (((g mod P) * A + C) mod P + c * B) mod P, equal to the
 // formula in exact integers and free of int64 overflow for every id below 2^62.)
@@ -86,7 +87,8 @@ inline uint64_t fmix64(uint64_t k) {
 struct Hash {
   int64_t mode;
   int64_t z;
-  uint64_t num_starts;  // m - Z + 1
+  uint64_t num_starts;  // S = (m - Z) / align + 1
+  uint64_t align;       // starts are multiples of it
   int64_t a, b, c, p;   // paper constants
 
   // Fills starts[0..nb) for one id of one feature. Returns false for an out-of-range
@@ -97,7 +99,7 @@ struct Hash {
       const uint64_t h = fmix64(static_cast<uint64_t>(id) ^ static_cast<uint64_t>(meta[kKey]));
       for (int64_t blk = 0; blk < nb; ++blk) {
         const uint64_t hb = fmix64(h + static_cast<uint64_t>(blk + 1) * kGolden);
-        starts[blk] = static_cast<start_t>((hb >> 1) % num_starts);
+        starts[blk] = static_cast<start_t>((hb >> 1) % num_starts * align);
       }
       return true;
     }
@@ -105,7 +107,7 @@ struct Hash {
     const int64_t g = id + meta[kKey];              // < 2^62 (checked by the module)
     const int64_t base = ((g % p) * a + c) % p;      // (g mod P) * A < 2^62: no overflow
     for (int64_t blk = 0; blk < nb; ++blk) {
-      starts[blk] = static_cast<start_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts);
+      starts[blk] = static_cast<start_t>(static_cast<uint64_t>((base + blk * b) % p) % num_starts * align);
     }
     return true;
   }
@@ -182,14 +184,16 @@ void check_weights(const at::Tensor& weights, const at::Tensor& like, const Prob
   }
 }
 
-Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper) {
+Hash make_hash(int64_t mode, int64_t array_size, int64_t z, const std::vector<int64_t>& paper, int64_t align) {
   TORCH_CHECK_VALUE(mode == kHashUniversal || mode == kHashPaper, "robe: unknown hash mode ", mode);
   TORCH_CHECK_VALUE(z >= 1 && array_size >= z, "robe: need 1 <= block_size <= array_size");
+  TORCH_CHECK_VALUE(align >= 1, "robe: block_align must be >= 1, got ", align);
   TORCH_CHECK_VALUE(paper.size() == 4 && paper[3] > 0, "robe: paper constants must be [A, B, C, P] with P > 0");
   TORCH_CHECK_VALUE(mode != kHashPaper || (paper[0] >= 0 && paper[0] < paper[3] && paper[1] >= 0 && paper[1] < paper[3] &&
                                      paper[2] >= 0 && paper[2] < paper[3] && paper[3] < (int64_t(1) << 31)),
               "robe: paper constants must satisfy 0 <= A, B, C < P < 2^31");
-  return Hash{mode, z, static_cast<uint64_t>(array_size - z + 1), paper[0], paper[1], paper[2], paper[3]};
+  return Hash{mode, z, static_cast<uint64_t>((array_size - z) / align + 1), static_cast<uint64_t>(align),
+              paper[0], paper[1], paper[2], paper[3]};
 }
 
 // Prefetches every 64-byte line of [p, p + bytes): an unaligned 128-byte block spans 3 lines.
@@ -552,14 +556,14 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
                                      const at::Tensor& weights, const at::Tensor& offsets, int64_t batch,
                                      const at::Tensor& meta, int64_t out_dim, int64_t max_blocks,
                                      int64_t occurrences, int64_t hash_mode, int64_t block_size,
-                                     std::vector<int64_t> paper_constants) {
+                                     std::vector<int64_t> paper_constants, int64_t block_align) {
   TORCH_CHECK_VALUE(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
               "robe: array must be a contiguous 1-D CPU tensor");
   TORCH_CHECK_VALUE(values.dtype() == at::kLong && values.dim() == 1 && values.is_contiguous(),
               "robe: values must be a contiguous 1-D int64 tensor");
   Problem pb = make_problem(values.size(0), offsets, batch, meta, block_size, max_blocks, occurrences);
   pb.values = values.data_ptr<int64_t>();
-  const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants);
+  const Hash hash = make_hash(hash_mode, array.size(0), block_size, paper_constants, block_align);
   TORCH_CHECK_VALUE(max_out_col(pb) <= out_dim, "robe: the features' columns run past out_dim ", out_dim);
   check_weights(weights, array, pb);
   auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options().dtype(starts_dtype(array.size(0))));
@@ -631,7 +635,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "robe_dist CPU operators: ROBE-Z pooled lookup, exact backward, fused SGD backward";
   // Bumped whenever a signature or the `starts` layout changes: robe_dist/ops.py refuses (with a
   // warning naming the fix) an extension built from other sources.
-  m.attr("ABI_VERSION") = 3;
+  m.attr("ABI_VERSION") = 4;
   m.def("robe_forward", &robe_forward);
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);

@@ -119,7 +119,8 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
         "embedding_dim": cfg.model.embedding_dim, "tables": len(tables), "robe_tables": spec["robe_tables"],
         "array_size": spec["array_size"], "full_tables": [t.name for t in tables if t.name not in spec["robe_tables"]],
         "hash": cfg.robe.hash if spec["robe_tables"] else None, "robe_seed": cfg.robe.seed if spec["robe_tables"] else None,
-        "block_size": cfg.robe.block_size if spec["robe_tables"] else None, "id_moduli": spec["id_moduli"],
+        "block_size": cfg.robe.block_size if spec["robe_tables"] else None,
+        "block_align": cfg.robe.block_align if spec["robe_tables"] else None, "id_moduli": spec["id_moduli"],
         "data": cfg.data.path or "synthetic", "multi_hot": cfg.data.multi_hot, "ids": spec.get("ids", "raw"),
         "vocab": spec.get("vocab"), "hot_rows": dict(spec.get("hot_rows", {})),
         "embedding_floats": sum(p.numel() for n, p in dlrm.named_parameters() if n.startswith("sparse_arch.")),
@@ -196,7 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"robe-export: wrote {args.out} ({meta['bytes']:,} bytes, {meta['dtype']}): {meta['arch']} with "
         f"{meta['embedding_floats']:,} embedding floats"
         + (f", a ROBE array of {meta['array_size']:,} floats for {len(meta['robe_tables'])} tables "
-           f"({meta['hash']} mapping, Z={meta['block_size']})" if meta["robe_tables"] else "")
+           f"({meta['hash']} mapping, Z={meta['block_size']}"
+           + (f", starts aligned to {meta['block_align']}" if (meta.get("block_align") or 1) > 1 else "") + ")"
+           if meta["robe_tables"] else "")
         + (f", exact rows for {sum(meta['hot_rows'].values()):,} hot ids of {len(meta['hot_rows'])} of them"
            if meta.get("hot_rows") else "")
         + (f", {full} full tables" if full else "")

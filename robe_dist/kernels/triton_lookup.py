@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from robe_dist.hashing import num_block_starts
 from robe_dist.ops import starts_dtype
 
 TILE = 64
@@ -66,8 +67,9 @@ def _fmix64(k):
 
 
 @triton.jit
-def _block_starts(x, key, blk, num_starts, pa, pb, pc, pp, HASH: tl.constexpr):
-    """Starts ``[NBP]`` (int64, in ``[0, num_starts)``) of blocks ``blk`` of id ``x`` (int64)."""
+def _block_starts(x, key, blk, num_starts, align, pa, pb, pc, pp, HASH: tl.constexpr):
+    """Starts ``[NBP]`` (int64: ``align`` times a hash value in ``[0, num_starts)``) of blocks
+    ``blk`` of id ``x`` (int64)."""
     if HASH == 0:
         h = _fmix64(x.to(tl.uint64, bitcast=True) ^ key.to(tl.uint64, bitcast=True))
         hb = _fmix64(h + (blk.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
@@ -80,7 +82,7 @@ def _block_starts(x, key, blk, num_starts, pa, pb, pc, pp, HASH: tl.constexpr):
         g = ((g % pp) + pp) % pp
         base = (g * pa + pc) % pp
         starts = ((base + blk * pb) % pp) % num_starts
-    return starts
+    return starts * align
 
 
 @triton.jit
@@ -101,7 +103,7 @@ def _bag_bounds(offsets_ptr, key_index, b, batch, num_values, status_ptr):
 @triton.jit
 def _forward_kernel(
     array_ptr, values_ptr, weights_ptr, offsets_ptr, meta_ptr, out_ptr, starts_ptr, status_ptr,
-    batch, out_dim, num_values, num_starts, pa, pb, pc, pp,
+    batch, out_dim, num_values, num_starts, align, pa, pb, pc, pp,
     HASH: tl.constexpr, Z: tl.constexpr, ZP: tl.constexpr, NBP: tl.constexpr, MB: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
 ):  # fmt: skip
@@ -124,7 +126,7 @@ def _forward_kernel(
     starts_row = starts_ptr + occurrence * num_values * MB
     for i in range(lo, hi):
         x = tl.load(values_ptr + i).to(tl.int64)
-        s = _block_starts(x, key, blk, num_starts, pa, pb, pc, pp, HASH)
+        s = _block_starts(x, key, blk, num_starts, align, pa, pb, pc, pp, HASH)
         if HASH == 1:
             if (x < 0) | (x >= num_embeddings):
                 tl.atomic_min(status_ptr, i)
@@ -260,6 +262,7 @@ def forward(
     hash_mode: int,
     block_size: int,
     paper_constants: List[int],
+    block_align: int = 1,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out [batch, out_dim], starts [R * N * MB] (``starts_dtype``), status [2] int64)``; see the
     module doc."""
@@ -275,7 +278,8 @@ def forward(
     pa, pb, pc, pp = paper_constants
     _forward_kernel[(batch, num_features)](
         array, values, weights if weights is not None else array, offsets, meta, out, starts, status,
-        batch, out_dim, num_values, array.numel() - block_size + 1, pa, pb, pc, pp,
+        batch, out_dim, num_values, num_block_starts(array.numel(), block_size, block_align), block_align,
+        pa, pb, pc, pp,
         HASH=hash_mode, Z=block_size, ZP=zp, NBP=nbp, MB=max_blocks, HAS_WEIGHTS=weights is not None,
         num_warps=_num_warps(zp * nbp),
     )  # fmt: skip

@@ -205,6 +205,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             poolings=tuple(t.pooling.name for _, t in per_feature),
             out_dim=out_cols[-1],
             occurrence=tuple(occurrence),
+            block_align=robe.block_align,
         )
         self.register_buffer("lookup_meta", self.lookup_meta_for(device), persistent=False)
         self._status = DeferredStatus()
@@ -257,10 +258,12 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 )
 
     def expected_signature(self) -> List[int]:
-        """``[format version, mapping (0 universal, 1 paper), seed, Z, m, table-layout fingerprint]``."""
+        """``[format version, mapping, seed, Z, m, table-layout fingerprint]``; mapping is 0
+        (universal) or 1 (paper), plus ``2 * (block_align - 1)``: the signatures of modules made
+        before ``block_align`` existed (alignment 1) are unchanged."""
         layout = ";".join(f"{t.name}:{t.num_embeddings}:{t.embedding_dim}" for t in self._embedding_bag_configs)
         fingerprint = hashing._signed(hashing.fnv1a64(layout.encode()))
-        mode = 0 if self._robe.hash == "universal" else 1
+        mode = (0 if self._robe.hash == "universal" else 1) + 2 * (self._robe.block_align - 1)
         return [_SIGNATURE_VERSION, mode, self._robe.seed, self._robe.block_size, self._robe.array_size, fingerprint]
 
     def reset_parameters(self) -> None:
@@ -277,8 +280,10 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     # ------------------------------------------------------------------ state checks
     def describe_signature(self, sig: List[int]) -> str:
         """A readable form of a ``hash_signature`` (mapping, seed, Z, m, table fingerprint)."""
-        mode = {0: "universal", 1: "paper"}.get(sig[1], f"?{sig[1]}")
-        return f"hash={mode} seed={sig[2]} block_size={sig[3]} array_size={sig[4]} tables=#{sig[5] & 0xFFFFFFFF:08x}"
+        mode = {0: "universal", 1: "paper"}[sig[1] % 2] if sig[1] >= 0 else f"?{sig[1]}"
+        align = f" block_align={sig[1] // 2 + 1}" if sig[1] >= 2 else ""
+        return (f"hash={mode} seed={sig[2]} block_size={sig[3]}{align} array_size={sig[4]} "
+                f"tables=#{sig[5] & 0xFFFFFFFF:08x}")  # fmt: skip
 
     def verify_signature(self, found: List[int], where: str) -> None:
         """Raises ``RuntimeError`` naming both sides when ``found`` is not this module's signature."""
@@ -287,7 +292,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             raise RuntimeError(
                 f"{where}: the ROBE hash signature does not match this module: checkpoint has "
                 f"[{self.describe_signature(found)}], module has [{self.describe_signature(expected)}]. "
-                "Embeddings hashed with another mapping, seed, block size, array size or table layout "
+                "Embeddings hashed with another mapping, seed, block size or alignment, array size or table layout "
                 "would be read from the wrong slots; rebuild the module with the checkpoint's RobeConfig."
             )
 

@@ -77,12 +77,14 @@ def hybrid_artifact(tmp_path_factory, hybrid) -> Path:
 @pytest.mark.integration
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid, nproc):
-    m = hybrid if nproc == 1 else dict(train(tmp_path / "run2", data_dir, 2), vocab=hybrid["vocab"])
+    # the 2-process model also has its blocks aligned (robe.block_align: part of the exported mapping)
+    m = hybrid if nproc == 1 else dict(train(tmp_path / "run2", data_dir, 2, "robe.block_align=4"), vocab=hybrid["vocab"])
     ckpt = Path(m["summary"]["checkpoint"])
     art = tmp_path / "model.pt2"
     code, out, err = call(robe_export.main, capsys, "--checkpoint", ckpt, "--out", art)
     assert code == 0, err
     assert f"wrote {art}" in out and "ROBE array of" in out and "full tables" in out
+    assert ("starts aligned to 4" in out) == (nproc == 2), out
     scores = tmp_path / "scores.txt"
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", m["vocab"], "--split", "test", "--out", scores)
     assert code == 0, err

@@ -19,8 +19,8 @@ def reference_lookup(
     weighted: bool = False,
 ) -> torch.Tensor:
     """[B, sum of dims]: element by element, bag by bag, with the scalar hash functions."""
-    z, m = robe.block_size, robe.array_size
-    num_starts = m - z + 1
+    z, m, a = robe.block_size, robe.array_size, robe.block_align
+    num_starts = hashing.num_block_starts(m, z, a)
     consts = hashing.paper_constants(robe.seed) if robe.hash == "paper" else None
     feats = kjt.to_dict()
     batch = kjt.stride()
@@ -41,9 +41,9 @@ def reference_lookup(
                     w = weights[i] if weights is not None else 1.0
                     for j in range(t.embedding_dim):
                         if robe.hash == "universal":
-                            s = hashing.universal_start(key, x, j // z, num_starts)
+                            s = a * hashing.universal_start(key, x, j // z, num_starts)
                         else:
-                            s = hashing.paper_start(x + offset, j // z, num_starts, consts)
+                            s = a * hashing.paper_start(x + offset, j // z, num_starts, consts)
                         out[b, j] += w * array[s + j % z]
                 if t.pooling == PoolingType.MEAN and n > 0:
                     out[b] /= n

@@ -42,9 +42,10 @@ def make_kjt(tables, batch=5, seed=0, max_len=4, weighted=False, extra_key=True)
     return KeyedJaggedTensor(keys=keys, values=vals, lengths=torch.cat(lengths), weights=weights)
 
 
-def make_ebc(tables, hash="universal", array_size=2003, block_size=8, **kw):
+def make_ebc(tables, hash="universal", array_size=2003, block_size=8, block_align=1, **kw):
     torch.manual_seed(0)
-    return RobeEmbeddingBagCollection(tables, RobeConfig(array_size=array_size, block_size=block_size, hash=hash), **kw)
+    robe = RobeConfig(array_size=array_size, block_size=block_size, hash=hash, block_align=block_align)
+    return RobeEmbeddingBagCollection(tables, robe, **kw)
 
 
 @pytest.mark.parametrize("hash", HASHES)
@@ -58,6 +59,33 @@ def test_forward_matches_loop_reference(hash, pooling):
     torch.testing.assert_close(out.values(), ref, rtol=1e-5, atol=1e-6)
     # the first bag of every feature is empty: zeros
     assert out.values()[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("hash", HASHES)
+@pytest.mark.parametrize("align", [4, 5, 16])
+def test_aligned_blocks_match_reference(hash, align):
+    """``block_align``: every block starts on a multiple of it, within ``[0, m - Z]``, and the C++
+    operator, the PyTorch path and the loop reference agree (forward and gradient)."""
+    tables = make_tables(PoolingType.MEAN)
+    ebc = make_ebc(tables, hash, block_align=align)
+    kjt = make_kjt(tables, batch=32, max_len=5)
+    out = ebc(kjt).values()
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    spec = ebc._spec
+    values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+    _, starts, _ = ops.torch_forward(ebc.array.detach(), values, weights, offsets, meta, batch, *ops._static_args(spec))
+    read = starts[starts >= 0].long()
+    assert read.numel() > 0 and bool((read % align == 0).all()) and int(read.max()) <= 2003 - 8
+    assert len(set(read.tolist())) > 20  # the hash still spreads the blocks
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    grad_op = ebc.array.grad.clone()
+    ebc.array.grad = None
+    (torch_lookup(ebc, kjt) * g).sum().backward()
+    torch.testing.assert_close(grad_op, ebc.array.grad, rtol=1e-5, atol=1e-5)
+    never_read = torch.arange(2003) % align >= 8  # align 16, Z = 8: the second half of every 16 slots
+    assert not grad_op[never_read].any()
 
 
 @pytest.mark.parametrize("hash", HASHES)
@@ -369,6 +397,7 @@ def test_non_integer_ids_are_refused():
         (dict(array_size=100, hash="murmur"), "RobeConfig.hash must be one of"),
         (dict(array_size=100, seed=-1), "RobeConfig.seed"),
         (dict(array_size=100, init_scale=float("nan")), "RobeConfig.init_scale"),
+        (dict(array_size=100, block_align=0), "RobeConfig.block_align must be a positive int"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, match):
@@ -408,6 +437,10 @@ def test_state_dict_carries_and_checks_the_hash_signature():
     wrong_mode = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8, hash="paper"))
     with pytest.raises(RuntimeError, match="hash=universal"):
         wrong_mode.load_state_dict(sd)
+    aligned = make_ebc(tables, block_align=16)
+    with pytest.raises(RuntimeError, match="block_size=8 array_size.*module has .*block_size=8 block_align=16"):
+        aligned.load_state_dict(sd)
+    assert ebc.hash_signature.tolist()[1] == 0  # alignment 1: the signature of modules made before it existed
     # an in-place overwrite (as torch.distributed.checkpoint.load does) is caught at the next forward
     in_place = make_ebc(tables)
     with torch.no_grad():

@@ -36,13 +36,14 @@ def tables_for(block_size: int, pooling: PoolingType):
 
 
 def case(hash="universal", pooling=PoolingType.SUM, weighted=False, block_size=4, array_size=211, batch=6,
-         id_dtype=torch.int64, offsets_dtype=torch.int64, seed=0, shared=False):  # fmt: skip
+         id_dtype=torch.int64, offsets_dtype=torch.int64, seed=0, shared=False, block_align=1):  # fmt: skip
     """A collection (tiny array: many collisions) and a KJT with multi-hot, empty and repeated ids."""
     tables = tables_for(block_size, pooling)
     if shared:  # a feature read by two tables
         tables.append(EmbeddingBagConfig(name="again", embedding_dim=block_size, num_embeddings=500, feature_names=["f1"]))
     torch.manual_seed(seed)
-    ebc = RobeEmbeddingBagCollection(tables, RobeConfig(array_size, block_size=block_size, hash=hash), is_weighted=weighted)
+    robe = RobeConfig(array_size, block_size=block_size, hash=hash, block_align=block_align)
+    ebc = RobeEmbeddingBagCollection(tables, robe, is_weighted=weighted)
     g = torch.Generator().manual_seed(seed)
     keys, lengths, values = [], [], []
     for name, n in [("f4", 3), ("unused", 10**6), ("f1", 500), ("f2", 40), ("f3", 40)]:  # not in table order
@@ -94,6 +95,8 @@ CASES = [
     dict(hash="paper", weighted=True),
     dict(hash="universal", block_size=1, id_dtype=torch.int32, offsets_dtype=torch.int32),
     dict(hash="paper", block_size=3, array_size=50, shared=True),
+    dict(hash="universal", block_align=8),
+    dict(hash="paper", block_size=3, block_align=5, weighted=True),
 ]
 
 
