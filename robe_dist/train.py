@@ -221,6 +221,7 @@ class Trainer:
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         self.results: dict = {}
+        self.val_step: Optional[int] = None  # the step of the last validation
         logger.info(
             "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
             cfg.model.arch, len(robe_names), f"{cfg.robe.robe_config(array_size).array_size:,}" if robe_names else "-",
@@ -335,6 +336,7 @@ class Trainer:
         self.results[split] = result
         if split == "val":
             self.state.best_val_auc = max(result["auc"], self.state.best_val_auc or 0.0)
+            self.val_step = self.state.step
         self.log.write("eval", split=split, samples=self.state.samples, **result, eval_s=round(time.time() - t0, 2))
         self.log.message(
             f"eval {split} @ step {self.state.step}: auc {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
@@ -411,6 +413,12 @@ class Trainer:
         self.log.write("memory", **self.held_memory())
         running = RunningLoss(self.env)
         stop = "steps" if state.step >= total else None
+        if state.eval_pending:  # the validation a stop signal cut off, before anything else
+            state.eval_pending = False
+            if not (stop and cfg.eval.at_end):
+                auc = self.run_eval("val")["auc"]
+                if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
+                    stop = "target_auc"
         t_start, start_step = time.time(), state.step
         epoch_batches, batches_epoch = None, None
         try:
@@ -428,6 +436,7 @@ class Trainer:
                 if (state.step < end and not self.stopping) or state.step_in_epoch >= steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if self.stopping:
+                    state.eval_pending = bool(eval_every and state.step % eval_every == 0 and self.val_step != state.step)
                     self.interrupt()
                 if state.step >= total:
                     stop = "max_steps" if state.step == cfg.train.max_steps else "epochs"

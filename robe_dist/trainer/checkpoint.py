@@ -79,6 +79,9 @@ class TrainerState:
     alltoall_bytes: int = 0
     """Bytes rank 0 sent to other ranks in training all-to-alls (sharded tables: ids, pooled
     embeddings, their gradients), counted where sent (robe_dist.distributed.comm_counter)."""
+    eval_pending: bool = False
+    """A stop signal came at a step where a validation was due, before it ran: the resumed run
+    runs it first (so it stops on ``train.target_auc`` where an uninterrupted run would)."""
 
 
 MODEL_SPEC_FILE = "model_spec.json"

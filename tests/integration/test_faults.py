@@ -92,7 +92,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_dir, re
     reference, up to float summation order; bit-for-bit resume on 2 ranks is
     test_train.py::test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly)."""
     run = tmp_path / "run"
-    proc = start(run, data_dir, nproc=2)
+    every_10 = ["eval.every_samples=5120", "eval.max_batches=1"]  # a validation every 10 steps of 512
+    proc = start(run, data_dir, *every_10, nproc=2)
     wait_for_training(run, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -100,7 +101,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step(tmp_path, data_dir, re
     (stopped,) = records(run, "interrupted")
     assert stopped["step"] % 10 == 0 and stopped["signal"] == "SIGTERM"
     assert sum("robe-train: interrupted by SIGTERM" in line for line in err.splitlines()) == 1  # rank 0 only
-    ok(train(run, data_dir, *LONG, nproc=2, resume=True))
+    ok(train(run, data_dir, *LONG, *every_10, nproc=2, resume=True))
+    # the stop came at a step whose validation was due: the resumed run ran it first, so no
+    # validation (nor a train.target_auc stop) is lost to the signal
+    assert [r["step"] for r in records(run, "eval")] == list(range(10, 201, 10))
     a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
     assert a.keys() == b.keys()
     far = [k for k in a if a[k].is_floating_point() and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6)]
