@@ -41,7 +41,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 
 from robe_dist.data.layout import DataError
 from robe_dist.distributed.comm_counter import CommCounter
-from robe_dist.train_config import Config, load_config, to_yaml
+from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
@@ -535,7 +535,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    env = init_distributed(cfg.dist)
+    try:
+        env = init_distributed(cfg.dist)
+    except ConfigError as e:  # no process group yet: rank 0 says it, as for the errors above
+        if os.environ.get("RANK", "0") == "0":
+            print(f"robe-train: config error: {e}", file=sys.stderr)
+        else:
+            time.sleep(3)
+        return 2
     setup_logging(env, cfg.logging.all_ranks)
     run_dir = cfg.resolved_run_dir
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
@@ -555,6 +562,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             print(f"robe-train: {e}", file=sys.stderr)
         return 128 + signal.Signals[e.signame].value
+    except ConfigError as e:  # found once the data or the machine is known; the same on every rank
+        if env.is_main:
+            logger.error("robe-train: config error: %s", e)
+        return 2
     except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("robe-train: %s", e)

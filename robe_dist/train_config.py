@@ -507,6 +507,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
 # Value checks (types are already right when these run)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+class ConfigError(ValueError):
+    """A config value found wrong only once the data or the machine is known (a table size list
+    that does not fit the data, an optimiser the CPU kernels lack, a GPU that is not there): one
+    line from rank 0, exit 2, like the errors ``validate`` finds."""
+
+
 def _positive(value: Optional[float], where: str, allow_none: bool = False, allow_zero: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -578,6 +587,9 @@ def validate(cfg: Config) -> None:
 
     _positive(o.lr, "optim.lr")
     _positive(o.embedding_lr, "optim.embedding_lr", allow_none=True)
+    for rate, where in ((o.lr, "optim.lr"), (o.embedding_lr, "optim.embedding_lr")):
+        if rate is not None and rate > _FLOAT32_MAX:  # the optimisers step in float32
+            raise ValueError(f"{where} must fit a float32 (at most {_FLOAT32_MAX:.4g}), got {rate!r}")
     _positive(o.robe_lr_factor, "optim.robe_lr_factor")
     _positive(o.momentum, "optim.momentum", allow_zero=True)
     _positive(o.eps, "optim.eps")

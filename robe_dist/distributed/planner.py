@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 
 from robe_dist.distributed.robe_embedding_bag_collection import ARRAY_PARAMETER_NAME
@@ -127,4 +127,20 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
         pg: Optional[dist.ProcessGroup] = None,
     ) -> ShardingPlan:
         check_robe_constraints(module, self._constraints)
-        return super().collective_plan(module, sharders if sharders is not None else get_default_sharders(), pg)
+        sharders = sharders if sharders is not None else get_default_sharders()
+        pg = pg if pg is not None else dist.GroupMember.WORLD
+        if pg is None or pg.size() == 1:
+            return self.plan(module, sharders)
+        # as TorchRec's: rank 0 plans and broadcasts the plan; but a PlannerError there (a table
+        # that fits no rank) is broadcast too and raised on every rank, where TorchRec's would
+        # leave the other ranks waiting in the broadcast until the collective timeout
+        box: List[object] = [None]
+        if pg.rank() == 0:
+            try:
+                box = [self.plan(module, sharders)]
+            except PlannerError as e:
+                box = [("PlannerError", str(e), e.error_type.value)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(pg, 0), group=pg)
+        if isinstance(box[0], tuple):
+            raise PlannerError(box[0][1], PlannerErrorType(box[0][2]))
+        return box[0]

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from robe_dist.train_config import DistConfig
+from robe_dist.train_config import ConfigError, DistConfig
 
 logger = logging.getLogger("robe_dist.train")
 
@@ -41,9 +41,9 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("dist.device is 'cuda' but torch sees no GPU (torch.cuda.is_available() is False)")
+            raise ConfigError("dist.device is 'cuda' but torch sees no GPU (torch.cuda.is_available() is False)")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise ConfigError(
                 f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                 "run at most that many processes per node (torchrun --nproc_per_node)"
             )
@@ -54,6 +54,8 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(f"dist.backend 'nccl' needs a CUDA device; this run is on {device.type} (use 'gloo' or 'auto')")
     if not dist.is_initialized():
         if under_torchrun:
             dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)

@@ -15,7 +15,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
 from torchrec.distributed.types import ShardedModule, ShardingType
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -25,7 +25,7 @@ from robe_dist.data.stats import TableStats
 from robe_dist.distributed import RobeShardingPlanner, ShardedRobeEmbeddingBagCollection, get_default_sharders
 from robe_dist.modules import QREmbeddingBagCollection, RobeEmbeddingBagCollection, RobeHybridEmbeddingBagCollection
 from robe_dist.placement import Placement, PlacementError, evaluate_placement, plan_placement
-from robe_dist.train_config import Config
+from robe_dist.train_config import Config, ConfigError
 from robe_dist.trainer.env import DistEnv
 
 logger = logging.getLogger("robe_dist.train")
@@ -56,7 +56,7 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
     """All tables (one ``t_<feature>`` per feature, in feature order) and the names of those that
     live in the ROBE array (``robe.features``); the others are full tables."""
     if len(num_embeddings) != len(feature_names):
-        raise ValueError(
+        raise ConfigError(
             f"model.num_embeddings_per_feature has {len(num_embeddings)} sizes; the data has "
             f"{len(feature_names)} sparse features ({feature_names[0]} .. {feature_names[-1]})"
         )
@@ -68,7 +68,7 @@ def table_configs(cfg: Config, feature_names: Sequence[str], num_embeddings: Seq
     else:
         unknown = sorted(set(wanted) - set(feature_names))
         if unknown:
-            raise ValueError(f"robe.features names unknown features {unknown}; the data has {list(feature_names)}")
+            raise ConfigError(f"robe.features names unknown features {unknown}; the data has {list(feature_names)}")
         robe_features = set(wanted)
     tables = [
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.model.embedding_dim, num_embeddings=int(n), feature_names=[f])
@@ -174,7 +174,7 @@ def shard_model(
         for p in mod.parameters()
     ]
     if full_params and cfg.optim.name == "adam" and env.device.type == "cpu":
-        raise ValueError(
+        raise ConfigError(
             "optim.name 'adam' cannot train full tables on CPU: FBGEMM's CPU kernel has no fused Adam. "
             "Use optim.name 'sgd' or 'adagrad', put every table in the ROBE array (robe.features: all), or run on GPU"
         )
@@ -191,7 +191,7 @@ def shard_model(
         _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
     compression = cfg.dist.grad_compression
     if compression == "bf16" and env.device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             "dist.grad_compression 'bf16' needs a CUDA device (PyTorch's bf16_compress_hook needs NCCL); "
             "use 'fp16' or 'none' on CPU"
         )
@@ -223,7 +223,15 @@ def shard_model(
         ),
         batch_size=max(1, cfg.train.global_batch_size // env.world_size),
     )
-    plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
+    try:
+        plan = planner.collective_plan(model, sharders, torch.distributed.GroupMember.WORLD)
+    except PlannerError as e:  # raised on every rank (RobeShardingPlanner shares rank 0's)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "does not fit" in ln), lines[-1] if lines else type(e).__name__)
+        raise ConfigError(
+            f"TorchRec's planner found no sharding plan for the full tables at train.global_batch_size="
+            f"{cfg.train.global_batch_size} on {env.world_size} rank(s): {reason}"
+        ) from None
     wrapper = CountingDataParallelWrapper(None if compression == "none" else compression)
     dmp = DistributedModelParallel(
         module=model, device=env.device, plan=plan, sharders=sharders, data_parallel_wrapper=wrapper

@@ -318,13 +318,14 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir"])
+@pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir", "planner"])
 def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir, five_steps, case):
     """A config error (every rank reads the config), a run dir that holds a run or cannot be made
     (only rank 0 looks), a data path where the synthetic data cannot be written (rank 0 makes it; an OSError
-    there) and a checkpoint dir that cannot be written after training (rank 0 makes it; the other
-    rank must not be left waiting): one line from rank 0 through robe_dist.torchrun, no traceback,
-    exit 2."""
+    there), a checkpoint dir that cannot be written after training (rank 0 makes it; the other
+    rank must not be left waiting) and full tables that TorchRec's planner cannot place (rank 0
+    plans; the other rank must not wait for the plan): one line from rank 0 through
+    robe_dist.torchrun, no traceback, exit 2."""
     run = tmp_path / "run"
     if case == "run_dir":
         shutil.copytree(five_steps, run)
@@ -342,6 +343,8 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     if case == "checkpoint_dir":
         (tmp_path / "a_file").write_text("not a directory")
         args += ["--set", f"checkpoint.dir={tmp_path / 'a_file' / 'checkpoints'}", "--set", "train.max_steps=3"]
+    if case == "planner":
+        args += ["--set", "robe.features=none", "--set", "optim.name=sgd", "--set", "train.global_batch_size=100000000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
@@ -350,7 +353,8 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     expected = {"config": "optim.name must be one of", "run_dir": "already holds checkpoints",
                 "run_dir_path": "/a_file/run: cannot be made or written ([Errno 20] Not a directory",
                 "data_path": "data.path: making the synthetic dataset failed: [Errno 20] Not a directory",
-                "checkpoint_dir": "step_00000003 failed (rank 0: NotADirectoryError: [Errno 20] Not a directory"}  # fmt: skip
+                "checkpoint_dir": "step_00000003 failed (rank 0: NotADirectoryError: [Errno 20] Not a directory",
+                "planner": "config error: TorchRec's planner found no sharding plan for the full tables"}  # fmt: skip
     assert expected[case] in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
 

@@ -84,6 +84,8 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
         ("dist.grad_compression=int8", "dist.grad_compression must be one of ['none', 'fp16', 'bf16']"),
         ("dist.grad_compression=bf16", "dist.grad_compression 'bf16' needs dist.device 'cuda'"),
+        ("optim.lr=1e39", "optim.lr must fit a float32 (at most 3.403e+38), got 1e+39"),
+        ("robe.block_align=0", "robe.block_align must be a positive int, got 0"),
     ],
 )
 def test_validation_names_the_field(override, message):
