@@ -82,7 +82,10 @@ def checkpoint_parts(checkpoint: Path) -> Tuple[Any, Dict]:
         cfg = load_config(checkpoint / "config.yaml")
     except ValueError as e:
         raise ExportError(f"--checkpoint {checkpoint}: its config.yaml does not load: {e}") from None
-    spec = json.loads((checkpoint / MODEL_SPEC_FILE).read_text())
+    try:
+        spec = json.loads((checkpoint / MODEL_SPEC_FILE).read_text())
+    except ValueError as e:  # (json.JSONDecodeError)
+        raise ExportError(f"--checkpoint {checkpoint}: its {MODEL_SPEC_FILE} is not valid JSON ({e})") from None
     return cfg, spec
 
 
@@ -90,15 +93,23 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     """The checkpoint's model on CPU in one process (DCP shards of any world size gathered), as a
     ``ScoringModel`` in eval mode, and what it holds."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
+    from robe_dist.trainer.checkpoint import MODEL_SPEC_FILE
     from robe_dist.trainer.model import build_collection, build_dlrm, placeholder_hot_ids, tables_of_spec
 
     cfg, spec = checkpoint_parts(checkpoint)
-    tables = tables_of_spec(spec)
-    collection = build_collection(cfg, tables, spec["robe_tables"], spec["array_size"], device=torch.device("cpu"),
-                                  hot_ids=placeholder_hot_ids(spec))  # fmt: skip
-    train_model = build_dlrm(cfg, collection, torch.device("cpu"))
+    try:
+        tables = tables_of_spec(spec)
+        collection = build_collection(cfg, tables, spec["robe_tables"], spec["array_size"], device=torch.device("cpu"),
+                                      hot_ids=placeholder_hot_ids(spec))  # fmt: skip
+        train_model = build_dlrm(cfg, collection, torch.device("cpu"))
+    except (ValueError, KeyError, TypeError) as e:  # an edited config.yaml or model spec
+        raise ExportError(
+            f"--checkpoint {checkpoint}: its config.yaml and {MODEL_SPEC_FILE} do not describe a model robe_dist "
+            f"can build ({type(e).__name__}: {e})"
+        ) from None
     state = train_model.state_dict()
     try:
         import warnings
@@ -106,7 +117,7 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load({"model": state}, checkpoint_id=str(checkpoint))
-    except Exception as e:  # DCP reports missing keys / shape mismatches as CheckpointException
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException (a BaseException): missing keys, shapes
         raise ExportError(f"--checkpoint {checkpoint}: its tensors do not fit the model of its config: {str(e).strip()[:300]}") from None
     try:
         train_model.load_state_dict(state)  # the ROBE modules check their hash signature here
@@ -152,10 +163,13 @@ def export_model(model: ScoringModel, info: Dict[str, Any], out: Path, dtype: st
     meta = dict(info, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.export.save(ep, str(tmp), extra_files={META_FILE: json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        torch.export.save(ep, str(tmp), extra_files={META_FILE: json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # (after the rename there is nothing left to remove)
     meta["bytes"] = out.stat().st_size
     return meta
 
@@ -175,6 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from robe_dist.data.layout import DataError
 
     try:
+        if args.out.is_dir():
+            raise ExportError(f"--out {args.out}: is a directory; give the artifact's file name (e.g. {args.out / 'model.pt2'})")
         model, info = load_trained_model(args.checkpoint)
         reference = None
         if args.data is not None and args.dtype != "fp32":

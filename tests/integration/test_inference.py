@@ -128,6 +128,37 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     (edited / "config.yaml").write_text((edited / "config.yaml").read_text().replace("seed: null", "seed: 9", 1))
     code, _, err = call(robe_export.main, capsys, "--checkpoint", edited, "--out", tmp_path / "y.pt2")
     assert code == 2 and len(err) == 1 and "hash signature does not match" in err[0], err
+    # checkpoints that do not fit the model their config describes, and an --out that is a directory
+    def export_refused(edit, out=None) -> str:
+        ckpt = tmp_path / f"ckpt_{edit.__name__}"
+        shutil.copytree(hybrid["ckpt"], ckpt)
+        edit(ckpt)
+        code, _, err = call(robe_export.main, capsys, "--checkpoint", ckpt, "--out", out or tmp_path / "z.pt2")
+        assert code == 2 and len(err) == 1, err
+        return err[0]
+
+    def truncated_shard(ckpt):
+        shard = next(ckpt.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+
+    def other_arch(ckpt):
+        (ckpt / "config.yaml").write_text((ckpt / "config.yaml").read_text().replace("arch: dlrm", "arch: dcn", 1))
+
+    def other_dim(ckpt):
+        text = (ckpt / "config.yaml").read_text()
+        assert "embedding_dim: 16" in text and "dense_arch_layer_sizes: [64, 16]" in text
+        text = text.replace("embedding_dim: 16", "embedding_dim: 24", 1).replace("[64, 16]", "[64, 24]", 1)
+        (ckpt / "config.yaml").write_text(text)
+
+    def unchanged(ckpt):
+        pass
+
+    assert "do not fit the model of its config" in export_refused(truncated_shard)
+    assert "do not fit the model of its config" in export_refused(other_arch)
+    assert "do not describe a model robe_dist can build" in export_refused(other_dim)
+    (tmp_path / "a_dir").mkdir()
+    assert "is a directory" in export_refused(unchanged, out=tmp_path / "a_dir")
+    assert not (tmp_path / "z.pt2").exists() and sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
     # a checkpoint without its model spec
     (edited / "model_spec.json").unlink()
     code, _, err = call(robe_export.main, capsys, "--checkpoint", edited, "--out", tmp_path / "x.pt2")
