@@ -267,9 +267,16 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return [_SIGNATURE_VERSION, mode, self._robe.seed, self._robe.block_size, self._robe.array_size, fingerprint]
 
     def reset_parameters(self) -> None:
-        """Uniform in ``[-s, s]``, ``s = robe.init_scale`` or ``sqrt(1 / largest num_embeddings)``."""
-        if self.array.device.type == "meta":
+        """Uniform in ``[-s, s]``, ``s = robe.init_scale`` or ``sqrt(1 / largest num_embeddings)``;
+        and the buffers derived from the config (``lookup_meta``, ``hash_signature``) made anew, so
+        that a module built on ``meta``, then ``to_empty(device=...)`` (whose buffers hold whatever
+        memory it got) and ``reset_parameters()``, is the module built on that device."""
+        device = self.array.device
+        if device.type == "meta":
             return
+        self.lookup_meta = self.lookup_meta_for(device)
+        self.hash_signature = torch.tensor(self.expected_signature(), dtype=torch.long, device=device)
+        self._signature_version_checked = self.hash_signature._version
         scale = self._robe.init_scale
         if scale is None:
             largest = min(max(t.num_embeddings for t in self._embedding_bag_configs), _INIT_CAP)

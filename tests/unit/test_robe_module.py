@@ -449,6 +449,24 @@ def test_state_dict_carries_and_checks_the_hash_signature():
         in_place(make_kjt(tables))
 
 
+def test_built_on_meta_then_to_empty_and_reset_parameters_is_the_module_built_on_cpu():
+    """TorchRec's deferred-init pattern: on ``meta``, ``to_empty(device=...)`` (buffers then hold
+    arbitrary memory), ``reset_parameters()``."""
+    tables = make_tables()
+    kjt = make_kjt(tables)
+    on_cpu = make_ebc(tables)
+    deferred = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8), device=torch.device("meta"))
+    deferred = deferred.to_empty(device="cpu")
+    with torch.no_grad():  # what uninitialised memory may hold
+        deferred.lookup_meta.fill_(123456789)
+        deferred.hash_signature.fill_(-1)
+    torch.manual_seed(0)
+    deferred.reset_parameters()
+    assert torch.equal(deferred.array, on_cpu.array)
+    torch.testing.assert_close(deferred(kjt).values(), on_cpu(kjt).values())
+    on_cpu.load_state_dict(deferred.state_dict())  # its signature is the real one
+
+
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
