@@ -192,6 +192,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.out.is_dir():
             raise ExportError(f"--out {args.out}: is a directory; give the artifact's file name (e.g. {args.out / 'model.pt2'})")
         model, info = load_trained_model(args.checkpoint)
+        if args.data is not None:
+            from robe_dist.inference.predict import check_dataset_ids
+
+            check_dataset_ids(info, args.data)
         reference = None
         if args.data is not None and args.dtype != "fp32":
             from robe_dist.inference.predict import metrics, score_split

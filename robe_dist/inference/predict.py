@@ -89,6 +89,30 @@ def score_split(model, data: Path, split: str, batch_size: int, multi_hot: bool)
     return torch.cat(probs), torch.cat(labels)
 
 
+def check_dataset_ids(meta: Dict[str, Any], data: Path) -> None:
+    """``ExportError`` unless the npy dataset ``data`` holds the ids the model was trained on: raw
+    ids for a raw-id model, ids mapped by the same vocabulary (fingerprint) for a vocab-trained one.
+    Artifacts that record neither (older ones) are not checked."""
+    from robe_dist.data.layout import read_manifest
+
+    ids, recorded = meta.get("ids"), meta.get("vocab")
+    if ids is None:
+        return
+    found = (read_manifest(data).get("vocab") or {}).get("fingerprint")
+    if ids == "vocab" and recorded and found != recorded["fingerprint"]:
+        held = f"ids mapped by vocabulary {found}" if found else "raw ids"
+        raise ExportError(
+            f"--data {data}: holds {held}, but this model was trained on ids mapped by vocabulary "
+            f"{recorded['fingerprint']} (built at {recorded['path']}): score that dataset, or raw rows (.tsv/.csv), "
+            "which go through the model's vocabulary"
+        )
+    if ids == "raw" and found:
+        raise ExportError(
+            f"--data {data}: holds ids mapped by vocabulary {found}, but this model was trained on raw ids: "
+            "score the dataset the vocabulary was built from"
+        )
+
+
 def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
     """The ``Vocabulary`` a vocab-trained model reads raw ids through: ``vocab_dir``, or the
     directory recorded at training; ``ExportError`` unless its fingerprint is the model's."""
@@ -192,6 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 reasons = ", ".join(f"{k}: {v:,}" for k, v in stats.bad.items() if v)
                 skipped = f"; {stats.bad_rows:,} bad lines skipped, not scored ({reasons})"
         else:
+            check_dataset_ids(meta, args.data)
             probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
         seconds = time.time() - t0
     except (ExportError, DataError, FileNotFoundError) as e:

@@ -102,7 +102,7 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid
 
 
 @pytest.mark.integration
-def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, hybrid, hybrid_artifact):
+def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, data_dir, hybrid, hybrid_artifact):
     import torch
 
     art = hybrid_artifact
@@ -122,6 +122,9 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     torch.export.save(ep, str(newer), extra_files={"robe_dist.json": json.dumps(dict(meta, format_version=99))})
     assert zipfile.is_zipfile(newer) and "format version 99 is newer" in refused(newer)
     assert "no such file" in refused(tmp_path / "missing.pt2")
+    # an npy dataset of other ids than the model's: the raw-id dataset its vocabulary was built from
+    code, _, err = call(robe_predict.main, capsys, "--model", art, "--data", data_dir)
+    assert code == 2 and len(err) == 1 and "holds raw ids, but this model was trained on ids mapped by vocabulary" in err[0], err
     # a checkpoint whose config says another hash seed than its tensors were hashed with
     edited = tmp_path / "edited"
     shutil.copytree(hybrid["ckpt"], edited)
