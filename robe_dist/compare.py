@@ -363,7 +363,8 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
     result: Dict[str, Any] = {
         "config": _shown(config_path), "train_config": _shown(base), "overrides": common, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(), "full_floats": facts.full_floats, "dim": facts.dim, "table_sizes": facts.sizes,
-        "seed": base_cfg.seed, "cli_overrides": list(train_overrides), "systems_budget": cfg.systems.budget,
+        "seed": base_cfg.seed, "cli_overrides": list(train_overrides), "cli_arms": list(only_arms or []),
+        "cli_budgets": list(only_budgets or []), "systems_budget": cfg.systems.budget,
         "systems_steps": cfg.systems.steps, "systems_repeats": cfg.systems.repeats, "quality_processes": cfg.quality_processes,
         "multi_hot": base_cfg.data.multi_hot, "quality": [], "systems": [],
     }  # fmt: skip

@@ -371,8 +371,10 @@ def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] 
     lines = [
         "# robe-compare report",
         "",
-        f"Command: `robe-compare --config {result.get('config')} --run-dir {out_dir}`"
-        + (f" with `--set {' --set '.join(result['cli_overrides'])}`" if result.get("cli_overrides") else ""),
+        f"Command: `robe-compare --config {result.get('config')} --run-dir {out_dir}"
+        + (f" --arms {' '.join(result['cli_arms'])}" if result.get("cli_arms") else "")
+        + (f" --budgets {' '.join(result['cli_budgets'])}" if result.get("cli_budgets") else "")
+        + "".join(f" --set {o}" for o in result.get("cli_overrides") or []) + "`",
         f"Date: {result.get('date')}; machine: {m.get('platform')}, {m.get('cpus')} CPUs"
         + (f", {m['gpu']}" if m.get("gpu") else "") + f"; torch {m.get('torch')}, torchrec {m.get('torchrec')}.",
         f"Training config: `{result.get('train_config')}` with {result.get('overrides')}; seed {result.get('seed')}; "

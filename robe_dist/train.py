@@ -2,13 +2,13 @@
 
 One process (CPU or one GPU)::
 
-    python -m robe_dist.train                                   # configs/tiny_synthetic.yaml, ~2 min on 2 CPU cores
+    python -m robe_dist.train                                   # configs/tiny_synthetic.yaml, about 1 min on 2 CPU cores
     python -m robe_dist.train --config configs/tiny_synthetic.yaml --set train.max_steps=100 --set optim.lr=0.001
     robe-train --config configs/tiny_synthetic.yaml --run-dir runs/tiny --resume    # continue from the last checkpoint
 
 Several processes on one node (gloo on CPU, nccl on GPU, chosen automatically)::
 
-    torchrun --nproc_per_node=2 -m robe_dist.train --config configs/tiny_synthetic.yaml
+    torchrun --nproc_per_node=2 -m robe_dist.train --config configs/tiny_synthetic.yaml --run-dir runs/tiny_2p
     NPROC=8 CONFIG=configs/criteo_tb_dlrm_robe.yaml bash launch/run_local.sh --set data.path=/data/criteo_1tb
 
 Several nodes: ``sbatch launch/slurm.sbatch`` (torchrun with c10d rendezvous), see docs/training.md.

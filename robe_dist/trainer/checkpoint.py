@@ -18,6 +18,7 @@ earlier attempt is first renamed ``step_N.old`` and removed only after the new o
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -137,7 +138,7 @@ def save_checkpoint(
 
     def write_files() -> None:
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=tmp)  # fsyncs its files
-        _write_synced(tmp / f"rng_rank{env.rank}.pt", lambda f: torch.save(_rng_state(), f))
+        _write_synced(tmp / f"rng_rank{env.rank}.pt", lambda f: f.write(_serialised(_rng_state())))
         if env.is_main:
             record = {**asdict(state), "robe_signatures": _robe_signatures(model)}
             _write_synced(tmp / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
@@ -186,6 +187,14 @@ def _on_every_rank(env: DistEnv, fn, what: str) -> None:
 
 class _RankError(Exception):
     """A failed checkpoint phase on one rank, described."""
+
+
+def _serialised(obj) -> bytes:
+    """``torch.save`` into memory: the file write is then a plain one, whose failure (a full disk) is
+    an ``OSError`` naming the reason, not torch's zip writer's ``RuntimeError``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _write_synced(path: Path, write) -> None:

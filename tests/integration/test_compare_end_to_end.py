@@ -64,12 +64,13 @@ def metrics(run_dir: Path) -> dict:
 def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
     out = tmp_path / "cmp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "robe_dist.compare", "--config", str(write_config(tmp_path)), "--run-dir", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "robe_dist.compare", "--config", str(write_config(tmp_path)), "--run-dir", str(out),
+                        "--budgets", "100x"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     # the diverging arm fails alone: reported, the others complete, exit 1 with one line naming it
     assert p.returncode == 1, p.stderr[-4000:]
     assert "1 run(s) failed: broken@100x " in p.stderr.splitlines()[-1]
     report = (out / "report.md").read_text()
+    assert f"--run-dir {out} --budgets 100x`" in report  # the command as given
     assert "Not timed (their quality runs failed): broken@100x." in report  # nor run: it would fail alike
     assert not any(d.name.startswith("broken") for d in (out / "systems").iterdir())
     for png in ("auc_vs_memory.png", "throughput.png", "bytes_per_step.png", "loss_curves.png", "traffic_projection.png"):
