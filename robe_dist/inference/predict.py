@@ -63,7 +63,12 @@ def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
         raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
     if not extra[META_FILE]:
         raise ExportError(f"--model {path}: a torch.export archive without robe_dist's metadata (not from robe-export)")
-    meta = json.loads(extra[META_FILE])
+    try:
+        meta = json.loads(extra[META_FILE])
+    except ValueError as e:
+        raise ExportError(f"--model {path}: its robe_dist metadata is damaged ({e})") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"--model {path}: its robe_dist metadata is damaged (not a mapping)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(
             f"--model {path}: format version {meta['format_version']} is newer than this robe_dist reads "

@@ -278,8 +278,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
         CheckpointError: the checkpoint's ROBE mapping or model does not match ``model``, or its
             ``train.global_batch_size`` differs (the data position is counted in its batches).
     """
-    saved = json.loads((path / _STATE_FILE).read_text())
-    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        saved = json.loads((path / _STATE_FILE).read_text())
+        saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    except (ValueError, yaml.YAMLError, OSError) as e:  # (json.JSONDecodeError is a ValueError)
+        raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved_cfg, dict):
+        raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml is not a mapping (damaged?)")
     _check_robe_compatible(path, saved, saved_cfg, model, cfg)
     state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
     if state.global_batch_size != cfg.train.global_batch_size:
