@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -190,7 +191,9 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
 
     p = probs.double().clamp(1e-7, 1 - 1e-7)
     logloss = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
-    return {"auc": float(binary_auroc(probs.float(), labels.long())), "logloss": float(logloss)}
+    one_class = labels.numel() == 0 or bool((labels == labels.flatten()[0]).all())
+    auc = float("nan") if one_class else float(binary_auroc(probs.float(), labels.long()))  # (undefined for one class)
+    return {"auc": auc, "logloss": float(logloss)}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -215,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, meta = load_artifact(args.model)
         t0 = time.time()
         skipped = ""
+        if not args.data.exists() and args.data.name.endswith((".tsv", ".csv", ".gz", ".txt")):
+            raise ExportError(f"--data {args.data}: no such file")
         if args.data.is_file():
             probs, labels, stats = score_raw(model, args.data, args.batch_size, meta, args.vocab)
             if stats.bad_rows:
@@ -233,8 +238,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write("\n".join(f"{p:.7g}" for p in probs.tolist()) + "\n")
         os.replace(tmp, args.out)
     m = metrics(probs, labels)
-    print(f"robe-predict: {len(probs):,} rows of {args.data} ({args.split}) in {seconds:.1f} s "
-          f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s): AUC {m['auc']:.4f}, log-loss {m['logloss']:.4f}"
+    auc = "AUC undefined (every label is the same)" if math.isnan(m["auc"]) else f"AUC {m['auc']:.4f}"
+    split = "" if args.data.is_file() else f" ({args.split})"
+    print(f"robe-predict: {len(probs):,} rows of {args.data}{split} in {seconds:.1f} s "
+          f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s): {auc}, log-loss {m['logloss']:.4f}"
           + (f"; scores in {args.out}" if args.out else "") + skipped)  # fmt: skip
     return 0
 
