@@ -47,7 +47,8 @@ class RobeConfig:
     declared with a huge raw-id space)."""
 
     block_align: int = 1
-    """Block starts are multiples of this many elements. 1 (the paper's ROBE-Z): any slot. 16 puts
+    """Block starts are multiples of this many elements; it must divide ``block_size``. 1 (the
+    paper's ROBE-Z): any slot. 16 puts
     every block on a 64-byte line of float32, so a block of Z = 32 floats spans 2 lines instead of
     2.94 on average, and the CPU step reads and writes a third fewer lines (docs/performance.md);
     two colliding blocks then overlap by multiples of 16 elements rather than by any amount. Part of
@@ -60,6 +61,11 @@ class RobeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RobeConfig.{name} must be a positive int, got {value!r}")
+        if self.block_size % self.block_align:
+            raise ValueError(
+                f"RobeConfig.block_align ({self.block_align}) must divide block_size ({self.block_size}): "
+                "otherwise slots between aligned blocks are never read, or read unevenly"
+            )
         if self.array_size < self.block_size:
             raise ValueError(
                 f"RobeConfig.array_size ({self.array_size}) must be >= block_size ({self.block_size}): "

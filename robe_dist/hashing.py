@@ -76,7 +76,8 @@ def num_block_starts(array_size: int, block_size: int, block_align: int = 1) -> 
 
 
 def universal_start(key: int, x: int, block: int, num_starts: int) -> int:
-    """Start of ``block`` of id ``x`` under table key ``key``; ``num_starts = m - Z + 1``."""
+    """Start of ``block`` of id ``x`` under table key ``key``; ``num_starts = m - Z + 1`` (aligned:
+    ``num_block_starts(m, Z, a)``, and the start is ``a`` times this)."""
     h = fmix64((x & MASK64) ^ key)
     return (fmix64(h + (block + 1) * GOLDEN) >> 1) % num_starts
 

@@ -419,6 +419,7 @@ class Trainer:
                 auc = self.run_eval("val")["auc"]
                 if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
                     stop = "target_auc"
+                self.save()  # this step's checkpoint again, no longer pending, with the validation's result
         t_start, start_step = time.time(), state.step
         epoch_batches, batches_epoch = None, None
         try:
@@ -538,8 +539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         env = init_distributed(cfg.dist)
     except ConfigError as e:  # no process group yet: rank 0 says it, as for the errors above
-        if os.environ.get("RANK", "0") == "0":
-            print(f"robe-train: config error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or e.this_rank_only:
+            print(f"robe-train: config error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         else:
             time.sleep(3)
         return 2

@@ -513,7 +513,12 @@ _FLOAT32_MAX = 3.4028234663852886e38
 class ConfigError(ValueError):
     """A config value found wrong only once the data or the machine is known (a table size list
     that does not fit the data, an optimiser the CPU kernels lack, a GPU that is not there): one
-    line from rank 0, exit 2, like the errors ``validate`` finds."""
+    line from rank 0, exit 2, like the errors ``validate`` finds. ``this_rank_only``: an error only
+    some ranks meet (a local rank with no GPU): it is said by the rank that met it."""
+
+    def __init__(self, message: str, this_rank_only: bool = False) -> None:
+        super().__init__(message)
+        self.this_rank_only = this_rank_only
 
 
 def _positive(value: Optional[float], where: str, allow_none: bool = False, allow_zero: bool = False) -> None:

@@ -290,7 +290,7 @@ class ShardedRobeEmbeddingBagCollection(
                     f"{where}: rank {rank} built its ROBE collection with another configuration "
                     f"([{self._robe.describe_signature(other.tolist())}] vs "
                     f"[{self._robe.describe_signature(sig.tolist())}] here): every replica must use the same "
-                    "RobeConfig (hash, seed, block size, array size) and the same tables"
+                    "RobeConfig (hash, seed, block size and alignment, array size) and the same tables"
                 )
 
     def _check_loaded_signature(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

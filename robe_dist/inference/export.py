@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest artifact format this robe_dist writes and reads: 2 where the ROBE lookup has a
+``block_align`` argument (an aligned model: older readers cannot load its graph), else 1."""
 """Version of the artifact's layout; robe-predict refuses newer ones."""
 META_FILE = "robe_dist.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,7 +128,8 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     dlrm = train_model.model
     model = ScoringModel(dlrm, list(DEFAULT_CAT_NAMES), spec["id_moduli"]).eval()
     info = {
-        "format_version": FORMAT_VERSION, "checkpoint": str(checkpoint), "arch": cfg.model.arch,
+        "format_version": 2 if spec["robe_tables"] and cfg.robe.block_align > 1 else 1,
+        "checkpoint": str(checkpoint), "arch": cfg.model.arch,
         "embedding_dim": cfg.model.embedding_dim, "tables": len(tables), "robe_tables": spec["robe_tables"],
         "array_size": spec["array_size"], "full_tables": [t.name for t in tables if t.name not in spec["robe_tables"]],
         "hash": cfg.robe.hash if spec["robe_tables"] else None, "robe_seed": cfg.robe.seed if spec["robe_tables"] else None,
@@ -224,7 +227,9 @@ def main(argv: Optional[List[str]] = None) -> int:
            if meta.get("hot_rows") else "")
         + (f", {full} full tables" if full else "")
     )  # fmt: skip
-    if args.data is not None:
+    if args.data is not None and auc != auc:  # NaN: one label class
+        print(f"robe-export: validation AUC of the artifact on {args.data}: undefined (every label is the same)")
+    elif args.data is not None:
         change = f" (fp32 {reference:.4f}, change {auc - reference:+.5f})" if reference is not None else ""
         print(f"robe-export: validation AUC of the artifact on {args.data}: {auc:.4f}{change}")
     return 0

@@ -242,12 +242,12 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
         )
     for where, sig in current.items():
         if theirs[where] != sig:
-            old_cfg = saved_cfg.get("robe", {})
             new_cfg = asdict(cfg.robe)
+            old_cfg = {**asdict(type(cfg.robe)()), **saved_cfg.get("robe", {})}  # fields it predates: their defaults
             diff = [f"robe.{k}: checkpoint {old_cfg.get(k)!r}, config {new_cfg[k]!r}" for k in new_cfg if old_cfg.get(k) != new_cfg[k]]
             raise CheckpointError(
                 f"checkpoint {path}: the ROBE hash signature of {where} does not match this run's "
-                f"(checkpoint {theirs[where]}, this run {sig}; [version, mapping, seed, Z, m, table layout]). "
+                f"(checkpoint {theirs[where]}, this run {sig}; [version, mapping + 2 (block_align - 1), seed, Z, m, table layout]). "
                 f"Differences: {'; '.join(diff) or 'the table layout (model.num_embeddings_per_feature)'}. "
                 "Embeddings would be read from the wrong slots: resume with the checkpoint's robe settings."
             )

@@ -45,7 +45,8 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(
                 f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                "run at most that many processes per node (torchrun --nproc_per_node)"
+                "run at most that many processes per node (torchrun --nproc_per_node)",
+                this_rank_only=True,
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -109,7 +110,7 @@ def share_failure(
     """Runs ``fn`` on rank 0 only (``main_only``: making data, checking the run dir) or on every
     rank (writing a checkpoint's files), and shares an expected failure (an exception of one of
     ``errors``): every rank returns ``(rank, exception)`` of the lowest failing rank, the exception
-    rebuilt as the same type with the same message, or None. So a failure on one rank can be raised
+    rebuilt with the same message as the first type of ``errors`` it is an instance of, or None. So a failure on one rank can be raised
     on all, not left to the others as a hang or a broken connection in the next collective.
     Synchronises the ranks like a barrier (a broadcast or an all-gather)."""
     failure = None

@@ -85,6 +85,7 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid
     assert code == 0, err
     assert f"wrote {art}" in out and "ROBE array of" in out and "full tables" in out
     assert ("starts aligned to 4" in out) == (nproc == 2), out
+    assert robe_predict.load_artifact(art)[1]["format_version"] == (2 if nproc == 2 else 1)  # older readers refuse v2
     scores = tmp_path / "scores.txt"
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", m["vocab"], "--split", "test", "--out", scores)
     assert code == 0, err

@@ -95,8 +95,8 @@ CASES = [
     dict(hash="paper", weighted=True),
     dict(hash="universal", block_size=1, id_dtype=torch.int32, offsets_dtype=torch.int32),
     dict(hash="paper", block_size=3, array_size=50, shared=True),
-    dict(hash="universal", block_align=8),
-    dict(hash="paper", block_size=3, block_align=5, weighted=True),
+    dict(hash="universal", block_align=4),
+    dict(hash="paper", block_size=6, block_align=3, weighted=True),
 ]
 
 
