@@ -27,11 +27,7 @@ from robe_dist import ops
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch", type=int, default=8192)
-    p.add_argument("--features", type=int, default=26)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--array-size", type=int, default=27_000_000)
+    FusedSgdProblem.add_shape_arguments(p)
     p.add_argument("--block-align", type=int, default=1, help="block starts on multiples of this (16: a cache line)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per thread count")
     p.add_argument("--warmup", type=int, default=3)

@@ -50,6 +50,15 @@ class FusedSgdProblem:
         self.grad = torch.randn(batch, features * dim, generator=g)
         self.none = torch.empty(0)
 
+    @staticmethod
+    def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+        """``--batch --features --dim --block-size --array-size``, defaulting to lookup.py's shape."""
+        p.add_argument("--batch", type=int, default=8192)
+        p.add_argument("--features", type=int, default=26)
+        p.add_argument("--dim", type=int, default=128)
+        p.add_argument("--block-size", type=int, default=32)
+        p.add_argument("--array-size", type=int, default=27_000_000)
+
     def step(self, op, array: torch.Tensor, it: int, block_align: int = 1) -> Tuple[float, float, torch.dtype]:
         """One step of batch ``it`` on ``array`` (in place): (forward s, backward s, starts dtype).
         ``block_align`` needs a build of ABI 4 or later (older ones have no such argument)."""
@@ -77,11 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--old", required=True, help="the old build's _C*.so")
     p.add_argument("--new", default=None, help="the new build's _C*.so (default: robe_dist's)")
-    p.add_argument("--batch", type=int, default=8192)
-    p.add_argument("--features", type=int, default=26)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--array-size", type=int, default=27_000_000)
+    FusedSgdProblem.add_shape_arguments(p)
     p.add_argument("--steps", type=int, default=80, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)

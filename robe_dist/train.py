@@ -221,7 +221,6 @@ class Trainer:
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         self.results: dict = {}
-        self.val_step: Optional[int] = None  # the step of the last validation
         logger.info(
             "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
             cfg.model.arch, len(robe_names), f"{cfg.robe.robe_config(array_size).array_size:,}" if robe_names else "-",
@@ -336,13 +335,16 @@ class Trainer:
         self.results[split] = result
         if split == "val":
             self.state.best_val_auc = max(result["auc"], self.state.best_val_auc or 0.0)
-            self.val_step = self.state.step
         self.log.write("eval", split=split, samples=self.state.samples, **result, eval_s=round(time.time() - t0, 2))
         self.log.message(
             f"eval {split} @ step {self.state.step}: auc {result['auc']:.4f}  logloss {result['logloss']:.4f}  "
             f"accuracy {result['accuracy']:.4f}  ({result['eval_samples']} samples)"
         )
         return result
+
+    def validated_now(self) -> bool:
+        """Whether the last validation was at the current step."""
+        return self.results.get("val", {}).get("step") == self.state.step
 
     # ------------------------------------------------------------------ the loop
     def train_chunk(self, batches, running: RunningLoss) -> int:
@@ -437,7 +439,7 @@ class Trainer:
                 if (state.step < end and not self.stopping) or state.step_in_epoch >= steps_per_epoch:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if self.stopping:
-                    state.eval_pending = bool(eval_every and state.step % eval_every == 0 and self.val_step != state.step)
+                    state.eval_pending = bool(eval_every and state.step % eval_every == 0 and not self.validated_now())
                     self.interrupt()
                 if state.step >= total:
                     stop = "max_steps" if state.step == cfg.train.max_steps else "epochs"
@@ -459,7 +461,7 @@ class Trainer:
         if cfg.checkpoint.at_end and self.last_checkpoint != self.ckpt_dir / f"step_{state.step:08d}":
             self.save()
         if cfg.eval.at_end:
-            if self.results.get("val", {}).get("step") != state.step:  # not just evaluated (target_auc)
+            if not self.validated_now():  # (target_auc: just evaluated)
                 self.run_eval("val")
             self.run_eval("test")
         summary = dict(
@@ -519,18 +521,24 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
     ckpt.remove_partial_checkpoints(ckpt_dir, env)
 
 
+def _config_error(e: Exception, this_rank_only: bool = False) -> int:
+    """Says a config error found before any process group exists, and returns exit status 2.
+    Under torchrun every rank meets it: rank 0 says it, the others wait a moment so that rank 0
+    has said it before torchrun stops the workers; an error only this rank meets, it says itself."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or this_rank_only:
+        print(f"robe-train: config error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+    else:
+        time.sleep(3)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
-        # under torchrun every rank reads the config (before any process group exists): rank 0 says
-        # it; the others wait a moment so that rank 0 has said it before torchrun stops the workers
-        if os.environ.get("RANK", "0") == "0":
-            print(f"robe-train: config error: {e}", file=sys.stderr)
-        else:
-            time.sleep(3)
-        return 2
+        return _config_error(e)
     if args.run_dir is not None:
         cfg.run_dir = str(args.run_dir)
     if args.print_config:
@@ -538,13 +546,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         env = init_distributed(cfg.dist)
-    except ConfigError as e:  # no process group yet: rank 0 says it, as for the errors above
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or e.this_rank_only:
-            print(f"robe-train: config error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
-        else:
-            time.sleep(3)
-        return 2
+    except ConfigError as e:
+        return _config_error(e, e.this_rank_only)
     setup_logging(env, cfg.logging.all_ranks)
     run_dir = cfg.resolved_run_dir
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)

@@ -28,8 +28,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 FORMAT_VERSION = 2
 """The newest artifact format this robe_dist writes and reads: 2 where the ROBE lookup has a
-``block_align`` argument (an aligned model: older readers cannot load its graph), else 1."""
-"""Version of the artifact's layout; robe-predict refuses newer ones."""
+``block_align`` argument (an aligned model: older readers cannot load its graph), else 1;
+robe-predict refuses newer ones."""
 META_FILE = "robe_dist.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
