@@ -552,6 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_dir = cfg.resolved_run_dir
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
     trainer: Optional[Trainer] = None
+    together = True  # False: this rank leaves because of an error the others may not have met
     try:
         prepare_run_dir(run_dir, cfg, env, args.resume)
         trainer = Trainer(cfg, env, run_dir)
@@ -575,6 +576,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("robe-train: %s", e)
         return 2
+    except BaseException:  # a bug, out of memory, ...: possibly on this rank alone (env.shutdown)
+        together = False
+        raise
     finally:
         if CommCounter._installed is not None:
             CommCounter._installed.uninstall()
@@ -584,7 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # finalisation (or nothing, with the threads still running at exit)
         trainer = None
         gc.collect()
-        shutdown()
+        shutdown(wait_for_all=together)
     return 0
 
 

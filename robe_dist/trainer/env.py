@@ -142,8 +142,15 @@ def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> 
         raise failure[1]
 
 
-def shutdown() -> None:
-    """Waits for every rank, then leaves the process group."""
+def shutdown(wait_for_all: bool = True) -> None:
+    """Waits for every rank (unless ``wait_for_all`` is False), then leaves the process group.
+
+    A rank that leaves because of an error only it met (a bug, out of memory) must not wait: the
+    other ranks are inside some other collective, which a barrier would never match, and the job
+    would hang until the collective timeout with the error still unprinted. It leaves at once,
+    its traceback is printed, and torchrun stops the other ranks (whose collectives then fail as
+    their peer is gone)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()

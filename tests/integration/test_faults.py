@@ -160,3 +160,44 @@ def test_process_group_and_gloo_threads_end_inside_main(tmp_path, data_dir):
                        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
     assert [(tmp_path / f"threads_{r}.txt").read_text() for r in (0, 1)] == ["[]", "[]"]
+
+
+BUG_ON_RANK_1 = """
+import sys
+from robe_dist import train
+
+log_train = train.Trainer.log_train
+
+
+def log_train_with_a_bug(self, *args, **kwargs):
+    if self.env.rank == 1:
+        raise RuntimeError("a bug met by rank 1 alone")
+    return log_train(self, *args, **kwargs)
+
+
+train.Trainer.log_train = log_train_with_a_bug
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.integration
+def test_an_error_on_one_rank_ends_the_job_at_once(tmp_path, data_dir):
+    """A bug (or out of memory) that only rank 1 meets, while rank 0 waits in the next collective:
+    rank 1 must not wait for the others in a barrier no one else will reach (the job hung until
+    the collective timeout, with the error unprinted); it leaves, its traceback is printed, and
+    torchrun stops rank 0, whose collective fails as its peer is gone."""
+    script = tmp_path / "bug.py"
+    script.write_text(BUG_ON_RANK_1)
+    args = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", str(script),
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for o in [*SMALL, f"data.path={data_dir}", *LONG]:
+        args += ["--set", o]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=120)  # it used to hang for gloo's 30-minute timeout
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "RuntimeError: a bug met by rank 1 alone" in err
+    assert "torchrun: workers failed (" in err and "rank 1 status 1" in err
