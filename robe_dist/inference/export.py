@@ -98,7 +98,7 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
-    from robe_dist.trainer.checkpoint import MODEL_SPEC_FILE
+    from robe_dist.trainer.checkpoint import MODEL_SPEC_FILE, damaged_files
     from robe_dist.trainer.model import build_collection, build_dlrm, placeholder_hot_ids, tables_of_spec
 
     cfg, spec = checkpoint_parts(checkpoint)
@@ -112,6 +112,9 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
             f"--checkpoint {checkpoint}: its config.yaml and {MODEL_SPEC_FILE} do not describe a model robe_dist "
             f"can build ({type(e).__name__}: {e})"
         ) from None
+    damage = damaged_files(checkpoint)
+    if damage is not None:
+        raise ExportError(f"--checkpoint {checkpoint}: damaged: {damage}")
     state = train_model.state_dict()
     try:
         import warnings

@@ -268,6 +268,29 @@ def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
     return renamed
 
 
+def damaged_files(path: Path) -> Optional[str]:
+    """What is missing or cut short among the tensor files of checkpoint ``path`` (DCP's index
+    ``.metadata`` and the ``*.distcp`` files it names, each at least as long as the index says),
+    or None. A checkpoint directory is renamed into place only when complete, so this finds files
+    lost or truncated afterwards (a copy that stopped, a disk error), before DCP's less direct error."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        return "its DCP index .metadata is missing"
+    except Exception as e:  # pickle / EOF errors of a truncated index
+        return f"its DCP index .metadata cannot be read ({type(e).__name__}: {e})"
+    ends: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    missing = sorted(name for name in ends if not (path / name).is_file())
+    if missing:
+        return f"{len(missing)} of its {len(ends)} tensor files are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+    short = sorted(name for name, end in ends.items() if (path / name).stat().st_size < end)
+    if short:
+        return f"tensor file {short[0]} is cut short ({(path / short[0]).stat().st_size:,} bytes, its index needs {ends[short[0]]:,})"
+    return None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg: Config, env: DistEnv) -> TrainerState:
     """Loads model, optimiser and (same world size) RNG states in place; returns the trainer state.
 
@@ -285,6 +308,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
         raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(saved, dict) or not isinstance(saved_cfg, dict):
         raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml is not a mapping (damaged?)")
+    damage = damaged_files(path)
+    if damage is not None:
+        earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        hint = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
+        raise CheckpointError(f"checkpoint {path} is damaged: {damage}{hint}")
     _check_robe_compatible(path, saved, saved_cfg, model, cfg)
     state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
     if state.global_batch_size != cfg.train.global_batch_size:

@@ -157,7 +157,7 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     def unchanged(ckpt):
         pass
 
-    assert "do not fit the model of its config" in export_refused(truncated_shard)
+    assert "damaged: tensor file" in export_refused(truncated_shard)
     assert "do not fit the model of its config" in export_refused(other_arch)
     assert "do not describe a model robe_dist can build" in export_refused(other_dim)
     (tmp_path / "a_dir").mkdir()
