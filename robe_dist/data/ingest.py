@@ -114,17 +114,18 @@ class ParsedFile:
         self.blocks = LineBlocks(self.stream, on_bytes)
 
     def __iter__(self) -> Iterator[ParsedBlock]:
-        line_no, delimiter = 1, TAB
+        parsed_lines, delimiter = 0, TAB  # lines parsed so far, the header included
         for i, buf in enumerate(self.blocks):
             if i == 0:
                 first = bytes(buf[PAD : buf.find(b"\n", PAD)])
                 self.fmt = self.fmt or detect_format(first, self.source)
                 delimiter = COMMA if self.fmt == "csv" else TAB
                 if is_header(first, delimiter):
-                    self.header, line_no = True, 2
+                    self.header, parsed_lines = True, 1
                     del buf[PAD : PAD + len(first) + 1]
-            parsed = parse_buffer(buf, delimiter=delimiter, first_line=line_no)
-            line_no += parsed.stats.lines
+            # the over-long lines dropped so far all come before this buffer's lines
+            parsed = parse_buffer(buf, delimiter=delimiter, first_line=1 + parsed_lines + self.blocks.too_long)
+            parsed_lines += parsed.stats.lines
             self.stats.add(parsed.stats)
             yield parsed
         if self.blocks.too_long:

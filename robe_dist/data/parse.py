@@ -99,12 +99,14 @@ class ParseStats:
 @dataclass
 class ParsedBlock:
     """Good rows of one buffer. ``dense`` float32 [n, 13] = log(1 + max(x, 0)), missing 0;
-    ``sparse`` int64 [n, 26], hex parsed as uint32, missing ``MISSING_CAT_ID``; ``labels`` int32 [n, 1]."""
+    ``sparse`` int64 [n, 26], hex parsed as uint32, missing ``MISSING_CAT_ID``; ``labels`` int32 [n, 1];
+    ``lines`` int64 [n], the rows' line numbers (``first_line`` of the buffer's first line)."""
 
     dense: np.ndarray
     sparse: np.ndarray
     labels: np.ndarray
     stats: ParseStats
+    lines: np.ndarray
 
 
 def _decimal8(x: np.ndarray, ndigits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -307,13 +309,14 @@ def parse_buffer(buf: bytearray, *, delimiter: int = TAB, first_line: int = 1) -
 
     good = reason == 0
     stats.rows = int(good.sum())
+    lines = np.arange(first_line, first_line + n, dtype=np.int64)
     if stats.rows < n:
         bad_rows = np.flatnonzero(~good)
         codes = reason[bad_rows]
         for code, count in zip(*np.unique(codes, return_counts=True)):
             stats.bad[BAD_REASONS[code - 1]] += int(count)
         stats.bad_examples = [(first_line + int(r), BAD_REASONS[reason[r] - 1]) for r in bad_rows[:10]]
-        raw, ids, labels = raw[good], ids[good], labels[good]
+        raw, ids, labels, lines = raw[good], ids[good], labels[good], lines[good]
     dense = np.log1p(raw.astype(np.float32))
     # ids < 2**32, so the uint64 bits are the int64 value
-    return ParsedBlock(dense=dense, sparse=ids.view(np.int64), labels=labels.reshape(-1, 1), stats=stats)
+    return ParsedBlock(dense=dense, sparse=ids.view(np.int64), labels=labels.reshape(-1, 1), stats=stats, lines=lines)

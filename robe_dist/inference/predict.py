@@ -9,7 +9,9 @@ parsed as ``robe-data ingest`` parses it: bad lines counted and skipped, never s
 trained on ids remapped by ``robe-data vocab`` scores raw rows through that vocabulary:
 ``--vocab DIR`` (default: the directory it was trained on, if it is still there), checked against
 the fingerprint the model recorded. One probability per row goes to ``--out`` (text, one line
-each, in row order); the labels give AUC and log-loss, printed.
+each, in row order; for a raw file, one line per line of the file after its header, so that line
+``k`` of the scores is the ``k``-th data line, and ``nan`` for a bad line); the labels of the
+scored rows give AUC and log-loss, printed.
 
     robe-predict --model model.pt2 --data day_23.gz --out scores.txt
     robe-predict --model model.pt2 --data day_23.gz --vocab data/criteo_vocab --out scores.txt
@@ -154,21 +156,23 @@ def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
 
 
 def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
-              vocab_dir: Optional[Path] = None) -> Tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
-    """Probabilities and labels of the good rows of a raw Criteo file (TSV or CSV, plain or gzip,
-    labelled: Criteo's 40 fields), parsed as ``robe-data ingest`` parses it; bad rows are counted
-    and skipped (the returned ParseStats says how many and why), never scored. A vocab-trained
-    model's ids go through its vocabulary (``model_vocabulary``) first."""
+              vocab_dir: Optional[Path] = None) -> Tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:  # fmt: skip
+    """Probabilities, labels and data-line indices (0 = the first line after the header) of the
+    good rows of a raw Criteo file (TSV or CSV, plain or gzip, labelled: Criteo's 40 fields),
+    parsed as ``robe-data ingest`` parses it; bad rows are counted and skipped (the returned
+    ParseStats says how many and why), never scored. A vocab-trained model's ids go through its
+    vocabulary (``model_vocabulary``) first."""
     from robe_dist.data.ingest import ParsedFile
 
     vocab = model_vocabulary(meta, vocab_dir) if meta.get("ids") == "vocab" else None
     if meta.get("multi_hot"):
         raise ExportError(f"--data {path}: a multi-hot model scores npy datasets only (raw Criteo rows are one-hot)")
     parsed = ParsedFile(path)
-    probs, labels = [], []
+    probs, labels, lines = [], [], []
     try:
         with torch.no_grad():
             for block in parsed:
+                lines.append(torch.from_numpy(block.lines - (2 if parsed.header else 1)))
                 ids = vocab.apply(block.sparse) if vocab is not None else block.sparse
                 for a in range(0, len(block.labels), batch_size):
                     sparse = torch.from_numpy(ids[a : a + batch_size])
@@ -183,7 +187,7 @@ def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
         parsed.close()
     if not probs:
         raise ExportError(f"--data {path}: no valid Criteo row ({parsed.stats.bad_rows:,} bad lines: {dict(parsed.stats.bad)})")
-    return torch.cat(probs), torch.cat(labels), parsed.stats
+    return torch.cat(probs), torch.cat(labels), parsed.stats, torch.cat(lines)
 
 
 def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
@@ -217,14 +221,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model, meta = load_artifact(args.model)
         t0 = time.time()
-        skipped = ""
+        skipped, per_line = "", None
         if not args.data.exists() and args.data.name.endswith((".tsv", ".csv", ".gz", ".txt")):
             raise ExportError(f"--data {args.data}: no such file")
         if args.data.is_file():
-            probs, labels, stats = score_raw(model, args.data, args.batch_size, meta, args.vocab)
+            probs, labels, stats, lines = score_raw(model, args.data, args.batch_size, meta, args.vocab)
             if stats.bad_rows:
                 reasons = ", ".join(f"{k}: {v:,}" for k, v in stats.bad.items() if v)
-                skipped = f"; {stats.bad_rows:,} bad lines skipped, not scored ({reasons})"
+                where = ", ".join(str(line) for line, _ in stats.bad_examples[:3]) + (", ..." if stats.bad_rows > 3 else "")
+                skipped = f"; {stats.bad_rows:,} bad lines skipped, not scored ({reasons}; file lines {where})"
+                per_line = torch.full((stats.lines,), float("nan"))
+                per_line[lines] = probs
+                if args.out:
+                    skipped += ": their lines in the scores say nan"
         else:
             check_dataset_ids(meta, args.data)
             probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
@@ -235,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out is not None:
         tmp = args.out.with_name(args.out.name + ".tmp")
         with open(tmp, "w") as f:
-            f.write("\n".join(f"{p:.7g}" for p in probs.tolist()) + "\n")
+            f.write("\n".join(f"{p:.7g}" for p in (probs if per_line is None else per_line).tolist()) + "\n")
         os.replace(tmp, args.out)
     m = metrics(probs, labels)
     auc = "AUC undefined (every label is the same)" if math.isnan(m["auc"]) else f"AUC {m['auc']:.4f}"

@@ -214,12 +214,13 @@ def test_raw_criteo_rows_score_as_ingested_and_bad_rows_are_skipped(tmp_path, ca
     art = tmp_path / "raw.pt2"
     assert call(robe_export.main, capsys, "--checkpoint", m["summary"]["checkpoint"], "--out", art)[0] == 0
     rows = tmp_path / "day_0.tsv"
-    sample = _criteo_sample().read_bytes()
-    rows.write_bytes(sample + (b"" if sample.endswith(b"\n") else b"\n") + b"not a criteo row\n")
+    lines = _criteo_sample().read_bytes().splitlines(keepends=True)
+    assert len(lines) == 1000
+    rows.write_bytes(b"".join(lines[:500]) + b"not a criteo row\n" + b"".join(lines[500:]))
     scores = tmp_path / "scores.txt"
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", rows, "--out", scores)
     assert code == 0, err
-    assert "1 bad lines skipped, not scored" in out
+    assert "1 bad lines skipped, not scored (too_few_fields: 1; file lines 501): their lines in the scores say nan" in out
     # the same rows through robe-data ingest, scored by the artifact directly
     assert robe_data(["ingest", "--input", str(rows), "--out", str(tmp_path / "npy"), "--no-progress"]) == 0
     capsys.readouterr()
@@ -229,8 +230,15 @@ def test_raw_criteo_rows_score_as_ingested_and_bad_rows_are_skipped(tmp_path, ca
     with torch.no_grad():
         expected = model(dense, sparse.t().reshape(-1).to(torch.int64), torch.ones(sparse.numel(), dtype=torch.int64))
     got = torch.tensor([float(x) for x in scores.read_text().split()])
-    assert len(got) == len(expected) == 1000
-    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-7)
+    assert len(got) == 1001 and len(expected) == 1000  # line k of the scores is line k of the data
+    assert got[500].isnan() and not got[torch.arange(1001) != 500].isnan().any()
+    torch.testing.assert_close(torch.cat([got[:500], got[501:]]), expected.float(), rtol=1e-6, atol=1e-7)
+    # with a header line, the scores' lines are the lines after it
+    headed = tmp_path / "headed.tsv"
+    headed.write_bytes(b"label\t" + b"\t".join(b"c%d" % i for i in range(39)) + b"\n" + rows.read_bytes())
+    code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", headed, "--out", tmp_path / "headed.txt")
+    assert code == 0 and "file lines 502)" in out, (out, err)
+    assert (tmp_path / "headed.txt").read_text() == scores.read_text()
 
 
 @pytest.mark.integration
