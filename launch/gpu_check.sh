@@ -24,7 +24,8 @@
 #   c3. cpu_threads, benchmarks/cpu_threads.py: the CPU operator's training step on 1, 2, 4, 8, 16
 #      threads of the machine's cores, and the same bits at each
 #   a. tests_cuda: the tests that exercise the GPU (CUDA tests, Triton kernels compiled for it and
-#      compared with the C++ operator, the KJT offsets shim); then tests_cpu, the rest of
+#      compared with the C++ operator, the KJT offsets shim, every non-ATen op of a ROBE run having a
+#      CUDA kernel with the image's own torchrec and fbgemm-gpu); then tests_cpu, the rest of
 #      tests/unit with the time left (CI runs them on every commit); JUnit XML in $OUT
 #   e. $OUT/summary.json: every step's exit status and time
 # Environment: PYTHON (default python3), OUT (default ./gpu_check_out), TRAIN_STEPS (default 300),
@@ -106,7 +107,7 @@ step cpu_threads 90 "$PY" benchmarks/cpu_threads.py "${THREADS[@]}" --json "$OUT
 
 # a. the tests: those that exercise the GPU first, then the rest with the time left
 CUDA_TESTS=(tests/unit/test_cuda.py tests/unit/test_triton_kernels.py tests/unit/test_fbgemm_compat.py
-            tests/unit/test_robe_module.py::test_cuda_matches_cpu)
+            tests/unit/test_robe_module.py::test_cuda_matches_cpu tests/integration/test_cuda_dispatch.py)
 step tests_cuda 200 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml"
 step tests_cpu 200 "$PY" -m pytest tests/unit -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cpu.xml" \
   --ignore=tests/unit/test_cuda.py --ignore=tests/unit/test_triton_kernels.py --ignore=tests/unit/test_fbgemm_compat.py
