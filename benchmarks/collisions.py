@@ -58,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ids", type=int, default=500_000, help="distinct (table, id) keys (x4 blocks)")
     args = p.parse_args()
-    print(f"{'mapping':10} {'m':>11} {'keys':>9} {'same-start pairs':>17} {'ideal':>12} {'ratio':>6} "
+    print(f"{'mapping':10} {'m':>11} {'starts':>9} {'same-start pairs':>17} {'ideal':>12} {'ratio':>6} "
           f"{'overlapping':>12} {'ideal':>12} {'ratio':>6}")
     for mode in ("universal", "paper"):
         for m in (100_000, 1_000_000, 27_000_000):

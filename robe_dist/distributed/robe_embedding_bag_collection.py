@@ -187,9 +187,14 @@ class ShardedRobeEmbeddingBagCollection(
 
     Example::
 
-        model = DistributedModelParallel(model, plan=plan, sharders=get_default_sharders())
-        sharded = model.module.sparse.robe          # ShardedRobeEmbeddingBagCollection
+        model = DistributedModelParallel(DLRM(embedding_bag_collection=robe_ebc, ...), plan=plan,
+                                         sharders=get_default_sharders())
+        sharded = model.module.sparse_arch.embedding_bag_collection   # ShardedRobeEmbeddingBagCollection
         pooled = sharded(kjt).wait()                 # KeyedTensor [B_local, sum of dims]
+
+    (Inside ``DLRMTrain`` the path starts ``model.module.model``; for a hybrid collection add
+    ``.robe``. After a ``TrainPipelineSparseDist`` has run the model, call ``pipeline.detach()``
+    before calling the module directly, as for TorchRec's own sharded modules.)
     """
 
     def __init__(

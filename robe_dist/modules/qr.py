@@ -141,7 +141,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Example::
 
         tables = [EmbeddingBagConfig(name="t_user", embedding_dim=16, num_embeddings=1_000_000, feature_names=["user"])]
-        qr = QREmbeddingBagCollection(tables, max_rows=4096)   # 1M ids -> 1000 + 1000 rows
+        qr = QREmbeddingBagCollection(tables, max_rows=2000)   # 1M ids -> 1000 + 1000 rows
         qr(kjt).values().shape                                   # [B, 16]
     """
 
