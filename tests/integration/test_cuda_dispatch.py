@@ -75,7 +75,11 @@ def test_every_non_aten_op_of_a_robe_run_has_a_cuda_kernel(tmp_path, nproc):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]  # fmt: skip
     args = [str(script), str(tmp_path), "--run-dir", str(tmp_path / "run")]
-    for o in [*SMALL, f"data.path={tmp_path / 'data'}", "train.max_steps=3", "eval.max_batches=1", "optim.name=adagrad"]:
+    # two ranks on the CPU (a GPU machine lent here has one GPU); one on the GPU where there is one,
+    # where an op without a CUDA kernel would also stop the run itself
+    device = "cpu" if nproc > 1 else "auto"
+    for o in [*SMALL, f"data.path={tmp_path / 'data'}", "train.max_steps=3", "eval.max_batches=1", "optim.name=adagrad",
+              f"dist.device={device}"]:  # fmt: skip
         args += ["--set", o]
     p = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
