@@ -518,6 +518,10 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
         raise
     except OSError as e:
         raise RunDirError(f"--run-dir {run_dir}: cannot be made or written ({e})") from None
+    try:
+        ckpt.check_shared_dir(ckpt_dir, env)
+    except OSError as e:
+        raise RunDirError(f"checkpoint dir {ckpt_dir}: cannot be made or written ({e})") from None
     ckpt.remove_partial_checkpoints(ckpt_dir, env)
 
 

@@ -38,7 +38,7 @@ import yaml
 from torch import nn
 
 from robe_dist.train_config import Config, to_yaml
-from robe_dist.trainer.env import DistEnv, share_failure
+from robe_dist.trainer.env import DistEnv, on_rank0, share_failure
 from robe_dist.trainer.model import robe_modules
 from robe_dist.trainer.optim import TrainOptimizer
 
@@ -212,6 +212,40 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_shared_dir(ckpt_dir: Path, env: DistEnv) -> None:
+    """Refuses a checkpoint directory that the ranks do not share. Every rank writes its shards of
+    one DCP checkpoint there and rank 0 its index, so on node-local disks (several nodes, no shared
+    file system) no node would hold a whole checkpoint, and ``--resume`` would find different
+    checkpoints on different nodes. Rank 0 writes a token file; every rank looks for it.
+
+    Raises:
+        CheckpointError: on every rank, naming the ranks that do not see the token.
+        OSError: rank 0 cannot make the directory or write in it (on every rank).
+    """
+    if env.world_size == 1:
+        return
+    token = [f".robe_dist_shared_{random.SystemRandom().getrandbits(64):016x}"]
+
+    def write_token() -> None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / token[0]).write_text("robe-train checks that every rank sees this directory\n")
+
+    on_rank0(env, write_token, (OSError,))
+    dist.broadcast_object_list(token, src=0)
+    seen = [None] * env.world_size
+    dist.all_gather_object(seen, (ckpt_dir / token[0]).is_file())
+    if env.is_main:
+        (ckpt_dir / token[0]).unlink(missing_ok=True)
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        raise CheckpointError(
+            f"checkpoint dir {ckpt_dir} is not shared by the ranks: rank{'s' if len(blind) > 1 else ''} "
+            f"{', '.join(map(str, blind[:8]))}{', ...' if len(blind) > 8 else ''} cannot see a file rank 0 wrote there. "
+            "A DCP checkpoint is written by every rank into one directory: put checkpoint.dir (or --run-dir) "
+            "on a file system that every node mounts"
+        )
 
 
 def remove_partial_checkpoints(ckpt_dir: Path, env: DistEnv) -> None:

@@ -7,6 +7,7 @@ Every ``_rank_*`` function runs on both ranks of the session's process-group poo
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -329,3 +330,29 @@ def test_a_failure_on_one_rank_is_shared_with_every_rank(pg2):
         assert r["got"]["both"] == (0, "OSError", "disk of rank 0")
         assert r["got"]["main_only"] == (0, "OSError", "disk of rank 0")
     assert r0["ran"] == [0, 0, 0, 0] and r1["ran"] == [1, 1, 1]  # main_only: rank 1 did not run it
+
+
+def _rank_shared_dir(rank: int, world_size: int, root: str) -> Dict:
+    from robe_dist.trainer.checkpoint import CheckpointError, check_shared_dir
+    from robe_dist.trainer.env import DistEnv
+
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    shared = Path(root) / "shared"
+    check_shared_dir(shared, env)  # one directory for both ranks: passes
+    local = Path(root) / f"node{rank}"  # as node-local disks: each rank its own directory
+    try:
+        check_shared_dir(local, env)
+        refused = None
+    except CheckpointError as e:
+        refused = str(e)
+    return {"refused": refused, "left": sorted(p.name for p in shared.iterdir())}
+
+
+def test_a_checkpoint_dir_the_ranks_do_not_share_is_refused_on_every_rank(pg2, tmp_path):
+    """A DCP checkpoint is written by every rank into one directory: a checkpoint dir on
+    node-local disks (simulated by a different directory per rank) is refused on every rank,
+    naming the ranks that cannot see it; a shared one passes and keeps no trace of the check."""
+    r0, r1 = pg2.run(_rank_shared_dir, root=str(tmp_path))
+    assert r0["left"] == r1["left"] == []
+    for r in (r0, r1):
+        assert r["refused"] is not None and "is not shared by the ranks: rank 1 cannot see a file rank 0 wrote" in r["refused"]

@@ -343,8 +343,8 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
 def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir, five_steps, case):
     """A config error (every rank reads the config), a run dir that holds a run or cannot be made
     (only rank 0 looks), a data path where the synthetic data cannot be written (rank 0 makes it; an OSError
-    there), a checkpoint dir that cannot be written after training (rank 0 makes it; the other
-    rank must not be left waiting) and full tables that TorchRec's planner cannot place (rank 0
+    there), a checkpoint dir that cannot be made (rank 0 makes it at the start, to check that
+    every rank sees it; the other rank must not be left waiting) and full tables that TorchRec's planner cannot place (rank 0
     plans; the other rank must not wait for the plan): one line from rank 0 through
     robe_dist.torchrun, no traceback, exit 2."""
     run = tmp_path / "run"
@@ -374,7 +374,7 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     expected = {"config": "optim.name must be one of", "run_dir": "already holds checkpoints",
                 "run_dir_path": "/a_file/run: cannot be made or written ([Errno 20] Not a directory",
                 "data_path": "data.path: making the synthetic dataset failed: [Errno 20] Not a directory",
-                "checkpoint_dir": "step_00000003 failed (rank 0: NotADirectoryError: [Errno 20] Not a directory",
+                "checkpoint_dir": "/a_file/checkpoints: cannot be made or written ([Errno 20] Not a directory",
                 "planner": "config error: TorchRec's planner found no sharding plan for the full tables"}  # fmt: skip
     assert expected[case] in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
