@@ -45,7 +45,7 @@ from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
-from robe_dist.trainer.evaluate import evaluate
+from robe_dist.trainer.evaluate import EvalStopped, evaluate
 from robe_dist.trainer.metrics_log import (
     MetricsLog,
     RunningLoss,
@@ -85,10 +85,12 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT: the run stopped after a step and saved a checkpoint."""
+    """SIGTERM or SIGINT: the run stopped after a step (or inside an evaluation, ``during``) and
+    saved a checkpoint."""
 
-    def __init__(self, signame: str, step: int, checkpoint: Optional[Path]) -> None:
-        super().__init__(f"interrupted by {signame} at step {step}; checkpoint {checkpoint}; rerun with --resume")
+    def __init__(self, signame: str, step: int, checkpoint: Optional[Path], during: Optional[str] = None) -> None:
+        where = f"during {during} " if during else ""
+        super().__init__(f"interrupted by {signame} {where}at step {step}; checkpoint {checkpoint}; rerun with --resume")
         self.signame = signame
 
 
@@ -252,11 +254,11 @@ class Trainer:
             )
         self.log.write("checkpoint", step=self.state.step, path=str(self.last_checkpoint))
 
-    def interrupt(self) -> None:
+    def interrupt(self, during: Optional[str] = None) -> None:
         """Saves a checkpoint of the current step (unless one exists) and raises ``Interrupted``."""
         if self.last_checkpoint != self.ckpt_dir / f"step_{self.state.step:08d}":
             self.save()
-        raise Interrupted(self.stopping or "a signal", self.state.step, self.last_checkpoint)
+        raise Interrupted(self.stopping or "a signal", self.state.step, self.last_checkpoint, during)
 
     # ------------------------------------------------------------------ logging
     def log_train(self, running: RunningLoss, since: float, steps: int) -> None:
@@ -326,10 +328,20 @@ class Trainer:
             "alltoall_bytes": self._sent_base[2] + int(self.comm.bytes["all_to_all"] if self.comm is not None else 0),
         }
 
-    def run_eval(self, split: str) -> dict:
+    def run_eval(self, split: str, final: bool = False) -> dict:
+        """Evaluates ``split`` on every rank and logs it. A stop signal cuts it short: the run
+        checkpoints (a validation during training stays due: the resumed run runs it first; the
+        final evaluation is run again by the resumed run, which has no steps left) and stops."""
         t0 = time.time()
-        with self.comm_paused():
-            result = evaluate(self.pipeline, self.model, self.data.eval_batches(split), self.env, self.cfg.eval.max_batches)
+        try:
+            with self.comm_paused():
+                result = evaluate(self.pipeline, self.model, self.data.eval_batches(split), self.env,
+                                  self.cfg.eval.max_batches, stop=lambda: self.stop_request.signame)  # fmt: skip
+        except EvalStopped as e:
+            self.stopping = e.signame
+            if not final:
+                self.state.eval_pending = True
+            self.interrupt(during=f"the {'final ' if final else ''}evaluation of the {split} split")
         result = {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()}
         result["step"] = self.state.step
         self.results[split] = result
@@ -415,16 +427,16 @@ class Trainer:
         self.log.write("memory", **self.held_memory())
         running = RunningLoss(self.env)
         stop = "steps" if state.step >= total else None
-        if state.eval_pending:  # the validation a stop signal cut off, before anything else
-            state.eval_pending = False
-            if not (stop and cfg.eval.at_end):
-                auc = self.run_eval("val")["auc"]
-                if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
-                    stop = "target_auc"
-                self.save()  # this step's checkpoint again, no longer pending, with the validation's result
-        t_start, start_step = time.time(), state.step
-        epoch_batches, batches_epoch = None, None
         try:
+            if state.eval_pending:  # the validation a stop signal cut off, before anything else
+                state.eval_pending = False
+                if not (stop and cfg.eval.at_end):
+                    auc = self.run_eval("val")["auc"]
+                    if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
+                        stop = "target_auc"
+                    self.save()  # this step's checkpoint again, no longer pending, with the validation's result
+            t_start, start_step = time.time(), state.step
+            epoch_batches, batches_epoch = None, None
             while stop is None:
                 if batches_epoch != state.epoch:
                     epoch_batches, batches_epoch = self.data.train_batches(state.epoch, state.step_in_epoch), state.epoch
@@ -449,6 +461,13 @@ class Trainer:
                         stop = "target_auc"
                 if ckpt_every and state.step % ckpt_every == 0 and not (stop and cfg.checkpoint.at_end):
                     self.save()
+            train_s = time.time() - t_start
+            if cfg.checkpoint.at_end and self.last_checkpoint != self.ckpt_dir / f"step_{state.step:08d}":
+                self.save()
+            if cfg.eval.at_end:
+                if not self.validated_now():  # (target_auc: just evaluated)
+                    self.run_eval("val", final=True)
+                self.run_eval("test", final=True)
         except Diverged as e:
             self.log.write("diverged", step=state.step, message=str(e))
             self.log.close()
@@ -457,13 +476,6 @@ class Trainer:
             self.log.write("interrupted", step=state.step, signal=e.signame, checkpoint=str(self.last_checkpoint))
             self.log.close()
             raise
-        train_s = time.time() - t_start
-        if cfg.checkpoint.at_end and self.last_checkpoint != self.ckpt_dir / f"step_{state.step:08d}":
-            self.save()
-        if cfg.eval.at_end:
-            if not self.validated_now():  # (target_auc: just evaluated)
-                self.run_eval("val")
-            self.run_eval("test")
         summary = dict(
             step=state.step, samples=state.samples, stop=stop, train_s=round(train_s, 1),
             samples_per_s=round((state.step - start_step) * cfg.train.global_batch_size / max(train_s, 1e-9), 1),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import signal
 from collections import deque
-from typing import Deque, Dict, Iterable, Iterator, Optional
+from typing import Callable, Deque, Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,18 +44,37 @@ class EvalMetrics:
         }
 
 
-def _in_lockstep(batches: Iterable[Batch], env: DistEnv, is_filler: Deque[bool]) -> Iterator[Batch]:
+class EvalStopped(RuntimeError):
+    """A stop signal (SIGTERM, SIGINT) cut the evaluation short, at the same batch on every rank."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(f"evaluation stopped by {signame}")
+        self.signame = signame
+
+
+StopCheck = Callable[[], Optional[str]]
+"""Returns the name of a stop signal this rank received (``StopRequest.signame``), else None."""
+
+
+def _in_lockstep(batches: Iterable[Batch], env: DistEnv, is_filler: Deque[bool], stop: Optional[StopCheck] = None) -> Iterator[Batch]:
     """Yields this rank's batches while ANY rank has some left, so every rank runs the same number
     of forward passes (sharded tables exchange data in each). A rank that ran out repeats its last
-    batch; ``is_filler`` records, in order, which yielded batches are such repeats."""
+    batch; ``is_filler`` records, in order, which yielded batches are such repeats.
+
+    The same all-reduce carries ``stop()``'s signal: when any rank has one, every rank raises
+    ``EvalStopped`` before the same batch."""
     last: Optional[Batch] = None
     it = iter(batches)
     while True:
         batch = next(it, None)
-        more = torch.tensor([0 if batch is None else 1], device=env.device)
+        signame = stop() if stop is not None else None
+        flags = torch.tensor([0 if batch is None else 1, signal.Signals[signame].value if signame else 0], device=env.device)
         if env.world_size > 1:
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not int(more):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        more, code = (int(v) for v in flags.tolist())
+        if code:
+            raise EvalStopped(signal.Signals(code).name)
+        if not more:
             return
         if batch is None:
             if last is None:
@@ -71,13 +91,22 @@ def _in_lockstep(batches: Iterable[Batch], env: DistEnv, is_filler: Deque[bool])
 
 
 @torch.no_grad()
-def evaluate(pipeline, model: torch.nn.Module, batches: Iterable[Batch], env: DistEnv, max_batches: Optional[int] = None) -> Dict[str, float]:
+def evaluate(
+    pipeline,
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    env: DistEnv,
+    max_batches: Optional[int] = None,
+    stop: Optional[StopCheck] = None,
+) -> Dict[str, float]:
     """Runs ``batches`` (this rank's share of a split) through ``pipeline`` in eval mode.
 
-    Returns ``{"auc", "logloss", "accuracy", "eval_samples"}`` over all ranks."""
+    Returns ``{"auc", "logloss", "accuracy", "eval_samples"}`` over all ranks. Raises
+    ``EvalStopped`` on every rank when ``stop()`` names a signal on any rank (checked before each
+    batch, in the all-reduce the ranks' lockstep already makes)."""
     metrics = EvalMetrics(env.device)
     is_filler: Deque[bool] = deque()
-    it = _in_lockstep(itertools.islice(batches, max_batches), env, is_filler)
+    it = _in_lockstep(itertools.islice(batches, max_batches), env, is_filler, stop)
     was_training = model.training
     model.eval()
     pipeline.reset()

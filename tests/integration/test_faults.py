@@ -201,3 +201,58 @@ def test_an_error_on_one_rank_ends_the_job_at_once(tmp_path, data_dir):
     assert proc.returncode == 1
     assert "RuntimeError: a bug met by rank 1 alone" in err
     assert "torchrun: workers failed (" in err and "rank 1 status 1" in err
+
+
+SIGTERM_IN_AN_EVALUATION_ON_RANK_1 = """
+import os, signal, sys
+from robe_dist import train
+
+run_eval = train.Trainer.run_eval
+SPLIT, FINAL = sys.argv.pop(1), sys.argv.pop(1) == "final"
+
+
+def run_eval_preempted(self, split, final=False):
+    if (split, final) == (SPLIT, FINAL) and self.env.rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # (Slurm's preemption, reaching rank 1 first)
+    return run_eval(self, split, final)
+
+
+train.Trainer.run_eval = run_eval_preempted
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("when", ["final", "during_training"])
+def test_sigterm_during_an_evaluation_stops_it_and_resume_runs_it(tmp_path, data_dir, when):
+    """The final evaluation of CriteoTB's splits takes minutes, longer than Slurm's grace period: a
+    SIGTERM there (on one rank) stops it on every rank at the same batch, with the trained model
+    in a checkpoint and the usual one line; the resumed run trains no step and evaluates. A
+    validation during training cut short stays due: the resumed run runs it first."""
+    script, run = tmp_path / "preempted.py", tmp_path / "run"
+    script.write_text(SIGTERM_IN_AN_EVALUATION_ON_RANK_1)
+    split, step, what = ("test", 20, "final evaluation") if when == "final" else ("val", 10, "evaluation")
+    overrides = ["train.max_steps=20", "eval.every_samples=5120", "logging.progress_bar=false"]  # validations at 10, 20
+    args = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", str(script), split, when]
+    for o in [*SMALL, f"data.path={data_dir}", *overrides]:
+        args += ["--set", o]
+    proc = subprocess.run(args + ["--run-dir", str(run)], cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    checkpoint = run / "checkpoints" / f"step_{step:08d}"
+    line = (f"robe-train: interrupted by SIGTERM during the {what} of the {split} split at step {step}; "
+            f"checkpoint {checkpoint}; rerun with --resume")  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGTERM.value, proc.stderr[-4000:]
+    assert [x for x in proc.stderr.splitlines() if "interrupted" in x] == [line]
+    assert "Traceback" not in proc.stderr
+    assert [(r["step"], r["signal"]) for r in records(run, "interrupted")] == [(step, "SIGTERM")]
+    evals = [(r["split"], r["step"]) for r in records(run, "eval")]
+    assert evals == ([("val", 10), ("val", 20)] if when == "final" else []) and not records(run, "summary")
+
+    ok(train(run, data_dir, *overrides, nproc=2, resume=True))
+    assert [r["step"] for r in records(run, "start")] == [0, step] and records(run, "train")[-1]["step"] == 20
+    resumed = records(run, "eval")[len(evals):]
+    assert [(r["split"], r["step"]) for r in resumed] == [("val", 10)] * (when != "final") + [("val", 20), ("test", 20)]
+    if when == "final":  # the same weights, evaluated again
+        assert (resumed[0]["auc"], resumed[0]["logloss"]) == (records(run, "eval")[1]["auc"], records(run, "eval")[1]["logloss"])
+    (summary,) = records(run, "summary")
+    assert summary["test_auc"] == resumed[-1]["auc"] and summary["step"] == 20
