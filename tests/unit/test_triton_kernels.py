@@ -97,6 +97,9 @@ CASES = [
     dict(hash="paper", block_size=3, array_size=50, shared=True),
     dict(hash="universal", block_align=4),
     dict(hash="paper", block_size=6, block_align=3, weighted=True),
+    dict(hash="paper", block_size=32, array_size=4099, block_align=16),  # the CriteoTB shape: dim 128, 4 blocks of a line
+    dict(hash="universal", block_size=32, array_size=4099, pooling=PoolingType.MEAN, id_dtype=torch.int32),
+    dict(hash="universal", block_size=16, array_size=4099, weighted=True),
 ]
 
 
@@ -125,9 +128,9 @@ def test_forward_and_backward_equal_the_cpp_operator(kw):
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("hash", ["universal", "paper"])
-def test_fused_sgd_equals_the_cpp_fused_sgd(hash, deterministic):
-    ebc, args = case(hash=hash, weighted=True, batch=8)
+@pytest.mark.parametrize("hash,block_size", [("universal", 4), ("paper", 4), ("paper", 32)])
+def test_fused_sgd_equals_the_cpp_fused_sgd(hash, block_size, deterministic):
+    ebc, args = case(hash=hash, weighted=True, batch=8, block_size=block_size, array_size=211 if block_size == 4 else 4099)
     out, starts, _ = run_cpp_forward(ebc, args)
     grad_out = torch.randn_like(out)
     values, weights, offsets, meta, batch = args
@@ -144,17 +147,18 @@ def test_fused_sgd_equals_the_cpp_fused_sgd(hash, deterministic):
     torch.testing.assert_close(tri.cpu(), cpp, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_adagrad_equals_torch_adagrad_on_the_exact_gradient():
-    ebc, args = case(hash="universal", batch=8, array_size=300)
+@pytest.mark.parametrize("block_size,array_size", [(4, 300), (32, 3000)])
+def test_fused_adagrad_equals_torch_adagrad_on_the_exact_gradient(block_size, array_size):
+    ebc, args = case(hash="universal", batch=8, array_size=array_size, block_size=block_size)
     values, weights, offsets, meta, batch = args
-    array, state = ebc.array.detach().clone().to(DEVICE), torch.zeros(300, device=DEVICE)
+    array, state = ebc.array.detach().clone().to(DEVICE), torch.zeros(array_size, device=DEVICE)
     reference = torch.nn.Parameter(ebc.array.detach().clone())
     opt = torch.optim.Adagrad([reference], lr=0.1, eps=1e-10)
     for step in range(2):  # the second step starts from a non-zero state
         out, starts, _ = run_cpp_forward(ebc, args)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(step))
         reference.grad = torch.ops.robe_dist.pooled_lookup_backward(
-            grad_out, weights, offsets, meta, starts, batch, 300, ebc.lookup_spec.block_size,
+            grad_out, weights, offsets, meta, starts, batch, array_size, ebc.lookup_spec.block_size,
             ebc.lookup_spec.max_blocks, ebc.lookup_spec.occurrences, values.numel(), True,
         )  # fmt: skip
         opt.step()
