@@ -170,6 +170,42 @@ def test_fused_adagrad_equals_torch_adagrad_on_the_exact_gradient(block_size, ar
     torch.testing.assert_close(state.cpu(), opt.state[reference]["sum"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bf16_array_equals_the_cpp_operator_on_its_fp32_copy(deterministic):
+    """A bf16 array (54 MB for CriteoTB's 27M floats: inside an H200's L2) is read in bf16,
+    accumulated in fp32 and written in bf16; its gradient goes through an fp32 buffer."""
+    ebc, args = case(hash="paper", block_size=32, array_size=4099, weighted=True)
+    values, weights, offsets, meta, batch = args
+    half = ebc.array.detach().to(torch.bfloat16)
+    ref, starts_c, _ = torch.ops.robe_dist.pooled_lookup(half.float(), values, weights, offsets, meta, batch,
+                                                         *ops._static_args(ebc.lookup_spec))  # fmt: skip
+    out, starts, status = triton_lookup.forward(
+        half.to(DEVICE), values.to(DEVICE), weights.to(DEVICE), offsets.to(DEVICE), meta.to(DEVICE), batch,
+        *ops._static_args(ebc.lookup_spec),
+    )  # fmt: skip
+    assert out.dtype == torch.bfloat16 and torch.equal(starts.cpu(), starts_c)
+    torch.testing.assert_close(out.cpu(), ref.to(torch.bfloat16))  # fp32 sums, rounded once
+    grad_out = torch.randn(ref.shape).to(torch.bfloat16)
+    grad_c = torch.ops.robe_dist.pooled_lookup_backward(
+        grad_out.float(), weights, offsets, meta, starts_c, batch, 4099, ebc.lookup_spec.block_size,
+        ebc.lookup_spec.max_blocks, ebc.lookup_spec.occurrences, values.numel(), True,
+    )  # fmt: skip
+    grad = triton_lookup.backward(array_size=4099, deterministic=deterministic, **backward_args(ebc, args, starts, grad_out))
+    assert grad.dtype == torch.bfloat16 and grad_c.abs().sum() > 0
+    torch.testing.assert_close(grad.cpu(), grad_c.to(torch.bfloat16))
+    # the fused SGD step (bf16 takes the sorted tiles either way): p - lr * g in fp32, rounded once
+    cpp = half.float()
+    torch.ops.robe_dist.pooled_lookup_fused_update(
+        cpp, None, grad_out.float(), weights, offsets, meta, starts_c, batch, ebc.lookup_spec.block_size,
+        ebc.lookup_spec.max_blocks, ebc.lookup_spec.occurrences, values.numel(), ops.OPTIMIZERS["sgd"], 0.5, 0.0, False,
+    )  # fmt: skip
+    tri = half.clone().to(DEVICE)
+    triton_lookup.fused_update(tri, None, optimizer=ops.OPTIMIZERS["sgd"], lr=0.5, eps=0.0, deterministic=deterministic,
+                               **backward_args(ebc, args, starts, grad_out))  # fmt: skip
+    assert not torch.equal(tri.cpu(), half)
+    torch.testing.assert_close(tri.cpu(), cpp.to(torch.bfloat16))
+
+
 def test_malformed_input_is_reported_and_never_read_out_of_bounds():
     ebc, args = case(hash="paper")
     values, weights, offsets, meta, batch = args
