@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
-import yaml
 
 from robe_dist.placement import Budget, PlacementError, hashing_trick_sizes
-from robe_dist.train_config import Config, _build, apply_override, load_config
+from robe_dist.train_config import Config, _build, apply_override, load_config, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_COMPARE_CONFIG = REPO / "configs" / "compare_tiny.yaml"
@@ -130,12 +129,9 @@ class CompareConfig:
             if a.block_size is not None and a.kind not in ("robe", "auto"):
                 raise ValueError(f"arms.{a.name}.block_size applies to kind robe or auto, not {a.kind}")
         for b in list(self.budgets) + [b for a in self.arms for b in (a.budgets or [])]:
-            try:
-                Budget.parse(b)
-            except ValueError as e:
-                raise ValueError(f"budgets: {e}".replace("robe.budget", f"budget {b!r}")) from None
+            Budget.parse(b, field="budgets")
         if self.systems.budget is not None:
-            Budget.parse(self.systems.budget)
+            Budget.parse(self.systems.budget, field="systems.budget")
         if not self.systems.processes or any(p < 1 for p in self.systems.processes):
             raise ValueError(f"systems.processes must list positive process counts, got {self.systems.processes}")
         if self.systems.repeats < 1:
@@ -150,12 +146,10 @@ class CompareConfig:
 
 def load_compare_config(path: Path) -> CompareConfig:
     """Reads a comparison config; raises ``ValueError`` naming a bad key or value."""
-    if not path.is_file():
-        raise FileNotFoundError(f"compare config {str(path)!r} not found (see configs/compare_tiny.yaml)")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"compare config {str(path)!r} is not valid YAML: {e}") from None
+        values = read_yaml(path, "compare config") or {}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (see configs/compare_tiny.yaml)") from None
     return _build(CompareConfig, values, "")
 
 
@@ -343,10 +337,7 @@ def run_comparison(cfg: CompareConfig, config_path: Path, out_dir: Path, train_o
             raise ValueError(f"--arms {unknown}: not in the config's arms {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in only_arms]
     for b in only_budgets or []:
-        try:
-            Budget.parse(b)
-        except ValueError as e:
-            raise ValueError(f"--budgets {b!r}: {e}") from None
+        Budget.parse(b, field="--budgets")
     facts = data_facts(base_cfg, log=log)
     specs = [s for a in arms for s in arm_runs(a, cfg.budgets, facts)]
     if only_budgets:
@@ -461,6 +452,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
+        if args.run_dir.exists() and not args.run_dir.is_dir():
+            raise ValueError(f"--run-dir {args.run_dir} is a file, expected a directory")
         if args.report_only:
             path = args.run_dir / "compare.json"
             if not path.is_file():

@@ -100,26 +100,36 @@ class Budget:
             raise ValueError(f"robe.budget must be a positive compression ratio such as '100x', got {self.ratio}x")
 
     @classmethod
-    def parse(cls, value: Union[str, int, float, "Budget"]) -> "Budget":
-        """``"100x"`` (compression ratio), ``"64MB"`` / ``"1.5GiB"`` / ``"4096"`` / ``4096`` (bytes)."""
+    def parse(cls, value: Union[str, int, float, "Budget"], field: str = "robe.budget") -> "Budget":
+        """``"100x"`` (compression ratio), ``"64MB"`` / ``"1.5GiB"`` / ``"4096"`` / ``4096`` (bytes).
+        Errors name ``field`` (``--budget`` on a command line) and the value as given."""
         if isinstance(value, Budget):
             return value
+        kinds = "bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x)"
         if isinstance(value, bool):
-            raise ValueError(f"robe.budget must be bytes (e.g. 64MB) or a ratio (e.g. 100x), got {value!r}")
-        if isinstance(value, (int, float)):
-            if not value > 0 or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(f"robe.budget must be a positive whole number of bytes, got {value!r}")
+            raise ValueError(f"{field} must be {kinds}, got {value!r}")
+        if isinstance(value, int):
+            if not value > 0:
+                raise ValueError(f"{field} must be a positive whole number of bytes, got {value!r}")
+            return cls(bytes=value)
+        if isinstance(value, float):
+            if not (value > 0 and math.isfinite(value) and value.is_integer()):
+                raise ValueError(f"{field} must be a positive whole number of bytes, got {value!r}")
             return cls(bytes=int(value))
         text = str(value).strip().lower().replace("_", "").replace(" ", "")
         m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)(x|[kmgt]i?b|b)?", text)
         if not m:
-            raise ValueError(f"robe.budget must be bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x), got {value!r}")
+            raise ValueError(f"{field} must be {kinds}, got {value!r}")
         number, unit = float(m.group(1)), m.group(2) or ""
+        total = number if unit == "x" else number * _UNITS[unit]
+        if not math.isfinite(total):
+            raise ValueError(f"{field} must be a finite number, got {value!r}")
         if unit == "x":
+            if not number > 0:
+                raise ValueError(f"{field} must be a positive compression ratio such as '100x', got {value!r}")
             return cls(ratio=number)
-        total = number * _UNITS[unit]
         if not total >= 1:
-            raise ValueError(f"robe.budget must be at least 1 byte, got {value!r}")
+            raise ValueError(f"{field} must be at least 1 byte, got {value!r}")
         return cls(bytes=int(total))
 
     def floats(self, full_floats: int) -> int:

@@ -55,8 +55,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # workers said (ROBE_DIST_TORCHRUN_VERBOSE=1 keeps it)
     if os.environ.get("ROBE_DIST_TORCHRUN_VERBOSE", "0") != "1":
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = parse_args(argv)
+    if str(args.nproc_per_node).isdigit() and int(args.nproc_per_node) < 1:  # torch's launcher: a bare assert
+        print(f"torchrun: --nproc_per_node must be at least 1 (or auto, gpu, cpu), got {args.nproc_per_node}", file=sys.stderr)
+        return 2
     try:
-        run(parse_args(argv))
+        run(args)
     except ChildFailedError as e:
         status, line = exit_status({rank: f.exitcode for rank, f in e.failures.items()})
         if line is not None:

@@ -43,7 +43,7 @@ from robe_dist.data.layout import DataError
 from robe_dist.distributed.comm_counter import CommCounter
 from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
-from robe_dist.trainer.data import RunData, prepare_data
+from robe_dist.trainer.data import RunData, check_divisible, prepare_data
 from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
 from robe_dist.trainer.evaluate import EvalStopped, evaluate
 from robe_dist.trainer.metrics_log import (
@@ -236,6 +236,9 @@ class Trainer:
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
             return
+        if not path.is_dir():
+            what = "is a file" if path.exists() else "does not exist"
+            raise ckpt.CheckpointError(f"--resume {path} {what}: expected a checkpoint directory (RUN_DIR/checkpoints/step_N) or no value for the latest")
         if not (path / "trainer_state.json").is_file():
             raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
@@ -515,18 +518,17 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
 
     def check_and_create() -> None:
         if resume is None and ckpt.list_checkpoints(ckpt_dir):
-            raise FileExistsError(
+            raise RunDirError(
                 f"{ckpt_dir} already holds checkpoints of an earlier run: pass --resume to continue it, or "
                 "choose another --run-dir"
             )
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"--run-dir {run_dir} is a file, expected a directory")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     try:
-        on_rank0(env, check_and_create, (FileExistsError, OSError))
-    except FileExistsError:
+        on_rank0(env, check_and_create, (RunDirError, OSError))
+    except RunDirError:
         raise
     except OSError as e:
         raise RunDirError(f"--run-dir {run_dir}: cannot be made or written ({e})") from None
@@ -535,6 +537,24 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
     except OSError as e:
         raise RunDirError(f"checkpoint dir {ckpt_dir}: cannot be made or written ({e})") from None
     ckpt.remove_partial_checkpoints(ckpt_dir, env)
+
+
+def commit_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str]) -> None:
+    """Once the run is known to start (the model built, a checkpoint loaded): the run dir takes
+    this run's config, and a fresh run drops the metrics of an earlier one that left no
+    checkpoint. Not earlier: a run refused at start-up leaves the run dir as it found it."""
+
+    def write() -> None:
+        if resume is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
+        tmp.write_text(to_yaml(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+
+    try:
+        on_rank0(env, write, (OSError,))
+    except OSError as e:
+        raise RunDirError(f"--run-dir {run_dir}: cannot be written ({e})") from None
 
 
 def _config_error(e: Exception, this_rank_only: bool = False) -> int:
@@ -570,10 +590,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     trainer: Optional[Trainer] = None
     together = True  # False: this rank leaves because of an error the others may not have met
     try:
+        for what, size in (("train.global_batch_size", cfg.train.global_batch_size), ("eval.batch_size", cfg.eval.batch_size)):
+            check_divisible(size, what, env)  # (the evaluation's batches are cut at the end of training)
+        if cfg.train.precision == "bf16" and env.device.type != "cuda":
+            raise ConfigError(f"train.precision 'bf16' needs a CUDA device; this run is on {env.device.type} "
+                              f"(dist.device {cfg.dist.device!r}): use 'fp32'")  # fmt: skip
         prepare_run_dir(run_dir, cfg, env, args.resume)
         trainer = Trainer(cfg, env, run_dir)
         if args.resume:
             trainer.resume(args.resume)
+        commit_run_dir(run_dir, cfg, env, args.resume)
         trainer.stop_request.install()
         trainer.run()
     except Diverged as e:

@@ -467,6 +467,47 @@ def to_yaml(cfg: Config) -> str:
 # YAML files and --set overrides
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the
+    last, so a config with ``lr`` set twice would silently train with the second)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what (PyYAML's own message takes 4-8 lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Reads the YAML file ``path`` (``what``: "config file", "compare config", ...); raises
+    ``FileNotFoundError`` or ``ValueError`` in one line naming it."""
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory, expected a YAML file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {str(path)!r} is not text (not UTF-8), expected YAML") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
 def apply_override(values: Dict[str, Any], override: str) -> None:
     """Applies ``"section.key=value"`` to the nested dict ``values`` (value parsed as YAML)."""
     if "=" not in override:
@@ -480,7 +521,11 @@ def apply_override(values: Dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {override!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {override!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a string "
+                         "with both kinds of quotes, e.g. --set \"name='a b'\"") from None  # fmt: skip
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
@@ -491,13 +536,10 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         ValueError: a key is unknown, a value has the wrong type or is out of range.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found (configs live in configs/*.yaml)")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    try:
+        values = read_yaml(path, "config file") or {}
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (configs live in configs/*.yaml)") from None
     for override in overrides:
         apply_override(values, override)
     return config_from_dict(values)
@@ -541,6 +583,9 @@ def validate(cfg: Config) -> None:
     _positive(d.synthetic_days, "data.synthetic_days")
     _positive(d.synthetic_scale, "data.synthetic_scale")
     _positive(d.shuffle_buffer, "data.shuffle_buffer", allow_none=True, allow_zero=True)
+    for value, where in ((cfg.seed, "seed"), (d.synthetic_seed, "data.synthetic_seed")):
+        if not 0 <= value < 2**32:  # numpy's and torch's generators take 32-bit unsigned seeds
+            raise ValueError(f"{where} must be in [0, 2**32), got {value}")
 
     _positive(m.embedding_dim, "model.embedding_dim")
     for name in ("dense_arch_layer_sizes", "over_arch_layer_sizes"):

@@ -304,8 +304,8 @@ def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
 
 def damaged_files(path: Path) -> Optional[str]:
     """What is missing or cut short among the tensor files of checkpoint ``path`` (DCP's index
-    ``.metadata`` and the ``*.distcp`` files it names, each at least as long as the index says),
-    or None. A checkpoint directory is renamed into place only when complete, so this finds files
+    ``.metadata`` and the ``*.distcp`` files it names, each at least as long as the index says;
+    the ranks' RNG states, each readable), or None. A checkpoint directory is renamed into place only when complete, so this finds files
     lost or truncated afterwards (a copy that stopped, a disk error), before DCP's less direct error."""
     try:
         metadata = dcp.FileSystemReader(str(path)).read_metadata()
@@ -322,6 +322,11 @@ def damaged_files(path: Path) -> Optional[str]:
     short = sorted(name for name, end in ends.items() if (path / name).stat().st_size < end)
     if short:
         return f"tensor file {short[0]} is cut short ({(path / short[0]).stat().st_size:,} bytes, its index needs {ends[short[0]]:,})"
+    for rng_file in sorted(path.glob("rng_rank*.pt")):  # every rank reads them all: one verdict for all ranks
+        try:
+            torch.load(rng_file, weights_only=False)
+        except Exception as e:  # a truncated zip, a pickle error
+            return f"its RNG state {rng_file.name} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})"
     return None
 
 

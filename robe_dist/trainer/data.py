@@ -17,7 +17,7 @@ from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
 from robe_dist.data.layout import DataError, directory_lock, load_manifest_file
 from robe_dist.data.stats import TableStats, ensure_table_stats, read_table_stats
 from robe_dist.data.vocab import build_vocab
-from robe_dist.train_config import Config
+from robe_dist.train_config import Config, ConfigError
 from robe_dist.trainer.env import DistEnv, on_rank0
 
 logger = logging.getLogger("robe_dist.train")
@@ -115,8 +115,7 @@ class RunData:
             self.id_moduli = torch.tensor([sizes[f] if f in capped else _NO_CAP for f in features])
 
     def _local(self, global_batch_size: int, what: str) -> int:
-        if global_batch_size % self.env.world_size:
-            raise ValueError(f"{what} ({global_batch_size}) must be divisible by the number of ranks ({self.env.world_size})")
+        check_divisible(global_batch_size, what, self.env)
         return global_batch_size // self.env.world_size
 
     def _dataset(self, split: str, batch_size: int, **kwargs) -> CriteoIterableDataset:
@@ -179,6 +178,15 @@ def make_synthetic(cfg: Config, log=logger.info) -> Path:
             # raw 32-bit ids: no modulo cap; counted on the train split, as in production
             build_vocab(path, vocab_path, max_ind_range=0, train_only=True, log=log)
     return vocab_path
+
+
+def check_divisible(global_batch_size: int, what: str, env: DistEnv) -> None:
+    """A global batch is split evenly over the ranks: ``ConfigError`` naming ``what`` otherwise."""
+    if global_batch_size % env.world_size:
+        raise ConfigError(
+            f"{what} ({global_batch_size}) must be divisible by the number of ranks ({env.world_size}): "
+            f"e.g. {global_batch_size - global_batch_size % env.world_size or env.world_size}"
+        )
 
 
 def prepare_data(cfg: Config, env: DistEnv) -> RunData:

@@ -229,11 +229,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
 def test_checkpoint_of_another_robe_seed_is_refused(tmp_path, data_dir, five_steps):
     run = tmp_path / "run"
     shutil.copytree(five_steps, run)
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
     p = train(run, data_dir, "robe.seed=7", resume=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "ROBE hash signature" in p.stderr and "robe.seed: checkpoint None, config 7" in p.stderr
+    # a refused run leaves the run dir as it was: its config.yaml is still the checkpoint's run's
+    assert {f: (run / f).read_bytes() for f in before} == before
     p = train(run, data_dir)  # no --resume: an existing run is not overwritten
-    assert p.returncode != 0 and "pass --resume to continue it" in p.stderr
+    assert p.returncode == 2 and "pass --resume to continue it" in p.stderr
+    (tmp_path / "a_file").write_text("not a run dir")
+    p = train(tmp_path / "a_file", data_dir)
+    assert p.returncode == 2 and f"--run-dir {tmp_path / 'a_file'} is a file, expected a directory" in p.stderr
+    assert "Traceback" not in p.stderr and (tmp_path / "a_file").read_text() == "not a run dir"
 
 
 def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir, five_steps):
@@ -254,6 +261,9 @@ def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir,
     assert damaged_files(run / "checkpoints" / "step_00000005") is None
     (last / ".metadata").unlink()
     assert damaged_files(last) == "its DCP index .metadata is missing"
+    rng = run / "checkpoints" / "step_00000005" / "rng_rank0.pt"
+    rng.write_bytes(rng.read_bytes()[:100])
+    assert damaged_files(rng.parent).startswith("its RNG state rng_rank0.pt cannot be read (")
 
 
 def test_checkpoint_of_the_earlier_optimizer_layout_resumes(tmp_path, data_dir, five_steps):

@@ -53,7 +53,9 @@ def test_default_config_loads_with_every_arm_kind():
     [
         ({"arms": [{"name": "x", "kind": "lsh"}]}, "arms[0].kind must be one of"),
         ({"arms": [{"name": "x", "kind": "full"}, {"name": "x", "kind": "robe"}]}, "names must be unique, ['x'] repeats"),
-        ({"budgets": ["lots"]}, "budgets: budget 'lots' must be bytes"),
+        ({"budgets": ["lots"]}, "budgets must be bytes (e.g. 64MB, 1.5GiB, 4096) or a ratio (e.g. 100x), got 'lots'"),
+        ({"budgets": ["1e400"]}, "budgets must be a finite number, got '1e400'"),
+        ({"systems": {"budget": "5q"}}, "systems.budget must be bytes"),
         ({"arms": [{"name": "x", "kind": "full", "block_size": 8}]}, "arms.x.block_size applies to kind robe or auto"),
         ({"sistems": {}}, "unknown config key 'sistems' (did you mean 'systems'?)"),
         ({"arms": [{"name": "bad", "kind": "robe", "overrides": ["optim.name=nope"]}]}, "arm bad@100x: optim.name must be one of"),
@@ -74,6 +76,14 @@ def test_unknown_arm_and_unmeetable_budget_stop_before_training(tmp_path, capsys
     assert not (tmp_path / "out" / "runs").exists()
     code, err = run_main(tmp_path, capsys, tmp_path / "missing.yaml")
     assert code == 2 and "compare config" in err[0] and "not found" in err[0]
+    code, err = run_main(tmp_path, capsys, write(tmp_path), "--budgets", "1e400x")
+    assert code == 2 and err == ["robe-compare: --budgets must be a finite number, got '1e400x'"]
+    (tmp_path / "c.yaml").write_text("budgets: [100x]\nbudgets: [10x]\n")
+    code, err = run_main(tmp_path, capsys, tmp_path / "c.yaml")
+    assert code == 2 and len(err) == 1 and "key 'budgets' is given twice" in err[0], err
+    (tmp_path / "a_file").write_text("")
+    code = compare.main(["--config", str(write(tmp_path)), "--run-dir", str(tmp_path / "a_file")])
+    assert code == 2 and capsys.readouterr().err.strip() == f"robe-compare: --run-dir {tmp_path / 'a_file'} is a file, expected a directory"
 
 
 def test_arms_are_sized_for_equal_memory():

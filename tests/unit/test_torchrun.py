@@ -2,7 +2,7 @@
 
 import pytest
 
-from robe_dist.torchrun import exit_status
+from robe_dist.torchrun import exit_status, main
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,8 @@ def test_other_failures_are_listed_in_one_line(codes, status):
     assert got == status
     assert line is not None and "\n" not in line
     assert all(f"rank {r} status {c}" in line for r, c in codes.items())
+
+
+def test_no_workers_is_one_line_and_exit_2(capsys):
+    assert main(["--standalone", "--nproc_per_node=0", "-m", "robe_dist.train"]) == 2
+    assert capsys.readouterr().err == "torchrun: --nproc_per_node must be at least 1 (or auto, gpu, cpu), got 0\n"

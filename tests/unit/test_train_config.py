@@ -86,6 +86,12 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("dist.grad_compression=bf16", "dist.grad_compression 'bf16' needs dist.device 'cuda'"),
         ("optim.lr=1e39", "optim.lr must fit a float32 (at most 3.403e+38), got 1e+39"),
         ("robe.block_align=0", "robe.block_align must be a positive int, got 0"),
+        ("robe.budget=1e400", "robe.budget must be a finite number, got '1e400'"),
+        ("robe.budget=1e400x", "robe.budget must be a finite number, got '1e400x'"),
+        ("seed=-1", "seed must be in [0, 2**32), got -1"),
+        ("data.synthetic_seed=4294967296", "data.synthetic_seed must be in [0, 2**32), got 4294967296"),
+        ("optim.lr=[1", "--set 'optim.lr=[1': the value is not valid YAML (line 1, column 3: expected ',' or ']'"),
+        ("name='abc", "the value is not valid YAML (line 1, column 5: found unexpected end of stream)"),
     ],
 )
 def test_validation_names_the_field(override, message):
@@ -108,6 +114,29 @@ def test_bad_override_syntax_and_missing_file():
         apply_override({}, "optim.lr")
     with pytest.raises(FileNotFoundError, match="no_such.yaml"):
         load_config("configs/no_such.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("optim:\n  lr: 0.1\n  lr: 0.2\n", "is not valid YAML: line 3, column 3: key 'lr' is given twice in one mapping"),
+        ("optim: {lr: [1\n", "is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+        ("!!python/object:os.system {}\n", "is not valid YAML: line 1, column 1: could not determine a constructor"),
+        (b"\xff\xfe\x00", "is not text (not UTF-8), expected YAML"),
+        (None, "is a directory, expected a YAML file"),
+    ],
+)
+def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, text, message):
+    path = tmp_path / "c.yaml"
+    if text is None:
+        path.mkdir()
+    elif isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    assert main(["--config", str(path), "--print-config"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"robe-train: config error: config file {str(path)!r} ") and message in err[0], err
 
 
 def test_cli_reports_config_errors_without_a_traceback(capsys):
