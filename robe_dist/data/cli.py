@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -199,13 +200,25 @@ def _info(path: str, as_json: bool) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    # robe-train's rule (train_config.validate): model.embedding_dim > 0, robe.block_size a
+    # positive int dividing it; here Z is at most --dim (the default 32 means Z = dim for dim 16)
+    if args.dim < 1:
+        raise DataError(f"--dim must be a whole number >= 1 (the embedding dim of every table), got {args.dim}")
+    if args.block_size < 1:
+        raise DataError(f"--block-size must be a whole number >= 1 (Z of the ROBE array), got {args.block_size}")
+    block_size = min(args.block_size, args.dim)
+    if args.dim % block_size:
+        raise DataError(f"--dim ({args.dim}) must be a multiple of --block-size ({args.block_size}), as robe-train "
+                        "requires of model.embedding_dim and robe.block_size")  # fmt: skip
+
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
     from robe_dist.data.layout import read_manifest
     from robe_dist.data.stats import ensure_table_stats
-    from robe_dist.placement import plan_placement
+    from robe_dist.placement import Budget, plan_placement
 
+    budget = Budget.parse(args.budget, field="--budget")
     sizes = read_manifest(args.data).get("table_sizes")
     if not sizes:
         raise DataError(f"{args.data}: the manifest gives no table sizes; run robe-data vocab first")
@@ -215,8 +228,7 @@ def _plan(args: argparse.Namespace) -> None:
     ]
     stats = None if args.no_stats else ensure_table_stats(args.data, top_ids=args.hot_rows)
     t0 = time.perf_counter()
-    placement = plan_placement(tables, args.budget, stats, block_size=min(args.block_size, args.dim),
-                               hot_rows=args.hot_rows)  # fmt: skip
+    placement = plan_placement(tables, budget, stats, block_size=block_size, hot_rows=args.hot_rows)
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({**placement.to_dict(), "planning_s": seconds}, indent=1))
@@ -225,9 +237,23 @@ def _plan(args: argparse.Namespace) -> None:
         print(f"planned in {seconds * 1e3:.1f} ms")
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """One-line errors naming the option for a dataset path that is not a directory, or an output
+    path that is a file (before anything is written)."""
+    from robe_dist.data.layout import dataset_dir
+
+    for option in ("data", "dir"):
+        if getattr(args, option, None) is not None:
+            dataset_dir(getattr(args, option), "--data" if option == "data" else "")
+    out = getattr(args, "out", None)
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out}: is a file, expected a directory (created if missing)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_paths(args)
         if args.command == "ingest":
             from robe_dist.data.ingest import ingest
 

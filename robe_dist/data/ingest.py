@@ -25,7 +25,8 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT, MISSING_CAT_ID
 from robe_dist.data.layout import (
-    FORMAT, PARTS, VERSION, DataError, load_manifest_file, natural_key, part_path, write_manifest,
+    FORMAT, MANIFEST_NAME, PARTS, VERSION, DataError, load_manifest_file, natural_key, output_dir, part_path,
+    write_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import PARTIAL_SUFFIX, NpyAppender, commit, partial_path
 from robe_dist.data.parse import COMMA, PAD, TAB, ParsedBlock, ParseStats, parse_buffer
@@ -251,9 +252,10 @@ def ingest(
         raise DataError(f"format {fmt!r}: expected one of {FORMATS}")
     if not 0 <= max_bad_fraction <= 1:
         raise DataError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise DataError(f"--workers must be a whole number >= 1 (parallel processes), got {workers!r}")
     sources = discover_inputs(inputs)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, "--out")
     manifest = load_manifest_file(out) or {}
     if manifest and manifest.get("kind") != "criteo":
         raise DataError(f"{out}: holds a {manifest.get('kind')!r} dataset; ingest into an empty directory")
@@ -272,26 +274,55 @@ def ingest(
         if name not in entries and name not in scheduled and all(part_path(out, name, p).is_file() for p in PARTS):
             entries[name] = entry
 
-    def save(complete: bool) -> dict:
+    def build(complete: bool) -> dict:
         files = [entries[n] for n in sorted(entries, key=natural_key)]
-        doc = {
+        return {
             "format": FORMAT, "version": VERSION, "kind": "criteo", "complete": complete,
             "dense_transform": "log(1 + max(x, 0)), missing -> 0", "missing_cat_id": MISSING_CAT_ID,
             "table_sizes": None, "multi_hot_sizes": None, "files": files,
             "rows": sum(e["rows"] for e in files), "bad_rows": sum(e["bad_rows"] for e in files),
         }  # fmt: skip
+
+    def save(complete: bool) -> dict:
+        doc = build(complete)
         write_manifest(out, doc)
         return doc
 
-    doc = save(complete=not jobs)  # a unit being redone is no longer listed as done
     if not jobs:
+        doc = build(complete=True)
+        if doc != manifest:  # a rerun with nothing to do leaves the manifest as it is
+            write_manifest(out, doc)
         return doc
+    # A complete dataset that only gains new units stays as it is until one of them is committed,
+    # and is restored if the command then fails: a failed ingest leaves it usable. A unit that is
+    # redone (its source changed, a file is missing) is unlisted first: its files are replaced.
+    # A fresh or interrupted dataset is marked incomplete at once; every committed unit is
+    # recorded, so an interrupted run resumes where it stopped.
+    restore = bool(manifest) and manifest.get("complete", True) is True and not (scheduled & previous.keys())
+    old_bytes = (out / MANIFEST_NAME).read_bytes() if restore else b""
+    if not restore:
+        save(complete=False)
+    try:
+        doc = _run(jobs, workers, progress, log, entries, save)
+    except Exception:
+        if restore:
+            write_atomic(out / MANIFEST_NAME, lambda f: f.write(old_bytes))
+        raise
+    log(f"total: {doc['rows']:,} rows, {doc['bad_rows']:,} bad rows skipped, {len(doc['files'])} files in {out}")
+    return doc
+
+
+def _run(
+    jobs: list[Job], workers: int | None, progress: bool, log: Callable[[str], None], entries: dict[str, dict],
+    save: Callable[[bool], dict],
+) -> dict:
+    """Convert ``jobs``, recording each finished unit in ``entries`` and the manifest (``save``)."""
     total = sum(j.source.stat().st_size for j in jobs)
     bar = _progress_bar(total, progress)
 
     def finished(entry: dict) -> None:
         entries[entry["name"]] = entry
-        save(complete=False)
+        save(False)
         bar.clear()
         log(_summary(entry))
         bar.refresh()
@@ -314,9 +345,7 @@ def ingest(
                     pending.remove(res)
                     finished(res.get())  # re-raises a worker's exception
     bar.close()
-    doc = save(complete=True)
-    log(f"total: {doc['rows']:,} rows, {doc['bad_rows']:,} bad rows skipped, {len(doc['files'])} files in {out}")
-    return doc
+    return save(True)
 
 
 def _summary(e: dict) -> str:

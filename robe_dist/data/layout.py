@@ -28,13 +28,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+import numpy as np
+
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
-from robe_dist.data.npy import npy_header, partial_path
+from robe_dist.data.npy import partial_path
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "robe_dist.criteo-npy"
@@ -105,20 +108,96 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     return write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)
 
 
+def output_dir(path: str | os.PathLike, what: str = "the output directory") -> Path:
+    """Create directory ``path`` (and its parents) if needed; :class:`DataError` naming ``what``
+    (``--out`` on a command line) if it, or a parent, is a file or it cannot be made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path}: is a file, expected a directory (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{what} {path}: cannot create the directory ({e.strerror or type(e).__name__})") from None
+    return path
+
+
+def dataset_dir(path: str | os.PathLike, what: str = "") -> Path:
+    """``path`` as an existing directory; :class:`DataError` naming ``what`` (``--data`` on a
+    command line) if it is missing or is a file."""
+    path = Path(path)
+    where = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DataError(f"{where}: is a file, expected a dataset directory")
+    raise DataError(f"{where}: dataset directory not found")
+
+
 def load_manifest_file(directory: str | os.PathLike) -> dict | None:
-    """The parsed ``manifest.json`` of ``directory``, or None if there is none."""
+    """The parsed ``manifest.json`` of ``directory``, or None if there is none; :class:`DataError`
+    naming it if it is not a robe_dist manifest (not JSON, another format, no list of files)."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a robe_dist manifest (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{path}: not valid JSON ({e}); a damaged manifest: rerun the command that wrote it") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a robe_dist manifest (format {found!r}, expected {FORMAT!r})")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("rows", 0), int) for e in files
+    ):
+        raise DataError(f"{path}: 'files' must be a list of {{\"name\": str, \"rows\": int}} entries; a damaged manifest")
     return manifest
 
 
+#: dtype kinds each part may have (numpy ``dtype.kind``): what robe_dist, TorchRec and ``vocab``
+#: write (float32 dense, int64 or int32 ids, int32 labels); ids and labels must be integers
+#: (float ids lose bits: float32 rounds 32-bit ids).
+PART_KINDS = {"dense": ("f", "a floating-point"), "sparse": ("iu", "an integer"), "labels": ("iu", "an integer"),
+              MULTI_HOT_PART: ("iu", "an integer")}  # fmt: skip
+_EXAMPLE = {"dense": "float32", "sparse": "int64 or int32", "labels": "int32", MULTI_HOT_PART: "int64 or int32"}
+
+
+def check_npy(path: Path, part: str | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the ``.npy`` file ``path`` from its header, checked: a readable version 1/2
+    header, C order, the file size its header needs, and (for a dataset ``part``) the dtype kind of
+    :data:`PART_KINDS`. Raises :class:`DataError` naming the file. Reads no data."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
+    except (ValueError, EOFError, SyntaxError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable .npy file ({first})") from None
+    shape = tuple(shape)
+    if fortran:
+        raise DataError(f"{path}: a Fortran-order .npy file; expected C order (as numpy.save writes by default)")
+    if part in PART_KINDS:
+        kinds, words = PART_KINDS[part]
+        if dtype.kind not in kinds:
+            raise DataError(f"{path}: dtype {dtype}, expected {words} dtype for {part} (e.g. {_EXAMPLE[part]})")
+    needed = offset + dtype.itemsize * math.prod(shape)
+    if size < needed:
+        raise DataError(f"{path}: truncated: {size:,} bytes, its header needs {needed:,} (shape {list(shape)}, {dtype})")
+    if size > needed:
+        raise DataError(f"{path}: {size:,} bytes, its header says {needed:,} (shape {list(shape)}, {dtype}): "
+                        "trailing data, a damaged file")  # fmt: skip
+    return shape, dtype
+
+
 def _check_unit(directory: Path, name: str, multi_hot_width: int | None) -> int:
-    """Validate one unit's files from their headers; return its row count."""
+    """Validate one unit's files from their headers and sizes; return its row count."""
     expected = {"dense": (INT_FEATURE_COUNT,), "sparse": (CAT_FEATURE_COUNT,), "labels": (1,)}
     if multi_hot_width is not None:
         expected[MULTI_HOT_PART] = (multi_hot_width,)
@@ -127,7 +206,7 @@ def _check_unit(directory: Path, name: str, multi_hot_width: int | None) -> int:
         path = part_path(directory, name, part)
         if not path.is_file():
             raise DataError(f"{path}: missing (every unit needs {', '.join(f'{name}_{p}.npy' for p in expected)})")
-        shape, _ = npy_header(path)
+        shape, _ = check_npy(path, part)
         if len(shape) != 2 or shape[1:] != tail:
             raise DataError(f"{path}: shape {shape}, expected [N, {tail[0]}]")
         if rows is not None and shape[0] != rows:
@@ -145,9 +224,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     ``NAME_labels.npy``, in natural order of NAME. Raises :class:`DataError` naming the offending
     path if the directory or a file is missing or inconsistent.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: dataset directory not found")
+    directory = dataset_dir(path)
     manifest = load_manifest_file(directory)
     if manifest is None:
         names = sorted((p.name[: -len("_dense.npy")] for p in directory.glob("*_dense.npy")), key=natural_key)

@@ -36,7 +36,7 @@ from robe_dist.data.criteo import (
     CAT_FEATURE_COUNT, INT_FEATURE_COUNT, MISSING_CAT_ID, MLPERF_V1_TABLE_SIZES, MLPERF_V3_MULTI_HOT_SIZES,
 )  # fmt: skip
 from robe_dist.data.layout import (
-    FORMAT, MULTI_HOT_PART, PARTS, VERSION, DataError, load_manifest_file, part_path, read_manifest,
+    FORMAT, MULTI_HOT_PART, PARTS, VERSION, DataError, load_manifest_file, output_dir, part_path, read_manifest,
     write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
@@ -53,8 +53,8 @@ PILOT_ROWS = 20_000  # calibration sample (a fifth of it with multi-hot bags)
 
 def table_sizes(scale: float) -> list[int]:
     """Per-table cardinalities: MLPerf v1 sizes times ``scale``, at least 16 (or the full size)."""
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
     return [min(s, max(math.ceil(s * scale), MIN_CARDINALITY)) for s in MLPERF_V1_TABLE_SIZES]
 
 
@@ -185,8 +185,30 @@ def _prepare_dir(out: Path, params: dict) -> None:
                 f"{out}: is not empty ({shown}); synthetic data is generated only into an empty or new "
                 "directory (or one holding an interrupted generation)"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out)
     (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not complete
+
+
+def _check_params(rows: int, days: int, seed: int, scale: float, alpha: float, ctr: float) -> None:
+    """``ValueError`` naming the parameter (and its ``robe-data synth`` option) out of range."""
+    def whole(value: object) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def finite(value: object) -> bool:
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not (whole(days) and days >= 1):
+        raise ValueError(f"days (--days) must be a whole number >= 1, got {days!r}")
+    if not (whole(rows) and rows >= days):
+        raise ValueError(f"rows (--rows) must be a whole number >= days ({days}), got {rows!r}")
+    if not (whole(seed) and seed >= 0):
+        raise ValueError(f"seed (--seed) must be a whole number >= 0, got {seed!r}")
+    if not (finite(scale) and scale > 0):
+        raise ValueError(f"scale (--scale) must be a finite number > 0 (1 = MLPerf's full table sizes), got {scale!r}")
+    if not finite(alpha):
+        raise ValueError(f"alpha (--alpha) must be a finite number (the Zipf exponent, e.g. 1.05), got {alpha!r}")
+    if not (finite(ctr) and 0 < ctr < 1):
+        raise ValueError(f"ctr (--ctr) must be a click rate between 0 and 1 (exclusive), got {ctr!r}")
 
 
 def generate(
@@ -206,8 +228,7 @@ def generate(
     Idempotent: if ``out_dir`` already holds a complete synthetic dataset with the same
     parameters, its manifest is returned and nothing is written. A directory holding another
     kind of dataset (e.g. ingested Criteo) is refused rather than overwritten."""
-    if rows < days or days < 1:
-        raise ValueError(f"need rows >= days >= 1, got rows={rows}, days={days}")
+    _check_params(rows, days, seed, scale, alpha, ctr)
     out = Path(out_dir)
     params = _params(rows, days, seed, scale, multi_hot, alpha, ctr)
     done = _existing(out, params)

@@ -33,7 +33,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    MULTI_HOT_PART, DataError, load_manifest_file, part_path, read_manifest, write_atomic, write_json_atomic, write_manifest,
+    MULTI_HOT_PART, DataError, load_manifest_file, output_dir, part_path, read_manifest, write_atomic, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -188,13 +188,19 @@ def build_vocab(
     ``train_only`` counts only the files of the train split (all but the last), so values that
     first appear in validation/test data map to 0, as unseen ids would in production."""
     t0 = time.perf_counter()
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise DataError(f"--min-count must be a whole number >= 1 (keep values seen at least that often), got {min_count!r}")
+    if isinstance(max_ind_range, bool) or not isinstance(max_ind_range, (int, np.integer)):
+        raise DataError(f"--max-ind-range must be a whole number (0: no cap), got {max_ind_range!r}")
     src_dir, out_dir = Path(src), Path(out)
     manifest = read_manifest(src_dir)
     if manifest.get("complete") is False:
         raise DataError(f"{src_dir}: dataset is incomplete; finish ingesting it first")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: is a file, expected the output directory (created if missing)")
     if out_dir.resolve() == src_dir.resolve():
         raise DataError(f"{out_dir}: output directory must differ from the source")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(out_dir)
     old = load_manifest_file(out_dir)
     if old is not None and old.get("kind") != "vocab":
         raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")
