@@ -613,6 +613,14 @@ def validate(cfg: Config) -> None:
 
     if isinstance(r.features, list) and len(set(r.features)) != len(r.features):
         raise ValueError(f"robe.features lists a feature twice: {r.features}")
+    if r.features == []:
+        raise ValueError("robe.features is an empty list: name the features to compress, or 'none' for full tables only")
+    if r.features == "none" and r.array_size is not None:
+        raise ValueError("robe.array_size needs ROBE tables: robe.features 'none' keeps every table full")
+    if r.hot_rows and r.features != "auto":
+        raise ValueError(f"robe.hot_rows needs robe.features 'auto' (the planner chooses the hot ids); got {r.features!r}")
+    if o.momentum and o.name != "sgd":
+        raise ValueError(f"optim.momentum applies to optim.name 'sgd' only; got {o.name!r}")
     if r.features == "auto" and r.budget is None:
         raise ValueError("robe.features 'auto' needs robe.budget: bytes (e.g. 64MB) or a compression ratio (e.g. 100x)")
     if r.budget is not None:

@@ -92,6 +92,10 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("data.synthetic_seed=4294967296", "data.synthetic_seed must be in [0, 2**32), got 4294967296"),
         ("optim.lr=[1", "--set 'optim.lr=[1': the value is not valid YAML (line 1, column 3: expected ',' or ']'"),
         ("name='abc", "the value is not valid YAML (line 1, column 5: found unexpected end of stream)"),
+        ("robe.features=[]", "robe.features is an empty list"),
+        ("robe.features=none;robe.budget=null;robe.array_size=1000", "robe.array_size needs ROBE tables"),
+        ("robe.features=all;robe.hot_rows=true", "robe.hot_rows needs robe.features 'auto'"),
+        ("optim.name=adagrad;optim.momentum=0.9", "optim.momentum applies to optim.name 'sgd' only; got 'adagrad'"),
     ],
 )
 def test_validation_names_the_field(override, message):
