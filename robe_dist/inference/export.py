@@ -38,6 +38,18 @@ class ExportError(ValueError):
     """A checkpoint or artifact that cannot be exported or loaded; the message says why."""
 
 
+def is_or_inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` (also through symbolic or hard links) or lies inside the
+    directory ``other``: where an output must not go, lest it overwrite an input."""
+    p, o = path.resolve(), other.resolve()
+    if p == o or o in p.parents:
+        return True
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist
+        return False
+
+
 class ScoringModel(nn.Module):
     """A trained DLRM as a scoring function of plain tensors (what is exported).
 
@@ -168,7 +180,8 @@ def export_model(model: ScoringModel, info: Dict[str, Any], out: Path, dtype: st
         )  # fmt: skip
     meta = dict(info, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    # beside ``out`` (so that the rename is atomic), hidden, and ending in .pt2 as torch.export.save expects
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.pt2")
     try:
         torch.export.save(ep, str(tmp), extra_files={META_FILE: json.dumps(meta)})
         with open(tmp, "rb") as f:
@@ -195,6 +208,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from robe_dist.data.layout import DataError
 
     try:
+        if is_or_inside(args.out, args.checkpoint):
+            raise ExportError(
+                f"--out {args.out}: is the --checkpoint directory {args.checkpoint} or inside it; the artifact would "
+                "overwrite or add to the checkpoint: write it elsewhere"
+            )
+        if args.data is not None and is_or_inside(args.out, args.data):
+            raise ExportError(f"--out {args.out}: is the --data dataset {args.data} or inside it: write the artifact elsewhere")
         if args.out.is_dir():
             raise ExportError(f"--out {args.out}: is a directory; give the artifact's file name (e.g. {args.out / 'model.pt2'})")
         model, info = load_trained_model(args.checkpoint)

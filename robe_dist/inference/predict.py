@@ -26,12 +26,13 @@ import os
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from robe_dist.inference.export import FORMAT_VERSION, META_FILE, ExportError
+from robe_dist.inference.export import FORMAT_VERSION, META_FILE, ExportError, is_or_inside
 
 
 class Scorer:
@@ -55,6 +56,8 @@ def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
     newer artifact."""
     import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
 
+    if path.is_dir():
+        raise ExportError(f"--model {path}: is a directory; a .pt2 file written by robe-export was expected")
     if not path.is_file():
         raise ExportError(f"--model {path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -164,12 +167,15 @@ def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
     vocabulary (``model_vocabulary``) first."""
     from robe_dist.data.ingest import ParsedFile
 
+    if path.stat().st_size == 0:
+        raise ExportError(f"--data {path}: the file is empty; a raw labelled Criteo file (.tsv/.csv, gzip or not) was expected")
     vocab = model_vocabulary(meta, vocab_dir) if meta.get("ids") == "vocab" else None
     if meta.get("multi_hot"):
         raise ExportError(f"--data {path}: a multi-hot model scores npy datasets only (raw Criteo rows are one-hot)")
-    parsed = ParsedFile(path)
+    parsed = None
     probs, labels, lines = [], [], []
     try:
+        parsed = ParsedFile(path)
         with torch.no_grad():
             for block in parsed:
                 lines.append(torch.from_numpy(block.lines - (2 if parsed.header else 1)))
@@ -181,10 +187,14 @@ def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
                     probs.append(model(torch.from_numpy(block.dense[a : a + batch_size]), values,
                                        torch.ones(sparse.shape[1] * n, dtype=torch.int64)))  # fmt: skip
                     labels.append(torch.from_numpy(block.labels[a : a + batch_size, 0]).float())
-    except OSError as e:
-        raise ExportError(f"--data {path}: cannot read it ({type(e).__name__}: {e})") from None
+    except (EOFError, OSError, zlib.error) as e:  # worded as robe-data ingest words it
+        damaged = "; a truncated or corrupt download?" if isinstance(e, (EOFError, zlib.error)) else ""
+        raise ExportError(f"--data {path}: cannot read it ({type(e).__name__}: {e}){damaged}") from None
     finally:
-        parsed.close()
+        if parsed is not None:
+            parsed.close()
+    if not parsed.stats.lines:
+        raise ExportError(f"--data {path}: the file is empty (no data line{' after its header' if parsed.header else ''})")
     if not probs:
         raise ExportError(f"--data {path}: no valid Criteo row ({parsed.stats.bad_rows:,} bad lines: {dict(parsed.stats.bad)})")
     return torch.cat(probs), torch.cat(labels), parsed.stats, torch.cat(lines)
@@ -200,17 +210,80 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     return {"auc": auc, "logloss": float(logloss)}
 
 
+def check_options(args: argparse.Namespace, meta: Dict[str, Any]) -> None:
+    """``ExportError`` for an option that would be ignored: ``--split`` with a raw file (scored
+    whole), ``--vocab`` where no raw ids go through a vocabulary (a raw-id model, an artifact that
+    does not say, an npy dataset: its ids are already the model's)."""
+    raw = args.data.is_file()
+    if raw and args.split is not None:
+        raise ExportError(
+            f"--split {args.split}: applies to npy datasets only; --data {args.data} is a raw file, scored whole: drop --split"
+        )
+    if args.vocab is None:
+        return
+    if not raw and args.data.is_dir():
+        raise ExportError(
+            f"--vocab {args.vocab}: applies to raw rows only; the npy dataset --data {args.data} already holds the ids "
+            "it is scored on (checked against the model's vocabulary): drop --vocab"
+        )
+    if raw and meta.get("ids") == "raw":
+        raise ExportError(f"--vocab {args.vocab}: this model was trained on raw ids, not on ids of a vocabulary: drop --vocab")
+    if raw and meta.get("ids") is None:
+        raise ExportError(
+            f"--vocab {args.vocab}: this artifact (from an older robe-export) does not record whether its model reads "
+            "ids through a vocabulary, so none is applied: re-export it from its checkpoint, or drop --vocab"
+        )
+
+
+def check_out(out: Path, inputs: List[Tuple[str, Optional[Path]]]) -> None:
+    """``ExportError`` unless the scores can be written to ``out`` without overwriting an input
+    (``(option, path)``: a file, or a directory that ``out`` must not be inside): not a
+    directory, its missing parents creatable; checked before scoring."""
+    for option, path in inputs:
+        if path is not None and is_or_inside(out, path):
+            if path.is_file() or out.resolve() == path.resolve():
+                what = f"is the {option} {'file' if path.is_file() else 'directory'}"
+            else:
+                what = f"is inside the {option} directory {path}"
+            raise ExportError(f"--out {out}: {what}, which the scores would overwrite: write them elsewhere")
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a directory; give the scores' file name (e.g. {out / 'scores.txt'})")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"--out {out}: cannot write in {parent} (permission denied)")
+
+
+def write_scores(out: Path, scores: torch.Tensor) -> None:
+    """One score per line to ``out``, atomically (a temporary file beside it, renamed); missing
+    parent directories are created."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write("\n".join(f"{p:.7g}" for p in scores.tolist()) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)  # (after the rename there is nothing left to remove)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write it ({type(e).__name__}: {e.strerror or e})") from None
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="robe-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="an artifact of robe-export")
     p.add_argument("--data", type=Path, required=True,
                    help="a dataset dir in robe_dist's npy layout, or a raw labelled Criteo file (.tsv/.csv, gzip or not)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="npy datasets: the split to score")
+    p.add_argument("--split", default=None, choices=["train", "val", "test"], help="npy datasets: the split to score (default: test)")
     p.add_argument("--vocab", type=Path, default=None, metavar="DIR",
                    help="raw rows, vocab-trained model: the robe-data vocab directory it was trained with "
                         "(default: the one recorded at training)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write one probability per row here")
-    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--batch-size", type=int, default=16384, help="rows per forward call (positive)")
     return p.parse_args(argv)
 
 
@@ -219,11 +292,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise ExportError(f"--batch-size {args.batch_size}: must be a positive number of rows (default 16384)")
         model, meta = load_artifact(args.model)
-        t0 = time.time()
-        skipped, per_line = "", None
         if not args.data.exists() and args.data.name.endswith((".tsv", ".csv", ".gz", ".txt")):
             raise ExportError(f"--data {args.data}: no such file")
+        check_options(args, meta)
+        if args.out is not None:  # before any scoring
+            recorded = (meta.get("vocab") or {}).get("path") if isinstance(meta.get("vocab"), dict) else None
+            check_out(args.out, [("--model", args.model), ("--data", args.data), ("--vocab", args.vocab),
+                                 ("model's recorded vocabulary", Path(recorded) if recorded else None)])  # fmt: skip
+        split = args.split or "test"
+        t0 = time.time()
+        skipped, per_line = "", None
         if args.data.is_file():
             probs, labels, stats, lines = score_raw(model, args.data, args.batch_size, meta, args.vocab)
             if stats.bad_rows:
@@ -236,19 +317,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     skipped += ": their lines in the scores say nan"
         else:
             check_dataset_ids(meta, args.data)
-            probs, labels = score_split(model, args.data, args.split, args.batch_size, meta.get("multi_hot", False))
+            probs, labels = score_split(model, args.data, split, args.batch_size, meta.get("multi_hot", False))
         seconds = time.time() - t0
+        if args.out is not None:
+            write_scores(args.out, probs if per_line is None else per_line)
     except (ExportError, DataError, FileNotFoundError) as e:
         print(f"robe-predict: {e}", file=sys.stderr)
         return 2
-    if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("\n".join(f"{p:.7g}" for p in (probs if per_line is None else per_line).tolist()) + "\n")
-        os.replace(tmp, args.out)
     m = metrics(probs, labels)
     auc = "AUC undefined (every label is the same)" if math.isnan(m["auc"]) else f"AUC {m['auc']:.4f}"
-    split = "" if args.data.is_file() else f" ({args.split})"
+    split = "" if args.data.is_file() else f" ({split})"
     print(f"robe-predict: {len(probs):,} rows of {args.data}{split} in {seconds:.1f} s "
           f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s): {auc}, log-loss {m['logloss']:.4f}"
           + (f"; scores in {args.out}" if args.out else "") + skipped)  # fmt: skip

@@ -76,7 +76,7 @@ def hybrid_artifact(tmp_path_factory, hybrid) -> Path:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid, nproc):
+def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir, hybrid, nproc):
     # the 2-process model also has its blocks aligned (robe.block_align: part of the exported mapping)
     m = hybrid if nproc == 1 else dict(train(tmp_path / "run2", data_dir, 2, "robe.block_align=4"), vocab=hybrid["vocab"])
     ckpt = Path(m["summary"]["checkpoint"])
@@ -84,6 +84,9 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, data_dir, hybrid
     code, out, err = call(robe_export.main, capsys, "--checkpoint", ckpt, "--out", art)
     assert code == 0, err
     assert f"wrote {art}" in out and "ROBE array of" in out and "full tables" in out
+    # the atomic write's temporary file ends in .pt2 (no torch warning about its name) and is gone
+    assert not [r for r in caplog.records if "Expect archive" in r.getMessage()], caplog.text
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     assert ("starts aligned to 4" in out) == (nproc == 2), out
     assert robe_predict.load_artifact(art)[1]["format_version"] == (2 if nproc == 2 else 1)  # older readers refuse v2
     scores = tmp_path / "scores.txt"
@@ -162,12 +165,90 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     assert "do not describe a model robe_dist can build" in export_refused(other_dim)
     (tmp_path / "a_dir").mkdir()
     assert "is a directory" in export_refused(unchanged, out=tmp_path / "a_dir")
-    assert not (tmp_path / "z.pt2").exists() and sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+    assert not (tmp_path / "z.pt2").exists() and [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     # a checkpoint without its model spec
     (edited / "model_spec.json").unlink()
     code, _, err = call(robe_export.main, capsys, "--checkpoint", edited, "--out", tmp_path / "x.pt2")
     assert code == 2 and len(err) == 1 and "model_spec.json" in err[0], err
     assert not (tmp_path / "x.pt2").exists() and not (tmp_path / "y.pt2").exists()
+
+
+def _snapshot(path: Path) -> dict:
+    """Every file under ``path`` (or ``path`` itself) and a digest of its bytes."""
+    import hashlib
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.integration
+def test_bad_options_and_outputs_are_one_line_exit_2_and_overwrite_nothing(tmp_path, capsys, hybrid, hybrid_artifact):
+    """An --out that is an input, options that would be ignored, bad --batch-size, --model or raw
+    file: refused in one line naming it, exit 2, before any scoring, the inputs unchanged."""
+    import gzip
+
+    import torch
+
+    art, npy, ckpt = hybrid_artifact, hybrid["vocab"], hybrid["ckpt"]
+    tsv = tmp_path / "day_2.tsv"  # (refused before it is parsed: its content does not matter)
+    tsv.write_bytes(b"0\t1\t2\n" * 10)
+    inputs = {**_snapshot(art), **_snapshot(tsv), **_snapshot(npy), **_snapshot(ckpt)}
+
+    def refused(main, *args, names: str) -> str:
+        code, _, err = call(main, capsys, *args)
+        assert code == 2 and len(err) == 1 and names in err[0], (code, err)
+        assert {**_snapshot(art), **_snapshot(tsv), **_snapshot(npy), **_snapshot(ckpt)} == inputs, "an input changed"
+        return err[0]
+
+    def predict(*args, names: str) -> str:
+        return refused(robe_predict.main, "--model", art, *args, names=names)
+
+    # 1. --out an input: the model (also through a link), the raw file, a file of the npy dataset or the vocabulary
+    link = tmp_path / "link.pt2"
+    link.symlink_to(art)
+    for out in (art, link):
+        assert "is the --model file" in predict("--data", npy, "--out", out, names=f"--out {out}")
+    assert "is the --data file" in predict("--data", tsv, "--out", tsv, names=f"--out {tsv}")
+    assert "inside the --data directory" in predict("--data", npy, "--out", npy / "day_2_sparse.npy", names="--out")
+    assert "inside the --vocab directory" in predict("--data", tsv, "--vocab", npy, "--out", npy / "manifest.json",
+                                                     names="--out")  # fmt: skip
+    # 2. robe-export's --out inside the checkpoint, or the checkpoint itself
+    for out in (ckpt / ".metadata", ckpt):
+        assert "--checkpoint directory" in refused(robe_export.main, "--checkpoint", ckpt, "--out", out, names=f"--out {out}")
+    # 3. --out a directory: refused before scoring (the data is not even read), nothing left beside it
+    (tmp_path / "a_dir").mkdir()
+    empty = tmp_path / "empty.tsv"
+    empty.touch()
+    assert "is a directory" in predict("--data", empty, "--out", tmp_path / "a_dir", names="--out")
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    # 4. a batch size that is not positive
+    for bad in ("0", "-5"):
+        predict("--data", npy, "--batch-size", bad, names=f"--batch-size {bad}")
+    # 5, 6. a truncated gzip file, an empty file
+    whole = gzip.compress(b"".join(b"%d\t" % (i % 2) + b"\t".join(b"%d" % j for j in range(39)) + b"\n" for i in range(2000)))
+    truncated = tmp_path / "day_3.tsv.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    assert "truncated or corrupt" in predict("--data", truncated, names=f"--data {truncated}")
+    assert "the file is empty" in predict("--data", empty, names=f"--data {empty}")
+    # 7. a directory as the model
+    assert "is a directory; a .pt2 file" in refused(robe_predict.main, "--model", tmp_path / "a_dir", "--data", npy,
+                                                    names=f"--model {tmp_path / 'a_dir'}")  # fmt: skip
+    # 8. options that would be ignored: --split of a raw file, --vocab of npy rows or of a raw-id model
+    assert "drop --split" in predict("--data", tsv, "--split", "val", names="--split val")
+    assert "drop --vocab" in predict("--data", npy, "--vocab", npy, names=f"--vocab {npy}")
+    raw_ids = tmp_path / "raw_ids.pt2"  # the artifact, its metadata saying raw ids
+    extra = {"robe_dist.json": ""}
+    ep = torch.export.load(str(art), extra_files=extra)
+    meta = dict(json.loads(extra["robe_dist.json"]), ids="raw", vocab=None)
+    torch.export.save(ep, str(raw_ids), extra_files={"robe_dist.json": json.dumps(meta)})
+    code, _, err = call(robe_predict.main, capsys, "--model", raw_ids, "--data", tsv, "--vocab", npy)
+    assert code == 2 and len(err) == 1 and f"--vocab {npy}" in err[0] and "trained on raw ids" in err[0], err
+    # a missing parent directory of --out is created (as robe-export does)
+    scores = tmp_path / "missing" / "dir" / "s.txt"
+    code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", npy, "--out", scores)
+    assert code == 0 and f"scores in {scores}" in out, err
+    assert len(scores.read_text().split()) == int(out.split(" rows of")[0].split()[-1].replace(",", ""))
+    assert sorted(p.name for p in scores.parent.iterdir()) == ["s.txt"]
 
 
 _LOAD_AS_DOCUMENTED = """
