@@ -195,7 +195,7 @@ def prepare_data(cfg: Config, env: DistEnv) -> RunData:
     if cfg.data.kind == "synthetic":
         try:
             on_rank0(env, lambda: make_synthetic(cfg), (DataError, OSError, ValueError))
-        except OSError as e:  # a full disk, a path that cannot be a directory: the user's to fix
+        except (OSError, DataError) as e:  # a full disk, a path that cannot be a directory: the user's to fix
             raise DataError(f"data.path: making the synthetic dataset failed: {e}") from None
     path = training_data_dir(cfg)
     return RunData(path=path, manifest=read_manifest(path), cfg=cfg, env=env)
