@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gc
 import itertools
 import logging
@@ -162,7 +163,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training run: builds everything from the config, then ``run()``."""
 
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, stop_request: Optional[StopRequest] = None) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         self.data: RunData = prepare_data(cfg, env)
@@ -218,7 +219,7 @@ class Trainer:
         # TorchRec's all-to-alls (sharded tables) are counted where they are called; evaluation
         # and checkpoints pause it (robe_dist.distributed.comm_counter)
         self.comm = CommCounter().install() if env.world_size > 1 else None
-        self.stop_request = StopRequest()
+        self.stop_request = stop_request if stop_request is not None else StopRequest()
         self.profiler = StepProfiler(cfg.logging.profile_steps, run_dir, env.rank, env.device)
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
@@ -236,9 +237,6 @@ class Trainer:
         if path is None:
             logger.info("--resume: no checkpoint in %s yet, starting from step 0", self.ckpt_dir)
             return
-        if not path.is_dir():
-            what = "is a file" if path.exists() else "does not exist"
-            raise ckpt.CheckpointError(f"--resume {path} {what}: expected a checkpoint directory (RUN_DIR/checkpoints/step_N) or no value for the latest")
         if not (path / "trainer_state.json").is_file():
             raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
@@ -513,18 +511,49 @@ class RunDirError(RuntimeError):
     """The run directory cannot be made or written (a path under a file, a full disk): one line, exit 2."""
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str]) -> None:
+class RunDirLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock``, held by rank 0 for the whole run: a second
+    robe-train in the same run dir (a double submission, a run started twice) is refused at once
+    instead of both writing checkpoints and ``metrics.jsonl``. Where the file system has no
+    ``flock`` (some NFS mounts) it goes on without one, as the data cache's lock does."""
+
+    def __init__(self) -> None:
+        self._fh = None
+
+    def acquire(self, run_dir: Path) -> None:
+        fh = open(run_dir / ".lock", "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise RunDirError(
+                f"--run-dir {run_dir} is in use by another robe-train (it holds {run_dir / '.lock'}): let it end, "
+                "or choose another --run-dir"
+            ) from None
+        except OSError:  # no flock here
+            fh.close()
+            return
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # (closing releases the lock)
+            self._fh = None
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str], lock: RunDirLock) -> None:
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
 
     def check_and_create() -> None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"--run-dir {run_dir} is a file, expected a directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(run_dir)
         if resume is None and ckpt.list_checkpoints(ckpt_dir):
             raise RunDirError(
                 f"{ckpt_dir} already holds checkpoints of an earlier run: pass --resume to continue it, or "
                 "choose another --run-dir"
             )
-        if run_dir.exists() and not run_dir.is_dir():
-            raise RunDirError(f"--run-dir {run_dir} is a file, expected a directory")
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     try:
         on_rank0(env, check_and_create, (RunDirError, OSError))
@@ -589,18 +618,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
     trainer: Optional[Trainer] = None
     together = True  # False: this rank leaves because of an error the others may not have met
+    # a signal during start-up (making data, building the model) is kept for its end
+    stop_request = StopRequest()
+    stop_request.install()
+    run_dir_lock = RunDirLock()
     try:
+        if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
+            what = "is a file" if Path(args.resume).exists() else "does not exist"
+            raise ckpt.CheckpointError(f"--resume {args.resume} {what}: expected a checkpoint directory "
+                                       "(RUN_DIR/checkpoints/step_N), or --resume alone for the latest")  # fmt: skip
         for what, size in (("train.global_batch_size", cfg.train.global_batch_size), ("eval.batch_size", cfg.eval.batch_size)):
             check_divisible(size, what, env)  # (the evaluation's batches are cut at the end of training)
         if cfg.train.precision == "bf16" and env.device.type != "cuda":
             raise ConfigError(f"train.precision 'bf16' needs a CUDA device; this run is on {env.device.type} "
                               f"(dist.device {cfg.dist.device!r}): use 'fp32'")  # fmt: skip
-        prepare_run_dir(run_dir, cfg, env, args.resume)
-        trainer = Trainer(cfg, env, run_dir)
+        prepare_run_dir(run_dir, cfg, env, args.resume, run_dir_lock)
+        trainer = Trainer(cfg, env, run_dir, stop_request)
         if args.resume:
             trainer.resume(args.resume)
+        signame = stop_request.agreed(env, 0)
+        if signame:  # nothing trained since the checkpoint (if any) it started from
+            if env.is_main:
+                print(f"robe-train: interrupted by {signame} during start-up, before any step; nothing to save: "
+                      "rerun the same command", file=sys.stderr)  # fmt: skip
+            return 128 + signal.Signals[signame].value
         commit_run_dir(run_dir, cfg, env, args.resume)
-        trainer.stop_request.install()
         trainer.run()
     except Diverged as e:
         if env.is_main:
@@ -622,6 +664,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         together = False
         raise
     finally:
+        stop_request.uninstall()
+        run_dir_lock.release()
         if CommCounter._installed is not None:
             CommCounter._installed.uninstall()
         # the model holds the process group (TorchRec's ShardingEnv, the ROBE module's _pg) inside

@@ -256,3 +256,39 @@ def test_sigterm_during_an_evaluation_stops_it_and_resume_runs_it(tmp_path, data
         assert (resumed[0]["auc"], resumed[0]["logloss"]) == (records(run, "eval")[1]["auc"], records(run, "eval")[1]["logloss"])
     (summary,) = records(run, "summary")
     assert summary["test_auc"] == resumed[-1]["auc"] and summary["step"] == 20
+
+
+SIGTERM_WHILE_MAKING_DATA = """
+import os, signal, sys
+from robe_dist import train
+
+prepare_data = train.prepare_data
+
+
+def prepare_data_preempted(cfg, env):
+    os.kill(os.getpid(), signal.SIGTERM)  # while the data is made, before the model exists
+    return prepare_data(cfg, env)
+
+
+train.prepare_data = prepare_data_preempted
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_start_up_finishes_the_data_and_stops_in_one_line(tmp_path, data_dir):
+    """Start-up (making the synthetic data, building the model) can take minutes: a signal there
+    is kept until it ends (the data is complete for the next run), then the run stops before any
+    step, with one line and 128 + signal, leaving the run dir without config or checkpoint."""
+    script, run = tmp_path / "preempted.py", tmp_path / "run"
+    script.write_text(SIGTERM_WHILE_MAKING_DATA)
+    args = [sys.executable, str(script), "--run-dir", str(run)]
+    for o in [*SMALL, f"data.path={data_dir}", *LONG]:
+        args += ["--set", o]
+    p = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 128 + signal.SIGTERM.value, p.stderr[-3000:]
+    line = "robe-train: interrupted by SIGTERM during start-up, before any step; nothing to save: rerun the same command"
+    assert [x for x in p.stderr.splitlines() if "interrupted" in x] == [line] and "Traceback" not in p.stderr
+    assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()
+    assert not list((run / "checkpoints").glob("step_*"))
+    assert json.loads((data_dir / "manifest.json").read_text())["complete"]

@@ -243,6 +243,22 @@ def test_checkpoint_of_another_robe_seed_is_refused(tmp_path, data_dir, five_ste
     assert "Traceback" not in p.stderr and (tmp_path / "a_file").read_text() == "not a run dir"
 
 
+def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path, data_dir, five_steps):
+    """A run started twice (a double submission) must not write checkpoints and metrics.jsonl
+    from two processes: the second finds the first's lock and stops in one line."""
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "metrics.jsonl").read_bytes()
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running robe-train holds it
+        p = train(run, data_dir, "train.max_steps=8", resume=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"--run-dir {run} is in use by another robe-train" in p.stderr
+    assert (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "metrics.jsonl").read_bytes()) == before
+
+
 def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir, five_steps):
     """A tensor file cut short or the DCP index lost after the checkpoint was written (a copy that
     stopped): one line that says so and names the checkpoint before it, not a key-mismatch error."""
