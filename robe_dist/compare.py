@@ -446,6 +446,25 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_result(path: Path) -> Dict[str, Any]:
+    """``compare.json`` of an earlier run (``--report-only``), checked for the lists the report
+    reads; ``ValueError`` or ``FileNotFoundError`` naming it."""
+    rerun = "rerun robe-compare without --report-only to rewrite it"
+    if path.is_dir():
+        raise ValueError(f"--report-only: {path} is a directory, expected the compare.json robe-compare writes")
+    if not path.is_file():
+        raise FileNotFoundError(f"--report-only: {path} not found (run robe-compare without it first)")
+    try:
+        result = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--report-only: {path} is not valid JSON ({e}); {rerun}") from None
+    if not (isinstance(result, dict) and all(isinstance(result.get(k), list) for k in ("quality", "systems"))
+            and all(isinstance(r, dict) and "kind" in r and "id" in r for r in result["quality"] + result["systems"])):  # fmt: skip
+        raise ValueError(f"--report-only: {path} is not a robe-compare result (an object whose 'quality' and "
+                         f"'systems' list the runs); {rerun}")  # fmt: skip
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from robe_dist.compare_report import write_report
 
@@ -455,10 +474,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.run_dir.exists() and not args.run_dir.is_dir():
             raise ValueError(f"--run-dir {args.run_dir} is a file, expected a directory")
         if args.report_only:
-            path = args.run_dir / "compare.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"--report-only: {path} not found (run robe-compare without it first)")
-            result = json.loads(path.read_text())
+            result = read_result(args.run_dir / "compare.json")
         else:
             cfg = load_compare_config(args.config)
             for kv in args.overrides:
@@ -467,7 +483,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"robe-compare: {e}", file=sys.stderr)
         return 2
-    report = write_report(result, args.run_dir, args.publish)
+    try:
+        report = write_report(result, args.run_dir, args.publish)
+    except (KeyError, TypeError, AttributeError) as e:  # a compare.json edited or damaged inside
+        if not args.report_only:
+            raise
+        print(f"robe-compare: --report-only: {args.run_dir / 'compare.json'} is damaged ({type(e).__name__}: {e}); "
+              "rerun robe-compare without --report-only to rewrite it", file=sys.stderr)  # fmt: skip
+        return 2
     print(f"robe-compare: wrote {report} and {len(list(args.run_dir.glob('*.png')))} plots")
     failed = [r["id"] for r in result["quality"] if "infeasible" not in r and r.get("exit") != 0]
     failed += [f"{r['id']} ({r['processes']}p, timed)" for r in result["systems"] if r.get("exit") != 0]

@@ -22,6 +22,7 @@ import signal
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
@@ -54,6 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # the agent's own log of a worker's failure and of stopping the others repeats what the
     # workers said (ROBE_DIST_TORCHRUN_VERBOSE=1 keeps it)
     if os.environ.get("ROBE_DIST_TORCHRUN_VERBOSE", "0") != "1":
+        # (torch's elastic get_logger gives each module's logger its own level: set them all)
+        for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = parse_args(argv)
     if str(args.nproc_per_node).isdigit() and int(args.nproc_per_node) < 1:  # torch's launcher: a bare assert
@@ -66,6 +70,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if line is not None:
             print(line, file=sys.stderr)
         return status
+    except DistError as e:  # the rendezvous: a port in use, an unreachable --rdzv_endpoint
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        print(f"torchrun: the rendezvous failed ({type(e).__name__}: {first}); check --master_port / --rdzv_endpoint", file=sys.stderr)
+        return 2
     except SignalException as e:
         name = signal.Signals(e.sigval).name
         print(f"torchrun: received {name} and passed it to the workers (see their last line)", file=sys.stderr)

@@ -427,7 +427,9 @@ class Trainer:
             self.log.write("placement", **self.placement.to_dict())
         self.log.write("memory", **self.held_memory())
         running = RunningLoss(self.env)
-        stop = "steps" if state.step >= total else None
+        stop = None  # (a resumed run with no step left stops as the run it resumes did)
+        if state.step >= total:
+            stop = "max_steps" if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps else "epochs"
         try:
             if state.eval_pending:  # the validation a stop signal cut off, before anything else
                 state.eval_pending = False

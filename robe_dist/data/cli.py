@@ -304,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"robe-data: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only dataset (stats and plan write table_stats.json into it), a full disk
+        where = f" {e.filename}" if e.filename else ""
+        print(f"robe-data: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

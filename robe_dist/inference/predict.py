@@ -143,16 +143,17 @@ def model_vocabulary(meta: Dict[str, Any], vocab_dir: Optional[Path]):
             f"this model reads ids through the vocabulary it was trained with ({where}, no longer there): "
             "pass --vocab DIR (that robe-data vocab output)"
         )
+    named = f"--vocab {where}" if vocab_dir is not None else f"the vocabulary the model was trained with, {where}"
     try:
         vocab = Vocabulary.load(where)
     except (DataError, FileNotFoundError, OSError, KeyError, ValueError) as e:
-        raise ExportError(f"--vocab {where}: {e}") from None
+        raise ExportError(f"{named}: {e}") from None
     if not recorded:
         print(f"robe-predict: warning: the model records no vocabulary; {where} ({vocab.fingerprint}) is used "
               "unchecked: it must be the one the model was trained with", file=sys.stderr)  # fmt: skip
     elif vocab.fingerprint != recorded["fingerprint"]:
         raise ExportError(
-            f"--vocab {where}: vocabulary {vocab.fingerprint} is not the one this model was trained with "
+            f"{named}: vocabulary {vocab.fingerprint} is not the one this model was trained with "
             f"({recorded['fingerprint']}, built at {recorded['path']})"
         )
     return vocab

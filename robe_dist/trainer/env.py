@@ -35,6 +35,14 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
     """Joins torchrun's process group (RANK, WORLD_SIZE, ... in the environment) or, run as a
     plain ``python -m``, makes a one-process group. Device and backend follow ``cfg``."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if under_torchrun:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:  # RANK and WORLD_SIZE left in the shell by hand, not a launcher
+            raise ConfigError(
+                f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                "start several processes with torchrun (python -m robe_dist.torchrun), or unset RANK and WORLD_SIZE "
+                "for one process"
+            )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_type = cfg.device
     if device_type == "auto":

@@ -71,6 +71,12 @@ def test_micro_comparison_reports_what_the_runs_wrote(tmp_path):
     assert "1 run(s) failed: broken@100x " in p.stderr.splitlines()[-1]
     report = (out / "report.md").read_text()
     assert f"--run-dir {out} --budgets 100x`" in report  # the command as given
+    # --report-only rereads compare.json (checked for the runs' lists) and writes the same report
+    (out / "report.md").unlink()
+    r = subprocess.run([sys.executable, "-m", "robe_dist.compare", "--report-only", "--run-dir", str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 1 and "1 run(s) failed: broken@100x " in r.stderr, r.stderr[-3000:]
+    assert (out / "report.md").read_text() == report
     assert "Not timed (their quality runs failed): broken@100x." in report  # nor run: it would fail alike
     assert not any(d.name.startswith("broken") for d in (out / "systems").iterdir())
     for png in ("auc_vs_memory.png", "throughput.png", "bytes_per_step.png", "loss_curves.png", "traffic_projection.png"):

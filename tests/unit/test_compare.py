@@ -100,3 +100,26 @@ def test_arms_are_sized_for_equal_memory():
     assert [s.id for s in r] == ["r@100x", "r@1000x"] and "robe.block_size=8" in r[0].overrides
     (f,) = arm_runs(ArmConfig(name="f", kind="full"), ["10x", "100x"], facts)
     assert f.budget == "1x" and f.embedding_floats == facts.full_floats
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{}", "is not a robe-compare result (an object whose 'quality' and 'systems' list the runs)"),
+        ("[1, 2]", "is not a robe-compare result"),
+        ('{"quality": [', "is not valid JSON (Expecting value: line 1 column 14 (char 13))"),
+        ('{"quality": [{"kind": "full", "id": "full@1x"}], "systems": []}', "is damaged (KeyError"),
+        (None, "is a directory, expected the compare.json robe-compare writes"),
+    ],
+)
+def test_report_only_on_a_damaged_compare_json_is_one_line(tmp_path, capsys, content, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    if content is None:
+        (out / "compare.json").mkdir()
+    else:
+        (out / "compare.json").write_text(content)
+    code = compare.main(["--report-only", "--run-dir", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"robe-compare: --report-only: {out / 'compare.json'} "), err
+    assert message in err[0], err

@@ -210,3 +210,20 @@ def test_vocab_refuses_min_count_below_one(tmp_path: Path, capsys: pytest.Captur
 def test_manifest_written_by_ingest_is_json(tmp_path: Path) -> None:
     out, before = ingested(tmp_path)
     assert json.loads(before)["complete"] is True
+
+
+def test_a_dataset_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """stats (and plan) write table_stats.json into the dataset: on a read-only mount that is an
+    OSError from deep inside, said in one line (root ignores file modes: the write is made to fail)."""
+    import errno
+
+    import robe_dist.data.stats as stats
+
+    data = npy_dataset(tmp_path / "d")
+
+    def read_only(directory, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(directory) / "table_stats.json.partial"))
+
+    monkeypatch.setattr(stats, "write_table_stats", read_only)
+    assert main(["stats", "--data", str(data)]) == 2
+    assert error_line(capsys) == f"robe-data: error: cannot write {data / 'table_stats.json.partial'}: Read-only file system\n"
