@@ -446,10 +446,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+RERUN = "rerun robe-compare without --report-only to rewrite it"
+"""What to do about a damaged ``compare.json``."""
+
+
 def read_result(path: Path) -> Dict[str, Any]:
     """``compare.json`` of an earlier run (``--report-only``), checked for the lists the report
     reads; ``ValueError`` or ``FileNotFoundError`` naming it."""
-    rerun = "rerun robe-compare without --report-only to rewrite it"
     if path.is_dir():
         raise ValueError(f"--report-only: {path} is a directory, expected the compare.json robe-compare writes")
     if not path.is_file():
@@ -457,11 +460,11 @@ def read_result(path: Path) -> Dict[str, Any]:
     try:
         result = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--report-only: {path} is not valid JSON ({e}); {rerun}") from None
+        raise ValueError(f"--report-only: {path} is not valid JSON ({e}); {RERUN}") from None
     if not (isinstance(result, dict) and all(isinstance(result.get(k), list) for k in ("quality", "systems"))
             and all(isinstance(r, dict) and "kind" in r and "id" in r for r in result["quality"] + result["systems"])):  # fmt: skip
         raise ValueError(f"--report-only: {path} is not a robe-compare result (an object whose 'quality' and "
-                         f"'systems' list the runs); {rerun}")  # fmt: skip
+                         f"'systems' list the runs); {RERUN}")  # fmt: skip
     return result
 
 
@@ -488,8 +491,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (KeyError, TypeError, AttributeError) as e:  # a compare.json edited or damaged inside
         if not args.report_only:
             raise
-        print(f"robe-compare: --report-only: {args.run_dir / 'compare.json'} is damaged ({type(e).__name__}: {e}); "
-              "rerun robe-compare without --report-only to rewrite it", file=sys.stderr)  # fmt: skip
+        print(f"robe-compare: --report-only: {args.run_dir / 'compare.json'} is damaged ({type(e).__name__}: {e}); {RERUN}",
+              file=sys.stderr)  # fmt: skip
         return 2
     print(f"robe-compare: wrote {report} and {len(list(args.run_dir.glob('*.png')))} plots")
     failed = [r["id"] for r in result["quality"] if "infeasible" not in r and r.get("exit") != 0]
