@@ -6,7 +6,7 @@ ends: torchrun prints a traceback and a failure table when a worker exits non-ze
 (``ChildFailedError``) or when it receives SIGTERM / SIGINT itself (``SignalException``, after
 forwarding the signal to its workers). robe-train's workers already said why in one line from rank
 0 (a config or data error: exit 2; a NaN loss: 3; stopped by a signal after checkpointing: 128 +
-signal), so this launcher exits with that status and prints nothing more (also when torchrun
+signal; a rank whose collective failed because another had left first says so in one line: 4), so this launcher exits with that status and prints nothing more (also when torchrun
 stopped rank 0 while it was leaving, because another rank had exited first: ``exit_status``); for
 any other failure (a crash: the workers printed their tracebacks) it adds one line naming the
 ranks and statuses::
@@ -34,6 +34,10 @@ STOPPED_BY_AGENT = {-signal.SIGTERM.value, -signal.SIGKILL.value}
 """Statuses of workers that torchrun itself stopped (SIGTERM, then SIGKILL after a grace period)
 because another worker had exited: consequences, not causes."""
 
+PEER_LOST = 4
+"""robe-train's status when a collective failed because another worker had exited first (it says
+so in one line): a consequence too (``robe_dist.train.EXIT_PEER_LOST``)."""
+
 
 def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
     """The launcher's exit status and the line it prints (``None``: the workers said why), from
@@ -43,11 +47,11 @@ def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
     makes torchrun stop the others: rank 0, still leaving the process group, can end as -15. So the
     status is the lowest rank's explained one when every other failure is explained or was stopped
     by the agent; anything else (a crash, a segfault) is listed."""
-    explained = [c for _, c in sorted(codes.items()) if c in EXPLAINED]
-    if explained and all(c in EXPLAINED or c in STOPPED_BY_AGENT for c in codes.values()):
-        return explained[0], None
+    causes = [c for _, c in sorted(codes.items()) if c not in STOPPED_BY_AGENT and c != PEER_LOST]
+    if causes and all(c in EXPLAINED for c in causes):
+        return causes[0], None
     listed = ", ".join(f"rank {r} status {c}" for r, c in sorted(codes.items()))
-    first = next(c for _, c in sorted(codes.items()))
+    first = (causes or [c for _, c in sorted(codes.items())])[0]
     return (first if 0 < first < 256 else 1), f"torchrun: workers failed ({listed}); their output above says why"
 
 

@@ -45,7 +45,15 @@ from robe_dist.distributed.comm_counter import CommCounter
 from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, check_divisible, prepare_data
-from robe_dist.trainer.env import DistEnv, init_distributed, on_rank0, setup_logging, shutdown
+from robe_dist.trainer.env import (
+    SHUTDOWN_WAIT_S,
+    DistEnv,
+    init_distributed,
+    lost_a_peer,
+    on_rank0,
+    setup_logging,
+    shutdown,
+)
 from robe_dist.trainer.evaluate import EvalStopped, evaluate
 from robe_dist.trainer.metrics_log import (
     MetricsLog,
@@ -77,6 +85,8 @@ class _NoStreamsOnCpu(logging.Filter):
 
 
 EXIT_DIVERGED = 3
+EXIT_PEER_LOST = 4
+"""This rank's collective failed because another rank had left (that rank says why)."""
 STOP_CHECK_EVERY = 10
 """Steps between the ranks' agreement on a stop request (an all-reduce); every step on 1 rank."""
 
@@ -620,6 +630,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
     trainer: Optional[Trainer] = None
     together = True  # False: this rank leaves because of an error the others may not have met
+    said: Optional[str] = None  # the line rank 0 says for an error every rank should meet
     # a signal during start-up (making data, building the model) is kept for its end
     stop_request = StopRequest()
     stop_request.install()
@@ -647,23 +658,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         commit_run_dir(run_dir, cfg, env, args.resume)
         trainer.run()
     except Diverged as e:
+        said = str(e)
         if env.is_main:
             logger.error("%s", e)
         return EXIT_DIVERGED
     except Interrupted as e:
+        said = f"robe-train: {e}"
         if env.is_main:
-            print(f"robe-train: {e}", file=sys.stderr)
+            print(said, file=sys.stderr)
         return 128 + signal.Signals[e.signame].value
     except ConfigError as e:  # found once the data or the machine is known; the same on every rank
+        said = f"robe-train: config error: {e}"
         if env.is_main:
-            logger.error("robe-train: config error: %s", e)
+            logger.error("%s", said)
         return 2
     except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
+        said = f"robe-train: {e}"
         if env.is_main:  # every rank meets the same error: rank 0 says it
-            logger.error("robe-train: %s", e)
+            logger.error("%s", said)
         return 2
-    except BaseException:  # a bug, out of memory, ...: possibly on this rank alone (env.shutdown)
+    except BaseException as e:  # a bug, out of memory, ...: possibly on this rank alone (env.shutdown)
         together = False
+        if env.world_size > 1 and lost_a_peer(e):  # the rank that left says why: one line here, no traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"robe-train: rank {env.rank}: a collective failed, most likely because another rank stopped "
+                  f"(its output says why): {first}", file=sys.stderr)  # fmt: skip
+            return EXIT_PEER_LOST
         raise
     finally:
         stop_request.uninstall()
@@ -676,7 +696,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         # finalisation (or nothing, with the threads still running at exit)
         trainer = None
         gc.collect()
-        shutdown(wait_for_all=together)
+        # an error every rank should meet, met by this one alone after all: rank 0 has not said it
+        alone = None if said is None or env.is_main else (
+            f"robe-train: rank {env.rank}: {said.removeprefix('robe-train: ')} (the other ranks did not stop "
+            f"with it within {SHUTDOWN_WAIT_S:.0f} s; ending the job)")  # fmt: skip
+        shutdown(wait_for_all=together, timeout_s=None if said is None else SHUTDOWN_WAIT_S, alone=alone)
     return 0
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -150,15 +154,64 @@ def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> 
         raise failure[1]
 
 
-def shutdown(wait_for_all: bool = True) -> None:
+SHUTDOWN_WAIT_S = 60.0
+"""How long a rank that stops on an error it expects the others to meet too (config, data,
+checkpoint) waits for them at the end before it says its error itself and leaves."""
+
+_shutdowns = itertools.count()  # one barrier key per shutdown, the same sequence on every rank
+
+
+def _all_ranks_arrive(timeout_s: float) -> bool:
+    """A barrier through the default group's store, with a time limit: True when every rank
+    reached it within ``timeout_s``. Unlike ``dist.barrier`` it needs no collective of the backend
+    (``monitored_barrier`` is gloo's only), so it also ends where the other ranks are inside a
+    collective that will never complete, under NCCL too."""
+    key = f"robe_dist/shutdown/{next(_shutdowns)}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(key, 1) == dist.get_world_size():
+            store.set(f"{key}/all", "1")
+        while not store.check([f"{key}/all"]):  # (store.wait's time-out logs a C++ warning per rank)
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    except Exception:  # the store's host has left (rank 0 without torchrun)
+        return False
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank has gone (it crashed or stopped on an
+    error of its own, and its own output says why), not because of anything on this rank."""
+    if isinstance(error, (dist.DistNetworkError, dist.DistBackendError)):
+        return True
+    return isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    )
+
+
+def shutdown(wait_for_all: bool = True, timeout_s: Optional[float] = None, alone: Optional[str] = None) -> bool:
     """Waits for every rank (unless ``wait_for_all`` is False), then leaves the process group.
+    Returns False when the ranks were to wait for each other and did not all arrive within
+    ``timeout_s`` (None: no limit); ``alone`` is then printed to stderr before this rank leaves
+    the group (which ends the others' collectives).
 
     A rank that leaves because of an error only it met (a bug, out of memory) must not wait: the
     other ranks are inside some other collective, which a barrier would never match, and the job
     would hang until the collective timeout with the error still unprinted. It leaves at once,
     its traceback is printed, and torchrun stops the other ranks (whose collectives then fail as
-    their peer is gone)."""
+    their peer is gone). A rank that stops on an error every rank should meet (``timeout_s``)
+    waits, so that rank 0 says it before torchrun stops the rest, but only so long: should the
+    error be its alone after all, the caller learns it and says the error itself."""
+    arrived = True
     if dist.is_initialized():
-        if wait_for_all:
-            dist.barrier()
+        if wait_for_all and dist.get_world_size() > 1:
+            if timeout_s is None:
+                dist.barrier()
+            else:
+                arrived = _all_ranks_arrive(timeout_s)
+                if not arrived and alone:
+                    print(alone, file=sys.stderr, flush=True)
         dist.destroy_process_group()
+    return arrived

@@ -166,12 +166,16 @@ BUG_ON_RANK_1 = """
 import sys
 from robe_dist import train
 
+KIND = sys.argv.pop(1)
+train.SHUTDOWN_WAIT_S = 3.0  # (60 s in a real run)
 log_train = train.Trainer.log_train
 
 
 def log_train_with_a_bug(self, *args, **kwargs):
     if self.env.rank == 1:
-        raise RuntimeError("a bug met by rank 1 alone")
+        if KIND == "bug":
+            raise RuntimeError("a bug met by rank 1 alone")
+        raise train.DataError("a data error met by rank 1 alone")
     return log_train(self, *args, **kwargs)
 
 
@@ -181,14 +185,19 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.integration
-def test_an_error_on_one_rank_ends_the_job_at_once(tmp_path, data_dir):
-    """A bug (or out of memory) that only rank 1 meets, while rank 0 waits in the next collective:
-    rank 1 must not wait for the others in a barrier no one else will reach (the job hung until
-    the collective timeout, with the error unprinted); it leaves, its traceback is printed, and
-    torchrun stops rank 0, whose collective fails as its peer is gone."""
+@pytest.mark.parametrize("kind", ["bug", "handled_error"])
+def test_an_error_on_one_rank_ends_the_job_at_once(tmp_path, data_dir, kind):
+    """An error that only rank 1 meets, while rank 0 waits in the next collective.
+
+    A bug (or out of memory): rank 1 must not wait for the others in a barrier no one else will
+    reach (the job hung until the collective timeout, with the error unprinted); it leaves, its
+    traceback is printed, and torchrun stops rank 0, whose collective fails as its peer is gone.
+    An error of the kinds every rank is expected to meet together (data, config, checkpoint),
+    which rank 0 says for all, met by rank 1 alone after all: rank 1 waits for the others a
+    bounded time (``SHUTDOWN_WAIT_S``), then says the error itself and leaves with its status."""
     script = tmp_path / "bug.py"
     script.write_text(BUG_ON_RANK_1)
-    args = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", str(script),
+    args = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", str(script), kind,
             "--run-dir", str(tmp_path / "run")]  # fmt: skip
     for o in [*SMALL, f"data.path={data_dir}", *LONG]:
         args += ["--set", o]
@@ -198,9 +207,18 @@ def test_an_error_on_one_rank_ends_the_job_at_once(tmp_path, data_dir):
         _, err = proc.communicate(timeout=120)  # it used to hang for gloo's 30-minute timeout
     finally:
         proc.kill()
-    assert proc.returncode == 1
-    assert "RuntimeError: a bug met by rank 1 alone" in err
-    assert "torchrun: workers failed (" in err and "rank 1 status 1" in err
+    if kind == "bug":
+        assert proc.returncode == 1
+        assert "RuntimeError: a bug met by rank 1 alone" in err
+        assert "torchrun: workers failed (" in err and "rank 1 status 1" in err
+    else:
+        assert proc.returncode == 2
+        assert ("robe-train: rank 1: a data error met by rank 1 alone (the other ranks did not stop with it "
+                "within 3 s; ending the job)") in err  # fmt: skip
+        assert "workers failed" not in err  # rank 1 said why; rank 0 (status 4) is a consequence
+    # rank 0's collective failed, as its peer had gone: one line, not a traceback of its own
+    assert "robe-train: rank 0: a collective failed, most likely because another rank stopped" in err
+    assert err.count("Traceback") == (kind == "bug")
 
 
 SIGTERM_IN_AN_EVALUATION_ON_THE_LAST_RANK = """

@@ -13,6 +13,7 @@ from robe_dist.torchrun import exit_status, main
         ({0: -9, 1: 3}, 3),  # a NaN loss, rank 0 killed after the grace period
         ({0: 143, 1: -15}, 143),  # preempted: checkpointed and left with 128 + SIGTERM
         ({1: 2, 0: 3}, 3),  # the lowest rank's status, whatever the order torchrun lists them in
+        ({0: 4, 1: 2}, 2),  # rank 1 alone met a user error and said it; rank 0's collective failed (4)
     ],
 )
 def test_explained_statuses_pass_through_silently(codes, status):
@@ -26,6 +27,8 @@ def test_explained_statuses_pass_through_silently(codes, status):
         ({0: -11, 1: 2}, 1),  # a segfault is not explained by another rank's user error
         ({0: -15, 1: -15}, 1),  # stopped from outside with nothing said
         ({0: 2, 1: 1}, 2),  # one rank crashed while the other met a user error: list both
+        ({0: 4, 1: 1}, 1),  # rank 1 crashed, rank 0's collective failed: the crash's status
+        ({0: 4, 1: 4}, 4),  # every rank says another left first: nothing explains it
     ],
 )
 def test_other_failures_are_listed_in_one_line(codes, status):
