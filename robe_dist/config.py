@@ -12,6 +12,7 @@ from robe_dist.hashing import PAPER_DEFAULT_SEED
 
 HASH_MODES = ("universal", "paper")
 _BYTES_PER_ELEMENT = 4  # the array is float32
+_MAX_ARRAY_SIZE = 2**48  # (a petabyte of floats: past it, byte counts near int64 limits)
 
 
 @dataclass
@@ -73,8 +74,10 @@ class RobeConfig:
             )
         if self.seed is None:
             self.seed = PAPER_DEFAULT_SEED if self.hash == "paper" else 0
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"RobeConfig.seed must be a non-negative int or None, got {self.seed!r}")
+        if self.array_size >= _MAX_ARRAY_SIZE:
+            raise ValueError(f"RobeConfig.array_size must be < 2**48 elements, got {self.array_size}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"RobeConfig.seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         if self.hash == "paper" and self.seed >= 2**32:
             raise ValueError(f"RobeConfig.seed must be < 2**32 for hash='paper' (numpy seed), got {self.seed}")
         if self.init_scale is not None and not (self.init_scale > 0 and math.isfinite(self.init_scale)):
@@ -95,8 +98,10 @@ class RobeConfig:
         cls, tables: Sequence[EmbeddingBagConfig], ratio: float, block_size: int = 32, **kwargs
     ) -> "RobeConfig":
         """An array ``ratio`` times smaller than the full tables (``sum(num_embeddings * dim)``)."""
-        if not ratio > 0:
-            raise ValueError(f"ratio must be > 0, got {ratio!r}")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
+        if not tables:
+            raise ValueError("from_compression needs the tables whose full size the ratio divides, got none")
         size = max(block_size, int(full_table_elements(tables) / ratio))
         return cls(array_size=size, block_size=block_size, **kwargs)
 

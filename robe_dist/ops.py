@@ -24,6 +24,7 @@ The inputs' layout (``values``, ``offsets``, ``meta``, ``starts``) is described 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -168,6 +169,9 @@ def torch_forward(
     starts = torch.full((occurrences, n, max_blocks), -1, dtype=starts_dtype(array.numel()), device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.long, device=array.device)
     values, offsets = values.long(), offsets.long()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n:
+        raise ValueError(f"robe: offsets run from {int(offsets[0])} to {int(offsets[-1])} but the KeyedJaggedTensor "
+                         f"has {n} values: its lengths must cover the values exactly, from 0")  # fmt: skip
     num_starts = hashing.num_block_starts(array.numel(), block_size, block_align)
     within = torch.arange(block_size, device=array.device)
     for f, (key, num_embeddings, dim, col, pooling, k, r) in enumerate(_feature_rows(meta)):
@@ -301,6 +305,23 @@ def check_inputs(array, values, weights, offsets, meta, batch) -> None:
         raise ValueError("robe: " + "; ".join(problems))
 
 
+def check_update_args(array_size: int, block_size: int, state=None, array=None, optimizer: Optional[int] = None) -> None:
+    """Checks of the backward's and the fused update's own arguments, on every device (no data
+    read): ``ValueError`` naming the argument."""
+    if block_size < 1 or array_size < block_size:
+        raise ValueError(f"robe: array_size ({array_size}) must be >= block_size ({block_size}) >= 1")
+    if optimizer is None:
+        return
+    if optimizer not in OPTIMIZERS.values():
+        raise ValueError(f"robe: optimizer must be one of {OPTIMIZERS} (the ids), got {optimizer}")
+    if optimizer == OPTIMIZERS["adagrad"] and (
+        state is None or state.shape != array.shape or not state.is_floating_point() or state.device != array.device
+    ):
+        got = "None" if state is None else f"{state.dtype} {tuple(state.shape)} on {state.device}"
+        raise ValueError(f"robe: the fused Adagrad update needs its state: a float tensor shaped like the array "
+                         f"({tuple(array.shape)}) on {array.device}, got {got}")  # fmt: skip
+
+
 @pooled_lookup.register_kernel("cuda")
 def _pooled_lookup_cuda(*args):
     check_inputs(*args[:6])
@@ -364,6 +385,7 @@ def pooled_lookup_backward(
 @pooled_lookup_backward.register_kernel("cuda")
 def _pooled_lookup_backward_cuda(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
                                  occurrences, num_values, deterministic):  # fmt: skip
+    check_update_args(array_size, block_size)
     if not _triton():
         return torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
                               occurrences, num_values)  # fmt: skip
@@ -376,6 +398,7 @@ def _pooled_lookup_backward_cuda(grad_out, weights, offsets, meta, starts, batch
 @pooled_lookup_backward.register_kernel("cpu")
 def _pooled_lookup_backward_cpu(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
                                 occurrences, num_values, deterministic):  # fmt: skip
+    check_update_args(array_size, block_size)
     if _C is None:
         return torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
                               occurrences, num_values)  # fmt: skip
@@ -418,6 +441,7 @@ def pooled_lookup_fused_update(
 @pooled_lookup_fused_update.register_kernel("cuda")
 def _pooled_lookup_fused_update_cuda(array, state, grad_out, weights, offsets, meta, starts, batch, block_size,
                                      max_blocks, occurrences, num_values, optimizer, lr, eps, deterministic):  # fmt: skip
+    check_update_args(array.numel(), block_size, state, array, optimizer)
     if not _triton():
         grad = torch_backward(grad_out.to(array.dtype), weights, offsets, meta, starts, batch, array.numel(),
                               block_size, max_blocks, occurrences, num_values)  # fmt: skip
@@ -432,6 +456,7 @@ def _pooled_lookup_fused_update_cuda(array, state, grad_out, weights, offsets, m
 @pooled_lookup_fused_update.register_kernel("cpu")
 def _pooled_lookup_fused_update_cpu(array, state, grad_out, weights, offsets, meta, starts, batch, block_size,
                                     max_blocks, occurrences, num_values, optimizer, lr, eps, deterministic):  # fmt: skip
+    check_update_args(array.numel(), block_size, state, array, optimizer)
     if _C is not None and optimizer == OPTIMIZERS["sgd"]:
         w = weights if weights is not None else array.new_empty(0)
         _C.robe_backward_sgd(array, grad_out.contiguous(), w.contiguous(), offsets.long().contiguous(), batch,
@@ -498,9 +523,9 @@ class FusedUpdate:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"FusedUpdate.optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):  # (0: a schedule's end)
-            raise ValueError(f"FusedUpdate.lr must be a non-negative float, got {self.lr!r}")
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 <= self.lr < math.inf):
+            raise ValueError(f"FusedUpdate.lr must be a finite non-negative float, got {self.lr!r}")  # (0: a schedule's end)
+        if not (isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and 0 < self.eps < math.inf):
             raise ValueError(f"FusedUpdate.eps must be a positive float, got {self.eps!r}")
 
 
@@ -567,6 +592,7 @@ def robe_pooled_lookup(
         pooled, status = robe_pooled_lookup(array, kjt.values(), None, kjt.offsets(), kjt.stride(), meta, spec)
     """
     if fused is not None:
+        check_update_args(array.numel(), spec.block_size, state, array, OPTIMIZERS[fused.optimizer])
         return _FusedLookup.apply(array, values, weights, offsets, meta, batch, spec, fused, state)
     out, _, status = torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, *_static_args(spec))
     return out, status

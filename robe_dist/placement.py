@@ -358,6 +358,17 @@ class _Problem:
                  block_size: int) -> None:  # fmt: skip
         if not tables:
             raise ValueError("a placement needs at least one table")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table names must be unique, got {sorted(n for n in set(names) if names.count(n) > 1)} twice")
+        for t in tables:
+            if t.num_embeddings < 1 or t.embedding_dim < 1:
+                raise ValueError(f"table {t.name!r}: needs num_embeddings >= 1 and embedding_dim >= 1, "
+                                 f"got {t.num_embeddings} rows of dim {t.embedding_dim}")  # fmt: skip
+        if stats is not None and not all(isinstance(st, TableStats) for st in stats):
+            raise TypeError("stats must be a sequence of TableStats (robe_dist.data.stats.read_table_stats)")
         self.tables, self.budget, self.block_size, self.used_stats = list(tables), budget, block_size, stats is not None
         self.rows = np.array([t.num_embeddings for t in tables], dtype=np.float64)
         self.dims = np.array([t.embedding_dim for t in tables], dtype=np.float64)
@@ -381,6 +392,11 @@ class _Problem:
             if by_feature is not None:
                 st = by_feature[t.feature_names[0]]
                 n, c = st.histogram()
+                if len(n) == 0 or st.occurrences < 1 or len(st.bin_ids) != len(st.bin_counts):
+                    raise PlacementError(
+                        f"the statistics of feature {t.feature_names[0]!r} count no id (or their bins disagree): "
+                        "statistics of an empty or another dataset? Recompute them (robe-data stats)"
+                    )
                 ids.append(n)
                 counts.append(c)
                 occurrences.append(float(st.occurrences))

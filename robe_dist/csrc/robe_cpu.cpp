@@ -148,8 +148,9 @@ Problem make_problem(int64_t num_values, const at::Tensor& offsets, int64_t batc
               "robe: need block_size >= 1, max_blocks >= 0, occurrences >= 1");
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t n_off = offsets.size(0);
-  TORCH_CHECK_VALUE(off[0] >= 0 && off[n_off - 1] <= num_values, "robe: offsets run from ", off[0], " to ",
-              off[n_off - 1], ", outside the ", num_values, " values of the KeyedJaggedTensor");
+  TORCH_CHECK_VALUE(off[0] == 0 && off[n_off - 1] == num_values, "robe: offsets run from ", off[0], " to ",
+              off[n_off - 1], " but the KeyedJaggedTensor has ", num_values,
+              " values: its lengths must cover the values exactly, from 0");
   for (int64_t k = 1; k < n_off; ++k) {
     TORCH_CHECK_VALUE(off[k] >= off[k - 1], "robe: offsets must be non-decreasing (bag lengths >= 0), but offsets[",
                 k - 1, "] = ", off[k - 1], " > offsets[", k, "] = ", off[k]);
@@ -163,6 +164,8 @@ Problem make_problem(int64_t num_values, const at::Tensor& offsets, int64_t batc
     TORCH_CHECK_VALUE(row[kDim] > 0 && row[kDim] % block_size == 0 && row[kDim] / block_size <= max_blocks,
                 "robe: feature #", f, " has embedding_dim ", row[kDim], ", not a positive multiple of block_size ",
                 block_size, " with at most ", max_blocks, " blocks");
+    TORCH_CHECK_VALUE(row[kOutCol] >= 0, "robe: feature #", f, " has output column ", row[kOutCol],
+                ", expected >= 0");
     TORCH_CHECK_VALUE(row[kOccurrence] >= 0 && row[kOccurrence] < occurrences, "robe: feature #", f,
                 " has occurrence ", row[kOccurrence], " outside [0, ", occurrences, ")");
     TORCH_CHECK_VALUE(row[kPooling] == kPoolSum || row[kPooling] == kPoolMean, "robe: feature #", f,
@@ -586,6 +589,8 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
 at::Tensor robe_backward(const at::Tensor& grad_out, const at::Tensor& weights, const at::Tensor& offsets,
                          int64_t batch, const at::Tensor& meta, const at::Tensor& starts, int64_t array_size,
                          int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values) {
+  TORCH_CHECK_VALUE(block_size >= 1 && array_size >= block_size, "robe: array_size (", array_size,
+                    ") must be >= block_size (", block_size, ")");
   Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
   check_starts(starts, pb, array_size);
   auto g = grad_out.contiguous();
@@ -606,6 +611,8 @@ void robe_backward_sgd(at::Tensor array, const at::Tensor& grad_out, const at::T
                        int64_t block_size, int64_t max_blocks, int64_t occurrences, int64_t num_values, double lr) {
   TORCH_CHECK_VALUE(array.dim() == 1 && array.is_contiguous() && array.device().is_cpu(),
               "robe: array must be a contiguous 1-D CPU tensor");
+  TORCH_CHECK_VALUE(block_size >= 1 && array.size(0) >= block_size, "robe: array_size (", array.size(0),
+                    ") must be >= block_size (", block_size, ")");
   Problem pb = make_problem(num_values, offsets, batch, meta, block_size, max_blocks, occurrences);
   check_starts(starts, pb, array.size(0));
   auto g = grad_out.to(array.scalar_type()).contiguous();

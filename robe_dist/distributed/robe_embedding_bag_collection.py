@@ -276,7 +276,7 @@ class ShardedRobeEmbeddingBagCollection(
         else:
             with torch.no_grad():
                 module.array.copy_(old.detach())
-        module.lookup_meta = module.lookup_meta_for(self._device)
+        module.lookup_meta = module._lookup_meta_checked = module.lookup_meta_for(self._device)
         if module.hash_signature.device.type == "meta":
             sig = torch.tensor(module.expected_signature(), dtype=torch.long, device=self._device)
         else:

@@ -114,7 +114,7 @@ def load_trained_model(checkpoint: Path) -> Tuple[ScoringModel, Dict[str, Any]]:
     from robe_dist.trainer.checkpoint import MODEL_SPEC_FILE, damaged_files
     from robe_dist.trainer.model import build_collection, build_dlrm, placeholder_hot_ids, tables_of_spec
 
-    cfg, spec = checkpoint_parts(checkpoint)
+    cfg, spec = checkpoint_parts(Path(checkpoint))
     try:
         tables = tables_of_spec(spec)
         collection = build_collection(cfg, tables, spec["robe_tables"], spec["array_size"], device=torch.device("cpu"),

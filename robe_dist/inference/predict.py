@@ -56,6 +56,7 @@ def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
     newer artifact."""
     import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
 
+    path = Path(path)
     if path.is_dir():
         raise ExportError(f"--model {path}: is a directory; a .pt2 file written by robe-export was expected")
     if not path.is_file():

@@ -272,6 +272,11 @@ def forward(
     starts = torch.full((occurrences * num_values * max_blocks,), -1, dtype=starts_dtype(array.numel()),
                         device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.int64, device=array.device)
+    # offsets that do not cover the values exactly from 0 (values no bag holds): position K * B,
+    # past every bag; device ops, no host synchronisation
+    n_bags = offsets.numel() - 1
+    covered = (offsets[0] == 0) & (offsets[-1] == num_values)
+    status[1] = torch.where(covered, status[1], torch.full_like(status[1], n_bags))
     if batch == 0 or out_dim == 0:
         return out, starts, status
     zp, nbp = _shape_constants(block_size, max_blocks)

@@ -53,9 +53,11 @@ def _split_hot(
     slot = table[key_of_value]
     split = slot >= 0
     slot0 = slot.clamp(min=0)
-    query = (slot0 << HOT_ID_BITS) | values.long()
+    ids = values.long()
+    query = (slot0 << HOT_ID_BITS) | ids
     pos = torch.searchsorted(hot_keys, query).clamp(max=hot_keys.numel() - 1)
-    hot = split & (hot_keys[pos] == query)
+    # (an id outside [0, 2**40) is no table's hot id, but its bits would reach into the slot's)
+    hot = split & (hot_keys[pos] == query) & (ids >= 0) & (ids < (1 << HOT_ID_BITS))
     row = torch.where(hot, pos - hot_base[slot0], hot_rows[slot0])
     hot_values = torch.where(split, row, torch.zeros_like(row)).to(values.dtype)
     robe_input = KeyedJaggedTensor(
@@ -164,7 +166,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             ``len(hot_ids[t]) + 1`` rows, one per hot id and a last, shared by all of ``t``'s
             other ids (its tail row), and ``t``'s embedding of an id is its exact row if the id is
             hot, else the tail row plus the id's ROBE embedding. The array is not read for hot ids.
-            Ids of such tables must lie in ``[0, 2**40)``. A child ``hot_router``
+            Hot ids lie in ``[0, 2**40)``; other ids of any value take the array. A child ``hot_router``
             (``HotIdRouter``) routes the ids; TorchRec's ``TrainPipelineSparseDist`` runs it a
             batch ahead with ``pipeline_postproc=True``.
 
@@ -207,6 +209,10 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"RobeHybridEmbeddingBagCollection: table names must be unique, got {names}")
+        if max_full_rows is not None and (isinstance(max_full_rows, bool) or not isinstance(max_full_rows, int)
+                                          or max_full_rows < 0):  # fmt: skip
+            raise ValueError(f"RobeHybridEmbeddingBagCollection: max_full_rows must be an int >= 0 or None, "
+                             f"got {max_full_rows!r}")  # fmt: skip
         if robe_tables is None:
             limit = -1 if max_full_rows is None else max_full_rows
             robe_set = {t.name for t in tables if t.num_embeddings > limit}

@@ -61,6 +61,8 @@ def _lookup_inputs(
     column is rewritten once and the result cached on ``meta``. ``torch.fx.wrap``-ed: FX and
     TorchRec's tracer see one call (the key order is only known at run time).
     """
+    if not isinstance(features, KeyedJaggedTensor):
+        raise TypeError(f"RobeEmbeddingBagCollection: the input must be a KeyedJaggedTensor, got {type(features).__name__}")
     values = features.values()
     if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
         raise TypeError(
@@ -75,6 +77,12 @@ def _lookup_inputs(
             raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
         weights = weights.to(array.dtype)
     keys = features.keys()
+    offsets, batch = features.offsets(), features.stride()
+    if offsets.numel() - 1 != len(keys) * batch:  # (shapes only: no host synchronisation)
+        raise ValueError(
+            f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {offsets.numel() - 1} lengths for {len(keys)} "
+            f"keys x batch (stride) {batch}; expected one length per key and sample"
+        )
     if keys != feature_names:
 
         def variant() -> torch.Tensor:  # once per key order
@@ -91,7 +99,7 @@ def _lookup_inputs(
             return out
 
         meta = kept_with(meta, "_robe_by_keys", tuple(keys), variant)
-    return values, weights, features.offsets(), meta, features.stride()
+    return values, weights, offsets, meta, batch
 
 
 class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -169,8 +177,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if fused_sgd_lr is not None:
             if fused_update is not None:
                 raise ValueError("pass fused_sgd_lr or fused_update, not both")
-            if not (isinstance(fused_sgd_lr, (int, float)) and fused_sgd_lr > 0):
-                raise ValueError(f"fused_sgd_lr must be a positive float or None, got {fused_sgd_lr!r}")
+            if not (isinstance(fused_sgd_lr, (int, float)) and not isinstance(fused_sgd_lr, bool)
+                    and 0 < fused_sgd_lr < math.inf):  # fmt: skip
+                raise ValueError(f"fused_sgd_lr must be a finite positive float or None, got {fused_sgd_lr!r}")
             fused_update = FusedUpdate("sgd", float(fused_sgd_lr))
         self.fused_update = fused_update
 
@@ -208,6 +217,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             block_align=robe.block_align,
         )
         self.register_buffer("lookup_meta", self.lookup_meta_for(device), persistent=False)
+        self._lookup_meta_checked = self.lookup_meta  # the tensor last found to describe the tables
         self._status = DeferredStatus()
 
         self.array = nn.Parameter(new_array(robe.array_size, device))
@@ -217,17 +227,23 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.register_buffer(
             "hash_signature", torch.tensor(self.expected_signature(), dtype=torch.long, device=device)
         )
-        self._signature_version_checked = self.hash_signature._version
+        self._signature_checked = (self.hash_signature, self.hash_signature._version)
         self._register_load_state_dict_pre_hook(self._check_loaded_signature, with_module=False)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _check_tables(tables: List[EmbeddingBagConfig], robe: RobeConfig, is_weighted: bool) -> None:
+        if not isinstance(robe, RobeConfig):
+            raise TypeError(f"RobeEmbeddingBagCollection: robe must be a RobeConfig, got {type(robe).__name__}")
         if not tables:
             raise ValueError("RobeEmbeddingBagCollection needs at least one EmbeddingBagConfig")
         names = set()
         for t in tables:
+            if not isinstance(t, EmbeddingBagConfig):
+                raise TypeError(f"RobeEmbeddingBagCollection: tables must be EmbeddingBagConfigs, got {type(t).__name__}")
+            if t.embedding_dim < 1:
+                raise ValueError(f"table {t.name!r}: embedding_dim must be >= 1, got {t.embedding_dim}")
             if t.name in names:
                 raise ValueError(f"table name {t.name!r} appears twice; table names must be unique")
             names.add(t.name)
@@ -274,9 +290,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device = self.array.device
         if device.type == "meta":
             return
-        self.lookup_meta = self.lookup_meta_for(device)
+        self.lookup_meta = self._lookup_meta_checked = self.lookup_meta_for(device)
         self.hash_signature = torch.tensor(self.expected_signature(), dtype=torch.long, device=device)
-        self._signature_version_checked = self.hash_signature._version
+        self._signature_checked = (self.hash_signature, self.hash_signature._version)
         scale = self._robe.init_scale
         if scale is None:
             largest = min(max(t.num_embeddings for t in self._embedding_bag_configs), _INIT_CAP)
@@ -306,7 +322,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _check_loaded_signature(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + "hash_signature"
         if key in state_dict:
-            self.verify_signature(state_dict[key].tolist(), "load_state_dict")
+            self.verify_signature(self._signature_list(state_dict[key], "load_state_dict"), "load_state_dict")
+        if self.array.device.type != "meta":  # (derived, not saved: after to_empty() it holds garbage)
+            self.lookup_meta = self._lookup_meta_checked = self.lookup_meta_for(self.array.device)
 
     def check_signature_unchanged(self, force: bool = False) -> None:
         """Verifies ``hash_signature`` if it was written since the last check (or always, with ``force``).
@@ -314,10 +332,31 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         In-place loads (``torch.distributed.checkpoint.load``) bypass ``load_state_dict`` hooks;
         the buffer's version counter tells when it was written, and the check then runs once.
         """
-        version = self.hash_signature._version
-        if force or version != self._signature_version_checked:
-            self.verify_signature(self.hash_signature.tolist(), "loaded state")
-            self._signature_version_checked = version
+        sig, version = self.hash_signature, self.hash_signature._version
+        checked, checked_version = self._signature_checked
+        if force or sig is not checked or version != checked_version:  # replaced, or written in place
+            self.verify_signature(self._signature_list(sig, "loaded state"), "loaded state")
+            self._signature_checked = (sig, version)
+
+    @staticmethod
+    def _signature_list(sig: object, where: str) -> List[int]:
+        if not (isinstance(sig, torch.Tensor) and sig.dtype == torch.long and tuple(sig.shape) == (6,)):
+            got = f"{sig.dtype} {tuple(sig.shape)}" if isinstance(sig, torch.Tensor) else type(sig).__name__
+            raise RuntimeError(f"{where}: hash_signature must be an int64 tensor of shape (6,), got {got}")
+        return sig.tolist()
+
+    def check_lookup_meta(self) -> None:
+        """Verifies, once per tensor, that the ``lookup_meta`` buffer describes the tables: after
+        ``to_empty(device=...)`` it holds whatever memory it got, which the kernels would read as
+        columns and key positions."""
+        if self.lookup_meta is self._lookup_meta_checked:
+            return
+        if self.lookup_meta.tolist() != self.lookup_meta_for(None).tolist():
+            raise RuntimeError(
+                "RobeEmbeddingBagCollection: its buffers hold uninitialised memory, as after to_empty(device=...): "
+                "call reset_parameters() (or load_state_dict() a checkpoint) before the forward"
+            )
+        self._lookup_meta_checked = self.lookup_meta
 
     # ------------------------------------------------------------------ TorchRec interface
     @property
@@ -358,6 +397,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         # (CUDA graph capture forbids the event queries of the deferred input check)
         eager = not _tracing() and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
         if eager:
+            self.check_lookup_meta()
             self.check_signature_unchanged()
             self._status.poll()  # a CUDA error of an earlier call whose status has landed
         values, weights, offsets, meta, batch = _lookup_inputs(
@@ -402,6 +442,11 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _describe_status(self, values: torch.Tensor, offsets: torch.Tensor, meta: torch.Tensor, batch: int):
         def describe(bad_value: int, bad_bag: int) -> str:
             rows = meta.tolist()
+            if bad_bag == offsets.numel() - 1:  # (triton_lookup.forward: past every bag)
+                return (
+                    f"RobeEmbeddingBagCollection: the offsets run from {int(offsets[0])} to {int(offsets[-1])} but "
+                    f"the KeyedJaggedTensor has {values.numel()} values: its lengths must cover the values exactly"
+                )
             if bad_bag != STATUS_OK:
                 k, b = divmod(bad_bag, max(batch, 1))
                 lo, hi = offsets[bad_bag : bad_bag + 2].tolist()

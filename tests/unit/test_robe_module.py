@@ -346,13 +346,16 @@ def test_paper_mapping_rejects_out_of_range_ids():
     "offsets, weights, match",
     [
         ([0, 2, 1, 3, 4], None, r"offsets must be non-decreasing .* offsets\[1\] = 2 > offsets\[2\] = 1"),
-        ([0, 1, 2, 3, 9], None, r"offsets run from 0 to 9, outside the 4 values"),
+        ([0, 1, 2, 3, 9], None, r"offsets run from 0 to 9 but the KeyedJaggedTensor has 4 values"),
+        ([0, 1, 2, 3, 3], None, r"offsets run from 0 to 3 but the KeyedJaggedTensor has 4 values"),  # one left over
+        ([1, 1, 2, 3, 4], None, r"offsets run from 1 to 4 but the KeyedJaggedTensor has 4 values"),  # not from 0
         ([0, 1, 2, 3, 4], [1.0, 2.0], r"weights must be 1-D with one weight per id \(4\)"),
     ],
 )
 def test_malformed_kjt_is_refused_on_cpu(offsets, weights, match):
-    """A KeyedJaggedTensor whose offsets decrease or run past its values, or whose weights do not
-    match its ids, is an error naming the problem (it used to crash the process)."""
+    """A KeyedJaggedTensor whose offsets decrease, run past its values or leave some of them in no
+    bag, or whose weights do not match its ids, is an error naming the problem (it used to crash
+    the process, or drop the values silently)."""
     tables = make_tables()
     ebc = make_ebc(tables, is_weighted=weights is not None)
     kjt = KeyedJaggedTensor(

@@ -221,6 +221,15 @@ def test_malformed_input_is_reported_and_never_read_out_of_bounds():
     bad_offsets[3] = bad_offsets[2] - 1  # a negative length
     _, _, status = run_triton_forward(ebc, (values, weights, bad_offsets, meta, batch))
     assert status[1] != ops.STATUS_OK
+    # values that no bag holds (TorchRec's EBC refuses them): past every bag, described as such
+    short = offsets.clone()
+    short[-1] -= 1
+    _, _, status = run_triton_forward(ebc, (values, weights, short, meta, batch))
+    assert status[0] == ops.STATUS_OK and status[1] == offsets.numel() - 1
+    describe = ebc._describe_status(values, short, meta, batch)
+    assert f"the offsets run from 0 to {values.numel() - 1} but the KeyedJaggedTensor has {values.numel()} values" in (
+        describe(ops.STATUS_OK, int(status[1]))
+    )
 
 
 def test_every_kernel_variant_compiles_for_the_h200():
