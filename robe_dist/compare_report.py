@@ -363,10 +363,6 @@ def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] 
     """Writes ``out_dir/report.md`` and the plots; returns the report's path. ``publish``: also
     write the report there (e.g. docs/results.md) with its plots in ``<publish stem>/``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        plots(result, out_dir)
-    except ImportError as e:  # matplotlib is an extra (launch/setup.sh installs it)
-        print(f"robe-compare: no plots ({e}; pip install matplotlib); report.md has the tables", file=sys.stderr)
     m = result.get("machine", {})
     lines = [
         "# robe-compare report",
@@ -439,6 +435,11 @@ def write_report(result: Dict[str, Any], out_dir: Path, publish: Optional[Path] 
         if r.get("run_dir"):
             lines.append(f"- `{r['id']}` ({r.get('processes', 1)} process(es)): `{r['run_dir']}`, overrides `{r['overrides']}`")
     text = "\n".join(lines) + "\n"
+    # (after the tables: a compare.json they cannot read stops the report before any notice)
+    try:
+        plots(result, out_dir)
+    except ImportError as e:  # matplotlib is an extra (launch/setup.sh installs it)
+        print(f"robe-compare: no plots ({e}; pip install matplotlib); report.md has the tables", file=sys.stderr)
     path = out_dir / "report.md"
     _write_atomic(path, text)
     if publish is not None:
