@@ -9,7 +9,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Callable, Optional, Tuple
 
 import torch

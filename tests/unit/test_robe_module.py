@@ -472,6 +472,7 @@ def test_built_on_meta_then_to_empty_and_reset_parameters_is_the_module_built_on
     on_cpu.load_state_dict(deferred.state_dict())  # its signature is the real one
 
 
+@pytest.mark.cuda
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
