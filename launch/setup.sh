@@ -10,7 +10,7 @@
 #   ROBE_DIST_STACK  cpu (default) or cuda
 #   TORCH_INDEX_URL  (cuda) a PyTorch wheel index for another CUDA version than PyPI's default
 #
-# The pinned stack is the one measured to load together (docs/robe-reference notes):
+# The pinned stack is the one measured to load together (../shared/docs/robe-reference.md, stack notes):
 # torch 2.13.0, triton 3.7.1 (what torch 2.13.0's CUDA wheel pins; on CPU its interpreter runs the
 # Triton kernels in the tests), fbgemm-gpu(-cpu) 1.8.0, torchrec 1.8.0. torchrec goes in with --no-deps,
 # because its dependency on fbgemm-gpu (the CUDA build) would overwrite fbgemm-gpu-cpu's
