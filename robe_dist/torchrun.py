@@ -6,10 +6,10 @@ ends: torchrun prints a traceback and a failure table when a worker exits non-ze
 (``ChildFailedError``) or when it receives SIGTERM / SIGINT itself (``SignalException``, after
 forwarding the signal to its workers). robe-train's workers already said why in one line from rank
 0 (a config or data error: exit 2; a NaN loss: 3; stopped by a signal after checkpointing: 128 +
-signal; a rank whose collective failed because another had left first says so in one line: 4), so this launcher exits with that status and prints nothing more (also when torchrun
-stopped rank 0 while it was leaving, because another rank had exited first: ``exit_status``); for
-any other failure (a crash: the workers printed their tracebacks) it adds one line naming the
-ranks and statuses::
+signal), so this launcher exits with that status and prints nothing more (also when torchrun
+stopped rank 0 while it was leaving, or a rank's collective failed (4), because another rank had
+exited first: ``exit_status``); for any other failure (a crash: the workers printed their
+tracebacks; a rank killed from outside) it adds one line naming the ranks and statuses::
 
     python -m robe_dist.torchrun --standalone --nproc_per_node=2 -m robe_dist.train --config configs/tiny_synthetic.yaml
 """
@@ -46,12 +46,17 @@ def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
     After a user error every rank exits 2 once rank 0 has said why, but the first rank to exit
     makes torchrun stop the others: rank 0, still leaving the process group, can end as -15. So the
     status is the lowest rank's explained one when every other failure is explained or was stopped
-    by the agent; anything else (a crash, a segfault) is listed."""
+    by the agent (or lost its peer: ``PEER_LOST``); anything else (a crash, a segfault) is listed.
+    When nothing but consequences is left, no rank said why: a rank was killed from outside
+    (the kernel's OOM killer: SIGKILL) or stopped before it could speak."""
     causes = [c for _, c in sorted(codes.items()) if c not in STOPPED_BY_AGENT and c != PEER_LOST]
     if causes and all(c in EXPLAINED for c in causes):
         return causes[0], None
     listed = ", ".join(f"rank {r} status {c}" for r, c in sorted(codes.items()))
-    first = (causes or [c for _, c in sorted(codes.items())])[0]
+    if not causes:
+        return 1, (f"torchrun: workers failed ({listed}); none said why: a worker was killed or stopped from outside "
+                   "(out of memory? the kernel log says)")  # fmt: skip
+    first = causes[0]
     return (first if 0 < first < 256 else 1), f"torchrun: workers failed ({listed}); their output above says why"
 
 

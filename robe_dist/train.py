@@ -680,9 +680,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BaseException as e:  # a bug, out of memory, ...: possibly on this rank alone (env.shutdown)
         together = False
         if env.world_size > 1 and lost_a_peer(e):  # the rank that left says why: one line here, no traceback
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"robe-train: rank {env.rank}: a collective failed, most likely because another rank stopped "
-                  f"(its output says why): {first}", file=sys.stderr)  # fmt: skip
+            print(f"robe-train: rank {env.rank}: a collective failed because another rank stopped (its output "
+                  f"says why): {' '.join(str(e).split())}", file=sys.stderr)  # fmt: skip
             return EXIT_PEER_LOST
         raise
     finally:

@@ -154,10 +154,17 @@ def on_rank0(env: DistEnv, fn: Callable[[], None], errors: Tuple[type, ...]) -> 
 
 
 SHUTDOWN_WAIT_S = 60.0
-"""How long a rank that stops on an error it expects the others to meet too (config, data,
-checkpoint) waits for them at the end before it says its error itself and leaves."""
+"""How long a rank that stops on an error or a stop it expects the others to meet too (config,
+data, checkpoint, a NaN loss, a signal) waits for them at the end before it says its error itself
+and leaves."""
 
 _shutdowns = itertools.count()  # one barrier key per shutdown, the same sequence on every rank
+
+
+def _barrier_key() -> str:
+    """A key no earlier barrier used: torchrun's store outlives a restart of the workers
+    (``--max-restarts``), whose counters start again at 0, so the attempt is part of the key."""
+    return f"robe_dist/shutdown/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_shutdowns)}"
 
 
 def _all_ranks_arrive(timeout_s: float) -> bool:
@@ -165,29 +172,44 @@ def _all_ranks_arrive(timeout_s: float) -> bool:
     reached it within ``timeout_s``. Unlike ``dist.barrier`` it needs no collective of the backend
     (``monitored_barrier`` is gloo's only), so it also ends where the other ranks are inside a
     collective that will never complete, under NCCL too."""
-    key = f"robe_dist/shutdown/{next(_shutdowns)}"
+    key = _barrier_key()
     deadline = time.monotonic() + timeout_s
+    world, rank = dist.get_world_size(), dist.get_rank()
     try:
         store = dist.distributed_c10d._get_default_store()
-        if store.add(key, 1) == dist.get_world_size():
+        if store.add(key, 1) == world:
             store.set(f"{key}/all", "1")
         while not store.check([f"{key}/all"]):  # (store.wait's time-out logs a C++ warning per rank)
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.1)
+        # rank 0 may host the store (without torchrun's agent): it leaves once the others have
+        # seen the barrier end, so that none of them finds the store gone and thinks itself alone
+        if rank != 0:
+            store.add(f"{key}/seen", 1)
+        else:
+            until = time.monotonic() + 10.0
+            while store.add(f"{key}/seen", 0) < world - 1 and time.monotonic() < until:
+                time.sleep(0.05)
         return True
     except Exception:  # the store's host has left (rank 0 without torchrun)
         return False
 
 
+_PEER_GONE = (
+    "Connection closed by peer",  # gloo: the other end of a pair exited
+    "Connection reset by peer",
+    "remote process exit",  # NCCL (ncclRemoteError): "... a remote process exiting prematurely"
+    "ncclRemoteError",
+)
+
+
 def lost_a_peer(error: BaseException) -> bool:
     """Whether a collective failed because another rank has gone (it crashed or stopped on an
-    error of its own, and its own output says why), not because of anything on this rank."""
-    if isinstance(error, (dist.DistNetworkError, dist.DistBackendError)):
-        return True
-    return isinstance(error, RuntimeError) and any(
-        text in str(error) for text in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    )
+    error of its own, and its own output says why), not because of anything on this rank: by the
+    words gloo and NCCL use for it. Other backend errors (a CUDA fault here, a network set-up
+    error, a time-out) keep their traceback."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _PEER_GONE)
 
 
 def shutdown(wait_for_all: bool = True, timeout_s: Optional[float] = None, alone: Optional[str] = None) -> bool:

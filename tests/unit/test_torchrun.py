@@ -28,7 +28,8 @@ def test_explained_statuses_pass_through_silently(codes, status):
         ({0: -15, 1: -15}, 1),  # stopped from outside with nothing said
         ({0: 2, 1: 1}, 2),  # one rank crashed while the other met a user error: list both
         ({0: 4, 1: 1}, 1),  # rank 1 crashed, rank 0's collective failed: the crash's status
-        ({0: 4, 1: 4}, 4),  # every rank says another left first: nothing explains it
+        ({0: 4, 1: 4}, 1),  # every rank says another left first: nothing explains it
+        ({0: 4, 1: -9}, 1),  # rank 1 killed from outside (OOM killer), rank 0's collective failed
     ],
 )
 def test_other_failures_are_listed_in_one_line(codes, status):
@@ -41,3 +42,31 @@ def test_other_failures_are_listed_in_one_line(codes, status):
 def test_no_workers_is_one_line_and_exit_2(capsys):
     assert main(["--standalone", "--nproc_per_node=0", "-m", "robe_dist.train"]) == 2
     assert capsys.readouterr().err == "torchrun: --nproc_per_node must be at least 1 (or auto, gpu, cpu), got 0\n"
+
+
+def test_a_failed_collective_is_a_peer_lost_only_by_the_words_for_it():
+    """``lost_a_peer`` (robe-train then prints one line and exits 4, a consequence for the
+    launcher): gloo's and NCCL's words for a peer that has gone; any other backend error (this
+    rank's own: a CUDA fault, a network set-up error, a time-out) keeps its traceback."""
+    import torch.distributed as dist
+
+    from robe_dist.trainer.env import lost_a_peer
+
+    gloo = "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:8383. This is typically caused by"
+    assert lost_a_peer(RuntimeError(gloo))
+    assert lost_a_peer(dist.DistBackendError("NCCL error: remote process exited or there was a network error"))
+    assert not lost_a_peer(dist.DistBackendError("NCCL error in: ..., unhandled cuda error\nLast error: illegal address"))
+    assert not lost_a_peer(RuntimeError("[gloo] Timed out waiting 1800000ms for recv operation to complete"))
+    assert not lost_a_peer(ValueError("Connection closed by peer"))  # not a collective's error
+
+
+def test_the_shutdown_barrier_key_differs_between_torchrun_attempts(monkeypatch):
+    """torchrun's store outlives ``--max-restarts`` restarts, whose processes count from 0 again:
+    a key of attempt 0 found set in attempt 1 would end the barrier before the others came."""
+    from robe_dist.trainer import env
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = env._barrier_key()
+    monkeypatch.setattr(env, "_shutdowns", __import__("itertools").count())
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert env._barrier_key() != first
