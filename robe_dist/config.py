@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -98,7 +99,7 @@ class RobeConfig:
         cls, tables: Sequence[EmbeddingBagConfig], ratio: float, block_size: int = 32, **kwargs
     ) -> "RobeConfig":
         """An array ``ratio`` times smaller than the full tables (``sum(num_embeddings * dim)``)."""
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 < ratio < math.inf:
             raise ValueError(f"ratio must be a finite number > 0, got {ratio!r}")
         if not tables:
             raise ValueError("from_compression needs the tables whose full size the ratio divides, got none")

@@ -54,6 +54,7 @@ Example::
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
@@ -358,8 +359,9 @@ class _Problem:
                  block_size: int) -> None:  # fmt: skip
         if not tables:
             raise ValueError("a placement needs at least one table")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        block_size = int(block_size)
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"table names must be unique, got {sorted(n for n in set(names) if names.count(n) > 1)} twice")

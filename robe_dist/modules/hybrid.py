@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,8 +22,9 @@ from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagColl
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
 
-#: A hot id and its feature's slot share one int64 key, ``slot << HOT_ID_BITS | id``: ids of split
-#: tables must lie in ``[0, 2**HOT_ID_BITS)`` (Criteo's are 32-bit hashes, a vocabulary's are dense).
+#: A hot id and its feature's slot share one int64 key, ``slot << HOT_ID_BITS | id``: hot ids lie in
+#: ``[0, 2**HOT_ID_BITS)`` (Criteo's are 32-bit hashes, a vocabulary's are dense); other ids, of any
+#: value, are never taken for hot ones.
 HOT_ID_BITS = 40
 HOT_SUFFIX = "@hot"
 
@@ -209,8 +211,8 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"RobeHybridEmbeddingBagCollection: table names must be unique, got {names}")
-        if max_full_rows is not None and (isinstance(max_full_rows, bool) or not isinstance(max_full_rows, int)
-                                          or max_full_rows < 0):  # fmt: skip
+        if max_full_rows is not None and (isinstance(max_full_rows, bool)
+                                          or not isinstance(max_full_rows, numbers.Integral) or max_full_rows < 0):  # fmt: skip
             raise ValueError(f"RobeHybridEmbeddingBagCollection: max_full_rows must be an int >= 0 or None, "
                              f"got {max_full_rows!r}")  # fmt: skip
         if robe_tables is None:
@@ -314,6 +316,15 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         cols = [torch.arange(c, c + t.embedding_dim)
                 for t in self._hot_tables for c in [start[output_name[t.name[: -len(HOT_SUFFIX)]]]]]  # fmt: skip
         self.register_buffer("hot_columns", torch.cat(cols).to(on), persistent=False)
+        self._hot_columns = torch.cat(cols)  # (a CPU copy: the buffer is derived, not saved)
+        self._register_load_state_dict_pre_hook(self._remake_hot_columns, with_module=False)
+
+    def _remake_hot_columns(self, *args) -> None:
+        """``hot_columns`` made anew at every load: after ``to_empty()`` it holds arbitrary memory,
+        which no checkpoint restores (the ROBE child refuses its forward until then)."""
+        device = self.hot_columns.device
+        if device.type != "meta":
+            self.hot_columns = self._hot_columns.to(device)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of all tables: KeyedTensor ``[B, sum of dims]`` in table order."""
