@@ -31,7 +31,8 @@ def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]
         zp, nbp = 1 << (z - 1).bit_length(), 1 << (nb - 1).bit_length()
         sig = dict(array_ptr=f"*{array}", values_ptr=f"*{ids}", weights_ptr=f"*{array}", offsets_ptr=f"*{offsets}",
                    meta_ptr="*i64", out_ptr=f"*{array}", starts_ptr=f"*{ids}", status_ptr="*i64", batch="i32",
-                   out_dim="i32", num_values="i64", num_starts="i64", align="i64", pa="i64", pb="i64", pc="i64", pp="i64")  # fmt: skip
+                   out_dim="i32", num_values="i64", num_bags="i64", num_starts="i64", align="i64", pa="i64", pb="i64",
+                   pc="i64", pp="i64")  # fmt: skip
         const = dict(HASH=hash_mode, Z=z, ZP=zp, NBP=nbp, MB=nb, HAS_WEIGHTS=weighted)
         yield f"forward[{array},{ids},{offsets},hash={hash_mode},w={weighted},Z={z}]", tk._forward_kernel, sig, const
     # as the launcher passes them: Python ints below 2^31 as i32, and 1 as a constant (an array of
@@ -42,10 +43,12 @@ def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]
                    out_ptr="*fp32", starts_ptr="*i32", status_ptr="*i64", batch="i32", out_dim="i32", num_values="i32",
                    pa="i32", pb="i32", pc="i32", pp="i32")  # fmt: skip
         const = dict(num_starts=1, HASH=hash_mode, Z=32, ZP=32, NBP=4, MB=4, HAS_WEIGHTS=False)
-        if align == 1:
+        if align == 1:  # (and one bag of one key: batch 1 of one feature, num_bags the constant 1)
             const["align"] = 1
+            const["num_bags"] = 1
         else:
             sig["align"] = "i32"
+            sig["num_bags"] = "i32"
         yield f"forward[launch types,num_starts=1,align={align},hash={hash_mode}]", tk._forward_kernel, sig, const
     for grad, offsets, weighted, (z, nb) in itertools.product(("fp32", "bf16"), ("i64", "i32"), (False, True), ((32, 4), (1, 128))):
         zp, nbp = 1 << (z - 1).bit_length(), 1 << (nb - 1).bit_length()

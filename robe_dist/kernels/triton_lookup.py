@@ -103,12 +103,16 @@ def _bag_bounds(offsets_ptr, key_index, b, batch, num_values, status_ptr):
 @triton.jit
 def _forward_kernel(
     array_ptr, values_ptr, weights_ptr, offsets_ptr, meta_ptr, out_ptr, starts_ptr, status_ptr,
-    batch, out_dim, num_values, num_starts, align, pa, pb, pc, pp,
+    batch, out_dim, num_values, num_bags, num_starts, align, pa, pb, pc, pp,
     HASH: tl.constexpr, Z: tl.constexpr, ZP: tl.constexpr, NBP: tl.constexpr, MB: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1).to(tl.int64)
+    if (b == 0) & (f == 0):  # offsets that do not cover the values exactly, from 0: position K * B
+        past = b + num_bags  # (int64, also where num_bags is the constant 1)
+        if (tl.load(offsets_ptr).to(tl.int64) != 0) | (tl.load(offsets_ptr + past).to(tl.int64) != num_values):
+            tl.atomic_min(status_ptr + 1, past)
     row = meta_ptr + f * 7
     key = tl.load(row)
     num_embeddings = tl.load(row + 1)
@@ -272,18 +276,16 @@ def forward(
     starts = torch.full((occurrences * num_values * max_blocks,), -1, dtype=starts_dtype(array.numel()),
                         device=array.device)
     status = torch.full((2,), STATUS_OK, dtype=torch.int64, device=array.device)
-    # offsets that do not cover the values exactly from 0 (values no bag holds): position K * B,
-    # past every bag; device ops, no host synchronisation
-    n_bags = offsets.numel() - 1
-    covered = (offsets[0] == 0) & (offsets[-1] == num_values)
-    status[1] = torch.where(covered, status[1], torch.full_like(status[1], n_bags))
-    if batch == 0 or out_dim == 0:
+    if batch == 0 or out_dim == 0:  # no program runs: values no bag holds, checked here (device ops)
+        covered = (offsets[0] == 0) & (offsets[-1] == num_values)
+        status[1] = torch.where(covered, status[1], torch.full_like(status[1], offsets.numel() - 1))
         return out, starts, status
     zp, nbp = _shape_constants(block_size, max_blocks)
     pa, pb, pc, pp = paper_constants
     _forward_kernel[(batch, num_features)](
         array, values, weights if weights is not None else array, offsets, meta, out, starts, status,
-        batch, out_dim, num_values, num_block_starts(array.numel(), block_size, block_align), block_align,
+        batch, out_dim, num_values, offsets.numel() - 1, num_block_starts(array.numel(), block_size, block_align),
+        block_align,
         pa, pb, pc, pp,
         HASH=hash_mode, Z=block_size, ZP=zp, NBP=nbp, MB=max_blocks, HAS_WEIGHTS=weights is not None,
         num_warps=_num_warps(zp * nbp),
