@@ -35,6 +35,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+if __name__ == "__main__":  # python -m robe_dist.train: a signal while torch is imported ends in one line
+    from robe_dist import early_signals
+
+    early_signals.install()
+
 import numpy as np
 import torch
 import torch.distributed as dist

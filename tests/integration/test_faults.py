@@ -311,3 +311,20 @@ def test_sigterm_during_start_up_finishes_the_data_and_stops_in_one_line(tmp_pat
     assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()
     assert not list((run / "checkpoints").glob("step_*"))
     assert json.loads((data_dir / "manifest.json").read_text())["complete"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("entry", ["python -m robe_dist.train", "robe-train"])
+def test_sigterm_while_torch_is_imported_ends_in_one_line(tmp_path, entry):
+    """The first second, before the trainer's handler exists (torch and TorchRec are being
+    imported): exit 128 + SIGTERM with one line, not a silent death by the signal."""
+    cmd = [sys.executable, "-m", "robe_dist.train"] if entry.startswith("python") else [str(Path(sys.executable).parent / "robe-train")]
+    proc = subprocess.Popen(cmd + ["--run-dir", str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM.value, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robe-train: interrupted by SIGTERM"), err[-2000:]
+    assert not (tmp_path / "run").exists()
