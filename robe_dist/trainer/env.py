@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -70,10 +71,29 @@ def init_distributed(cfg: DistConfig) -> DistEnv:
         raise ConfigError(f"dist.backend 'nccl' needs a CUDA device; this run is on {device.type} (use 'gloo' or 'auto')")
     if not dist.is_initialized():
         if under_torchrun:
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            # joining waits for every rank; should one never come (RANK, WORLD_SIZE, MASTER_ADDR/PORT
+            # set by hand, a node that did not start), say so instead of waiting without a word
+            waiting = threading.Timer(JOIN_NOTICE_S, _say_waiting)
+            waiting.daemon = True
+            waiting.start()
+            try:
+                dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            finally:
+                waiting.cancel()
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+JOIN_NOTICE_S = 30.0
+"""After this long joining the process group, a rank says it is still waiting for the others."""
+
+
+def _say_waiting() -> None:
+    e = os.environ
+    print(f"robe-train: rank {e.get('RANK')} of {e.get('WORLD_SIZE')} has waited {JOIN_NOTICE_S:.0f} s for the other "
+          f"ranks at {e.get('MASTER_ADDR')}:{e.get('MASTER_PORT')}; it waits until they join or the process group's "
+          "time-out (start every rank, e.g. with torchrun; see docs/training.md)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 _NOISE = (

@@ -70,3 +70,28 @@ def test_the_shutdown_barrier_key_differs_between_torchrun_attempts(monkeypatch)
     monkeypatch.setattr(env, "_shutdowns", __import__("itertools").count())
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert env._barrier_key() != first
+
+
+def test_a_rank_waiting_for_ranks_that_never_come_says_so(tmp_path):
+    """RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set by hand (or a node that did not start):
+    joining the process group waits for the others; after ``JOIN_NOTICE_S`` the rank says so."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import robe_dist.trainer.env as e\nfrom robe_dist.train_config import DistConfig\n"
+            "e.JOIN_NOTICE_S = 1.0\ne.init_distributed(DistConfig())\n")  # fmt: skip
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for line in proc.stderr:  # (the process itself would wait for the process group's time-out)
+            if line.startswith("robe-train:"):
+                break
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert line.startswith(f"robe-train: rank 0 of 2 has waited 1 s for the other ranks at 127.0.0.1:{port};")
