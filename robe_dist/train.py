@@ -61,6 +61,7 @@ from robe_dist.trainer.env import (
 )
 from robe_dist.trainer.evaluate import EvalStopped, evaluate
 from robe_dist.trainer.metrics_log import (
+    MetricsError,
     MetricsLog,
     RunningLoss,
     held_bytes,
@@ -677,7 +678,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             logger.error("%s", said)
         return 2
-    except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
+    except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError, MetricsError) as e:
         said = f"robe-train: {e}"
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("%s", said)

@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import re
+import resource
 import shutil
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -160,11 +161,11 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
 
     for phase in (make_dir, write_files, publish):  # each ends like a barrier
-        _on_every_rank(env, phase, f"writing checkpoint {final}")
+        _on_every_rank(env, phase, f"writing checkpoint {final}", ckpt_dir)
     return final
 
 
-def _on_every_rank(env: DistEnv, fn, what: str) -> None:
+def _on_every_rank(env: DistEnv, fn, what: str, directory: Optional[Path] = None) -> None:
     """Runs ``fn`` on every rank; if it fails with an OS error (a full disk, a path that cannot be
     a directory) on any rank, every rank raises ``CheckpointError`` naming the first, instead of
     one rank dying while the others wait in the next collective. The checkpoint being written is
@@ -178,11 +179,31 @@ def _on_every_rank(env: DistEnv, fn, what: str) -> None:
             rank, first = env.rank, e
             if getattr(e, "failures", None):  # DCP's: {rank: (exception, traceback)}, of every rank
                 rank, (first, _) = min(e.failures.items(), key=lambda kv: kv[0])
-            raise _RankError(f"rank {rank}: {type(first).__name__}: {first}") from None
+            why = f"{type(first).__name__}: {first}"
+            if not isinstance(first, OSError) and directory is not None:  # torch's zip writer says "unexpected pos"
+                why += _space_limits(directory)
+            raise _RankError(f"rank {rank}: {why}") from None
 
     failure = share_failure(env, run, (_RankError,))
     if failure is not None:
         raise CheckpointError(f"{what} failed ({failure[1]}); the last complete checkpoint is untouched")
+
+
+def _space_limits(directory: Path) -> str:
+    """What may have cut a write short without an ``OSError`` reaching us: little free space on
+    ``directory``'s file system, or a file size limit (``ulimit -f``)."""
+    found = []
+    try:
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        if free < 256 << 20:
+            found.append(f"{free:,} bytes free on its file system")
+    except OSError:
+        pass
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY:
+        found.append(f"a file size limit of {soft:,} bytes (ulimit -f)")
+    return f" (a short write? {' and '.join(found)})" if found else ""
 
 
 class _RankError(Exception):

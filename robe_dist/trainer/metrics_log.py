@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -99,15 +100,39 @@ def sum_over_ranks(value: int, env: DistEnv) -> int:
     return int(t.item())
 
 
+class MetricsError(RuntimeError):
+    """``metrics.jsonl`` cannot be opened or written (a full disk, a file size limit, ...)."""
+
+
+def _open_log(path: Path) -> int:
+    """An append-only descriptor of ``path``; a last line a failed write left unfinished (no
+    newline) is cut off first, so that every line stays one JSON object."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    if size:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+        if not tail.endswith(b"\n") and (b"\n" in tail or size <= len(tail)):
+            os.ftruncate(fd, size - len(tail) + tail.rfind(b"\n") + 1)
+    return fd
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``<run dir>/metrics.jsonl`` and shows progress: a tqdm
     bar when stderr is a terminal, else one plain line per train record (logs, CI). Rank 0 only
-    (other ranks get no-ops)."""
+    (other ranks get no-ops). A record is one ``write``; one that fails (``MetricsError``) leaves
+    the file as it was."""
 
     def __init__(self, run_dir: Path, env: DistEnv, total_steps: int, start_step: int, progress_bar: bool) -> None:
         self.enabled = env.is_main
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1) if self.enabled else None
+        self._fd: Optional[int] = None
+        if self.enabled:
+            try:
+                self._fd = _open_log(self.path)
+            except OSError as e:
+                raise MetricsError(f"{self.path}: cannot be opened for writing ({e.strerror or e})") from None
         self.start_time = time.time()
         self._bar = None
         self._total = total_steps
@@ -119,7 +144,21 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"kind": kind, **fields, "time_s": round(time.time() - self.start_time, 3)}
-        self._file.write(json.dumps(record) + "\n")
+        data = (json.dumps(record) + "\n").encode()
+        before = None
+        try:
+            before = os.fstat(self._fd).st_size
+            view = memoryview(data)
+            while view:  # (a short write, then the one that says why: a full disk, a size limit)
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            if before is not None:
+                try:  # no half record left behind
+                    os.ftruncate(self._fd, before)
+                except OSError:
+                    pass
+            raise MetricsError(f"{self.path}: cannot be written ({e.strerror or e}); the run stops, and --resume "
+                               "continues from its last checkpoint") from None  # fmt: skip
 
     def progress(self, steps: int, step: int, **postfix: Any) -> None:
         """``steps`` more steps done (now at ``step``); ``postfix``: what to show next to the count."""
@@ -140,5 +179,6 @@ class MetricsLog:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._file is not None:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

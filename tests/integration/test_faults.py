@@ -328,3 +328,23 @@ def test_sigterm_while_torch_is_imported_ends_in_one_line(tmp_path, entry):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robe-train: interrupted by SIGTERM"), err[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_a_checkpoint_cut_short_by_a_file_size_limit_says_why_and_resume_continues(tmp_path, data_dir, reference):
+    """A full disk or ``ulimit -f`` in the middle of a shard: torch's zip writer reports only
+    "unexpected pos"; the one line also names the limit. The last complete checkpoint stays, and
+    a resume without the limit reaches the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "robe_dist.train", "--run-dir", str(run)]
+    for o in [*SMALL, f"data.path={data_dir}", *LONG]:
+        args += ["--set", o]
+    limited = subprocess.run(["bash", "-c", 'ulimit -f 1000; exec "$@"', "-", *args], cwd=REPO, capture_output=True,
+                             text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert limited.returncode == 2, limited.stderr[-3000:]
+    (line,) = [line for line in limited.stderr.splitlines() if line.startswith("robe-train:") or "robe-train:" in line]
+    assert "writing checkpoint" in line and ("file size limit of 1,024,000 bytes" in line or "File too large" in line), line
+    assert "Traceback" not in limited.stderr
+    ok(train(run, data_dir, *LONG, resume=True))
+    a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
