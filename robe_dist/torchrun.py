@@ -52,12 +52,21 @@ def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
     causes = [c for _, c in sorted(codes.items()) if c not in STOPPED_BY_AGENT and c != PEER_LOST]
     if causes and all(c in EXPLAINED for c in causes):
         return causes[0], None
-    listed = ", ".join(f"rank {r} status {c}" for r, c in sorted(codes.items()))
+    listed = ", ".join(f"rank {r} status {c}{_signal_name(c)}" for r, c in sorted(codes.items()))
     if not causes:
         return 1, (f"torchrun: workers failed ({listed}); none said why: a worker was killed or stopped from outside "
                    "(out of memory? the kernel log says)")  # fmt: skip
     first = causes[0]
+    if all(c < 0 for c in causes):  # killed by a signal (SIGSEGV, SIGBUS: a memory-mapped file cut short): no output
+        return 1, f"torchrun: workers failed ({listed}): killed by a signal, with nothing printed"
     return (first if 0 < first < 256 else 1), f"torchrun: workers failed ({listed}); their output above says why"
+
+
+def _signal_name(status: int) -> str:
+    try:
+        return f" ({signal.Signals(-status).name})" if status < 0 else ""
+    except ValueError:
+        return ""
 
 
 def main(argv: Optional[List[str]] = None) -> int:

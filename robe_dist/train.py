@@ -230,7 +230,8 @@ class Trainer:
                 "TrainPipelineSparseDist cannot trace it, training with TrainPipelineBase (plain loop)"
             )
             self.pipeline = TrainPipelineBase(self.model, self.optimizer, env.device)
-        self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size)
+        self.state = ckpt.TrainerState(world_size=env.world_size, global_batch_size=cfg.train.global_batch_size,
+                                       train_rows=self.data.split_rows("train"))  # fmt: skip
         self._sent_base = (0, 0, 0)  # bytes counted by the runs this one resumed
         # TorchRec's all-to-alls (sharded tables) are counted where they are called; evaluation
         # and checkpoints pause it (robe_dist.distributed.comm_counter)
@@ -256,6 +257,14 @@ class Trainer:
         if not (path / "trainer_state.json").is_file():
             raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
+        rows = self.data.split_rows("train")
+        if self.state.train_rows is not None and self.state.train_rows != rows:
+            raise DataError(
+                f"--resume {path}: the checkpoint was written on a training split of {self.state.train_rows:,} rows, "
+                f"data.path {self.data.path} now has {rows:,}: its data position (epoch {self.state.epoch}, batch "
+                f"{self.state.step_in_epoch}) would point at other rows. Resume on the data it was trained on"
+            )
+        self.state.train_rows = rows
         self.state.world_size = self.env.world_size
         self._sent_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes, self.state.alltoall_bytes)
         self.last_checkpoint = path
@@ -530,33 +539,34 @@ class RunDirError(RuntimeError):
 
 
 class RunDirLock:
-    """An exclusive ``flock`` on ``RUN_DIR/.lock``, held by rank 0 for the whole run: a second
-    robe-train in the same run dir (a double submission, a run started twice) is refused at once
-    instead of both writing checkpoints and ``metrics.jsonl``. Where the file system has no
-    ``flock`` (some NFS mounts) it goes on without one, as the data cache's lock does."""
+    """An exclusive ``flock`` on the run directory itself, held by rank 0 for the whole run: a
+    second robe-train in the same run dir (a double submission, a run started twice) is refused
+    at once instead of both writing checkpoints and ``metrics.jsonl``. (On the directory, not on a
+    file in it: a lock file deleted while the run lives would let a second run in.) Where the file
+    system has no ``flock`` (some NFS mounts) it goes on without one, as the data cache's lock does."""
 
     def __init__(self) -> None:
-        self._fh = None
+        self._fd: Optional[int] = None
 
     def acquire(self, run_dir: Path) -> None:
-        fh = open(run_dir / ".lock", "a")
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.close()
+            os.close(fd)
             raise RunDirError(
-                f"--run-dir {run_dir} is in use by another robe-train (it holds {run_dir / '.lock'}): let it end, "
-                "or choose another --run-dir"
+                f"--run-dir {run_dir} is in use by another robe-train (it holds a lock on the directory): let it "
+                "end, or choose another --run-dir"
             ) from None
         except OSError:  # no flock here
-            fh.close()
+            os.close(fd)
             return
-        self._fh = fh
+        self._fd = fd
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # (closing releases the lock)
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)  # (closing releases the lock)
+            self._fd = None
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[str], lock: RunDirLock) -> None:
@@ -567,6 +577,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[s
             raise RunDirError(f"--run-dir {run_dir} is a file, expected a directory")
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire(run_dir)
+        for left in run_dir.glob(".config.yaml.*.tmp"):  # left by a run killed while writing it
+            left.unlink(missing_ok=True)
         if resume is None and ckpt.list_checkpoints(ckpt_dir):
             raise RunDirError(
                 f"{ckpt_dir} already holds checkpoints of an earlier run: pass --resume to continue it, or "
@@ -595,8 +607,11 @@ def commit_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[st
         if resume is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, run_dir / "config.yaml")
+        try:
+            tmp.write_text(to_yaml(cfg))
+            os.replace(tmp, run_dir / "config.yaml")
+        finally:
+            tmp.unlink(missing_ok=True)  # (a write that failed leaves nothing behind)
 
     try:
         on_rank0(env, write, (OSError,))

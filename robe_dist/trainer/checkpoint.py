@@ -81,6 +81,9 @@ class TrainerState:
     alltoall_bytes: int = 0
     """Bytes rank 0 sent to other ranks in training all-to-alls (sharded tables: ids, pooled
     embeddings, their gradients), counted where sent (robe_dist.distributed.comm_counter)."""
+    train_rows: Optional[int] = None
+    """Rows of the training split the data position counts in (``None``: a checkpoint written
+    before it was recorded). A resume on a split of another size is refused."""
     eval_pending: bool = False
     """A stop signal came at a step where a validation was due, before it ran: the resumed run
     runs it first (so it stops on ``train.target_auc`` where an uninterrupted run would)."""
@@ -245,15 +248,26 @@ def check_shared_dir(ckpt_dir: Path, env: DistEnv) -> None:
         CheckpointError: on every rank, naming the ranks that do not see the token.
         OSError: rank 0 cannot make the directory or write in it (on every rank).
     """
-    if env.world_size == 1:
-        return
     token = [f".robe_dist_shared_{random.SystemRandom().getrandbits(64):016x}"]
 
-    def write_token() -> None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / token[0]).write_text("robe-train checks that every rank sees this directory\n")
+    def write_token() -> None:  # (on one process too: a directory that cannot be made or written
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # is found now, not at the first save)
+        for left in ckpt_dir.glob(".robe_dist_shared_*"):  # left by a run killed during this check
+            left.unlink(missing_ok=True)
+        try:
+            (ckpt_dir / token[0]).write_text("robe-train checks that every rank sees this directory\n")
+        finally:
+            if env.world_size == 1:
+                (ckpt_dir / token[0]).unlink(missing_ok=True)
 
-    on_rank0(env, write_token, (OSError,))
+    try:
+        on_rank0(env, write_token, (OSError,))
+    except OSError:
+        if env.is_main:
+            (ckpt_dir / token[0]).unlink(missing_ok=True)
+        raise
+    if env.world_size == 1:
+        return
     dist.broadcast_object_list(token, src=0)
     seen = [None] * env.world_size
     dist.all_gather_object(seen, (ckpt_dir / token[0]).is_file())

@@ -245,18 +245,47 @@ def test_checkpoint_of_another_robe_seed_is_refused(tmp_path, data_dir, five_ste
 
 def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path, data_dir, five_steps):
     """A run started twice (a double submission) must not write checkpoints and metrics.jsonl
-    from two processes: the second finds the first's lock and stops in one line."""
+    from two processes: the second finds the first's lock on the run dir and stops in one line."""
     import fcntl
 
     run = tmp_path / "run"
     shutil.copytree(five_steps, run)
     before = sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "metrics.jsonl").read_bytes()
-    with open(run / ".lock", "a") as held:
+    held = os.open(run, os.O_RDONLY)
+    try:
         fcntl.flock(held, fcntl.LOCK_EX)  # as the running robe-train holds it
         p = train(run, data_dir, "train.max_steps=8", resume=True)
+    finally:
+        os.close(held)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert f"--run-dir {run} is in use by another robe-train" in p.stderr
     assert (sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "metrics.jsonl").read_bytes()) == before
+
+
+def test_resume_on_a_training_split_of_another_size_is_refused(tmp_path, data_dir, five_steps):
+    """The data position (epoch, batch) counts batches of the split the checkpoint was trained on:
+    on a split with a day more or less it would point at other rows (or past the epoch's end,
+    where it failed with a traceback inside islice). One line naming both sizes, exit 2."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    other = tmp_path / "fewer_rows"
+    p = train(run, other, "train.max_steps=8", "data.synthetic_rows=40000", resume=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    said = [line for line in p.stderr.splitlines() if "robe-train:" in line]
+    assert len(said) == 1 and "the checkpoint was written on a training split of 52,500 rows" in said[0], said
+    assert f"data.path {other} now has 35,000" in said[0]
+
+
+def test_a_checkpoint_dir_that_cannot_be_made_is_refused_before_any_step_on_one_process(tmp_path, data_dir, five_steps):
+    """On several processes the shared-directory check found it at the start; on one it used to
+    train until the first save (the default config saves every 500 steps)."""
+    (tmp_path / "a_file").write_text("not a directory")
+    run = tmp_path / "run"
+    p = train(run, data_dir, f"checkpoint.dir={tmp_path / 'a_file' / 'checkpoints'}", "train.max_steps=30")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "/a_file/checkpoints: cannot be made or written ([Errno 20] Not a directory" in p.stderr
+    assert not (run / "metrics.jsonl").exists() or not records(run, "train")
+    assert not list(run.glob(".config.yaml.*.tmp"))
 
 
 def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir, five_steps):

@@ -30,6 +30,7 @@ def test_explained_statuses_pass_through_silently(codes, status):
         ({0: 4, 1: 1}, 1),  # rank 1 crashed, rank 0's collective failed: the crash's status
         ({0: 4, 1: 4}, 1),  # every rank says another left first: nothing explains it
         ({0: 4, 1: -9}, 1),  # rank 1 killed from outside (OOM killer), rank 0's collective failed
+        ({0: -7, 1: -7}, 1),  # SIGBUS (a data file cut short while memory-mapped): nothing printed
     ],
 )
 def test_other_failures_are_listed_in_one_line(codes, status):
@@ -95,3 +96,10 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so(tmp_path):
         proc.kill()
         proc.communicate()
     assert line.startswith(f"robe-train: rank 0 of 2 has waited 1 s for the other ranks at 127.0.0.1:{port};")
+
+
+def test_a_worker_killed_by_a_signal_is_named_and_not_said_to_have_explained_itself():
+    _, line = exit_status({0: -7, 1: -7})
+    assert "rank 0 status -7 (SIGBUS)" in line and "killed by a signal, with nothing printed" in line
+    _, line = exit_status({0: 1, 1: -11})
+    assert "rank 1 status -11 (SIGSEGV)" in line and "their output above says why" in line
