@@ -189,7 +189,9 @@ def _on_every_rank(env: DistEnv, fn, what: str, directory: Optional[Path] = None
 
     failure = share_failure(env, run, (_RankError,))
     if failure is not None:
-        raise CheckpointError(f"{what} failed ({failure[1]}); the last complete checkpoint is untouched")
+        last = latest_checkpoint(directory) if directory is not None else None
+        kept = f"the last complete checkpoint, {last}, is untouched" if last else "no complete checkpoint was written before it"
+        raise CheckpointError(f"{what} failed ({failure[1]}); {kept}")
 
 
 def _space_limits(directory: Path) -> str:

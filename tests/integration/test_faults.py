@@ -344,6 +344,7 @@ def test_a_checkpoint_cut_short_by_a_file_size_limit_says_why_and_resume_continu
     assert limited.returncode == 2, limited.stderr[-3000:]
     (line,) = [line for line in limited.stderr.splitlines() if line.startswith("robe-train:") or "robe-train:" in line]
     assert "writing checkpoint" in line and ("file size limit of 1,024,000 bytes" in line or "File too large" in line), line
+    assert line.endswith("no complete checkpoint was written before it"), line  # (the first save, at step 50)
     assert "Traceback" not in limited.stderr
     ok(train(run, data_dir, *LONG, resume=True))
     a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
