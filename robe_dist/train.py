@@ -652,6 +652,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     trainer: Optional[Trainer] = None
     together = True  # False: this rank leaves because of an error the others may not have met
     said: Optional[str] = None  # the line rank 0 says for an error every rank should meet
+    explained = False  # leaving on an error this rank has said (rank 0's metrics.jsonl)
     # a signal during start-up (making data, building the model) is kept for its end
     stop_request = StopRequest()
     stop_request.install()
@@ -693,7 +694,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.is_main:
             logger.error("%s", said)
         return 2
-    except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError, MetricsError) as e:
+    except MetricsError as e:  # rank 0 alone writes metrics.jsonl: no other rank will stop with it, none waits
+        together, explained = False, True
+        logger.error("robe-train: %s", e)
+        return 2
+    except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
         said = f"robe-train: {e}"
         if env.is_main:  # every rank meets the same error: rank 0 says it
             logger.error("%s", said)
@@ -707,6 +712,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     finally:
         stop_request.uninstall()
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if said is not None or explained:
+            # leaving with a status of our own, said in one line: torchrun, stopping this worker
+            # because another left first, must not turn it into -15 ("none said why"); cli() keeps
+            # it so until the process has exited
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         run_dir_lock.release()
         if CommCounter._installed is not None:
             CommCounter._installed.uninstall()
@@ -721,6 +732,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"robe-train: rank {env.rank}: {said.removeprefix('robe-train: ')} (the other ranks did not stop "
             f"with it within {SHUTDOWN_WAIT_S:.0f} s; ending the job)")  # fmt: skip
         shutdown(wait_for_all=together, timeout_s=None if said is None else SHUTDOWN_WAIT_S, alone=alone)
+        signal.signal(signal.SIGTERM, on_sigterm)
     return 0
 
 
@@ -731,9 +743,14 @@ def cli() -> None:
     ROBE module's gradient hook refers to it weakly and the model's reference cycles are collected
     first, so gloo's threads are joined there, not during interpreter finalisation (where an
     earlier version saw rank 1 abort now and then, and left through ``os._exit``;
-    tests/integration/test_faults.py checks that no gloo thread outlives ``main()``).
+    tests/integration/test_faults.py checks that no gloo thread outlives ``main()``). A status
+    that robe-train has explained in one line is not replaced by torchrun's SIGTERM while the
+    interpreter exits (``main()`` ignores it while it leaves; so does this, until the exit).
     """
-    sys.exit(main())
+    code = main()
+    if code != 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,24 @@ def test_a_checkpoint_cut_short_by_a_file_size_limit_says_why_and_resume_continu
     ok(train(run, data_dir, *LONG, resume=True))
     a, b = final_weights(reference, 200, tmp_path), final_weights(run, 200, tmp_path)
     assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.integration
+def test_metrics_that_cannot_be_written_on_2_ranks_end_the_job_in_rank_0s_line(tmp_path, data_dir, reference):
+    """Only rank 0 writes metrics.jsonl: when it cannot (a full disk, here ``ulimit -f``), rank 0
+    says so and leaves at once; rank 1's collective fails (one line, status 4); the launcher
+    exits with rank 0's 2 (torchrun stopping rank 0 as it leaves must not turn it into -15)."""
+    args = [sys.executable, "-m", "robe_dist.torchrun", "--standalone", "--nproc_per_node=2", "-m", "robe_dist.train",
+            "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    for o in [*SMALL, f"data.path={data_dir}", *LONG, "train.log_every_steps=1", "checkpoint.every_steps=null",
+              "checkpoint.at_end=false"]:  # fmt: skip
+        args += ["--set", o]
+    p = subprocess.run(["bash", "-c", 'ulimit -f 12; exec "$@"', "-", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=180, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 2, p.stderr[-3000:]
+    said = [line for line in p.stderr.splitlines() if "robe-train:" in line or "torchrun:" in line]
+    assert len(said) == 2 and "metrics.jsonl: cannot be written (File too large)" in said[0], said
+    assert said[1].startswith("robe-train: rank 1: a collective failed because another rank stopped"), said
+    assert "Traceback" not in p.stderr
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # every line whole
