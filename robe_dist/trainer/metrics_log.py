@@ -141,13 +141,19 @@ class MetricsLog:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def write(self, kind: str, **fields: Any) -> None:
-        if not self.enabled:
+        if not self.enabled or self._fd is None:  # (None: closed, or lost with an error already raised)
             return
         record = {"kind": kind, **fields, "time_s": round(time.time() - self.start_time, 3)}
         data = (json.dumps(record) + "\n").encode()
         before = None
         try:
-            before = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if st.st_nlink == 0:  # deleted while the run lives: write to the path again, not to the void
+                os.close(self._fd)
+                self._fd = None
+                self._fd = _open_log(self.path)
+                st = os.fstat(self._fd)
+            before = st.st_size
             view = memoryview(data)
             while view:  # (a short write, then the one that says why: a full disk, a size limit)
                 view = view[os.write(self._fd, view) :]

@@ -45,3 +45,17 @@ def test_a_metrics_file_that_cannot_be_opened_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").mkdir()
     with pytest.raises(MetricsError, match=r"metrics.jsonl: cannot be opened for writing \(Is a directory\)"):
         MetricsLog(tmp_path, ENV, total_steps=10, start_step=0, progress_bar=False)
+
+
+def test_a_metrics_file_deleted_while_the_run_lives_is_written_again(tmp_path):
+    """Records went on into the unlinked file and were lost without a word."""
+    log = MetricsLog(tmp_path, ENV, total_steps=10, start_step=0, progress_bar=False)
+    log.write("start", step=0)
+    (tmp_path / "metrics.jsonl").unlink()
+    log.write("train", step=5)
+    assert lines(tmp_path / "metrics.jsonl") == ["train"]
+    (tmp_path / "metrics.jsonl").unlink()
+    tmp_path.rename(tmp_path.with_name(tmp_path.name + "_moved"))  # the run dir itself gone
+    with pytest.raises(MetricsError, match=r"metrics.jsonl: cannot be written \(No such file or directory\)"):
+        log.write("train", step=10)
+    log.close()
