@@ -256,8 +256,8 @@ class Trainer:
             return
         if not (path / "trainer_state.json").is_file():
             raise ckpt.CheckpointError(f"--resume {path}: not a complete checkpoint (no trainer_state.json)")
+        rows = self.state.train_rows  # this run's split (__init__)
         self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.cfg, self.env)
-        rows = self.data.split_rows("train")
         if self.state.train_rows is not None and self.state.train_rows != rows:
             raise DataError(
                 f"--resume {path}: the checkpoint was written on a training split of {self.state.train_rows:,} rows, "
@@ -651,8 +651,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("run %s: %d rank(s), %s, backend %s, run dir %s", cfg.name, env.world_size, env.device, env.backend, run_dir)
     trainer: Optional[Trainer] = None
     together = True  # False: this rank leaves because of an error the others may not have met
-    said: Optional[str] = None  # the line rank 0 says for an error every rank should meet
-    explained = False  # leaving on an error this rank has said (rank 0's metrics.jsonl)
+    said: Optional[str] = None  # the one line this run ends with (rank 0 says it; a rank alone, itself)
     # a signal during start-up (making data, building the model) is kept for its end
     stop_request = StopRequest()
     stop_request.install()
@@ -695,8 +694,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             logger.error("%s", said)
         return 2
     except MetricsError as e:  # rank 0 alone writes metrics.jsonl: no other rank will stop with it, none waits
-        together, explained = False, True
-        logger.error("robe-train: %s", e)
+        together, said = False, f"robe-train: {e}"
+        logger.error("%s", said)
         return 2
     except (DataError, FileExistsError, RunDirError, PlacementError, ckpt.CheckpointError) as e:
         said = f"robe-train: {e}"
@@ -713,7 +712,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         stop_request.uninstall()
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        if said is not None or explained:
+        if said is not None:
             # leaving with a status of our own, said in one line: torchrun, stopping this worker
             # because another left first, must not turn it into -15 ("none said why"); cli() keeps
             # it so until the process has exited

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
-from robe_dist.data.npy import partial_path
+from robe_dist.data.npy import npy_header, partial_path
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "robe_dist.criteo-npy"
@@ -169,18 +169,13 @@ def check_npy(path: Path, part: str | None = None) -> tuple[tuple[int, ...], np.
     header, C order, the file size its header needs, and (for a dataset ``part``) the dtype kind of
     :data:`PART_KINDS`. Raises :class:`DataError` naming the file. Reads no data."""
     try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            offset = f.tell()
+        shape, fortran, dtype, offset = npy_header(path)
         size = path.stat().st_size
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: not a readable .npy file ({first})") from None
-    shape = tuple(shape)
     if fortran:
         raise DataError(f"{path}: a Fortran-order .npy file; expected C order (as numpy.save writes by default)")
     if part in PART_KINDS:

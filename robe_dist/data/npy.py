@@ -100,17 +100,14 @@ def commit(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of an ``.npy`` file, read from its header only."""
+def npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the data) of an ``.npy`` file, from its header only
+    (numpy's errors for a file that is not one: ``ValueError``, ``EOFError``, ...)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    if fortran:
-        raise ValueError(f"{path}: Fortran-order .npy files are not supported")
-    return tuple(shape), dtype
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return tuple(shape), fortran, dtype, f.tell()
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
