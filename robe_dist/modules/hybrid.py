@@ -46,7 +46,16 @@ def _split_hot(
     values, lengths = features.values(), features.lengths()
     slots = [slot_of.get(k, -1) for k in features.keys()]
     num_keys = len(slots)
-    ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
+    if features.variable_stride_per_key():  # (VBE: each key's bags end where its batch does)
+        strides = features.stride_per_key()
+        bounds = kept_with(hot_keys, "_robe_key_ends", tuple(strides),
+                           lambda: torch.tensor(strides, dtype=torch.long).cumsum(0).to(hot_keys.device))  # fmt: skip
+        ends = features.offsets()[bounds]
+        batch = {"stride_per_key_per_rank": features.stride_per_key_per_rank(),
+                 "inverse_indices": features.inverse_indices_or_none()}  # fmt: skip
+    else:
+        ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)
+        batch = {"stride": features.stride()}
     key_of_value = torch.searchsorted(ends, torch.arange(values.numel(), device=values.device), right=True)
     # the slot of every key, kept on the device per key order (built from the list at every step,
     # it would be a blocking host-to-device copy on CUDA, which no CUDA graph can hold)
@@ -62,10 +71,8 @@ def _split_hot(
     hot = split & (hot_keys[pos] == query) & (ids >= 0) & (ids < (1 << HOT_ID_BITS))
     row = torch.where(hot, pos - hot_base[slot0], hot_rows[slot0])
     hot_values = torch.where(split, row, torch.zeros_like(row)).to(values.dtype)
-    robe_input = KeyedJaggedTensor(
-        keys=features.keys(), values=values, weights=(~hot).float(), lengths=lengths, stride=features.stride()
-    )
-    hot_input = KeyedJaggedTensor(keys=features.keys(), values=hot_values, lengths=lengths, stride=features.stride())
+    robe_input = KeyedJaggedTensor(keys=features.keys(), values=values, weights=(~hot).float(), lengths=lengths, **batch)
+    hot_input = KeyedJaggedTensor(keys=features.keys(), values=hot_values, lengths=lengths, **batch)
     return robe_input, hot_input
 
 

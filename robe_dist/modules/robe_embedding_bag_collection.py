@@ -68,8 +68,6 @@ def _lookup_inputs(
         raise TypeError(
             f"RobeEmbeddingBagCollection: ids must be an integer tensor (int64 or int32), got {values.dtype}"
         )
-    if features.variable_stride_per_key():
-        raise ValueError("RobeEmbeddingBagCollection: variable batch per feature (VBE) is not supported")
     weights = None
     if weighted:
         weights = features.weights_or_none()
@@ -77,12 +75,15 @@ def _lookup_inputs(
             raise ValueError("RobeEmbeddingBagCollection(is_weighted=True) needs a KeyedJaggedTensor with weights")
         weights = weights.to(array.dtype)
     keys = features.keys()
-    offsets, batch = features.offsets(), features.stride()
-    if offsets.numel() - 1 != len(keys) * batch:  # (shapes only: no host synchronisation)
-        raise ValueError(
-            f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {offsets.numel() - 1} lengths for {len(keys)} "
-            f"keys x batch (stride) {batch}; expected one length per key and sample"
-        )
+    if features.variable_stride_per_key():
+        offsets, batch = _padded_offsets(features, meta)
+    else:
+        offsets, batch = features.offsets(), features.stride()
+        if offsets.numel() - 1 != len(keys) * batch:  # (shapes only: no host synchronisation)
+            raise ValueError(
+                f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {offsets.numel() - 1} lengths for "
+                f"{len(keys)} keys x batch (stride) {batch}; expected one length per key and sample"
+            )
     if keys != feature_names:
 
         def variant() -> torch.Tensor:  # once per key order
@@ -102,6 +103,71 @@ def _lookup_inputs(
     return values, weights, offsets, meta, batch
 
 
+def _padded_offsets(features: KeyedJaggedTensor, holder: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """``(offsets, batch)`` of a variable-batch (VBE) input as the kernels read one: every key
+    given ``batch = max(stride_per_key())`` bags, its own followed by empty ones. The values keep
+    their order; the pooled rows of the padding are never read (``_expand_variable_batch``)."""
+    strides = features.stride_per_key()
+    lengths = features.lengths()
+    if lengths.numel() != sum(strides):  # (shapes only: no host synchronisation)
+        raise ValueError(
+            f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for its keys' "
+            f"batch sizes (stride_per_key) {strides}, which add up to {sum(strides)}; expected one length per bag"
+        )
+    batch = max(strides, default=0)
+    if all(s == batch for s in strides):
+        padded = lengths
+    else:
+        where = kept_with(holder, "_robe_vbe_rows", (batch, *strides), lambda: torch.cat(
+            [torch.arange(s, dtype=torch.long) + k * batch for k, s in enumerate(strides)]).to(holder.device))  # fmt: skip
+        padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
+    offsets = torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)])
+    return offsets, batch
+
+
+@torch.fx.wrap
+def _expand_variable_batch(
+    pooled: torch.Tensor, features: KeyedJaggedTensor, input_features: List[str], dims: List[int]
+) -> torch.Tensor:
+    """``pooled`` ``[B, sum of dims]`` as is, or for a variable-batch (VBE) input, each feature's
+    pooled rows expanded to the full batch by the input's ``inverse_indices`` (``[keys, B_out]``),
+    as TorchRec's ``EmbeddingBagCollection`` expands them: ``[B_out, sum of dims]``."""
+    if not features.variable_stride_per_key():
+        return pooled
+    found = features.inverse_indices_or_none()
+    if found is None:
+        raise ValueError(
+            "RobeEmbeddingBagCollection: a KeyedJaggedTensor with a variable batch per feature (VBE) needs "
+            "inverse_indices, which map each sample of the output batch to its bag in every feature"
+        )
+    inverse_keys, inverse = found
+    row = {k: i for i, k in enumerate(inverse_keys)}
+    missing = [f for f in dict.fromkeys(input_features) if f not in row]
+    if missing:
+        raise ValueError(f"RobeEmbeddingBagCollection: inverse_indices has no row for feature(s) {missing}")
+    if inverse.dim() != 2 or inverse.shape[0] != len(inverse_keys):
+        raise ValueError(
+            f"RobeEmbeddingBagCollection: inverse_indices must have one row per key ({len(inverse_keys)}), "
+            f"got shape {tuple(inverse.shape)}"
+        )
+    stride = dict(zip(features.keys(), features.stride_per_key()))
+    if inverse.device.type == "cpu" and not _tracing() and inverse.numel():  # (CUDA: no host synchronisation)
+        low, high = inverse.aminmax(dim=1)
+        for f in dict.fromkeys(input_features):
+            lo, hi = int(low[row[f]]), int(high[row[f]])
+            if lo < 0 or hi >= stride[f]:
+                raise ValueError(
+                    f"RobeEmbeddingBagCollection: inverse_indices of feature {f!r} run over [{lo}, {hi}], "
+                    f"outside its {stride[f]} bags (stride_per_key)"
+                )
+    inverse = inverse.to(pooled.device)
+    parts, col = [], 0
+    for f, d in zip(input_features, dims):
+        parts.append(pooled[:, col : col + d].index_select(0, inverse[row[f]]))
+        col += d
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """A collection of pooled embedding tables that all live in ONE shared ROBE array.
 
@@ -110,7 +176,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     Instead of a ``num_embeddings x embedding_dim`` weight per table, the module holds one
     parameter ``array`` of ``robe.array_size`` floats; element ``j`` of the embedding of id ``x``
     in table ``t`` is ``array[start(t, x, j // Z) + j % Z]`` (docs/robe.md). Pooling: SUM or
-    MEAN, multi-hot bags, empty bags (zeros), per-sample weights (``is_weighted``).
+    MEAN, multi-hot bags, empty bags (zeros), per-sample weights (``is_weighted``), a variable
+    batch per feature (VBE: ``stride_per_key_per_rank`` and ``inverse_indices``, expanded to the
+    full batch as TorchRec's collection expands it).
 
     Args:
         tables (List[EmbeddingBagConfig]): the tables; they share the array. ``embedding_dim``
@@ -427,7 +495,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._status.submit(status, self._describe_status(values, offsets, meta, batch))
         return KeyedTensor(
             keys=self._embedding_names,
-            values=pooled,
+            values=_expand_variable_batch(pooled, features, self._input_features, self._lengths_per_embedding),
             length_per_key=self._lengths_per_embedding,
         )
 
