@@ -488,7 +488,9 @@ class ShardedRobeEmbeddingBagCollection(
 def fusable_update(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> Tuple[str, Dict[str, Any]]:
     """``(kind, param_group)``: the update of ``optimizer`` on ``array`` that the kernels can apply
     inside the backward (``"sgd"`` or ``"adagrad"``) and the group holding ``array``.
-    ``ValueError`` naming the setting that prevents it."""
+    ``ValueError`` naming the setting that prevents it (``TypeError`` for what is no optimiser)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}: expected a torch.optim.Optimizer holding the ROBE array, got {type(optimizer).__name__}")
     group = next((g for g in optimizer.param_groups if any(p is array for p in g["params"])), None)
     if group is None:
         raise ValueError(f"{where}: the optimizer does not hold the ROBE array")

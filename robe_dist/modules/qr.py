@@ -59,15 +59,23 @@ def qr_rows(num_embeddings: int, max_rows: int) -> int:
 
 @torch.fx.wrap
 def _split_ids(
-    features: KeyedJaggedTensor, keys: List[str], collisions: List[int], out_keys: List[str], weighted: bool
+    features: KeyedJaggedTensor, keys: List[str], collisions: List[int], out_keys: List[str], weighted: bool,
+    tables: List[EmbeddingBagConfig],
 ) -> KeyedJaggedTensor:
     """The inner collection's input: per table feature ``f`` with ``c > 0``, ``f@q`` (ids // c)
-    and ``f@r`` (ids % c); ``f`` itself where ``c == 0``. ``torch.fx.wrap``-ed: one call in a trace."""
+    and ``f@r`` (ids % c); ``f`` itself where ``c == 0``. ``torch.fx.wrap``-ed: one call in a trace.
+    On CPU, ids outside ``[0, num_embeddings)`` are refused, naming the table (a split table would
+    read the quotient table's last row for ids up to ``ceil(n / c) * c``)."""
     jts = features.to_dict()
     values, lengths, weights = [], [], []
-    for key, c in zip(keys, collisions):
+    for key, c, t in zip(keys, collisions, tables):
         jt = jts[key]
         v, length = jt.values(), jt.lengths()
+        if v.device.type == "cpu" and v.numel() and not torch.compiler.is_compiling():
+            lo, hi = (int(x) for x in v.aminmax())
+            if lo < 0 or hi >= t.num_embeddings:
+                raise ValueError(f"QREmbeddingBagCollection: ids of feature {key!r} (table {t.name!r}) must lie in "
+                                 f"[0, {t.num_embeddings}), got [{lo}, {hi}]")  # fmt: skip
         parts = [v] if c == 0 else [torch.div(v, c, rounding_mode="floor"), torch.remainder(v, c)]
         for part in parts:
             values.append(part)
@@ -200,7 +208,8 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings ``[B, sum of dims]`` in table order."""
-        inner = _split_ids(features, self._keys, self._collisions, self._inner_keys, self._is_weighted)
+        inner = _split_ids(features, self._keys, self._collisions, self._inner_keys, self._is_weighted,
+                           self._embedding_bag_configs)  # fmt: skip
         return _combine(self.ebc(inner), self._plan, self._keys, self._length_per_key, self._operation)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

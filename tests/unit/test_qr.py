@@ -116,3 +116,16 @@ def test_infeasible_budget_names_the_smallest_split():
     with pytest.raises(ValueError, match=f"at most 200 rows\\) takes {floor:,}"):
         qr_max_rows_for_budget(sizes, 8, floor - 1)
     assert qr_max_rows_for_budget(sizes, 8, floor) == m
+
+
+@pytest.mark.parametrize("ids,table", [([5, 10_000], "t_big"), ([-1], "t_big"), ([0], None)])
+def test_ids_outside_a_table_are_refused_naming_it(ids, table):
+    # 10,000 ids split at c = 39 have 257 quotient rows: id 10,000 (10,000 // 39 = 256) would read one
+    qr = QREmbeddingBagCollection(TABLES, max_rows=300)
+    kjt = KeyedJaggedTensor(keys=["big", "small", "mid"], values=torch.tensor([*ids, 29, 899]),
+                            lengths=torch.tensor([len(ids), 1, 1]))  # fmt: skip
+    if table is None:
+        assert qr(kjt).values().shape == (1, 24)
+        return
+    with pytest.raises(ValueError, match=rf"feature 'big' \(table '{table}'\) must lie in \[0, 10000\), got \[{min(ids)}, {max(ids)}\]"):
+        qr(kjt)

@@ -326,6 +326,8 @@ def test_fused_optimizer_refusals_name_the_setting():
     ]:
         with pytest.raises(ValueError, match=match):
             sharded.fuse_optimizer(opt)
+    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer holding the ROBE array, got str"):
+        sharded.fuse_optimizer("sgd")
     ddp = shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg), gradient_sync="ddp")
     with pytest.raises(ValueError, match="gradient_sync='ddp'"):
         ddp.fuse_optimizer(torch.optim.SGD([ddp.array], lr=0.1))
