@@ -128,9 +128,15 @@ class MetricsLog:
         self.enabled = env.is_main
         self.path = run_dir / "metrics.jsonl"
         self._fd: Optional[int] = None
+        self._dir_fd: Optional[int] = None
+        self._dir_id: Optional[tuple] = None
         if self.enabled:
             try:
                 self._fd = _open_log(self.path)
+                # held open: while it is, no new directory at the path can take its inode number
+                self._dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+                st = os.fstat(self._dir_fd)
+                self._dir_id = st.st_dev, st.st_ino
             except OSError as e:
                 raise MetricsError(f"{self.path}: cannot be opened for writing ({e.strerror or e})") from None
         self.start_time = time.time()
@@ -146,6 +152,16 @@ class MetricsLog:
         record = {"kind": kind, **fields, "time_s": round(time.time() - self.start_time, 3)}
         data = (json.dumps(record) + "\n").encode()
         before = None
+        try:
+            st = os.stat(self.path.parent)
+            found: Optional[tuple] = st.st_dev, st.st_ino
+        except FileNotFoundError:
+            found = None
+        if found != self._dir_id:  # (the checkpoints may already be in a new directory at the path)
+            raise MetricsError(
+                f"--run-dir {self.path.parent} was {'replaced' if found else 'deleted'} while the run was going, and "
+                "config.yaml and metrics.jsonl with it; the run stops"
+            )
         try:
             st = os.fstat(self._fd)
             if st.st_nlink == 0:  # deleted while the run lives: write to the path again, not to the void
@@ -188,3 +204,6 @@ class MetricsLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None

@@ -56,6 +56,22 @@ def test_a_metrics_file_deleted_while_the_run_lives_is_written_again(tmp_path):
     assert lines(tmp_path / "metrics.jsonl") == ["train"]
     (tmp_path / "metrics.jsonl").unlink()
     tmp_path.rename(tmp_path.with_name(tmp_path.name + "_moved"))  # the run dir itself gone
-    with pytest.raises(MetricsError, match=r"metrics.jsonl: cannot be written \(No such file or directory\)"):
+    with pytest.raises(MetricsError, match=r"--run-dir .* was deleted while the run was going, and config.yaml "
+                                           r"and metrics.jsonl with it; the run stops"):  # fmt: skip
         log.write("train", step=10)
+
+
+def test_a_run_dir_deleted_and_made_again_is_not_written_as_if_nothing_happened(tmp_path):
+    """A checkpoint saved after the run dir was deleted makes it again (checkpoints/); the
+    metrics used to go on in it with config.yaml and the earlier records silently gone."""
+    run = tmp_path / "run"
+    run.mkdir()
+    log = MetricsLog(run, ENV, total_steps=10, start_step=0, progress_bar=False)
+    log.write("start", step=0)
+    (run / "metrics.jsonl").unlink()
+    run.rmdir()
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(MetricsError, match=r"--run-dir .*run was replaced while the run was going"):
+        log.write("checkpoint", step=5)
+    assert not (run / "metrics.jsonl").exists()
     log.close()
