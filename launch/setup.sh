@@ -45,7 +45,7 @@ case "$STACK" in
 esac
 
 stamp_inputs() {
-  cat launch/setup.sh pyproject.toml setup.py robe_dist/csrc/*.cpp 2>/dev/null
+  cat launch/setup.sh pyproject.toml setup.py robe_dist/csrc/*.cpp robe_dist/csrc/*.h 2>/dev/null
   echo "$STACK"
 }
 want=$(stamp_inputs | sha256sum | cut -d' ' -f1)

@@ -74,6 +74,17 @@ def cpp_extension_problem() -> Optional[str]:
     return _C_PROBLEM
 
 
+def set_bus_error_message(line: str) -> bool:
+    """Has the process print ``line`` on stderr if it dies of SIGBUS, as it does when a
+    memory-mapped data file is truncated or replaced under it (inside NumPy, where no Python
+    handler can run); it still ends killed by SIGBUS. ``False`` without ``robe_dist._C``."""
+    install = getattr(_C, "set_bus_error_message", None)
+    if install is None:
+        return False
+    install(line)
+    return True
+
+
 def new_array(size: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A zeroed 1-D buffer for a ROBE array; on CPU, backed by transparent huge pages.
 

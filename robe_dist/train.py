@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 
+from robe_dist import ops
 from robe_dist.data.layout import DataError
 from robe_dist.distributed.comm_counter import CommCounter
 from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
@@ -183,6 +184,11 @@ class Trainer:
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
         self.data: RunData = prepare_data(cfg, env)
+        ops.set_bus_error_message(
+            f"robe-train: rank {env.rank}: bus error (SIGBUS) reading the memory-mapped data: a file under "
+            f"{self.data.path} was truncated or replaced while the run read it; the run stops, and --resume "
+            "continues from its last checkpoint on data made whole again"
+        )
 
         seed_everything(cfg.seed)
         num_embeddings = self.data.num_embeddings()

@@ -37,6 +37,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "bus_error.h"
 #include "hugepage.h"
 
 #if defined(__SSE__)
@@ -647,5 +648,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("robe_backward", &robe_backward);
   m.def("robe_backward_sgd", &robe_backward_sgd);
   m.def("hugepage_zeros", &robe_dist::hugepage_zeros);
+  m.def("set_bus_error_message", &robe_dist::set_bus_error_message);
   m.def("_slot_quotients", &slot_quotients);  // tests only
 }

@@ -1,7 +1,12 @@
 """How robe_dist.torchrun ends a run whose workers failed (the status and the one line)."""
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
+from robe_dist import ops
 from robe_dist.torchrun import exit_status, main
 
 
@@ -30,7 +35,8 @@ def test_explained_statuses_pass_through_silently(codes, status):
         ({0: 4, 1: 1}, 1),  # rank 1 crashed, rank 0's collective failed: the crash's status
         ({0: 4, 1: 4}, 1),  # every rank says another left first: nothing explains it
         ({0: 4, 1: -9}, 1),  # rank 1 killed from outside (OOM killer), rank 0's collective failed
-        ({0: -7, 1: -7}, 1),  # SIGBUS (a data file cut short while memory-mapped): nothing printed
+        ({0: -7, 1: -7}, 1),  # SIGBUS (a data file cut short while memory-mapped): robe-train's line above
+        ({0: -11, 1: -15}, 1),  # SIGSEGV: nothing printed
     ],
 )
 def test_other_failures_are_listed_in_one_line(codes, status):
@@ -100,6 +106,30 @@ def test_a_rank_waiting_for_ranks_that_never_come_says_so(tmp_path):
 
 def test_a_worker_killed_by_a_signal_is_named_and_not_said_to_have_explained_itself():
     _, line = exit_status({0: -7, 1: -7})
-    assert "rank 0 status -7 (SIGBUS)" in line and "killed by a signal, with nothing printed" in line
+    assert "rank 0 status -7 (SIGBUS)" in line and "killed by a signal; a rank's bus error is explained above" in line
+    _, line = exit_status({0: -11, 1: -15})
+    assert "rank 0 status -11 (SIGSEGV)" in line and "killed by a signal, with nothing printed" in line
     _, line = exit_status({0: 1, 1: -11})
     assert "rank 1 status -11 (SIGSEGV)" in line and "their output above says why" in line
+
+
+BUS_ERROR = """
+import sys, numpy as np, torch
+from robe_dist import ops
+np.save(sys.argv[1], np.arange(1 << 20, dtype=np.int64))
+data = np.load(sys.argv[1], mmap_mode="r")
+assert ops.set_bus_error_message("robe-train: rank 0: bus error (SIGBUS) reading the memory-mapped data")
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(4096)  # as a data file rewritten under the run
+print(int(data[-1]))  # the page is gone: SIGBUS
+"""
+
+
+@pytest.mark.skipif(not ops.has_cpp_extension(), reason="needs robe_dist._C")
+def test_a_memory_mapped_file_cut_short_ends_the_process_with_one_line(tmp_path):
+    """The process used to die of SIGBUS inside NumPy with nothing printed (a shell says "Bus error")."""
+    done = subprocess.run([sys.executable, "-c", BUS_ERROR, str(tmp_path / "ids.npy")], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == -signal.SIGBUS.value  # still killed by the signal, as torchrun expects
+    assert done.stderr.strip().splitlines()[-1] == "robe-train: rank 0: bus error (SIGBUS) reading the memory-mapped data"
+    assert done.stdout == ""
