@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from robe_dist import ops
 from robe_dist.inference.export import FORMAT_VERSION, META_FILE, ExportError, is_or_inside
 
 
@@ -319,6 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     skipped += ": their lines in the scores say nan"
         else:
             check_dataset_ids(meta, args.data)
+            ops.set_bus_error_message(f"robe-predict: bus error (SIGBUS) reading the memory-mapped data: a file under "
+                                      f"{args.data} was truncated or replaced while it was read; nothing was written")  # fmt: skip
             probs, labels = score_split(model, args.data, split, args.batch_size, meta.get("multi_hot", False))
         seconds = time.time() - t0
         if args.out is not None:
