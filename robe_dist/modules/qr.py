@@ -60,7 +60,7 @@ def qr_rows(num_embeddings: int, max_rows: int) -> int:
 @torch.fx.wrap
 def _split_ids(
     features: KeyedJaggedTensor, keys: List[str], collisions: List[int], out_keys: List[str], weighted: bool,
-    tables: List[EmbeddingBagConfig],
+    tables: List[str], sizes: List[int],
 ) -> KeyedJaggedTensor:
     """The inner collection's input: per table feature ``f`` with ``c > 0``, ``f@q`` (ids // c)
     and ``f@r`` (ids % c); ``f`` itself where ``c == 0``. ``torch.fx.wrap``-ed: one call in a trace.
@@ -68,14 +68,14 @@ def _split_ids(
     read the quotient table's last row for ids up to ``ceil(n / c) * c``)."""
     jts = features.to_dict()
     values, lengths, weights = [], [], []
-    for key, c, t in zip(keys, collisions, tables):
+    for key, c, table, n in zip(keys, collisions, tables, sizes):
         jt = jts[key]
         v, length = jt.values(), jt.lengths()
         if v.device.type == "cpu" and v.numel() and not torch.compiler.is_compiling():
             lo, hi = (int(x) for x in v.aminmax())
-            if lo < 0 or hi >= t.num_embeddings:
-                raise ValueError(f"QREmbeddingBagCollection: ids of feature {key!r} (table {t.name!r}) must lie in "
-                                 f"[0, {t.num_embeddings}), got [{lo}, {hi}]")  # fmt: skip
+            if lo < 0 or hi >= n:
+                raise ValueError(f"QREmbeddingBagCollection: ids of feature {key!r} (table {table!r}) must lie in "
+                                 f"[0, {n}), got [{lo}, {hi}]")  # fmt: skip
         parts = [v] if c == 0 else [torch.div(v, c, rounding_mode="floor"), torch.remainder(v, c)]
         for part in parts:
             values.append(part)
@@ -202,6 +202,9 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._operation = operation
         self._length_per_key = [t.embedding_dim for t in tables]
         self._embedding_bag_configs = list(tables)
+        # (plain lists for _split_ids: FX records no EmbeddingBagConfig as an argument)
+        self._table_names = [t.name for t in tables]
+        self._table_sizes = [t.num_embeddings for t in tables]
         self._is_weighted = is_weighted
         self.max_rows = max_rows
         self.ebc = EmbeddingBagCollection(inner, is_weighted=is_weighted, device=device)
@@ -209,7 +212,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings ``[B, sum of dims]`` in table order."""
         inner = _split_ids(features, self._keys, self._collisions, self._inner_keys, self._is_weighted,
-                           self._embedding_bag_configs)  # fmt: skip
+                           self._table_names, self._table_sizes)  # fmt: skip
         return _combine(self.ebc(inner), self._plan, self._keys, self._length_per_key, self._operation)
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

@@ -129,3 +129,15 @@ def test_ids_outside_a_table_are_refused_naming_it(ids, table):
         return
     with pytest.raises(ValueError, match=rf"feature 'big' \(table '{table}'\) must lie in \[0, 10000\), got \[{min(ids)}, {max(ids)}\]"):
         qr(kjt)
+
+
+def test_traced_as_torchrecs_pipelines_trace_it():
+    """TrainPipelineSparseDist traces the model: every argument of the wrapped calls must be one
+    FX can record (an EmbeddingBagConfig is not)."""
+    from torchrec.fx import symbolic_trace
+
+    qr = QREmbeddingBagCollection(TABLES, max_rows=300)
+    traced = symbolic_trace(qr)
+    kjt = KeyedJaggedTensor(keys=["big", "small", "mid"], values=torch.tensor([9_999, 5, 29, 899]),
+                            lengths=torch.tensor([2, 1, 1]))  # fmt: skip
+    assert torch.equal(traced(kjt).values(), qr(kjt).values())
