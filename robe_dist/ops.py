@@ -301,7 +301,8 @@ def check_inputs(array, values, weights, offsets, meta, batch) -> None:
         problems.append(f"values (ids) must be 1-D int64 or int32, got {values.dtype} {tuple(values.shape)}")
     if offsets.dim() != 1 or offsets.dtype not in _INDEX_DTYPES:
         problems.append(f"offsets must be 1-D int64 or int32, got {offsets.dtype} {tuple(offsets.shape)}")
-    elif batch < 0 or (offsets.shape[0] - 1) % max(batch, 1) != 0:
+    elif not isinstance(batch, torch.SymInt) and (batch < 0 or (offsets.shape[0] - 1) % max(batch, 1) != 0):
+        # (a SymInt: a compiled variable batch, whose padded offsets hold K * batch + 1 by construction)
         problems.append(f"offsets must hold K * batch + 1 entries (batch {batch}), got {offsets.shape[0]}")
     if meta.dim() != 2 or meta.shape[1] != META_COLUMNS or meta.dtype != torch.int64:
         problems.append(f"meta must be int64 [F, {META_COLUMNS}], got {meta.dtype} {tuple(meta.shape)}")

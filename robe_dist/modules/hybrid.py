@@ -17,7 +17,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist.config import RobeConfig
-from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, kept_with
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, kept_with, to_device_async
 
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
@@ -49,9 +49,12 @@ def _split_hot(
     if features.variable_stride_per_key():  # (VBE: each key's bags end where its batch does)
         strides = features.stride_per_key()
         bounds = kept_with(hot_keys, "_robe_key_ends", tuple(strides),
-                           lambda: torch.tensor(strides, dtype=torch.long).cumsum(0).to(hot_keys.device))  # fmt: skip
+                           lambda: to_device_async(torch.tensor(strides, dtype=torch.long).cumsum(0), hot_keys.device))  # fmt: skip
         ends = features.offsets()[bounds]
-        batch = {"stride_per_key_per_rank": features.stride_per_key_per_rank(),
+        # (the KJT's own tensor, as TorchRec's KJT methods pass it: under torch.compile its
+        # constructor takes no list)
+        per_rank = getattr(features, "_stride_per_key_per_rank", None)
+        batch = {"stride_per_key_per_rank": per_rank if isinstance(per_rank, torch.Tensor) else features.stride_per_key_per_rank(),
                  "inverse_indices": features.inverse_indices_or_none()}  # fmt: skip
     else:
         ends = torch.cumsum(lengths.view(num_keys, -1).sum(dim=1), dim=0)

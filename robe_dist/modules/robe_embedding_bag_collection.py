@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
@@ -47,6 +48,14 @@ def kept_with(holder: torch.Tensor, name: str, key: Hashable, make: Callable[[],
         with torch.inference_mode(False):
             value = cache[key] = make()
     return value
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t``, a small CPU tensor made on the host, on ``device``: to CUDA by a pinned,
+    non-blocking copy, which does not wait for the device (a pageable one would)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @torch.fx.wrap
@@ -109,6 +118,12 @@ def _padded_offsets(features: KeyedJaggedTensor, holder: torch.Tensor) -> Tuple[
     their order; the pooled rows of the padding are never read (``_expand_variable_batch``)."""
     strides = features.stride_per_key()
     lengths = features.lengths()
+    if torch.compiler.is_compiling():  # strides read from the KJT's tensor: unbacked sizes, no branches
+        torch._check(lengths.numel() == sum(strides))
+        batch = functools.reduce(torch.sym_max, strides, 0)
+        where = torch.cat([torch.arange(s, device=lengths.device) + k * batch for k, s in enumerate(strides)])
+        padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
+        return torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)]), batch
     if lengths.numel() != sum(strides):  # (shapes only: no host synchronisation)
         raise ValueError(
             f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for its keys' "
@@ -118,8 +133,8 @@ def _padded_offsets(features: KeyedJaggedTensor, holder: torch.Tensor) -> Tuple[
     if all(s == batch for s in strides):
         padded = lengths
     else:
-        where = kept_with(holder, "_robe_vbe_rows", (batch, *strides), lambda: torch.cat(
-            [torch.arange(s, dtype=torch.long) + k * batch for k, s in enumerate(strides)]).to(holder.device))  # fmt: skip
+        where = kept_with(holder, "_robe_vbe_rows", (batch, *strides), lambda: to_device_async(torch.cat(
+            [torch.arange(s, dtype=torch.long) + k * batch for k, s in enumerate(strides)]), holder.device))  # fmt: skip
         padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
     offsets = torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)])
     return offsets, batch
@@ -160,7 +175,7 @@ def _expand_variable_batch(
                     f"RobeEmbeddingBagCollection: inverse_indices of feature {f!r} run over [{lo}, {hi}], "
                     f"outside its {stride[f]} bags (stride_per_key)"
                 )
-    inverse = inverse.to(pooled.device)
+    inverse = inverse.to(pooled.device, non_blocking=True)
     parts, col = [], 0
     for f, d in zip(input_features, dims):
         parts.append(pooled[:, col : col + d].index_select(0, inverse[row[f]]))
