@@ -130,17 +130,22 @@ class MetricsLog:
         self._fd: Optional[int] = None
         self._dir_fd: Optional[int] = None
         self._dir_id: Optional[tuple] = None
+        self._bar = None
         if self.enabled:
             try:
                 self._fd = _open_log(self.path)
-                # held open: while it is, no new directory at the path can take its inode number
-                self._dir_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-                st = os.fstat(self._dir_fd)
-                self._dir_id = st.st_dev, st.st_ino
             except OSError as e:
                 raise MetricsError(f"{self.path}: cannot be opened for writing ({e.strerror or e})") from None
+            # held open: while it is, no new directory at the path can take its inode number
+            # (O_PATH: needs no read permission on the directory)
+            try:
+                self._dir_fd = os.open(run_dir, getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY)
+            except OSError as e:
+                self.close()
+                raise MetricsError(f"--run-dir {run_dir}: cannot be opened ({e.strerror or e})") from None
+            st = os.fstat(self._dir_fd)
+            self._dir_id = st.st_dev, st.st_ino
         self.start_time = time.time()
-        self._bar = None
         self._total = total_steps
         self._quiet = not progress_bar
         if self.enabled and progress_bar and sys.stderr.isatty():
@@ -155,12 +160,12 @@ class MetricsLog:
         try:
             st = os.stat(self.path.parent)
             found: Optional[tuple] = st.st_dev, st.st_ino
-        except FileNotFoundError:
+        except OSError:  # gone, or a path through a file, a permission or a stale NFS handle now
             found = None
         if found != self._dir_id:  # (the checkpoints may already be in a new directory at the path)
             raise MetricsError(
-                f"--run-dir {self.path.parent} was {'replaced' if found else 'deleted'} while the run was going, and "
-                "config.yaml and metrics.jsonl with it; the run stops"
+                f"--run-dir {self.path.parent} was {'replaced' if found else 'deleted or moved'} while the run was "
+                "going, with its config.yaml and metrics.jsonl; the run stops"
             )
         try:
             st = os.fstat(self._fd)

@@ -56,8 +56,8 @@ def test_a_metrics_file_deleted_while_the_run_lives_is_written_again(tmp_path):
     assert lines(tmp_path / "metrics.jsonl") == ["train"]
     (tmp_path / "metrics.jsonl").unlink()
     tmp_path.rename(tmp_path.with_name(tmp_path.name + "_moved"))  # the run dir itself gone
-    with pytest.raises(MetricsError, match=r"--run-dir .* was deleted while the run was going, and config.yaml "
-                                           r"and metrics.jsonl with it; the run stops"):  # fmt: skip
+    with pytest.raises(MetricsError, match=r"--run-dir .* was deleted or moved while the run was going, with its config.yaml "
+                                           r"and metrics.jsonl; the run stops"):  # fmt: skip
         log.write("train", step=10)
 
 
