@@ -26,7 +26,7 @@ if os.environ.get("ROBE_DIST_NO_EXT", "0") != "1":
         CppExtension(
             name="robe_dist._C",
             sources=["robe_dist/csrc/robe_cpu.cpp", "robe_dist/csrc/hugepage.cpp", "robe_dist/csrc/bus_error.cpp"],
-            depends=["robe_dist/csrc/hugepage.h"],
+            depends=["robe_dist/csrc/hugepage.h", "robe_dist/csrc/bus_error.h"],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )

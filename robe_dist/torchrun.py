@@ -59,7 +59,8 @@ def exit_status(codes: Dict[int, int]) -> Tuple[int, Optional[str]]:
     first = causes[0]
     if all(c < 0 for c in causes):  # killed by a signal (SIGSEGV, ...): no output
         if -signal.SIGBUS.value in causes:  # (robe-train says which data it was reading: ops.set_bus_error_message)
-            return 1, f"torchrun: workers failed ({listed}): killed by a signal; a rank's bus error is explained above"
+            return 1, (f"torchrun: workers failed ({listed}): killed by a signal; SIGBUS is a memory-mapped file cut "
+                       "short under the run, most often a data file (robe-train names it above where it could)")
         return 1, f"torchrun: workers failed ({listed}): killed by a signal, with nothing printed"
     return (first if 0 < first < 256 else 1), f"torchrun: workers failed ({listed}); their output above says why"
 

@@ -5,21 +5,29 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 
 namespace robe_dist {
 namespace {
 
 char g_line[1024];
-volatile size_t g_length = 0;
+volatile sig_atomic_t g_length = 0;
+struct sigaction g_previous;
+bool g_installed = false;
 
-void on_bus_error(int sig) {
-  size_t done = 0;
-  while (done < g_length) {  // only async-signal-safe calls from here on
-    ssize_t n = write(STDERR_FILENO, g_line + done, g_length - done);
-    if (n <= 0) break;
-    done += static_cast<size_t>(n);
+void on_bus_error(int sig, siginfo_t* info, void*) {
+  // only async-signal-safe calls here. A kernel-raised SIGBUS (si_code > 0: a page of a mapped
+  // file that is no longer there, ...) gets the line; one sent by kill(2) or raise(3) does not.
+  if (info != nullptr && info->si_code > 0) {
+    size_t done = 0, length = static_cast<size_t>(g_length);
+    while (done < length) {
+      ssize_t n = write(STDERR_FILENO, g_line + done, length - done);
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
   }
-  signal(sig, SIG_DFL);
+  // then whatever was there before (the default: die of the signal; or faulthandler's dump)
+  sigaction(sig, &g_previous, nullptr);
   raise(sig);
 }
 
@@ -28,15 +36,18 @@ void on_bus_error(int sig) {
 void set_bus_error_message(const std::string& line) {
   size_t n = std::min(line.size(), sizeof(g_line) - 2);
   g_length = 0;  // (a signal meanwhile prints nothing rather than half a line)
+  std::atomic_signal_fence(std::memory_order_seq_cst);
   memcpy(g_line, line.data(), n);
   g_line[n] = '\n';
-  g_length = n + 1;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  g_length = static_cast<sig_atomic_t>(n + 1);
+  if (g_installed) return;  // (the handler is ours already: keep the handler it replaced)
   struct sigaction action;
   memset(&action, 0, sizeof(action));
-  action.sa_handler = on_bus_error;
+  action.sa_sigaction = on_bus_error;
   sigemptyset(&action.sa_mask);
-  action.sa_flags = SA_NODEFER;  // (raise() from the handler must be delivered at once)
-  sigaction(SIGBUS, &action, nullptr);
+  action.sa_flags = SA_SIGINFO | SA_NODEFER;  // (raise() from the handler must be delivered at once)
+  if (sigaction(SIGBUS, &action, &g_previous) == 0) g_installed = true;
 }
 
 }  // namespace robe_dist
