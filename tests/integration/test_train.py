@@ -215,6 +215,15 @@ def five_steps(tmp_path_factory, data_dir) -> Path:
     return run
 
 
+def test_quotient_remainder_tables_train_through_the_pipeline(tmp_path, data_dir):
+    """robe-compare's qr arm as robe-train runs it: TorchRec's pipeline traces the model, and a
+    wrapped call whose arguments FX could not record once stopped it there."""
+    run = tmp_path / "run"
+    ok(train(run, data_dir, "robe.features=none", "robe.array_size=null", "model.qr_max_rows=64", "optim.name=adagrad",
+             "train.max_steps=5", "eval.at_end=false"))  # fmt: skip
+    assert records(run, "train")[-1]["step"] == 5
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     run = tmp_path / "run"
     p = train(run, data_dir, "optim.name=sgd", "optim.lr=1e12", "checkpoint.every_steps=1", "train.log_every_steps=1")

@@ -163,3 +163,19 @@ def test_malformed_variable_batches_are_named():
                               stride_per_key_per_rank=vbe.stride_per_key_per_rank(), inverse_indices=(keys, rows))  # fmt: skip
     with pytest.raises(ValueError, match=r"9 lengths for its keys' batch sizes .* \[2, 1, 4, 3\], which add up to 10"):
         module(short)
+
+
+@pytest.mark.cuda
+def test_a_variable_batch_on_cuda_equals_cpu():
+    """The padded offsets' index crosses to the device in a pinned, non-blocking copy; the
+    hybrid's key ends likewise (run by the GPU device check; skipped without a GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cuda = torch.device("cuda")
+    hybrid = RobeHybridEmbeddingBagCollection(tables(), RobeConfig(array_size=997, block_size=8), robe_tables=["user", "item"],
+                                              hot_ids={"user": [1, 7, 30]})  # fmt: skip
+    on_gpu = copy.deepcopy(hybrid).to(cuda)
+    for seed in (13, 14):  # two sets of strides: a kept index and a new one
+        vbe, full = vbe_pair({**STRIDES, "u": 1 + seed % 5}, seed=seed)
+        expected = hybrid(full).values()
+        torch.testing.assert_close(on_gpu(vbe.to(cuda)).values().cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
