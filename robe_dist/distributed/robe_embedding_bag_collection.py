@@ -61,7 +61,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
-from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, as_kjt
 from robe_dist.ops import FusedUpdate, new_array
 
 ARRAY_PARAMETER_NAME = "array"
@@ -350,6 +350,7 @@ class ShardedRobeEmbeddingBagCollection(
         self, ctx: RobeEmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         """No communication (data-parallel): wraps ``features`` the way TorchRec's pipelines expect."""
+        features = as_kjt(features)  # (a TensorDict, as TorchRec's sharded collections take it)
         if not isinstance(features, KeyedJaggedTensor):
             raise TypeError(
                 f"ShardedRobeEmbeddingBagCollection: input must be a KeyedJaggedTensor, got {type(features).__name__}"

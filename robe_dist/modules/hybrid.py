@@ -17,7 +17,12 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist.config import RobeConfig
-from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, kept_with, to_device_async
+from robe_dist.modules.robe_embedding_bag_collection import (
+    RobeEmbeddingBagCollection,
+    as_kjt,
+    kept_with,
+    to_device_async,
+)
 
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
@@ -338,6 +343,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of all tables: KeyedTensor ``[B, sum of dims]`` in table order."""
+        features = as_kjt(features)
         pooled = []
         hot_input = None
         robe_input = features

@@ -50,6 +50,19 @@ def kept_with(holder: torch.Tensor, name: str, key: Hashable, make: Callable[[],
     return value
 
 
+try:  # TorchRec's collections also take a TensorDict of jagged (nested) tensors, one per key
+    from torchrec.sparse.tensor_dict import maybe_td_to_kjt as _maybe_td_to_kjt
+except ImportError:  # pragma: no cover - a TorchRec without TensorDict inputs
+    _maybe_td_to_kjt = None
+
+
+@torch.fx.wrap
+def as_kjt(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """``features`` as a KeyedJaggedTensor: a TensorDict of jagged tensors (one per key) is
+    converted as TorchRec's ``EmbeddingBagCollection`` converts it; anything else is returned."""
+    return features if _maybe_td_to_kjt is None else _maybe_td_to_kjt(features, None)
+
+
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t``, a small CPU tensor made on the host, on ``device``: to CUDA by a pinned,
     non-blocking copy, which does not wait for the device (a pageable one would)."""
@@ -215,7 +228,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     Call args:
         features (KeyedJaggedTensor): ids of shape ``[sum of all bag lengths]`` keyed by feature;
-            must contain every feature of ``tables`` (extra keys are ignored).
+            must contain every feature of ``tables`` (extra keys are ignored). A ``TensorDict`` of
+            jagged tensors (one per key) is read as TorchRec's collection reads it.
 
     Returns:
         KeyedTensor: values ``[B, sum of embedding dims]``, one key per (table, feature).
@@ -483,6 +497,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.check_lookup_meta()
             self.check_signature_unchanged()
             self._status.poll()  # a CUDA error of an earlier call whose status has landed
+        features = as_kjt(features)
         values, weights, offsets, meta, batch = _lookup_inputs(
             features, self.lookup_meta, self._distinct_features, self._is_weighted, self.array
         )

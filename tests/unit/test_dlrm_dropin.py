@@ -58,3 +58,35 @@ def test_dlrm_trains_with_robe(model_cls, hash):
     assert not torch.equal(start, ebc.array.detach()), "the ROBE array was not trained"
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 0.2, (first, last)
+
+
+def test_a_tensordict_input_is_read_as_torchrecs_collection_reads_it():
+    """TorchRec's EmbeddingBagCollection (and its sharded form) also take a TensorDict of jagged
+    tensors, one per key; the ROBE collections, plain, hybrid and sharded, read it the same way."""
+    tensordict = pytest.importorskip("tensordict")
+    import copy
+
+    from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+    from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
+
+    from robe_dist.distributed import ARRAY_PARAMETER_NAME, RobeEmbeddingBagCollectionSharder
+    from robe_dist.modules.hybrid import RobeHybridEmbeddingBagCollection
+
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=100, feature_names=[f"f{i}"])
+              for i in range(2)]  # fmt: skip
+    values = {"f0": torch.tensor([1, 2, 3]), "f1": torch.tensor([4, 5, 6, 7])}
+    lengths = {"f0": torch.tensor([1, 0, 2]), "f1": torch.tensor([2, 1, 1])}
+    td = tensordict.TensorDict(
+        source={k: torch.nested.nested_tensor_from_jagged(values=values[k], lengths=lengths[k]) for k in values}
+    )
+    kjt = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.cat(list(values.values())),
+                            lengths=torch.cat(list(lengths.values())))  # fmt: skip
+    robe = RobeConfig(array_size=997, block_size=8)
+    plain = RobeEmbeddingBagCollection(tables, robe)
+    hybrid = RobeHybridEmbeddingBagCollection(tables, robe, robe_tables=["t0"], hot_ids={"t0": [1]})
+    for module in (plain, hybrid):
+        assert torch.equal(module(td).values(), module(kjt).values())
+    plan = {ARRAY_PARAMETER_NAME: ParameterSharding(sharding_type=ShardingType.DATA_PARALLEL.value,
+                                                    compute_kernel=EmbeddingComputeKernel.DENSE.value, ranks=[0])}  # fmt: skip
+    sharded = RobeEmbeddingBagCollectionSharder().shard(copy.deepcopy(plain), plan, ShardingEnv.from_local(1, 0))
+    assert torch.equal(sharded(td).wait().values(), plain(kjt).values())
