@@ -612,6 +612,12 @@ def commit_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[st
     def write() -> None:
         if resume is None:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            changed = config_changes(run_dir / "config.yaml", cfg)
+            if changed:
+                logger.warning("--resume with another config than the run's config.yaml: %s. The run continues with "
+                               "the new one; to continue it as it was, pass the same --config and --set again",
+                               "; ".join(changed))  # fmt: skip
         tmp = run_dir / f".config.yaml.{os.getpid()}.tmp"
         try:
             tmp.write_text(to_yaml(cfg))
@@ -623,6 +629,28 @@ def commit_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[st
         on_rank0(env, write, (OSError,))
     except OSError as e:
         raise RunDirError(f"--run-dir {run_dir}: cannot be written ({e})") from None
+
+
+def config_changes(path: Path, cfg: Config, limit: int = 8) -> List[str]:
+    """``"key: old -> new"`` for each field of ``cfg`` that differs from the config a run wrote
+    to ``path`` (nothing when there is none or it cannot be read)."""
+    import yaml
+
+    def flat(tree: object, prefix: str = "") -> dict:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    try:
+        old = flat(yaml.safe_load(path.read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    new = flat(yaml.safe_load(to_yaml(cfg)))
+    changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
 def _config_error(e: Exception, this_rank_only: bool = False) -> int:

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from robe_dist.train import main
-from robe_dist.train_config import DEFAULT_CONFIG, Config, OptimConfig, apply_override, config_from_dict, load_config
+from robe_dist.train_config import (
+    DEFAULT_CONFIG,
+    Config,
+    OptimConfig,
+    apply_override,
+    config_from_dict,
+    load_config,
+    to_yaml,
+)
 from robe_dist.trainer.optim import lr_factor
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
@@ -188,3 +196,19 @@ def test_config_is_a_typed_dataclass():
     assert cfg.resolved_run_dir == Path("runs/run")
     with pytest.raises(ValueError, match="name must be a non-empty string"):
         Config(name="a/b")
+
+
+def test_a_resume_with_another_config_is_told_what_changed(tmp_path):
+    """``--resume`` takes the config from --config/--set, not from the run dir: the run says which
+    fields differ from the config.yaml the run wrote (it used to take the defaults silently)."""
+    from robe_dist.train import config_changes
+
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config(None, ["train.max_steps=500", "optim.lr=0.001"])))
+    assert config_changes(path, load_config(None, ["train.max_steps=500", "optim.lr=0.001"])) == []
+    assert config_changes(path, load_config(None, [])) == ["optim.lr: 0.001 -> 0.05", "train.max_steps: 500 -> None"]
+    assert config_changes(tmp_path / "missing.yaml", load_config(None, [])) == []
+    many = load_config(None, [f"{k}={v}" for k, v in [("optim.lr", 0.2), ("seed", 3), ("train.epochs", 2), ("eval.batch_size", 512),
+                                                      ("model.over_arch_layer_sizes", [8, 1]), ("robe.seed", 9), ("data.synthetic_rows", 10**5),
+                                                      ("train.global_batch_size", 256), ("train.log_every_steps", 7)]])  # fmt: skip
+    assert len(config_changes(path, many)) == 9 and config_changes(path, many)[-1].startswith("and ")
