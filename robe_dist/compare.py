@@ -18,7 +18,8 @@ Arms (``kind`` in the config's ``arms`` list), each at every budget of ``budgets
   auto      robe_dist's placement planner (``robe.features: auto``): full tables and an array
 
 What the run dir gets: ``runs/<arm>@<budget>/`` (each robe-train run: config.yaml, metrics.jsonl),
-``systems/<arm>@<budget>-<N>p/`` (short timed runs on N processes), ``compare.json`` (every figure
+``systems/<arm>@<budget>-<N>p/`` (short timed runs on N processes; ``...-<N>p-r<k>/``, one per
+round, when ``systems.repeats`` > 1), ``compare.json`` (every figure
 the report shows, read from those metrics.jsonl files), ``report.md`` and ``*.png``.
 
 Quality runs use ``quality_processes`` processes (1 by default); the systems runs train ``systems.steps`` steps of the arms at

@@ -1,4 +1,4 @@
-"""A short look at ROBE (1-2 minutes on 2 CPU cores): a TorchRec DLRM whose 26 tables live in one small array.
+"""A short look at ROBE (about 10 s on 2 CPU cores): a TorchRec DLRM whose 26 tables live in one small array.
 
     bash launch/setup.sh && .venv/bin/python -m robe_dist.demo      # or: .venv/bin/robe-demo
 
