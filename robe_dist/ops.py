@@ -302,7 +302,8 @@ def check_inputs(array, values, weights, offsets, meta, batch) -> None:
     if offsets.dim() != 1 or offsets.dtype not in _INDEX_DTYPES:
         problems.append(f"offsets must be 1-D int64 or int32, got {offsets.dtype} {tuple(offsets.shape)}")
     elif not isinstance(batch, torch.SymInt) and (batch < 0 or (offsets.shape[0] - 1) % max(batch, 1) != 0):
-        # (a SymInt: a compiled variable batch, whose padded offsets hold K * batch + 1 by construction)
+        # (a SymInt under torch.compile, e.g. a variable batch's largest stride, on which no guard may
+        # branch; its padded offsets hold K * batch + 1 by construction, and eager calls check it)
         problems.append(f"offsets must hold K * batch + 1 entries (batch {batch}), got {offsets.shape[0]}")
     if meta.dim() != 2 or meta.shape[1] != META_COLUMNS or meta.dtype != torch.int64:
         problems.append(f"meta must be int64 [F, {META_COLUMNS}], got {meta.dtype} {tuple(meta.shape)}")

@@ -633,7 +633,8 @@ def commit_run_dir(run_dir: Path, cfg: Config, env: DistEnv, resume: Optional[st
 
 def config_changes(path: Path, cfg: Config, limit: int = 8) -> List[str]:
     """``"key: old -> new"`` for each field of ``cfg`` that differs from the config a run wrote
-    to ``path`` (nothing when there is none or it cannot be read)."""
+    to ``path`` (nothing when there is none or it cannot be read; ``run_dir`` is not compared: the
+    same directory may be given by another path)."""
     import yaml
 
     def flat(tree: object, prefix: str = "") -> dict:
@@ -649,7 +650,8 @@ def config_changes(path: Path, cfg: Config, limit: int = 8) -> List[str]:
     except (OSError, ValueError, yaml.YAMLError):
         return []
     new = flat(yaml.safe_load(to_yaml(cfg)))
-    changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new])
+               if k != "run_dir" and old.get(k) != new.get(k)]  # fmt: skip
     return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])
 
 
