@@ -48,7 +48,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipeline
 from robe_dist import ops
 from robe_dist.data.layout import DataError
 from robe_dist.distributed.comm_counter import CommCounter
-from robe_dist.train_config import Config, ConfigError, load_config, to_yaml
+from robe_dist.train_config import Config, ConfigError, load_config, read_yaml, to_dict, to_yaml
 from robe_dist.trainer import checkpoint as ckpt
 from robe_dist.trainer.data import RunData, check_divisible, prepare_data
 from robe_dist.trainer.env import (
@@ -635,8 +635,6 @@ def config_changes(path: Path, cfg: Config, limit: int = 8) -> List[str]:
     """``"key: old -> new"`` for each field of ``cfg`` that differs from the config a run wrote
     to ``path`` (nothing when there is none or it cannot be read; ``run_dir`` is not compared: the
     same directory may be given by another path)."""
-    import yaml
-
     def flat(tree: object, prefix: str = "") -> dict:
         if not isinstance(tree, dict):
             return {prefix: tree}
@@ -646,10 +644,10 @@ def config_changes(path: Path, cfg: Config, limit: int = 8) -> List[str]:
         return out
 
     try:
-        old = flat(yaml.safe_load(path.read_text()))
-    except (OSError, ValueError, yaml.YAMLError):
+        old = flat(read_yaml(path, "the run's config"))
+    except (FileNotFoundError, ValueError):
         return []
-    new = flat(yaml.safe_load(to_yaml(cfg)))
+    new = flat(to_dict(cfg))
     changed = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in dict.fromkeys([*old, *new])
                if k != "run_dir" and old.get(k) != new.get(k)]  # fmt: skip
     return changed[:limit] + ([f"and {len(changed) - limit} more"] if len(changed) > limit else [])

@@ -17,12 +17,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from robe_dist.config import RobeConfig
-from robe_dist.modules.robe_embedding_bag_collection import (
-    RobeEmbeddingBagCollection,
-    as_kjt,
-    kept_with,
-    to_device_async,
-)
+from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection, as_kjt, kept_with
 
 # (child index, the child's own embedding name) of each output embedding, in output order
 _Source = Tuple[int, str]
@@ -52,10 +47,7 @@ def _split_hot(
     slots = [slot_of.get(k, -1) for k in features.keys()]
     num_keys = len(slots)
     if features.variable_stride_per_key():  # (VBE: each key's bags end where its batch does)
-        strides = features.stride_per_key()
-        bounds = kept_with(hot_keys, "_robe_key_ends", tuple(strides),
-                           lambda: to_device_async(torch.tensor(strides, dtype=torch.long).cumsum(0), hot_keys.device))  # fmt: skip
-        ends = features.offsets()[bounds]
+        ends = torch.cumsum(torch.stack([part.sum() for part in lengths.split(features.stride_per_key())]), dim=0)
         # (the KJT's own tensor, as TorchRec's KJT methods pass it: under torch.compile its
         # constructor takes no list)
         per_rank = getattr(features, "_stride_per_key_per_rank", None)

@@ -63,14 +63,6 @@ def as_kjt(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     return features if _maybe_td_to_kjt is None else _maybe_td_to_kjt(features, None)
 
 
-def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t``, a small CPU tensor made on the host, on ``device``: to CUDA by a pinned,
-    non-blocking copy, which does not wait for the device (a pageable one would)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 @torch.fx.wrap
 def _lookup_inputs(
     features: KeyedJaggedTensor, meta: torch.Tensor, feature_names: List[str], weighted: bool, array: torch.Tensor
@@ -98,7 +90,7 @@ def _lookup_inputs(
         weights = weights.to(array.dtype)
     keys = features.keys()
     if features.variable_stride_per_key():
-        offsets, batch = _padded_offsets(features, meta)
+        offsets, batch = _padded_offsets(features)
     else:
         offsets, batch = features.offsets(), features.stride()
         if offsets.numel() - 1 != len(keys) * batch:  # (shapes only: no host synchronisation)
@@ -125,32 +117,29 @@ def _lookup_inputs(
     return values, weights, offsets, meta, batch
 
 
-def _padded_offsets(features: KeyedJaggedTensor, holder: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def _padded_offsets(features: KeyedJaggedTensor) -> Tuple[torch.Tensor, int]:
     """``(offsets, batch)`` of a variable-batch (VBE) input as the kernels read one: every key
     given ``batch = max(stride_per_key())`` bags, its own followed by empty ones. The values keep
-    their order; the pooled rows of the padding are never read (``_expand_variable_batch``)."""
+    their order; the pooled rows of the padding are never read (``_expand_variable_batch``). Made
+    on the input's device from the strides (no host-to-device copy); under torch.compile the
+    strides are unbacked sizes, so that path takes no branch on them."""
     strides = features.stride_per_key()
     lengths = features.lengths()
-    if torch.compiler.is_compiling():  # strides read from the KJT's tensor: unbacked sizes, no branches
+    if torch.compiler.is_compiling():
         torch._check(lengths.numel() == sum(strides))
         batch = functools.reduce(torch.sym_max, strides, 0)
-        where = torch.cat([torch.arange(s, device=lengths.device) + k * batch for k, s in enumerate(strides)])
-        padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
-        return torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)]), batch
-    if lengths.numel() != sum(strides):  # (shapes only: no host synchronisation)
-        raise ValueError(
-            f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for its keys' "
-            f"batch sizes (stride_per_key) {strides}, which add up to {sum(strides)}; expected one length per bag"
-        )
-    batch = max(strides, default=0)
-    if all(s == batch for s in strides):
-        padded = lengths
     else:
-        where = kept_with(holder, "_robe_vbe_rows", (batch, *strides), lambda: to_device_async(torch.cat(
-            [torch.arange(s, dtype=torch.long) + k * batch for k, s in enumerate(strides)]), holder.device))  # fmt: skip
-        padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
-    offsets = torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)])
-    return offsets, batch
+        if lengths.numel() != sum(strides):  # (shapes only: no host synchronisation)
+            raise ValueError(
+                f"RobeEmbeddingBagCollection: the KeyedJaggedTensor has {lengths.numel()} lengths for its keys' "
+                f"batch sizes (stride_per_key) {strides}, which add up to {sum(strides)}; expected one length per bag"
+            )
+        batch = max(strides, default=0)
+        if all(s == batch for s in strides):
+            return features.offsets(), batch
+    where = torch.cat([torch.arange(s, device=lengths.device) + k * batch for k, s in enumerate(strides)])
+    padded = lengths.new_zeros(len(strides) * batch).index_copy_(0, where, lengths)
+    return torch.cat([padded.new_zeros(1), torch.cumsum(padded, dim=0, dtype=padded.dtype)]), batch
 
 
 @torch.fx.wrap
@@ -170,7 +159,8 @@ def _expand_variable_batch(
         )
     inverse_keys, inverse = found
     row = {k: i for i, k in enumerate(inverse_keys)}
-    missing = [f for f in dict.fromkeys(input_features) if f not in row]
+    distinct = list(dict.fromkeys(input_features))
+    missing = [f for f in distinct if f not in row]
     if missing:
         raise ValueError(f"RobeEmbeddingBagCollection: inverse_indices has no row for feature(s) {missing}")
     if inverse.dim() != 2 or inverse.shape[0] != len(inverse_keys):
@@ -181,7 +171,7 @@ def _expand_variable_batch(
     stride = dict(zip(features.keys(), features.stride_per_key()))
     if inverse.device.type == "cpu" and not _tracing() and inverse.numel():  # (CUDA: no host synchronisation)
         low, high = inverse.aminmax(dim=1)
-        for f in dict.fromkeys(input_features):
+        for f in distinct:
             lo, hi = int(low[row[f]]), int(high[row[f]])
             if lo < 0 or hi >= stride[f]:
                 raise ValueError(

@@ -167,15 +167,15 @@ def test_malformed_variable_batches_are_named():
 
 @pytest.mark.cuda
 def test_a_variable_batch_on_cuda_equals_cpu():
-    """The padded offsets' index crosses to the device in a pinned, non-blocking copy; the
-    hybrid's key ends likewise (run by the GPU device check; skipped without a GPU)."""
+    """The padded offsets and the hybrid's key ends are made on the device from the strides
+    (run by the GPU device check; skipped without a GPU)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     cuda = torch.device("cuda")
     hybrid = RobeHybridEmbeddingBagCollection(tables(), RobeConfig(array_size=997, block_size=8), robe_tables=["user", "item"],
                                               hot_ids={"user": [1, 7, 30]})  # fmt: skip
     on_gpu = copy.deepcopy(hybrid).to(cuda)
-    for seed in (13, 14):  # two sets of strides: a kept index and a new one
+    for seed in (13, 14):  # two sets of strides
         vbe, full = vbe_pair({**STRIDES, "u": 1 + seed % 5}, seed=seed)
         expected = hybrid(full).values()
         torch.testing.assert_close(on_gpu(vbe.to(cuda)).values().cpu(), expected.detach(), rtol=1e-5, atol=1e-6)
