@@ -1,4 +1,5 @@
-"""ROBE in torchrec.models.dlrm.DLRM under TrainPipelineSparseDist, alone and beside table-wise tables."""
+"""ROBE in torchrec.models.dlrm.DLRM under TrainPipelineSparseDist (and the trained model under
+EvalPipelineSparseDist), alone and beside table-wise tables."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline.train_pipelines import EvalPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -115,6 +117,19 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     a_piped, a_loop = find_sharded_robe(piped).array.detach(), find_sharded_robe(loop).array.detach()
     other = [torch.empty_like(a_piped) for _ in range(world_size)]
     dist.all_gather(other, a_piped)
+
+    # the trained model scored by TorchRec's evaluation pipeline (input dist a batch ahead) and by
+    # plain forward calls: the same logits
+    loop.eval()
+    with torch.no_grad():
+        plain_logits = [loop(batch)[1][1] for batch in batches]
+        evaluation = EvalPipelineSparseDist(loop, loop_opt, device=torch.device("cpu"), pipeline_postproc=True)
+        it, eval_logits = iter(batches), []
+        while True:
+            try:
+                eval_logits.append(evaluation.progress(it)[1])
+            except StopIteration:
+                break
     return {
         "plan": {path: {k: v.sharding_type for k, v in p.items()} for path, p in plan.plan.items()},
         "pipelined": pipelined_names,
@@ -123,6 +138,8 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
         "loop_losses": loop_losses,
         "piped_vs_loop": (a_piped - a_loop).abs().max().item(),
         "replica_diff": (other[0] - other[1]).abs().max().item(),
+        "eval_pipelined": [m.forward.name for m in evaluation._pipelined_modules],
+        "eval_equal": len(eval_logits) == len(plain_logits) and all(map(torch.equal, eval_logits, plain_logits)),
     }
 
 
@@ -153,3 +170,4 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(pg2, kind, gradient_sync,
         assert r["piped_losses"] == r["loop_losses"]
         assert r["piped_vs_loop"] == 0.0
         assert r["replica_diff"] == 0.0
+        assert robe_path in r["eval_pipelined"] and r["eval_equal"]  # TorchRec's EvalPipelineSparseDist too
