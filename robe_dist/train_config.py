@@ -263,7 +263,8 @@ class EvalConfig:
     """Evaluate on the validation split every this many training samples (``null``: only at the end)."""
 
     max_batches: Optional[int] = None
-    """Evaluate on at most this many batches per rank (``null``: the whole split)."""
+    """Evaluate on the split's first ``max_batches x batch_size`` rows, the same rows on any number
+    of ranks (``null``: the whole split)."""
 
     at_end: bool = True
     """Evaluate on validation and test when training ends."""

@@ -130,6 +130,8 @@ class CriteoIterableDataset(IterableDataset):
         interleave: global-batch interleaving across ranks (see the module doc); None: ``drop_last``.
             Requires ``drop_last=True``; False gives contiguous per-rank shards.
         holdout_fraction: hold out this share of all rows for val+test instead of the last file.
+        max_rows: read only the split's first ``max_rows`` rows (before sharding: the same rows on
+            any number of ranks); None: all of them.
         multi_hot: use ``NAME_sparse_multi_hot.npy`` bags; None: if the dataset has them.
     """
 
@@ -146,6 +148,7 @@ class CriteoIterableDataset(IterableDataset):
         drop_last: bool = True,
         *,
         holdout_fraction: float | None = None,
+        max_rows: int | None = None,
         multi_hot: bool | None = None,
         interleave: bool | None = None,
     ) -> None:
@@ -182,6 +185,10 @@ class CriteoIterableDataset(IterableDataset):
         file_rows = [f["rows"] for f in self.manifest["files"]]
         self._file_starts = np.concatenate([[0], np.cumsum(file_rows)]).astype(np.int64)
         lo, hi = split_range(file_rows, split, holdout_fraction)
+        if max_rows is not None:
+            if max_rows < 1:
+                raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+            hi = min(hi, lo + max_rows)
         if self.interleave:  # the stream is the whole split; rank r takes slice r of each global batch
             self._first_row, self.rows = lo, hi - lo
             self.num_batches = self.rows // (batch_size * world_size)

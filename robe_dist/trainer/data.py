@@ -156,9 +156,13 @@ class RunData:
         return self._batches(ds)
 
     def eval_batches(self, split: str) -> Iterator[Batch]:
-        """This rank's share of ``split`` ("val" or "test"): every sample once over all ranks."""
+        """This rank's share of ``split`` ("val" or "test"): every sample once over all ranks; with
+        ``eval.max_batches``, of the split's first ``max_batches x eval.batch_size`` rows, the same
+        rows on any number of ranks."""
         bs = self._local(self.cfg.eval.batch_size, "eval.batch_size")
-        return self._batches(self._dataset(split, bs, shuffle_buffer=0, drop_last=False))
+        cap = self.cfg.eval.max_batches
+        return self._batches(self._dataset(split, bs, shuffle_buffer=0, drop_last=False,
+                                           max_rows=None if cap is None else cap * self.cfg.eval.batch_size))  # fmt: skip
 
 
 def make_synthetic(cfg: Config, log=logger.info) -> Path:

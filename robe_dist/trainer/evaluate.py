@@ -24,8 +24,10 @@ class EvalMetrics:
     def __init__(self, device: torch.device) -> None:
         self.auc = BinaryAUROC().to(device)
         self.accuracy = BinaryAccuracy().to(device)
-        self.logloss = MeanMetric().to(device)
-        self.samples = SumMetric().to(device)
+        # float64 sums: a float32 one holds integers only up to 2^24, and CriteoTB's val split has
+        # 89,137,319 rows (its count came out as 89,137,320)
+        self.logloss = MeanMetric().set_dtype(torch.float64).to(device)
+        self.samples = SumMetric().set_dtype(torch.float64).to(device)
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.float(), labels.float()

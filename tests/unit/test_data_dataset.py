@@ -95,6 +95,20 @@ def test_rank_shards_are_disjoint_and_eval_covers_every_row_once(data: tuple[Pat
     assert not train[0] & train[1] and len(train[0]) == len(train[1]) == 850
 
 
+def test_max_rows_caps_the_split_before_sharding(data: tuple[Path, dict]) -> None:
+    """eval.max_batches reads the split's first rows: the same rows on any number of ranks (a cap
+    per rank took the first rows of each rank's shard, other rows on every world size)."""
+    path, _ = data
+    for world in (1, 2, 3):
+        shards = [all_ids(CriteoIterableDataset(path, "val", batch_size=40 // world, rank=r, world_size=world, drop_last=False,
+                                                max_rows=120)) for r in range(world)]  # fmt: skip
+        assert sorted(sum(shards, [])) == list(range(1700, 1820)), world
+        assert len({len(s) for s in shards}) == 1
+    assert all_ids(CriteoIterableDataset(path, "val", batch_size=64, drop_last=False, max_rows=10**6)) == list(range(1700, 1978))
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        CriteoIterableDataset(path, "val", max_rows=0)
+
+
 @pytest.mark.parametrize("rows, world, batch", [(277, 3, 40), (10, 3, 3), (9, 3, 3), (7, 2, 3), (8, 3, 2), (2, 3, 4)])
 def test_eval_batch_counts_are_equal_across_ranks(rows: int, world: int, batch: int) -> None:
     counts = set()
