@@ -428,6 +428,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
     model.load_state_dict(sd["model"])
     if load_optim:
         optimizer.load_state_dict(sd["optim"])
+        # FBGEMM's fused Adam counts its steps in a buffer (`iter`, for the bias correction) that
+        # TorchRec's state dict leaves out: set it, or Adam's first steps after a resume would be
+        # those of step 1 (about a third of the uninterrupted run's at betas (0.9, 0.999))
+        optimizer.optimizer.set_optimizer_step(state.step)
     optimizer.optimizer.zero_grad(set_to_none=True)
     optimizer.step_count = state.step
     rng_file = path / f"rng_rank{env.rank}.pt"

@@ -8,6 +8,7 @@ a checkpoint hashed with another ROBE seed.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -532,3 +533,39 @@ def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, five_
             assert any(".hot.embedding_bags." in n for n in r["diff"]), "the planner gave no hot ids exact rows"
         far = {n: d for n, d in r["diff"].items() if d > 1e-4}  # a step of Adagrad moves a weight by ~lr: 0.05, 0.02
         assert not far, (r["sharding"], far)
+
+
+RESUMED_TBE_STEPS = """
+import sys
+import robe_dist.train as train
+import robe_dist.trainer.checkpoint as ckpt
+
+load = ckpt.load_checkpoint
+
+def load_and_report(path, model, *args, **kwargs):
+    state = load(path, model, *args, **kwargs)
+    tbes = [e._emb_module for m in model.modules() if type(m).__name__ == "ShardedEmbeddingBagCollection"
+            for lookup in m._lookups for e in getattr(lookup, "_emb_modules", [])]
+    print("TBE steps", state.step, [int(t.iter[0]) for t in tbes])
+    return state
+
+ckpt.load_checkpoint = load_and_report
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_resume_gives_fbgemms_fused_optimizer_its_step_count(tmp_path, data_dir):
+    """FBGEMM's fused Adam reads its step count (bias correction) from the TBE's ``iter`` buffer,
+    which TorchRec's state dict leaves out: the resume sets it (Adam's fused kernel is CUDA-only,
+    so the table-wise tables here train with Adagrad, whose TBE keeps the same buffer)."""
+    run = tmp_path / "run"
+    common = ["robe.features=[cat_0, cat_1, cat_2]", "optim.name=adagrad", "dist.table_sharding=table_wise"]
+    ok(train(run, data_dir, *common, "train.max_steps=4", "checkpoint.every_steps=4"))
+    args = ["--run-dir", str(run), "--resume"]
+    for o in [*SMALL, f"data.path={data_dir}", *common, "train.max_steps=5"]:
+        args += ["--set", o]
+    p = ok(subprocess.run([sys.executable, "-c", RESUMED_TBE_STEPS, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300))  # fmt: skip
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("TBE steps")]
+    _, _, step, counts = line.split(" ", 3)
+    assert step == "4" and ast.literal_eval(counts) and set(ast.literal_eval(counts)) == {4}, line
