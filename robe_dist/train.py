@@ -275,6 +275,12 @@ class Trainer:
         self._sent_base = (self.state.robe_allreduce_bytes, self.state.dense_allreduce_bytes, self.state.alltoall_bytes)
         self.last_checkpoint = path
         logger.info("resumed from %s: step %d, epoch %d, batch %d of the epoch", path, self.state.step, self.state.epoch, self.state.step_in_epoch)
+        moved = ckpt.set_aside_newer_checkpoints(self.ckpt_dir, self.state.step, self.env)
+        if moved:
+            logger.warning(
+                "--resume %s: %s held %d later checkpoint(s) of the run this one leaves; set aside, not deleted, so "
+                "that a later --resume continues this run: %s", path, self.ckpt_dir, len(moved), ", ".join(p.name for p in moved),
+            )  # fmt: skip
 
     def save(self) -> None:
         sent = self.sent_bytes()

@@ -8,6 +8,8 @@ Layout (``checkpoint.dir``, default ``<run dir>/checkpoints``)::
         config.yaml           the run's resolved config
         rng_rank<R>.pt        RNG states of rank R
     step_00000120.tmp/        a checkpoint being written (or left by a crash: ignored, removed)
+    step_00000200.abandoned/  a checkpoint newer than the one a run resumed from, set aside (kept,
+                              never read: a later ``--resume`` continues the resumed run)
 
 Every rank writes its shards into ``step_N.tmp`` and fsyncs them; once all are done, rank 0
 fsyncs the directory and renames it to ``step_N`` (then fsyncs the parent). A run that dies at
@@ -300,6 +302,27 @@ def remove_partial_checkpoints(ckpt_dir: Path, env: DistEnv) -> None:
                 logger.info("restoring %s (its replacement was not finished)", final)
                 p.rename(final)
     dist.barrier()
+
+
+def set_aside_newer_checkpoints(ckpt_dir: Path, step: int, env: DistEnv) -> List[Path]:
+    """Renames the complete checkpoints of ``ckpt_dir`` past ``step`` (those of a trajectory a
+    resume from an older checkpoint abandons) to ``step_N.abandoned`` (rank 0): kept, but no longer
+    the latest (a later ``--resume`` would have continued the abandoned run) nor pruned in place
+    of the resumed run's own. Returns the new paths (on rank 0; empty on the others)."""
+    moved: List[Path] = []
+    if env.is_main:
+        for p in list_checkpoints(ckpt_dir):
+            if int(_STEP_DIR.match(p.name).group(1)) > step:
+                target, k = p.with_name(p.name + ".abandoned"), 1
+                while target.exists():
+                    k += 1
+                    target = p.with_name(f"{p.name}.abandoned{k}")
+                p.rename(target)
+                moved.append(target)
+        if moved:
+            _fsync_dir(ckpt_dir)
+    dist.barrier()
+    return moved
 
 
 def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.Module, cfg: Config) -> None:

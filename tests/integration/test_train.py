@@ -569,3 +569,22 @@ def test_a_resume_gives_fbgemms_fused_optimizer_its_step_count(tmp_path, data_di
     (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("TBE steps")]
     _, _, step, counts = line.split(" ", 3)
     assert step == "4" and ast.literal_eval(counts) and set(ast.literal_eval(counts)) == {4}, line
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, data_dir):
+    """Resuming from step 6 of a run that reached step 8 starts another trajectory: step 8 is
+    renamed ``.abandoned`` (kept), so that the latest checkpoint, which a later ``--resume`` takes
+    and pruning keeps, is the new run's, not the abandoned one's."""
+    from robe_dist.trainer.checkpoint import latest_checkpoint, list_checkpoints
+
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    ok(train(run, data_dir, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=2"))
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000006", "step_00000008"]
+    p = ok(train(run, data_dir, "train.max_steps=7", "checkpoint.every_steps=100", "checkpoint.keep=1",
+                 resume=str(ckpts / "step_00000006")))  # fmt: skip
+    assert "later checkpoint(s) of the run this one leaves; set aside, not deleted" in p.stderr + p.stdout
+    # keep=1: the resumed run's step 7 is the one kept (step 8 in place would have pruned it at once)
+    assert sorted(d.name for d in ckpts.iterdir()) == ["step_00000007", "step_00000008.abandoned"]
+    assert latest_checkpoint(ckpts) == ckpts / "step_00000007"
+    assert (ckpts / "step_00000008.abandoned" / "trainer_state.json").is_file()
