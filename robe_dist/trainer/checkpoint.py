@@ -382,6 +382,13 @@ def damaged_files(path: Path) -> Optional[str]:
     short = sorted(name for name, end in ends.items() if (path / name).stat().st_size < end)
     if short:
         return f"tensor file {short[0]} is cut short ({(path / short[0]).stat().st_size:,} bytes, its index needs {ends[short[0]]:,})"
+    try:
+        written_by = int(json.loads((path / _STATE_FILE).read_text()).get("world_size") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        written_by = 0  # (a trainer state that cannot be read is refused when it is loaded)
+    lost = [f"rng_rank{r}.pt" for r in range(written_by) if not (path / f"rng_rank{r}.pt").is_file()]
+    if lost:  # a resume on as many ranks would silently re-seed instead of restoring them
+        return f"its RNG state {lost[0]} is missing (written by {written_by} ranks)"
     for rng_file in sorted(path.glob("rng_rank*.pt")):  # every rank reads them all: one verdict for all ranks
         try:
             torch.load(rng_file, weights_only=False)
@@ -446,6 +453,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"checkpoint {path} does not fit this model: {reason}. Was it written with other model.* or robe.features "
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    unread = sorted(k[len("model."):] for k in stored if k.startswith("model.") and k[len("model."):] not in sd["model"])
+    if unread:  # DCP loads what the model asks for: a part it has no place for would be dropped silently
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(unread)} model tensor(s) this model has no place for ({', '.join(unread[:3])}"
+            f"{', ...' if len(unread) > 3 else ''}): was it written with other model.* or robe.* settings (robe.features, "
+            f"robe.hot_rows, model.qr_max_rows)? Its config is {path / 'config.yaml'}"
+        )
     for old, new in legacy.items():
         sd["optim"]["state"][new] = sd["optim"]["state"].pop(old)
     model.load_state_dict(sd["model"])

@@ -319,6 +319,28 @@ def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir,
     rng = run / "checkpoints" / "step_00000005" / "rng_rank0.pt"
     rng.write_bytes(rng.read_bytes()[:100])
     assert damaged_files(rng.parent).startswith("its RNG state rng_rank0.pt cannot be read (")
+    rng.unlink()  # a resume on as many ranks would have re-seeded without a word
+    assert damaged_files(rng.parent) == "its RNG state rng_rank0.pt is missing (written by 1 ranks)"
+
+
+def test_a_checkpoint_with_tensors_the_model_has_no_place_for_is_refused(tmp_path, data_dir, five_steps):
+    """DCP loads the keys the model asks for: a model tensor of the checkpoint that the resuming
+    model lacks (trained hot rows, say, resumed with robe.hot_rows off) would be dropped silently."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    ckpt = run / "checkpoints" / "step_00000005"
+    dcp_to_torch_save(ckpt, tmp_path / "flat.pt")
+    sd = torch.load(tmp_path / "flat.pt", weights_only=False)
+    sd["model"]["model.sparse_arch.embedding_bag_collection.extra.weight"] = torch.ones(3, 4)
+    for f in [*ckpt.glob("*.distcp"), ckpt / ".metadata"]:
+        f.unlink()
+    torch.save(sd, tmp_path / "extra.pt")
+    torch_save_to_dcp(tmp_path / "extra.pt", ckpt)
+    p = train(run, data_dir, "train.max_steps=8", resume=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    (line,) = [ln for ln in p.stderr.splitlines() if "robe-train:" in ln]
+    assert (f"checkpoint {ckpt} holds 1 model tensor(s) this model has no place for "
+            "(model.sparse_arch.embedding_bag_collection.extra.weight)") in line  # fmt: skip
 
 
 def test_checkpoint_of_the_earlier_optimizer_layout_resumes(tmp_path, data_dir, five_steps):
