@@ -30,13 +30,14 @@ import resource
 import shutil
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 import yaml
 from torch import nn
 
@@ -347,11 +348,11 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
             )
 
 
-def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
+def _read_legacy_keys(sd: dict, stored: Iterable[str]) -> Dict[str, str]:
     """Renames, in ``sd["optim"]["state"]``, the ROBE arrays' optimiser state (``robe.<param>``)
     to where a checkpoint of an earlier version keeps it (``embeddings.<param>``) when only that
-    is stored; returns ``{old: new}`` to rename it back after loading."""
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    is stored (``stored``: the keys of the checkpoint's DCP index); returns ``{old: new}`` to
+    rename it back after loading."""
     params = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}  # optim.state.<param>.<name>
     state, renamed = sd["optim"]["state"], {}
     for key in [k for k in state if k.startswith("robe.")]:
@@ -362,17 +363,26 @@ def _read_legacy_keys(sd: dict, path: Path) -> Dict[str, str]:
     return renamed
 
 
-def damaged_files(path: Path) -> Optional[str]:
+def _read_index(path: Path) -> Tuple[Optional[Metadata], Optional[str]]:
+    """Checkpoint ``path``'s DCP index, or None and why it cannot be read."""
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata(), None
+    except FileNotFoundError:
+        return None, "its DCP index .metadata is missing"
+    except Exception as e:  # pickle / EOF errors of a truncated index
+        return None, f"its DCP index .metadata cannot be read ({type(e).__name__}: {e})"
+
+
+def damaged_files(path: Path, metadata: Optional[Metadata] = None) -> Optional[str]:
     """What is missing or cut short among the tensor files of checkpoint ``path`` (DCP's index
     ``.metadata`` and the ``*.distcp`` files it names, each at least as long as the index says;
     the ranks' RNG states, each readable), or None. A checkpoint directory is renamed into place only when complete, so this finds files
-    lost or truncated afterwards (a copy that stopped, a disk error), before DCP's less direct error."""
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except FileNotFoundError:
-        return "its DCP index .metadata is missing"
-    except Exception as e:  # pickle / EOF errors of a truncated index
-        return f"its DCP index .metadata cannot be read ({type(e).__name__}: {e})"
+    lost or truncated afterwards (a copy that stopped, a disk error), before DCP's less direct error.
+    ``metadata``: the index, where the caller has read it already."""
+    if metadata is None:
+        metadata, unreadable = _read_index(path)
+        if metadata is None:
+            return unreadable
     ends: Dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
@@ -414,7 +424,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
         raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(saved, dict) or not isinstance(saved_cfg, dict):
         raise CheckpointError(f"checkpoint {path}: its {_STATE_FILE} or config.yaml is not a mapping (damaged?)")
-    damage = damaged_files(path)
+    index, damage = _read_index(path)
+    damage = damage or damaged_files(path, index)
     if damage is not None:
         earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
         hint = f"; resume from the one before it: --resume {earlier[-1]}" if earlier else ""
@@ -442,8 +453,16 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             if opt is not getattr(model, "fused_optimizer", None):
                 opt.init_state()
         sd["optim"] = optimizer.state_dict()
+    stored = index.state_dict_metadata
+    unread = sorted(k[len("model."):] for k in stored if k.startswith("model.") and k[len("model."):] not in sd["model"])
+    if unread:  # DCP loads what the model asks for: a part it has no place for would be dropped silently
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(unread)} model tensor(s) this model has no place for ({', '.join(unread[:3])}"
+            f"{', ...' if len(unread) > 3 else ''}): was it written with other model.* or robe.* settings (robe.features, "
+            f"robe.hot_rows, model.qr_max_rows)? Its config is {path / 'config.yaml'}"
+        )
     try:
-        legacy = _read_legacy_keys(sd, path) if load_optim else {}
+        legacy = _read_legacy_keys(sd, stored) if load_optim else {}
         dcp.load(sd, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # DCP's error lists the failing key; say what it means
         failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
@@ -453,14 +472,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"checkpoint {path} does not fit this model: {reason}. Was it written with other model.* or robe.features "
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    unread = sorted(k[len("model."):] for k in stored if k.startswith("model.") and k[len("model."):] not in sd["model"])
-    if unread:  # DCP loads what the model asks for: a part it has no place for would be dropped silently
-        raise CheckpointError(
-            f"checkpoint {path} holds {len(unread)} model tensor(s) this model has no place for ({', '.join(unread[:3])}"
-            f"{', ...' if len(unread) > 3 else ''}): was it written with other model.* or robe.* settings (robe.features, "
-            f"robe.hot_rows, model.qr_max_rows)? Its config is {path / 'config.yaml'}"
-        )
     for old, new in legacy.items():
         sd["optim"]["state"][new] = sd["optim"]["state"].pop(old)
     model.load_state_dict(sd["model"])
