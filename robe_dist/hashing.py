@@ -130,3 +130,11 @@ def paper_starts_torch(
     g = (ids.long() + offset) % p  # (g mod P) * A < 2**62: no int64 overflow for any id below 2**62
     blocks = torch.arange(num_blocks, device=ids.device, dtype=torch.long) * b
     return (((g * a + c) % p).unsqueeze(1) + blocks.unsqueeze(0)) % p % num_starts
+
+
+def take_moduli(values: torch.Tensor, moduli: torch.Tensor) -> torch.Tensor:
+    """``values % moduli`` where the modulus is positive; where it is 0 the id is left as it is
+    (negative and 63-bit ids included: the universal mapping hashes any int64). The trainer and
+    the exported model (``robe_dist.trainer.data.cap_ids``,
+    ``robe_dist.inference.export.ScoringModel``) both take ids through it."""
+    return torch.where(moduli > 0, values % moduli.clamp(min=1), values)

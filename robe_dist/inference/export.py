@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from robe_dist.hashing import take_moduli
+
 FORMAT_VERSION = 2
 """The newest artifact format this robe_dist writes and reads: 2 where the ROBE lookup has a
 ``block_align`` argument (an aligned model: older readers cannot load its graph), else 1;
@@ -63,21 +65,21 @@ class ScoringModel(nn.Module):
         Tensor: ``[B]`` click probabilities.
 
     Ids of the features in ``id_moduli`` are taken modulo their table size first, as the trainer
-    did (full tables and the paper mapping).
+    did (full tables and the paper mapping; ``robe_dist.hashing.take_moduli``); the others
+    are left as they are.
     """
 
     def __init__(self, dlrm: nn.Module, keys: List[str], id_moduli: Dict[str, int]) -> None:
         super().__init__()
         self.dlrm = dlrm
         self.keys = list(keys)
-        big = torch.iinfo(torch.int64).max
-        self.register_buffer("moduli", torch.tensor([id_moduli.get(k, big) for k in keys], dtype=torch.int64))
+        self.register_buffer("moduli", torch.tensor([id_moduli.get(k, 0) for k in keys], dtype=torch.int64))
         self.capped = bool(id_moduli)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.capped:
             per_key = lengths.view(len(self.keys), -1).sum(1)
-            values = values % torch.repeat_interleave(self.moduli, per_key, output_size=values.shape[0])
+            values = take_moduli(values, torch.repeat_interleave(self.moduli, per_key, output_size=values.shape[0]))
         kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths)
         return torch.sigmoid(self.dlrm(dense, kjt).squeeze(-1).float())
 

@@ -17,12 +17,11 @@ from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
 from robe_dist.data.layout import DataError, directory_lock, load_manifest_file
 from robe_dist.data.stats import TableStats, ensure_table_stats, read_table_stats
 from robe_dist.data.vocab import build_vocab
+from robe_dist.hashing import take_moduli
 from robe_dist.train_config import Config, ConfigError
 from robe_dist.trainer.env import DistEnv, on_rank0
 
 logger = logging.getLogger("robe_dist.train")
-
-_NO_CAP = 2**62  # modulus that leaves any id unchanged
 
 
 def _complete_vocab(path: Path) -> bool:
@@ -53,11 +52,11 @@ def training_data_dir(cfg: Config) -> Path:
 
 def cap_ids(batch: Batch, moduli: torch.Tensor) -> Batch:
     """``batch`` with the ids of feature ``f`` taken modulo ``moduli[f]`` (TorchRec's Criteo
-    "hashes"): full tables and the paper mapping need ids in ``[0, num_embeddings)``."""
+    "hashes"; 0: unchanged): full tables and the paper mapping need ids in ``[0, num_embeddings)``."""
     kjt = batch.sparse_features
     per_value = torch.repeat_interleave(moduli, torch.tensor(kjt.length_per_key()))
     capped = KeyedJaggedTensor(
-        keys=kjt.keys(), values=kjt.values() % per_value, lengths=kjt.lengths(), stride=kjt.stride(),
+        keys=kjt.keys(), values=take_moduli(kjt.values(), per_value), lengths=kjt.lengths(), stride=kjt.stride(),
         length_per_key=kjt.length_per_key(), offset_per_key=kjt.offset_per_key(),
     )  # fmt: skip
     return Batch(dense_features=batch.dense_features, sparse_features=capped, labels=batch.labels)
@@ -72,7 +71,7 @@ class RunData:
     cfg: Config
     env: DistEnv
     id_moduli: Optional[torch.Tensor] = None
-    """Per feature: ids are taken modulo this (``None``: raw ids everywhere)."""
+    """Per feature: ids are taken modulo this (0: not; ``None``: raw ids everywhere)."""
 
     @property
     def feature_names(self) -> List[str]:
@@ -112,7 +111,7 @@ class RunData:
         """Take the ids of the ``capped`` features modulo their table's size from now on."""
         if capped:
             sizes = dict(zip(features, num_embeddings))
-            self.id_moduli = torch.tensor([sizes[f] if f in capped else _NO_CAP for f in features])
+            self.id_moduli = torch.tensor([sizes[f] if f in capped else 0 for f in features])
 
     def _local(self, global_batch_size: int, what: str) -> int:
         check_divisible(global_batch_size, what, self.env)

@@ -126,3 +126,37 @@ def test_blocks_never_wrap(m):
     assert int(s.min()) >= 0 and int(s.max()) + z <= m
     p = hashing.paper_starts_torch(torch.arange(10_000), 0, 4, m - z + 1, hashing.paper_constants())
     assert int(p.max()) + z <= m
+
+
+def test_ids_of_uncapped_features_reach_the_model_unchanged_in_training_and_in_the_exported_model():
+    """The trainer takes ids modulo the table size only for capped features (full tables, the
+    paper mapping); the others keep their values, negative and 63-bit ones included, and the
+    exported model takes ids exactly as the trainer did (it once used another modulus, so a
+    negative id of an uncapped feature read other slots at scoring time)."""
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from robe_dist.hashing import take_moduli
+    from robe_dist.inference.export import ScoringModel
+    from robe_dist.trainer.data import cap_ids
+
+    keys = ["a", "b", "c"]
+    values = torch.tensor([-(2**40), 7, 2**62 + 5, -3, 2**63 - 1, 12, -1, 4], dtype=torch.int64)
+    lengths = torch.tensor([2, 1, 2, 1, 1, 1], dtype=torch.int64)  # feature-major, batch 2
+    moduli = torch.tensor([0, 10, 0])
+    per_value = torch.repeat_interleave(moduli, torch.tensor([3, 3, 2]))
+    expected = torch.tensor([-(2**40), 7, 2**62 + 5, 7, 2**63 - 1 - (2**63 - 1) // 10 * 10, 2, -1, 4])
+    assert torch.equal(take_moduli(values, per_value), expected)
+
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    batch = Batch(dense_features=torch.zeros(2, 13), sparse_features=kjt, labels=torch.zeros(2))
+    assert torch.equal(cap_ids(batch, moduli).sparse_features.values(), expected)
+
+    class Recorder(torch.nn.Module):  # the DLRM's place: records the ids it is given
+        def forward(self, dense: torch.Tensor, features: KeyedJaggedTensor) -> torch.Tensor:
+            self.seen = features.values()
+            return torch.zeros(dense.shape[0], 1)
+
+    scoring = ScoringModel(Recorder(), keys, {"b": 10})
+    scoring(torch.zeros(2, 13), values, lengths)
+    assert torch.equal(scoring.dlrm.seen, expected)
