@@ -71,7 +71,7 @@ def _split_ids(
     for key, c, table, n in zip(keys, collisions, tables, sizes):
         jt = jts[key]
         v, length = jt.values(), jt.lengths()
-        if v.device.type == "cpu" and v.numel() and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and v.device.type == "cpu" and v.numel():  # (numel: a guard under export)
             lo, hi = (int(x) for x in v.aminmax())
             if lo < 0 or hi >= n:
                 raise ValueError(f"QREmbeddingBagCollection: ids of feature {key!r} (table {table!r}) must lie in "

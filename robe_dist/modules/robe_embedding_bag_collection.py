@@ -500,8 +500,9 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ):
             # a 16-bit array stored for inference (robe-export --dtype): the CPU operator reads
             # float32, so scoring gets a float32 copy; training such an array on CPU is refused by
-            # the operator, as before
+            # the operator, as before (per-sample weights, made in the array's dtype, widen with it)
             array = array.float()
+            weights = weights.float() if weights is not None else None
         try:
             pooled, status = robe_pooled_lookup(
                 array, values, weights, offsets, batch, meta, self._spec,

@@ -106,6 +106,24 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("kind, overrides, dtype", [
+    ("qr", ["robe.features=none", "robe.budget=null", "robe.array_size=null", "model.qr_max_rows=512"], "fp32"),
+    ("hot_rows", ["robe.hot_rows=true"], "bf16"),
+])  # fmt: skip
+def test_quotient_remainder_and_hot_row_models_export_and_score_as_in_training(tmp_path, capsys, data_dir, hybrid, kind, overrides, dtype):
+    # (the QR split's id check was a data-dependent guard under torch.export; a hot-row model's
+    # per-sample weights stayed 16-bit where the CPU operator widens a 16-bit array)
+    m = train(tmp_path / "run", data_dir, 1, *overrides)
+    art = tmp_path / "model.pt2"
+    code, out, err = call(robe_export.main, capsys, "--checkpoint", m["summary"]["checkpoint"], "--out", art, "--dtype", dtype)
+    assert code == 0, err
+    code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", hybrid["vocab"], "--split", "test",
+                          "--out", tmp_path / "scores.txt")  # fmt: skip
+    assert code == 0, err
+    assert abs(auc_of(out) - m["test"]["auc"]) < (2e-4 if dtype == "fp32" else 2e-3), (out, m["test"]["auc"])
+
+
+@pytest.mark.integration
 def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, data_dir, hybrid, hybrid_artifact):
     import torch
 
