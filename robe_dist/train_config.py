@@ -197,7 +197,7 @@ class OptimConfig:
     id hashed to it, so the array can want a smaller rate than exact rows (docs/placement.md)."""
 
     momentum: float = 0.0
-    """``sgd`` only: momentum (dense part and ROBE array)."""
+    """``sgd`` only: momentum (dense part and ROBE array; full tables take none, fused or not)."""
 
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     """``adam`` only: (beta1, beta2)."""
@@ -206,7 +206,7 @@ class OptimConfig:
     """``adagrad`` / ``adam``: denominator epsilon (MLPerf v3 Adagrad: 1e-8)."""
 
     weight_decay: float = 0.0
-    """L2 penalty of the dense optimiser (not applied to full tables)."""
+    """L2 penalty of the dense optimiser (MLPs and ROBE array; not applied to full tables, fused or not)."""
 
     warmup_steps: int = 0
     """Linear warm-up from 0 to the peak rate over this many steps (MLPerf v1: 2750 at batch 64k)."""
@@ -225,7 +225,8 @@ class OptimConfig:
 
     grad_clip_norm: Optional[float] = None
     """Clip the global L2 norm of the dense gradients (MLPs and replicated ROBE array) to this
-    value before each step; ``null``: no clipping. Full tables (fused optimiser) are not clipped."""
+    value before each step; ``null``: no clipping. Full tables are not clipped (fused by FBGEMM or,
+    where TorchRec's planner makes them data-parallel, stepped like the fused ones)."""
 
 
 @dataclass

@@ -37,11 +37,12 @@ class TrainOptimizer:
     """What the train pipeline drives: one optimiser over the dense MLPs, the ROBE arrays and
     (fused into the backward) the full tables, with the schedule and clipping around it. Its parts
     (keys of the state dict): ``fused`` (full tables), ``dense`` (MLPs, at ``lr``), ``embeddings``
-    (data-parallel full tables, at ``embedding_lr``) and ``robe`` (the arrays, at ``robe_lr_factor`` times that).
+    (data-parallel full tables, at ``embedding_lr``, without momentum, weight decay or clipping,
+    as the fused ones) and ``robe`` (the arrays, at ``robe_lr_factor`` times that).
 
     ``zero_grad()`` (called by the pipeline before the forward) sets every group's rate for the
     coming step, so the fused tables, which update inside the backward, use the same rate as the
-    dense part; ``step()`` clips the dense gradients, steps, and counts.
+    dense part; ``step()`` clips the gradients of the MLPs and arrays, steps, and counts.
 
     Args:
         model: the DistributedModelParallel model.
@@ -66,21 +67,24 @@ class TrainOptimizer:
         self.torch_optimizers: List[torch.optim.Optimizer] = []
         """The torch optimisers inside (dense part, embeddings), for ``fuse_robe_updates``."""
 
-        def wrap(params: Dict[str, torch.Tensor], lr: float) -> KeyedOptimizer:
-            opt = cls(list(params.values()), lr=lr, **kwargs)
+        def wrap(params: Dict[str, torch.Tensor], lr: float, **overrides: Any) -> KeyedOptimizer:
+            opt = cls(list(params.values()), lr=lr, **{**kwargs, **overrides})
             self.torch_optimizers.append(opt)
             return KeyedOptimizerWrapper(params, lambda ps: opt)
 
         if dense:
             optims.append(("dense", wrap(dense, cfg.lr)))
         emb_lr = cfg.embedding_lr or cfg.lr
-        if embeddings:
-            optims.append(("embeddings", wrap(embeddings, emb_lr)))
+        if embeddings:  # full tables the planner made data-parallel: they take the fused tables' update
+            # (FBGEMM's fused kernels have no momentum or weight decay and are not clipped), so a
+            # table trains the same whichever way TorchRec places it, on any number of ranks
+            plain = {k: 0.0 for k in ("momentum", "weight_decay") if k in kwargs}
+            optims.append(("embeddings", wrap(embeddings, emb_lr, **plain)))
         if arrays:
             optims.append(("robe", wrap(arrays, cfg.robe_lr_factor * emb_lr)))
         self.optimizer = CombinedOptimizer(optims)
         self.peak_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.clip_params = list(dense.values()) + list(embeddings.values()) + list(arrays.values())
+        self.clip_params = list(dense.values()) + list(arrays.values())
         self.step_count = 0
         self.last_grad_norm: float = float("nan")
 

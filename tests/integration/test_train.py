@@ -485,6 +485,7 @@ from robe_dist.train import Trainer
 from robe_dist.train_config import load_config
 from robe_dist.trainer.env import init_distributed, shutdown
 from robe_dist.trainer.metrics_log import MetricsLog
+from robe_dist.trainer.optim import optimizer_spec
 
 runs, shardings, overrides = Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
 env = None
@@ -506,13 +507,18 @@ for sharding in shardings:
     trained = dict(load_trained_model(trainer.last_checkpoint)[0].dlrm.named_parameters())
     model = load_trained_model(start)[0].dlrm.train()
     arrays = [p for n, p in model.named_parameters() if n.endswith(".robe.array")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith(".robe.array")]
-    groups = [{"params": rest}, {"params": arrays, "lr": cfg.optim.lr * cfg.optim.robe_lr_factor}]
-    opt = torch.optim.Adagrad(groups, lr=cfg.optim.lr, eps=cfg.optim.eps)
+    tables = [p for n, p in model.named_parameters() if ".embedding_bags." in n]  # full and hot-row tables
+    mlps = [p for n, p in model.named_parameters() if not n.endswith(".robe.array") and ".embedding_bags." not in n]
+    cls, kwargs = optimizer_spec(cfg.optim)  # full tables: no momentum, weight decay or clipping, as FBGEMM's
+    plain = {k: 0.0 for k in ("momentum", "weight_decay") if k in kwargs}
+    groups = [{"params": mlps}, {"params": tables, **plain}, {"params": arrays, "lr": cfg.optim.lr * cfg.optim.robe_lr_factor}]
+    opt = cls(groups, lr=cfg.optim.lr, **kwargs)
     for b in batches:
         opt.zero_grad()
         logits = model(b.dense_features, b.sparse_features).squeeze(-1)
         torch.nn.functional.binary_cross_entropy_with_logits(logits, b.labels.float()).backward()
+        if cfg.optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(mlps + arrays, cfg.optim.grad_clip_norm)
         opt.step()
     diff = {n: (p.detach() - trained[n].detach()).abs().max().item() for n, p in model.named_parameters()}
     print(json.dumps({"sharding": sharding, "diff": diff, "kinds": trainer.model.sharding_summary}))
@@ -523,14 +529,16 @@ shutdown()
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["lists", "hot_rows"])
+@pytest.mark.parametrize("case", ["lists", "hot_rows", "sgd_momentum_decay_clip"])
 def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, five_steps, case):
     """The planner's kind of model (full tables, table-wise with FBGEMM's fused Adagrad or
     data-parallel with the dense one, next to a ROBE array; with ``hot_rows``, also exact rows for
     the hottest ids of the array's tables, planned from the statistics) trained by the trainer
     (DMP, TrainPipelineSparseDist) takes the steps that an unsharded copy of it, rebuilt from the
     checkpoint as robe-export does, takes with torch.optim.Adagrad on the same batches; the array
-    at its own rate (``optim.robe_lr_factor``)."""
+    at its own rate (``optim.robe_lr_factor``). With SGD, momentum, weight decay and clipping, the
+    full tables take none of the three whether they are fused or data-parallel (data-parallel
+    ones took all three, so a table's update changed with the planner's choice)."""
     # (five_steps: the data exists)
     overrides = [o for o in SMALL if not o.startswith(("robe.", "optim."))] + [
         f"data.path={data_dir}", "robe.array_size=4096", "robe.budget=null", "optim.name=adagrad", "optim.lr=0.05",
@@ -542,6 +550,9 @@ def test_hybrid_steps_equal_the_unsharded_models_steps(tmp_path, data_dir, five_
         overrides += ["data.vocab=true", "robe.features=auto", "robe.budget=20x", "robe.array_size=null", "robe.hot_rows=true",
                       "robe.block_size=4"]  # fmt: skip
         shardings = "table_wise"
+    if case == "sgd_momentum_decay_clip":
+        overrides = [o for o in overrides if not o.startswith("optim.name")]
+        overrides += ["optim.name=sgd", "optim.momentum=0.9", "optim.weight_decay=1.0", "optim.grad_clip_norm=0.05"]
     p = subprocess.run([sys.executable, "-c", _HYBRID_STEPS, str(tmp_path), shardings, *overrides],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]
