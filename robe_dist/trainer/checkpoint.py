@@ -30,7 +30,7 @@ import resource
 import shutil
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -348,19 +348,62 @@ def _check_robe_compatible(path: Path, saved: dict, saved_cfg: dict, model: nn.M
             )
 
 
-def _read_legacy_keys(sd: dict, stored: Iterable[str]) -> Dict[str, str]:
-    """Renames, in ``sd["optim"]["state"]``, the ROBE arrays' optimiser state (``robe.<param>``)
-    to where a checkpoint of an earlier version keeps it (``embeddings.<param>``) when only that
-    is stored (``stored``: the keys of the checkpoint's DCP index); returns ``{old: new}`` to
-    rename it back after loading."""
-    params = {k.rsplit(".", 1)[0] for k in stored if k.startswith("optim.state.")}  # optim.state.<param>.<name>
-    state, renamed = sd["optim"]["state"], {}
-    for key in [k for k in state if k.startswith("robe.")]:
-        old = "embeddings." + key[len("robe."):]
-        if state[key] and f"optim.state.{key}" not in params and f"optim.state.{old}" in params:
-            state[old] = state.pop(key)
-            renamed[old] = key
-    return renamed
+# a full table's optimiser state, by the optimiser, under FBGEMM's fused kernel (``<table>.<slot>``)
+# and under the dense torch optimiser of a data-parallel table (``<name>``): the same tensors
+_FUSED_SLOTS = {"adagrad": {"momentum1": "sum"}, "adam": {"momentum1": "exp_avg", "momentum2": "exp_avg_sq"}}
+
+
+def _state_saved_elsewhere(state: Dict[str, dict], stored: Iterable[str], optim_name: str, step: int) -> Callable[[], None]:
+    """Points the entries of ``state`` (an optimiser state dict's ``state``, to load in place)
+    at where the checkpoint (``stored``: the keys of its DCP index) keeps them, where that is
+    elsewhere; returns what puts them back after loading.
+
+    - a full table's state where TorchRec's planner placed the table otherwise than in the
+      checkpoint's run (fused by FBGEMM, ``fused.<param>`` ``{<table>.momentum1}``, or
+      data-parallel with the dense optimiser, ``embeddings.<param>`` ``{sum}``: its choice changes
+      with the number of ranks); a dense optimiser's ``step`` that a fused table did not keep is
+      set to the run's step;
+    - a ROBE array's state that a checkpoint of an earlier version keeps under ``embeddings.``
+      (written before the arrays had their own part, ``robe.<param>``)."""
+    stored = {k[len("optim.state."):] for k in stored if k.startswith("optim.state.")}
+    slots = _FUSED_SLOTS.get(optim_name, {})
+    moves: List[Tuple[str, str, str, str]] = []  # (key, name) as the model has it -> as stored
+    steps: List[Tuple[str, str, torch.Tensor]] = []  # a step the checkpoint has not: set, not loaded
+    for key, entry in state.items():
+        for name, tensor in entry.items():
+            if f"{key}.{name}" in stored:
+                continue
+            if key.startswith("fused."):  # fused here, data-parallel there?
+                there = ("embeddings." + key[len("fused."):], slots.get(name.rsplit(".", 1)[-1], ""))
+            elif key.startswith("embeddings."):  # data-parallel here, fused there?
+                fused_key = "fused." + key[len("embeddings."):]
+                if name == "step" and any(k.startswith(fused_key + ".") for k in stored):
+                    steps.append((key, name, tensor))
+                    continue
+                table = key.split(".")[-2]  # <...>.embedding_bags.<table>.weight
+                there = (fused_key, next((f"{table}.{slot}" for slot, n in slots.items() if n == name), ""))
+            elif key.startswith("robe."):
+                there = ("embeddings." + key[len("robe."):], name)
+            else:
+                continue
+            if f"{there[0]}.{there[1]}" in stored:
+                moves.append((key, name, *there))
+    for key, name, *_ in steps:
+        del state[key][name]
+    for key, name, key2, name2 in moves:
+        state.setdefault(key2, {})[name2] = state[key].pop(name)
+    for key in [k for k, v in state.items() if not v]:
+        del state[key]
+
+    def put_back() -> None:
+        for key, name, key2, name2 in reversed(moves):
+            state.setdefault(key, {})[name] = state[key2].pop(name2)
+            if not state[key2]:
+                del state[key2]
+        for key, name, tensor in steps:
+            state.setdefault(key, {})[name] = tensor.fill_(step)
+
+    return put_back
 
 
 def _read_index(path: Path) -> Tuple[Optional[Metadata], Optional[str]]:
@@ -410,8 +453,10 @@ def damaged_files(path: Path, metadata: Optional[Metadata] = None) -> Optional[s
 def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg: Config, env: DistEnv) -> TrainerState:
     """Loads model, optimiser and (same world size) RNG states in place; returns the trainer state.
 
-    A checkpoint written before the ROBE arrays had their own optimiser part (``optim.robe_lr_factor``)
-    holds their state under ``embeddings``: it is read from there.
+    A full table's optimiser state is read from where the checkpoint's run kept it when TorchRec's
+    planner places the table otherwise now (fused or data-parallel: its choice changes with the
+    number of ranks). A checkpoint written before the ROBE arrays had their own optimiser part
+    (``optim.robe_lr_factor``) holds their state under ``embeddings``: it is read from there.
 
     Raises:
         CheckpointError: the checkpoint's ROBE mapping or model does not match ``model``, or its
@@ -461,8 +506,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"{', ...' if len(unread) > 3 else ''}): was it written with other model.* or robe.* settings (robe.features, "
             f"robe.hot_rows, model.qr_max_rows)? Its config is {path / 'config.yaml'}"
         )
+    put_back = _state_saved_elsewhere(sd["optim"]["state"], stored, cfg.optim.name, state.step) if load_optim else None
     try:
-        legacy = _read_legacy_keys(sd, stored) if load_optim else {}
         dcp.load(sd, checkpoint_id=path)
     except (Exception, CheckpointException) as e:  # DCP's error lists the failing key; say what it means
         failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
@@ -472,8 +517,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"checkpoint {path} does not fit this model: {reason}. Was it written with other model.* or robe.features "
             f"settings? Its config is {path / 'config.yaml'}"
         ) from None
-    for old, new in legacy.items():
-        sd["optim"]["state"][new] = sd["optim"]["state"].pop(old)
+    if put_back is not None:
+        put_back()
     model.load_state_dict(sd["model"])
     if load_optim:
         optimizer.load_state_dict(sd["optim"])

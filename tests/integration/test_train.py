@@ -208,6 +208,32 @@ def test_resume_on_another_number_of_ranks(tmp_path, data_dir, straight_and_brok
     assert not far, f"resumed on 2 ranks, the weights differ from the 1-rank run's in {far}"
 
 
+def test_a_resume_finds_a_full_tables_optimiser_state_where_another_placement_kept_it(tmp_path, data_dir):
+    """TorchRec's planner places a full table data-parallel (the dense optimiser's state,
+    ``embeddings.<param>.sum``) or fused (FBGEMM's, ``fused.<param>.<table>.momentum1``), and its
+    choice changes with the number of ranks: a resume reads the state from where the checkpoint's
+    run kept it. Data-parallel on 1 rank, then table-wise on 2, then data-parallel on 1 again
+    equals 1 rank straight through (it refused the resume, "Missing key in checkpoint")."""
+    common = [
+        "robe.array_size=4096", "optim.name=adagrad", "optim.lr=0.05", "optim.robe_lr_factor=0.4",
+        "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]", "eval.at_end=false",
+    ]  # fmt: skip
+    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    ok(train(straight, data_dir, *common, dp, "train.max_steps=5"))
+    shutil.copytree(straight, moved)
+    ok(train(straight, data_dir, *common, dp, "train.max_steps=10", resume=True))
+    ok(train(moved, data_dir, *common, tw, "train.max_steps=8", nproc=2, resume=True))
+    ok(train(moved, data_dir, *common, dp, "train.max_steps=10", resume=True))
+    a = checkpoint_tensors(straight / "checkpoints" / "step_00000010", tmp_path)
+    b = checkpoint_tensors(moved / "checkpoints" / "step_00000010", tmp_path)
+    sums = [k for k in b if k.startswith("optim.state.embeddings.") and k.endswith(".sum")]
+    assert len(sums) >= 19 and all(b[k].abs().sum() > 0 for k in sums)  # (state, not zeros)
+    assert a.keys() == b.keys()
+    far = [k for k in a if a[k].is_floating_point() and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4)]
+    assert not far, f"after a table-wise stretch on 2 ranks, the weights and state differ from the data-parallel run's in {far}"
+
+
 @pytest.fixture(scope="module")
 def five_steps(tmp_path_factory, data_dir) -> Path:
     """A 5-step run with its checkpoint (shared: each test that resumes or refuses it takes a copy)."""
