@@ -247,6 +247,8 @@ class Trainer:
         self.stopping: Optional[str] = None
         self.last_checkpoint: Optional[Path] = None
         self.results: dict = {}
+        self.paused_s = 0.0
+        """Seconds spent in evaluations and checkpoints (left out of the summary's train_s)."""
         logger.info(
             "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
             cfg.model.arch, len(robe_names), f"{cfg.robe.robe_config(array_size).array_size:,}" if robe_names else "-",
@@ -349,9 +351,16 @@ class Trainer:
             dist.all_gather_object(every, mine)
         return {k: [r[k] for r in every] for k in mine}
 
+    @contextlib.contextmanager
     def comm_paused(self):
-        """A context in which collectives are not counted (evaluation, checkpoints)."""
-        return self.comm.paused() if self.comm is not None else contextlib.nullcontext()
+        """A context in which collectives are not counted and time is not training time
+        (evaluation, checkpoints)."""
+        t0 = time.time()
+        try:
+            with self.comm.paused() if self.comm is not None else contextlib.nullcontext():
+                yield
+        finally:
+            self.paused_s += time.time() - t0
 
     def sent_bytes(self) -> dict:
         """Bytes this rank has sent for training since step 0, counted where they are sent: handed
@@ -475,7 +484,7 @@ class Trainer:
                     if cfg.train.target_auc is not None and auc >= cfg.train.target_auc:
                         stop = "target_auc"
                     self.save()  # this step's checkpoint again, no longer pending, with the validation's result
-            t_start, start_step = time.time(), state.step
+            t_start, start_step, paused_before = time.time(), state.step, self.paused_s
             epoch_batches, batches_epoch = None, None
             while stop is None:
                 if batches_epoch != state.epoch:
@@ -501,7 +510,7 @@ class Trainer:
                         stop = "target_auc"
                 if ckpt_every and state.step % ckpt_every == 0 and not (stop and cfg.checkpoint.at_end):
                     self.save()
-            train_s = time.time() - t_start
+            train_s = time.time() - t_start - (self.paused_s - paused_before)  # (evaluations, checkpoints left out)
             if cfg.checkpoint.at_end and self.last_checkpoint != self.ckpt_dir / f"step_{state.step:08d}":
                 self.save()
             if cfg.eval.at_end:
