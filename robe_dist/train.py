@@ -195,6 +195,13 @@ class Trainer:
         tables, robe_names = table_configs(cfg, self.data.feature_names, num_embeddings)
         self.placement: Optional[Placement] = None
         array_size = None
+        raw_ids = self.data.manifest.get("kind") != "vocab"
+        if cfg.robe.hot_rows and cfg.robe.hash == "paper" and raw_ids:
+            raise ConfigError(  # the router would match raw hot ids against ids taken modulo the table size
+                f"robe.hot_rows with robe.hash 'paper' needs ids below the table sizes, and {self.data.path} holds raw "
+                "ids (the paper mapping takes them modulo the table size, so the hot ids of the statistics would "
+                "never be met): use a vocabulary (data.vocab: true, or robe-data vocab) or robe.hash 'universal'"
+            )
         if cfg.robe.budget is not None:
             stats = self.data.table_stats(top_ids=cfg.robe.hot_rows) if cfg.robe.features == "auto" else None
             self.placement = place_tables(cfg, tables, robe_names, stats)
@@ -204,7 +211,7 @@ class Trainer:
         bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
         sizes = dict(zip(self.data.feature_names, num_embeddings))
-        ids = "vocab" if self.data.manifest.get("kind") == "vocab" else "raw"
+        ids = "raw" if raw_ids else "vocab"
         fingerprint = (self.data.manifest.get("vocab") or {}).get("fingerprint")
         vocab = {"path": str(Path(self.data.path).resolve()), "fingerprint": fingerprint} if fingerprint else None
         if ids == "vocab" and vocab is None:

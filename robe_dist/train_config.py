@@ -134,7 +134,8 @@ class RobeSection:
     """With ``features: auto``: let the planner also give the most frequent ids of the tables it
     keeps in the array exact rows (a small ordinary table per such table, one row per hot id and a
     tail row; the array keeps their other ids), where the statistics list them (``robe-data
-    stats`` / ``vocab``). Off by default: on this project's synthetic data the planner's rule
+    stats`` / ``vocab``); with ``hash: paper`` only on vocabulary ids (raw ids, taken modulo the
+    table size, would never meet the hot ids). Off by default: on this project's synthetic data the planner's rule
     spends too much on them (docs/placement.md: -0.003 AUC at 10x, +0.0004 at 100x, -0.005 at 1000x)."""
 
     array_size: Optional[int] = None

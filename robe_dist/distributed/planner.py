@@ -120,6 +120,17 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
         check_robe_constraints(module, self._constraints)
         return super().plan(module, sharders if sharders is not None else get_default_sharders())
 
+    def _plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        """``plan``, with TorchRec's enumerator's RuntimeError for a table that no sharding type
+        and kernel allowed by the constraints can take (e.g. row-wise on CPU) as a PlannerError,
+        which ``collective_plan`` shares with every rank."""
+        try:
+            return self.plan(module, sharders)
+        except RuntimeError as e:
+            if isinstance(e, PlannerError) or "No available sharding type" not in str(e):
+                raise
+            raise PlannerError(str(e).split(". To debug")[0], PlannerErrorType.OTHER) from None
+
     def collective_plan(
         self,
         module: nn.Module,
@@ -130,14 +141,14 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
         sharders = sharders if sharders is not None else get_default_sharders()
         pg = pg if pg is not None else dist.GroupMember.WORLD
         if pg is None or pg.size() == 1:
-            return self.plan(module, sharders)
+            return self._plan(module, sharders)
         # as TorchRec's: rank 0 plans and broadcasts the plan; but a PlannerError there (a table
         # that fits no rank) is broadcast too and raised on every rank, where TorchRec's would
         # leave the other ranks waiting in the broadcast until the collective timeout
         box: List[object] = [None]
         if pg.rank() == 0:
             try:
-                box = [self.plan(module, sharders)]
+                box = [self._plan(module, sharders)]
             except PlannerError as e:
                 box = [("PlannerError", str(e), e.error_type.value)]
         dist.broadcast_object_list(box, src=dist.get_global_rank(pg, 0), group=pg)

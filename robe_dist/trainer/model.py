@@ -228,6 +228,8 @@ def shard_model(
     except PlannerError as e:  # raised on every rank (RobeShardingPlanner shares rank 0's)
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "does not fit" in ln), lines[-1] if lines else type(e).__name__)
+        if cfg.dist.table_sharding is not None:
+            reason += f" (dist.table_sharding {cfg.dist.table_sharding!r} constrains every full table to it)"
         raise ConfigError(
             f"TorchRec's planner found no sharding plan for the full tables at train.global_batch_size="
             f"{cfg.train.global_batch_size} on {env.world_size} rank(s): {reason}"

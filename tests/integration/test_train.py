@@ -452,7 +452,8 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir", "planner"])
+@pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir", "planner",
+                                  "table_sharding", "hot_rows_paper"])  # fmt: skip
 def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir, five_steps, case):
     """A config error (every rank reads the config), a run dir that holds a run or cannot be made
     (only rank 0 looks), a data path where the synthetic data cannot be written (rank 0 makes it; an OSError
@@ -480,6 +481,12 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     if case == "planner":
         args += ["--set", "robe.features=none", "--set", "robe.array_size=null", "--set", "optim.name=sgd",
                  "--set", "train.global_batch_size=100000000"]  # fmt: skip
+    if case == "table_sharding":  # (TorchRec's enumerator raised a RuntimeError on rank 0 alone: no kernel on CPU)
+        args += ["--set", "robe.features=none", "--set", "robe.array_size=null", "--set", "optim.name=sgd",
+                 "--set", "dist.table_sharding=row_wise"]  # fmt: skip
+    if case == "hot_rows_paper":  # raw ids taken modulo the table size would never meet the statistics' hot ids
+        args += ["--set", "robe.features=auto", "--set", "robe.budget=100x", "--set", "robe.array_size=null",
+                 "--set", "robe.hot_rows=true", "--set", "robe.hash=paper"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
@@ -489,7 +496,9 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
                 "run_dir_path": "/a_file/run: cannot be made or written ([Errno 20] Not a directory",
                 "data_path": "data.path: making the synthetic dataset failed: the output directory ",
                 "checkpoint_dir": "/a_file/checkpoints: cannot be made or written ([Errno 20] Not a directory",
-                "planner": "config error: TorchRec's planner found no sharding plan for the full tables"}  # fmt: skip
+                "planner": "config error: TorchRec's planner found no sharding plan for the full tables",
+                "table_sharding": "(dist.table_sharding 'row_wise' constrains every full table to it)",
+                "hot_rows_paper": "robe.hot_rows with robe.hash 'paper' needs ids below the table sizes"}  # fmt: skip
     assert expected[case] in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
 
