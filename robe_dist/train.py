@@ -211,7 +211,9 @@ class Trainer:
         bounded = [t.feature_names[0] for t in tables if cfg.robe.hash == "paper" or t.name not in robe_names]
         self.data.cap_ids_of(self.data.feature_names, num_embeddings, bounded)
         sizes = dict(zip(self.data.feature_names, num_embeddings))
-        ids = "raw" if raw_ids else "vocab"
+        # the ids (and dense transform) a scorer must give the model: robe_dist's raw ids, its
+        # vocabulary's, or a TorchRec-made npy directory's (log(x - min + 2), TorchRec's own ids)
+        ids = "torchrec-npy" if self.data.manifest.get("kind") == "torchrec-npy" else "raw" if raw_ids else "vocab"
         fingerprint = (self.data.manifest.get("vocab") or {}).get("fingerprint")
         vocab = {"path": str(Path(self.data.path).resolve()), "fingerprint": fingerprint} if fingerprint else None
         if ids == "vocab" and vocab is None:

@@ -111,7 +111,15 @@ def check_dataset_ids(meta: Dict[str, Any], data: Path) -> None:
     ids, recorded = meta.get("ids"), meta.get("vocab")
     if ids is None:
         return
-    found = (read_manifest(data).get("vocab") or {}).get("fingerprint")
+    manifest = read_manifest(data)
+    if (ids == "torchrec-npy") != (manifest.get("kind") == "torchrec-npy"):
+        made = "a directory made by TorchRec's scripts" if ids != "torchrec-npy" else "a dataset made by robe-data"
+        raise ExportError(
+            f"--data {data}: is {made}, but this model was trained on "
+            f"{'one made by TorchRec' if ids == 'torchrec-npy' else 'one made by robe_dist'}: their dense features "
+            "differ (TorchRec: log(x - min + 2); robe_dist: log(1 + max(x, 0))), and so may the ids; score data made as the training data was"
+        )
+    found = (manifest.get("vocab") or {}).get("fingerprint")
     if ids == "vocab" and recorded and found != recorded["fingerprint"]:
         held = f"ids mapped by vocabulary {found}" if found else "raw ids"
         raise ExportError(
@@ -170,6 +178,12 @@ def score_raw(model, path: Path, batch_size: int, meta: Dict[str, Any],
     vocabulary (``model_vocabulary``) first."""
     from robe_dist.data.ingest import ParsedFile
 
+    if meta.get("ids") == "torchrec-npy":
+        raise ExportError(
+            f"--data {path}: this model was trained on a directory made by TorchRec's scripts, whose dense features "
+            "(log(x - min + 2), with the file's minimum) and ids robe-predict cannot rebuild from raw rows: "
+            "score npy files made the same way (--data DIR)"
+        )
     if path.stat().st_size == 0:
         raise ExportError(f"--data {path}: the file is empty; a raw labelled Criteo file (.tsv/.csv, gzip or not) was expected")
     vocab = model_vocabulary(meta, vocab_dir) if meta.get("ids") == "vocab" else None

@@ -124,6 +124,30 @@ def test_quotient_remainder_and_hot_row_models_export_and_score_as_in_training(t
 
 
 @pytest.mark.integration
+def test_a_model_of_torchrecs_npy_files_scores_only_files_made_the_same_way(tmp_path, capsys, data_dir, hybrid):
+    """TorchRec's scripts write dense features as log(x - min + 2), robe_dist's as log(1 + max(x, 0)):
+    a model trained on a TorchRec-made directory scores such directories, and raw rows or robe-data's
+    datasets are refused in one line (they were scored, with the wrong dense inputs)."""
+    trec = tmp_path / "trec"  # robe_dist's files without the manifest: read as a TorchRec-made directory
+    trec.mkdir()
+    for f in data_dir.glob("day_*.npy"):
+        shutil.copy(f, trec / f.name)
+    m = train(tmp_path / "run", trec, 1, "robe.features=all", "robe.budget=null", "robe.array_size=65536", "data.vocab=false",
+              "data.kind=criteo", "model.num_embeddings_per_feature=[" + ", ".join(["1000"] * 26) + "]")
+    art = tmp_path / "model.pt2"
+    assert call(robe_export.main, capsys, "--checkpoint", m["summary"]["checkpoint"], "--out", art)[0] == 0
+    code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", trec, "--split", "test", "--out", tmp_path / "s.txt")
+    assert code == 0 and abs(auc_of(out) - m["test"]["auc"]) < 2e-4, (err, out, m["test"]["auc"])
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("1" + "\t1" * 13 + "\t68fd1e64" * 26 + "\n")
+    for data, said in [(data_dir, "is a dataset made by robe-data, but this model was trained on one made by TorchRec"),
+                       (rows, "trained on a directory made by TorchRec's scripts")]:  # fmt: skip
+        code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", data, "--out", tmp_path / "s2.txt",
+                              *(["--split", "test"] if data.is_dir() else []))  # fmt: skip
+        assert code == 2 and len(err) == 1 and said in err[0], err
+
+
+@pytest.mark.integration
 def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, data_dir, hybrid, hybrid_artifact):
     import torch
 
