@@ -113,7 +113,7 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
 def test_quotient_remainder_and_hot_row_models_export_and_score_as_in_training(tmp_path, capsys, data_dir, hybrid, kind, overrides, dtype):
     # (the QR split's id check was a data-dependent guard under torch.export; a hot-row model's
     # per-sample weights stayed 16-bit where the CPU operator widens a 16-bit array)
-    m = train(tmp_path / "run", data_dir, 1, *overrides)
+    m = train(tmp_path / "run", data_dir, 1, *overrides, "train.max_steps=30")
     art = tmp_path / "model.pt2"
     code, out, err = call(robe_export.main, capsys, "--checkpoint", m["summary"]["checkpoint"], "--out", art, "--dtype", dtype)
     assert code == 0, err
@@ -132,7 +132,7 @@ def test_a_model_of_torchrecs_npy_files_scores_only_files_made_the_same_way(tmp_
     trec.mkdir()
     for f in data_dir.glob("day_*.npy"):
         shutil.copy(f, trec / f.name)
-    m = train(tmp_path / "run", trec, 1, "robe.features=all", "robe.budget=null", "robe.array_size=65536", "data.vocab=false",
+    m = train(tmp_path / "run", trec, 1, "robe.features=all", "robe.budget=null", "robe.array_size=65536", "data.vocab=false", "train.max_steps=30",
               "data.kind=criteo", "model.num_embeddings_per_feature=[" + ", ".join(["1000"] * 26) + "]")
     art = tmp_path / "model.pt2"
     assert call(robe_export.main, capsys, "--checkpoint", m["summary"]["checkpoint"], "--out", art)[0] == 0

@@ -208,32 +208,6 @@ def test_resume_on_another_number_of_ranks(tmp_path, data_dir, straight_and_brok
     assert not far, f"resumed on 2 ranks, the weights differ from the 1-rank run's in {far}"
 
 
-def test_a_resume_finds_a_full_tables_optimiser_state_where_another_placement_kept_it(tmp_path, data_dir):
-    """TorchRec's planner places a full table data-parallel (the dense optimiser's state,
-    ``embeddings.<param>.sum``) or fused (FBGEMM's, ``fused.<param>.<table>.momentum1``), and its
-    choice changes with the number of ranks: a resume reads the state from where the checkpoint's
-    run kept it. Data-parallel on 1 rank, then table-wise on 2, then data-parallel on 1 again
-    equals 1 rank straight through (it refused the resume, "Missing key in checkpoint")."""
-    common = [
-        "robe.array_size=4096", "optim.name=adagrad", "optim.lr=0.05", "optim.robe_lr_factor=0.4",
-        "robe.features=[cat_0, cat_9, cat_10, cat_19, cat_20, cat_21, cat_22]", "eval.at_end=false",
-    ]  # fmt: skip
-    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    ok(train(straight, data_dir, *common, dp, "train.max_steps=5"))
-    shutil.copytree(straight, moved)
-    ok(train(straight, data_dir, *common, dp, "train.max_steps=10", resume=True))
-    ok(train(moved, data_dir, *common, tw, "train.max_steps=8", nproc=2, resume=True))
-    ok(train(moved, data_dir, *common, dp, "train.max_steps=10", resume=True))
-    a = checkpoint_tensors(straight / "checkpoints" / "step_00000010", tmp_path)
-    b = checkpoint_tensors(moved / "checkpoints" / "step_00000010", tmp_path)
-    sums = [k for k in b if k.startswith("optim.state.embeddings.") and k.endswith(".sum")]
-    assert len(sums) >= 19 and all(b[k].abs().sum() > 0 for k in sums)  # (state, not zeros)
-    assert a.keys() == b.keys()
-    far = [k for k in a if a[k].is_floating_point() and not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4)]
-    assert not far, f"after a table-wise stretch on 2 ranks, the weights and state differ from the data-parallel run's in {far}"
-
-
 @pytest.fixture(scope="module")
 def five_steps(tmp_path_factory, data_dir) -> Path:
     """A 5-step run with its checkpoint (shared: each test that resumes or refuses it takes a copy)."""
@@ -414,41 +388,56 @@ def test_placement_planner_on_two_ranks(tmp_path, data_dir):
 
 @pytest.mark.integration
 def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(tmp_path, data_dir):
-    """3 tables in the ROBE array, 23 full tables placed by the planner (table-wise with FBGEMM's
-    fused Adagrad, data-parallel with the dense one). From the same weights and the same global
-    batches, 1 and 2 ranks must give the full tables the same steps: the table-wise tables, whose
-    gradients TorchRec's all-to-all gathers from every rank (and divides by the world size, as DDP
-    averages the dense part), and the data-parallel ones. And on 2 ranks, a run resumed from its
-    own step-20 checkpoint ends bit for bit where the uninterrupted one does."""
+    """3 tables in the ROBE array, 23 full tables: data-parallel with the dense Adagrad on 1 rank,
+    table-wise with FBGEMM's fused Adagrad on 2 (TorchRec's planner chooses by the number of ranks;
+    ``dist.table_sharding`` makes it sure here). From the same weights and the same global batches,
+    both must give the full tables the same steps: the table-wise tables' gradients are gathered by
+    TorchRec's all-to-all from every rank (and divided by the world size, as DDP averages the dense
+    part). The resume onto the other placement finds the optimiser state where the checkpoint's run
+    kept it (it was refused: "Missing key in checkpoint"), both ways. And on 2 ranks, a run resumed
+    from its own step-20 checkpoint ends bit for bit where the uninterrupted one does."""
     common = ["robe.features=[cat_0, cat_1, cat_2]", "optim.name=adagrad", "optim.lr=0.05", "train.max_steps=40",
               "checkpoint.every_steps=20", "eval.at_end=false", "checkpoint.keep=5"]  # fmt: skip
+    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
     one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
     # the common starting point (the initialisation differs per world size), resumed on 1 and on 2
-    # ranks: Adagrad's state is resharded
-    ok(train(one, data_dir, *common, "train.max_steps=10"))
+    # ranks: Adagrad's state is resharded, and moved from the dense optimiser to the fused one
+    ok(train(one, data_dir, *common, dp, "train.max_steps=10"))
     shutil.copytree(one, two)
-    ok(train(one, data_dir, *common, resume=True))
-    ok(train(two, data_dir, *common, nproc=2, resume=True))
+    ok(train(one, data_dir, *common, dp, resume=True))
+    ok(train(two, data_dir, *common, tw, nproc=2, resume=True))
     a = checkpoint_tensors(one / "checkpoints" / "step_00000040", tmp_path)
     b = checkpoint_tensors(two / "checkpoints" / "step_00000040", tmp_path)
     start = checkpoint_tensors(one / "checkpoints" / "step_00000010", tmp_path)
     tables = [k for k in a if ".full.embedding_bags." in k and not k.startswith("optim.")]
-    assert tables and a.keys() == b.keys()
-    assert any(".fused." in k for k in a) and any(k.endswith(".array") for k in a)
+    assert tables and {k for k in a if not k.startswith("optim.")} == {k for k in b if not k.startswith("optim.")}
+    assert any(".fused." in k for k in b) and any(k.endswith(".array") for k in a)
     assert all(not torch.equal(a[k], start[k]) for k in tables)  # they trained
-    # Adagrad's normalised steps amplify float summation order in tiny gradients: atol 1e-4 (a step
-    # twice as large would move the weights by ~1e-1)
-    far = [k for k in tables if not torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4)]
+    # Adagrad's normalised steps amplify float summation order in tiny gradients, and the dense and
+    # fused kernels order theirs differently: atol 5e-4 (measured: at most 1.5e-4, in one row of 23
+    # tables, after 30 steps that moved them by ~0.2-0.3; a lost Adagrad state moves a weight by up
+    # to the rate, 0.05, at its first step)
+    far = [k for k in tables if not torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-4)]
     assert not far, f"full tables trained differently on 2 ranks: {far[:5]}"
 
     # the 2-rank run "interrupted" after its step-20 checkpoint, resumed on 2 ranks: exact
     shutil.copytree(two, again)
     shutil.rmtree(again / "checkpoints" / "step_00000040")
-    p = ok(train(again, data_dir, *common, nproc=2, resume=True))
+    p = ok(train(again, data_dir, *common, tw, nproc=2, resume=True))
     assert "step 20" in p.stderr
     c = checkpoint_tensors(again / "checkpoints" / "step_00000040", tmp_path)
     assert c.keys() == b.keys()
     assert not [k for k in b if not torch.equal(b[k], c[k])]
+
+    # the table-wise state back to the dense optimiser: one more step on 1 rank, data-parallel;
+    # Adagrad's sums only grow, from the fused kernel's (they would start again from 0 if lost)
+    ok(train(two, data_dir, *common, dp, "train.max_steps=41", "checkpoint.every_steps=1", resume=True))
+    d = checkpoint_tensors(two / "checkpoints" / "step_00000041", tmp_path)
+    fused = {k.rsplit(".", 2)[0].replace("optim.state.fused.", ""): v for k, v in b.items() if k.endswith(".momentum1")}
+    sums = {k[len("optim.state.embeddings."):-len(".sum")]: v for k, v in d.items()
+            if k.startswith("optim.state.embeddings.") and k.endswith(".sum")}  # fmt: skip
+    assert fused and fused.keys() <= sums.keys()
+    assert all((sums[k] >= fused[k]).all() for k in fused), "the dense optimiser did not start from the fused state"
 
 
 @pytest.mark.integration
