@@ -21,7 +21,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # The tests start ~150 Python processes: let them reuse robe_dist's compiled bytecode (160 ms each).
 unset PYTHONDONTWRITEBYTECODE
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then echo "launch/test.sh: pytest collected no tests" >&2; exit 1; fi
