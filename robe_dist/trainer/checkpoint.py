@@ -392,7 +392,7 @@ def _state_saved_elsewhere(state: Dict[str, dict], stored: Iterable[str], optim_
         del state[key][name]
     for key, name, key2, name2 in moves:
         state.setdefault(key2, {})[name2] = state[key].pop(name)
-    for key in [k for k, v in state.items() if not v]:
+    for key in [k for k, v in state.items() if not v]:  # (DCP would ask the checkpoint for an empty entry)
         del state[key]
 
     def put_back() -> None:
