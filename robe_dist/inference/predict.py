@@ -52,11 +52,10 @@ class Scorer:
         return self.module(dense.repeat(2, 1), doubled, lengths.repeat_interleave(2))[:1]
 
 
-def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
-    """The exported scoring module and its metadata; ``ExportError`` for a missing, truncated or
-    newer artifact."""
-    import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
-
+def read_metadata(path: Path) -> Dict[str, Any]:
+    """robe_dist's metadata of an artifact (``robe_dist.json``), read from the archive without
+    loading the program, so that options are checked against it at once; ``ExportError`` for a
+    missing, truncated, foreign or newer artifact."""
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"--model {path}: is a directory; a .pt2 file written by robe-export was expected")
@@ -64,15 +63,20 @@ def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
         raise ExportError(f"--model {path}: no such file")
     if not zipfile.is_zipfile(path):
         raise ExportError(f"--model {path}: not a robe-export artifact (not a torch.export archive; truncated?)")
-    extra = {META_FILE: ""}
     try:
-        ep = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:  # a damaged archive fails in many ways
+        with zipfile.ZipFile(path) as z:  # torch.export.save writes extra files as <archive>/extra/<name>
+            names = [n for n in z.namelist() if n.split("/")[-2:] == ["extra", META_FILE]]
+            text = z.read(names[0]).decode() if len(names) == 1 else None
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, zlib.error) as e:
         raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
-    if not extra[META_FILE]:
+    if text is None:  # another layout of the archive: torch's own reader finds it
+        extra = {META_FILE: ""}
+        _load_program(path, extra)
+        text = extra[META_FILE]
+    if not text:
         raise ExportError(f"--model {path}: a torch.export archive without robe_dist's metadata (not from robe-export)")
     try:
-        meta = json.loads(extra[META_FILE])
+        meta = json.loads(text)
     except ValueError as e:
         raise ExportError(f"--model {path}: its robe_dist metadata is damaged ({e})") from None
     if not isinstance(meta, dict):
@@ -82,7 +86,23 @@ def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
             f"--model {path}: format version {meta['format_version']} is newer than this robe_dist reads "
             f"({FORMAT_VERSION}); upgrade robe_dist"
         )
-    return Scorer(ep.module()), meta
+    return meta
+
+
+def _load_program(path: Path, extra: Optional[Dict[str, str]] = None) -> torch.nn.Module:
+    import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
+
+    try:
+        return torch.export.load(str(path), extra_files=extra).module()
+    except Exception as e:  # a damaged archive fails in many ways
+        raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+def load_artifact(path: Path) -> Tuple[Scorer, Dict[str, Any]]:
+    """The exported scoring module and its metadata; ``ExportError`` for a missing, truncated,
+    foreign or newer artifact (found before the program is loaded)."""
+    meta = read_metadata(path)
+    return Scorer(_load_program(Path(path))), meta
 
 
 def score_split(model, data: Path, split: str, batch_size: int, multi_hot: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.batch_size < 1:
             raise ExportError(f"--batch-size {args.batch_size}: must be a positive number of rows (default 16384)")
-        model, meta = load_artifact(args.model)
+        meta = read_metadata(args.model)  # the options are checked before the program is loaded
         if not args.data.exists() and args.data.name.endswith((".tsv", ".csv", ".gz", ".txt")):
             raise ExportError(f"--data {args.data}: no such file")
         check_options(args, meta)
@@ -319,6 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             recorded = (meta.get("vocab") or {}).get("path") if isinstance(meta.get("vocab"), dict) else None
             check_out(args.out, [("--model", args.model), ("--data", args.data), ("--vocab", args.vocab),
                                  ("model's recorded vocabulary", Path(recorded) if recorded else None)])  # fmt: skip
+        model = Scorer(_load_program(args.model))
         split = args.split or "test"
         t0 = time.time()
         skipped, per_line = "", None
