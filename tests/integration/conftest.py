@@ -1,34 +1,20 @@
-"""Fixtures for the multi-process (gloo, CPU) tests: one pool of 2 ranks shared by the session."""
+"""Fixtures for the multi-process (gloo, CPU) tests: pools of ranks shared by the session (by each
+pytest-xdist worker), started on first use (train_runs.py): ``pg2`` runs the tests' functions on 2
+ranks; ``train_runs.robe_train`` runs robe-train's ``main()`` on 1 or 2."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
-
 import pytest
+from train_runs import PoolHandle, close_pools, pool
 
-from robe_dist.distributed.test_utils import ProcessGroupPool
 
-
-class _PoolHandle:
-    """Runs functions on a 2-rank gloo pool, starting a fresh pool after a failure."""
-
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self._pool: Optional[ProcessGroupPool] = None
-
-    def run(self, fn: Callable[..., Any], **kwargs: Any) -> List[Any]:
-        if self._pool is None or self._pool.closed:
-            self._pool = ProcessGroupPool(world_size=self.world_size, collective_timeout_s=30.0)
-        return self._pool.run(fn, **kwargs)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
+@pytest.fixture(scope="session", autouse=True)
+def _close_pools():
+    yield
+    close_pools()
 
 
 @pytest.fixture(scope="session")
-def pg2():
+def pg2() -> PoolHandle:
     """``pg2.run(fn, **kwargs)`` runs ``fn(rank=, world_size=2, **kwargs)`` on 2 gloo ranks."""
-    handle = _PoolHandle(world_size=2)
-    yield handle
-    handle.close()
+    return pool(2)

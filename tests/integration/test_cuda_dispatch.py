@@ -12,52 +12,48 @@ and FBGEMM's ``asynchronous_complete_cumsum`` through ``robe_dist.fbgemm_compat`
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
+from collections import Counter
+from pathlib import Path
+from typing import List
 
 import pytest
 import torch
-from test_train import REPO, SMALL
-
-RECORDER = """
-import json, os, sys
-from collections import Counter
-from pathlib import Path
-
-import torch
+from test_train import SMALL
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_runs import REPO, call_main, own_group, robe_train
 
-import robe_dist.ops  # noqa: F401  (the custom ops and the complete-cumsum shim)
-from robe_dist import train
+class _Record(TorchDispatchMode):
+    """Counts every operator dispatched under it."""
 
-
-class Record(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.ops = Counter()
+        self.ops: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func._schema.name] += 1
         return func(*args, **(kwargs or {}))
 
 
-out, argv = Path(sys.argv[1]), sys.argv[2:]
-rank = os.environ.get("RANK", "0")
-with Record() as rec:
-    code = train.main(argv)
-if code == 0 and rank == "0":
+def _record(rank: int, world_size: int, argv: List[str], store: str, out: str) -> dict:
+    """robe-train's ``main(argv)`` (train_runs.py), then on rank 0 robe-export and robe-predict
+    of its last checkpoint, under ``_Record``; the operators go to ``out/ops_rank<rank>.json``."""
+    import robe_dist.ops  # noqa: F401  (the custom ops and the complete-cumsum shim)
     from robe_dist.inference import export, predict
 
-    ckpt = sorted((Path(argv[argv.index("--run-dir") + 1]) / "checkpoints").glob("step_*"))[-1]
-    with rec:
-        code = export.main(["--checkpoint", str(ckpt), "--out", str(out / "model.pt2")])
-        data = [a.split("=", 1)[1] for a in argv if a.startswith("data.path=")][0]
-        code = code or predict.main(["--model", str(out / "model.pt2"), "--data", data, "--split", "test"])
-(out / f"ops_rank{rank}.json").write_text(json.dumps(rec.ops))
-sys.exit(code)
-"""
+    with own_group(rank, world_size, store), _Record() as rec:
+        result = call_main(argv)
+        if result["returncode"] == 0 and rank == 0:  # (robe-train has left its process group, as it does)
+            ckpt = sorted((Path(argv[argv.index("--run-dir") + 1]) / "checkpoints").glob("step_*"))[-1]
+            model = Path(out) / "model.pt2"
+            data = [a.split("=", 1)[1] for a in argv if a.startswith("data.path=")][0]
+            with contextlib.chdir(REPO), contextlib.redirect_stdout(io.StringIO()):
+                code = export.main(["--checkpoint", str(ckpt), "--out", str(model)])
+                result["returncode"] = code or predict.main(["--model", str(model), "--data", data, "--split", "test"])
+    (Path(out) / f"ops_rank{rank}.json").write_text(json.dumps(rec.ops))
+    return result
 
 
 def runs_on_cuda(op: str) -> bool:
@@ -70,19 +66,14 @@ def runs_on_cuda(op: str) -> bool:
 def test_every_non_aten_op_of_a_robe_run_has_a_cuda_kernel(tmp_path, nproc):
     import robe_dist.ops  # noqa: F401
 
-    script = tmp_path / "record.py"
-    script.write_text(RECORDER)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]  # fmt: skip
-    args = [str(script), str(tmp_path), "--run-dir", str(tmp_path / "run")]
+    args = ["--run-dir", str(tmp_path / "run")]
     # two ranks on the CPU (a GPU machine lent here has one GPU); one on the GPU where there is one,
     # where an op without a CUDA kernel would also stop the run itself
     device = "cpu" if nproc > 1 else "auto"
     for o in [*SMALL, f"data.path={tmp_path / 'data'}", "train.max_steps=3", "eval.max_batches=1", "optim.name=adagrad",
               f"dist.device={device}"]:  # fmt: skip
         args += ["--set", o]
-    p = subprocess.run(launcher + args, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    p = robe_train(args, nproc, runner=_record, out=str(tmp_path))
     assert p.returncode == 0, p.stderr[-4000:]
     ops = set()
     for rank in range(nproc):

@@ -1,7 +1,8 @@
 """robe-export and robe-predict end to end: a model trained by robe-train (1 and 2 processes, a
 hybrid of full tables and a ROBE array placed by the planner) scores the same as in training.
-Training runs as the user runs it (subprocesses, torchrun); export and predict run in-process
-through their ``main()`` (the console scripts' code), which keeps the module within ~2 minutes."""
+Training runs robe-train's ``main()`` on 1 or 2 ranks that imported it once (train_runs.py;
+test_train.py runs it through its launchers); export and predict run in-process through their
+``main()`` (the console scripts' code)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from train_runs import robe_train
 
 from robe_dist.inference import export as robe_export
 from robe_dist.inference import predict as robe_predict
@@ -26,12 +28,12 @@ SMALL = [  # the default config (auto placement at 100x: full tables + a ROBE ar
 
 
 def train(run_dir: Path, data_path: Path, nproc: int = 1, *overrides: str) -> dict:
-    launcher = ["-m", "robe_dist.train"] if nproc == 1 else [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "robe_dist.train"]  # fmt: skip
-    args = [sys.executable, *launcher, "--run-dir", str(run_dir)]
+    """robe-train's ``main()`` on ``nproc`` ranks (train_runs.py); the run's test evaluation,
+    summary and placement records."""
+    args = ["--run-dir", str(run_dir)]
     for o in [*SMALL, f"data.path={data_path}", *overrides]:
         args += ["--set", o]
-    p = subprocess.run(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    p = robe_train(args, nproc)
     assert p.returncode == 0, p.stderr[-4000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -88,7 +90,7 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
     assert not [r for r in caplog.records if "Expect archive" in r.getMessage()], caplog.text
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     assert ("starts aligned to 4" in out) == (nproc == 2), out
-    assert robe_predict.load_artifact(art)[1]["format_version"] == (2 if nproc == 2 else 1)  # older readers refuse v2
+    assert robe_predict.read_metadata(art)["format_version"] == (2 if nproc == 2 else 1)  # older readers refuse v2
     scores = tmp_path / "scores.txt"
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", m["vocab"], "--split", "test", "--out", scores)
     assert code == 0, err
