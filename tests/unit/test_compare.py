@@ -123,3 +123,24 @@ def test_report_only_on_a_damaged_compare_json_is_one_line(tmp_path, capsys, con
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith(f"robe-compare: --report-only: {out / 'compare.json'} "), err
     assert message in err[0], err
+
+
+def test_repeated_timed_runs_give_the_median_and_range_of_their_rates():
+    """systems.repeats > 1: the table shows the median samples/s of an arm's successful repeats and
+    their range; bytes, memory and plan come from its first repeat (the end-to-end test runs one)."""
+    from robe_dist.compare_report import systems_rows
+
+    def record(arm: str, repeat: int, seconds: float, exit: int = 0) -> dict:
+        train = [{"samples": 0, "time_s": 1.0, "peak_mem_bytes": 7}, {"samples": 1000, "time_s": 1.0 + seconds, "peak_mem_bytes": 9}]
+        memory = {"param_bytes_max_rank": 100 + repeat, "sharding": {"data_parallel/dense": 1}}
+        return {"arm": arm, "kind": "full", "processes": 2, "repeat": repeat, "exit": exit,
+                "metrics": {"train": train, "memory": memory}}  # fmt: skip
+
+    result = {"systems": [record("full", 0, 1.0), record("full", 1, 4.0), record("full", 2, 2.0),
+                          record("other", 0, 1.0), record("other", 1, 0.5, exit=1)]}  # fmt: skip
+    head, rows = systems_rows(result)
+    by_arm = {row[0]: dict(zip(head, row)) for row in rows}
+    assert list(by_arm) == ["full", "other"]  # one row per arm: its first repeat
+    assert by_arm["full"]["train samples/s"] == "500 [250, 1,000]"  # 1000 samples in 1, 4 and 2 s
+    assert by_arm["full"]["param bytes / rank (max)"] == "100"
+    assert by_arm["other"]["train samples/s"] == "1,000"  # the failed repeat is not a rate
