@@ -20,7 +20,9 @@ scored rows give AUC and log-loss, printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -28,7 +30,7 @@ import time
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -89,11 +91,26 @@ def read_metadata(path: Path) -> Dict[str, Any]:
     return meta
 
 
+@contextlib.contextmanager
+def _quiet_deserializer() -> Iterator[None]:
+    """Silences torch's "Symbol u59 did not appear in the graph that was deserialized" while a
+    program is loaded: one line per size that a quotient-remainder model's graph computes from the
+    ids (dozens per model), none of which a robe-predict user can act on."""
+    serde = logging.getLogger("torch._export.serde.serialize")
+    level = serde.level
+    serde.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        serde.setLevel(level)
+
+
 def _load_program(path: Path, extra: Optional[Dict[str, str]] = None) -> torch.nn.Module:
     import robe_dist.ops  # noqa: F401  registers robe_dist::pooled_lookup and FBGEMM's ops, which the graph calls
 
     try:
-        return torch.export.load(str(path), extra_files=extra).module()
+        with _quiet_deserializer():
+            return torch.export.load(str(path), extra_files=extra).module()
     except Exception as e:  # a damaged archive fails in many ways
         raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
@@ -328,6 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from robe_dist.data.layout import DataError
 
     args = parse_args(argv)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # "is_fx_tracing will return true ...", as robe-export
     try:
         if args.batch_size < 1:
             raise ExportError(f"--batch-size {args.batch_size}: must be a positive number of rows (default 16384)")
