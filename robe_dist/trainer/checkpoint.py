@@ -392,7 +392,10 @@ def _state_saved_elsewhere(state: Dict[str, dict], stored: Iterable[str], optim_
         del state[key][name]
     for key, name, key2, name2 in moves:
         state.setdefault(key2, {})[name2] = state[key].pop(name)
-    for key in [k for k, v in state.items() if not v]:  # (DCP would ask the checkpoint for an empty entry)
+    # DCP would ask the checkpoint for an empty entry; TorchRec's load_state_dict wants every
+    # entry back (a fused SGD table's is empty: it keeps no state)
+    empty = [k for k, v in state.items() if not v]
+    for key in empty:
         del state[key]
 
     def put_back() -> None:
@@ -402,6 +405,8 @@ def _state_saved_elsewhere(state: Dict[str, dict], stored: Iterable[str], optim_
                 del state[key2]
         for key, name, tensor in steps:
             state.setdefault(key, {})[name] = tensor.fill_(step)
+        for key in empty:
+            state.setdefault(key, {})
 
     return put_back
 
