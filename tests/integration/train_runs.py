@@ -56,10 +56,10 @@ def pool(world_size: int) -> PoolHandle:
 def close_pools() -> None:
     for handle in _POOLS.values():
         handle.close()
+
+
 _RUN_TIMEOUT_S = 60.0
 """A rank left waiting in a collective by its peer's failure raises after this long."""
-
-
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
