@@ -496,7 +496,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
     # plain SGD keeps no state: nothing to load (and TorchRec's fused SGD lists placeholder entries
     # that differ between world sizes, which would refuse a resume on another number of ranks)
     stateless = cfg.optim.name == "sgd" and not cfg.optim.momentum
-    load_optim = same_optim and not stateless
+    # nor did it keep any for a run that now adds momentum: its buffers start from the gradient,
+    # as on a first step (DCP refused the resume, blaming the model settings)
+    was_stateless = old_optim == "sgd" and not saved_cfg.get("optim", {}).get("momentum")
+    if same_optim and was_stateless and not stateless:
+        logger.warning("checkpoint %s was trained with SGD without momentum, this run uses optim.momentum %s: "
+                       "its momentum starts afresh", path, cfg.optim.momentum)  # fmt: skip
+    load_optim = same_optim and not stateless and not was_stateless
     sd = {"model": model.state_dict()}
     if load_optim:
         for _, opt in optimizer.optimizer.optimizers:  # lazily made state (Adam's) must exist to load in place

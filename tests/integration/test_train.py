@@ -478,6 +478,18 @@ def test_sgd_with_momentum_resumes_onto_table_wise_full_tables(tmp_path, data_di
     assert b.keys() == c.keys() and not [k for k in b if not torch.equal(b[k], c[k])]
 
 
+def test_momentum_added_at_a_resume_of_plain_sgd_starts_afresh(tmp_path, data_dir):
+    """Plain SGD keeps no optimiser state; a resume that adds momentum asked the checkpoint for
+    momentum buffers, and DCP's refusal blamed the model settings. As with another optim.name, the
+    run says so and goes on: the buffers start from the gradient, as on a first step."""
+    run = tmp_path / "run"
+    common = ["optim.name=sgd", "optim.lr=0.05", "eval.at_end=false", "checkpoint.every_steps=5"]
+    ok(train(run, data_dir, *common, "train.max_steps=5"))
+    p = ok(train(run, data_dir, *common, "optim.momentum=0.9", "train.max_steps=8", resume=True))
+    assert "was trained with SGD without momentum, this run uses optim.momentum 0.9: its momentum starts afresh" in p.stderr
+    assert any(k.endswith("momentum_buffer") for k in checkpoint_tensors(run / "checkpoints" / "step_00000008", tmp_path))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("case", ["config", "run_dir", "run_dir_path", "data_path", "checkpoint_dir", "planner",
                                   "table_sharding", "hot_rows_paper"])  # fmt: skip
