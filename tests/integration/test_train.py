@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -396,6 +396,23 @@ def test_placement_planner_on_two_ranks(tmp_path, data_dir):
     assert sent == summary["step"] * placement["array_size"] * 4  # the planned array, all-reduced
 
 
+def _one_rank_then_one_and_two(tmp_path: Path, data_dir: Path, common: List[str], last: int) -> Tuple[Path, Path, Path]:
+    """A 10-step run on 1 rank with data-parallel full tables (the common starting point: the
+    initialisation differs per world size), resumed to step ``last`` on 1 rank so (``one``) and on
+    2 with table-wise full tables (``two``); ``again``: ``two`` without its step-``last``
+    checkpoint, resumed on 2 ranks from its latest one."""
+    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
+    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
+    ok(train(one, data_dir, *common, dp, "train.max_steps=10"))
+    shutil.copytree(one, two)
+    ok(train(one, data_dir, *common, dp, f"train.max_steps={last}", resume=True))
+    ok(train(two, data_dir, *common, tw, f"train.max_steps={last}", nproc=2, resume=True))
+    shutil.copytree(two, again)
+    shutil.rmtree(again / "checkpoints" / f"step_{last:08d}")
+    ok(train(again, data_dir, *common, tw, f"train.max_steps={last}", nproc=2, resume=True))
+    return one, two, again
+
+
 @pytest.mark.integration
 def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(tmp_path, data_dir):
     """3 tables in the ROBE array, 23 full tables: data-parallel with the dense Adagrad on 1 rank,
@@ -406,16 +423,11 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
     part). The resume onto the other placement finds the optimiser state where the checkpoint's run
     kept it (it was refused: "Missing key in checkpoint"), both ways. And on 2 ranks, a run resumed
     from its own step-20 checkpoint ends bit for bit where the uninterrupted one does."""
-    common = ["robe.features=[cat_0, cat_1, cat_2]", "optim.name=adagrad", "optim.lr=0.05", "train.max_steps=40",
+    common = ["robe.features=[cat_0, cat_1, cat_2]", "optim.name=adagrad", "optim.lr=0.05",
               "checkpoint.every_steps=20", "eval.at_end=false", "checkpoint.keep=5"]  # fmt: skip
-    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
-    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
-    # the common starting point (the initialisation differs per world size), resumed on 1 and on 2
-    # ranks: Adagrad's state is resharded, and moved from the dense optimiser to the fused one
-    ok(train(one, data_dir, *common, dp, "train.max_steps=10"))
-    shutil.copytree(one, two)
-    ok(train(one, data_dir, *common, dp, resume=True))
-    ok(train(two, data_dir, *common, tw, nproc=2, resume=True))
+    # on 2 ranks, Adagrad's state is resharded and moved from the dense optimiser to the fused one;
+    # ``again`` resumes the 2-rank run from its step-20 checkpoint
+    one, two, again = _one_rank_then_one_and_two(tmp_path, data_dir, common, last=40)
     a = checkpoint_tensors(one / "checkpoints" / "step_00000040", tmp_path)
     b = checkpoint_tensors(two / "checkpoints" / "step_00000040", tmp_path)
     start = checkpoint_tensors(one / "checkpoints" / "step_00000010", tmp_path)
@@ -431,17 +443,14 @@ def test_full_tables_take_the_same_step_on_one_and_two_ranks_and_resume_exactly(
     assert not far, f"full tables trained differently on 2 ranks: {far[:5]}"
 
     # the 2-rank run "interrupted" after its step-20 checkpoint, resumed on 2 ranks: exact
-    shutil.copytree(two, again)
-    shutil.rmtree(again / "checkpoints" / "step_00000040")
-    p = ok(train(again, data_dir, *common, tw, nproc=2, resume=True))
-    assert "step 20" in p.stderr
     c = checkpoint_tensors(again / "checkpoints" / "step_00000040", tmp_path)
     assert c.keys() == b.keys()
     assert not [k for k in b if not torch.equal(b[k], c[k])]
 
     # the table-wise state back to the dense optimiser: one more step on 1 rank, data-parallel;
     # Adagrad's sums only grow, from the fused kernel's (they would start again from 0 if lost)
-    ok(train(two, data_dir, *common, dp, "train.max_steps=41", "checkpoint.every_steps=1", resume=True))
+    ok(train(two, data_dir, *common, "dist.table_sharding=data_parallel", "train.max_steps=41", "checkpoint.every_steps=1",
+             resume=True))  # fmt: skip
     d = checkpoint_tensors(two / "checkpoints" / "step_00000041", tmp_path)
     fused = {k.rsplit(".", 2)[0].replace("optim.state.fused.", ""): v for k, v in b.items() if k.endswith(".momentum1")}
     sums = {k[len("optim.state.embeddings."):-len(".sum")]: v for k, v in d.items()
@@ -459,16 +468,8 @@ def test_sgd_with_momentum_resumes_onto_table_wise_full_tables(tmp_path, data_di
     data-parallel. Now both resume: the momentum of the MLPs and the array carried over (the
     2-rank run ends where the 1-rank one does), and bit for bit on the same ranks."""
     common = ["robe.features=[cat_0, cat_1, cat_2]", "optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.05",
-              "train.max_steps=20", "checkpoint.every_steps=10", "eval.at_end=false", "checkpoint.keep=5"]  # fmt: skip
-    dp, tw = "dist.table_sharding=data_parallel", "dist.table_sharding=table_wise"
-    one, two, again = tmp_path / "one", tmp_path / "two", tmp_path / "again"
-    ok(train(one, data_dir, *common, dp, "train.max_steps=10"))
-    shutil.copytree(one, two)
-    ok(train(one, data_dir, *common, dp, resume=True))
-    ok(train(two, data_dir, *common, tw, nproc=2, resume=True))
-    shutil.copytree(two, again)
-    shutil.rmtree(again / "checkpoints" / "step_00000020")
-    ok(train(again, data_dir, *common, tw, nproc=2, resume=str(again / "checkpoints" / "step_00000010")))
+              "checkpoint.every_steps=10", "eval.at_end=false", "checkpoint.keep=5"]  # fmt: skip
+    one, two, again = _one_rank_then_one_and_two(tmp_path, data_dir, common, last=20)
     a, b, c = (checkpoint_tensors(r / "checkpoints" / "step_00000020", tmp_path) for r in (one, two, again))
     weights = [k for k in a if k.startswith("model.") and a[k].is_floating_point()]
     assert any(".robe.array" in k for k in weights) and any(".full.embedding_bags." in k for k in weights)
