@@ -67,10 +67,13 @@ def read_metadata(path: Path) -> Dict[str, Any]:
         raise ExportError(f"--model {path}: not a robe-export artifact (not a torch.export archive; truncated?)")
     try:
         with zipfile.ZipFile(path) as z:  # torch.export.save writes extra files as <archive>/extra/<name>
+            damaged = z.testzip()  # (the weights are stored uncompressed: only their CRC would notice)
             names = [n for n in z.namelist() if n.split("/")[-2:] == ["extra", META_FILE]]
-            text = z.read(names[0]).decode() if len(names) == 1 else None
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, zlib.error) as e:
+            text = z.read(names[0]).decode() if len(names) == 1 and damaged is None else None
+    except Exception as e:  # (BadZipFile, OSError, zlib.error, encrypted or unknown compression members, ...)
         raise ExportError(f"--model {path}: cannot be read ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    if damaged is not None:
+        raise ExportError(f"--model {path}: damaged: its member {damaged} fails its CRC check (a copy cut or changed?)")
     if text is None:  # another layout of the archive: torch's own reader finds it
         extra = {META_FILE: ""}
         _load_program(path, extra)
@@ -79,10 +82,16 @@ def read_metadata(path: Path) -> Dict[str, Any]:
         raise ExportError(f"--model {path}: a torch.export archive without robe_dist's metadata (not from robe-export)")
     try:
         meta = json.loads(text)
-    except ValueError as e:
-        raise ExportError(f"--model {path}: its robe_dist metadata is damaged ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise ExportError(f"--model {path}: its robe_dist metadata is damaged ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise ExportError(f"--model {path}: its robe_dist metadata is damaged (not a mapping)")
+    vocab = meta.get("vocab")
+    if not isinstance(meta.get("format_version", 0), int) or not (
+        vocab is None or isinstance(vocab, dict) and all(isinstance(vocab.get(k), str) for k in ("path", "fingerprint"))
+    ):  # fmt: skip
+        raise ExportError(f"--model {path}: its robe_dist metadata is damaged (format_version {meta.get('format_version')!r}, "
+                          f"vocab {vocab!r}: an integer, and null or a path and a fingerprint were expected)")  # fmt: skip
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ExportError(
             f"--model {path}: format version {meta['format_version']} is newer than this robe_dist reads "
@@ -93,16 +102,19 @@ def read_metadata(path: Path) -> Dict[str, Any]:
 
 @contextlib.contextmanager
 def _quiet_deserializer() -> Iterator[None]:
-    """Silences torch's "Symbol u59 did not appear in the graph that was deserialized" while a
-    program is loaded: one line per size that a quotient-remainder model's graph computes from the
-    ids (dozens per model), none of which a robe-predict user can act on."""
-    serde = logging.getLogger("torch._export.serde.serialize")
-    level = serde.level
-    serde.setLevel(logging.ERROR)
+    """Silences torch's warnings while a program is loaded, none of which a robe-predict user can
+    act on: "Symbol u59 did not appear in the graph that was deserialized", one line per size that
+    a quotient-remainder model's graph computes from the ids (dozens per model), and the traceback
+    torch.export.load prints of an archive it cannot read (robe-predict's one line says it)."""
+    loggers = [logging.getLogger(name) for name in ("torch._export.serde.serialize", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        serde.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _load_program(path: Path, extra: Optional[Dict[str, str]] = None) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -179,6 +180,39 @@ def test_bad_artifacts_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys,
     torch.export.save(ep, str(newer), extra_files={"robe_dist.json": json.dumps(dict(meta, format_version=99))})
     assert zipfile.is_zipfile(newer) and "format version 99 is newer" in refused(newer)
     assert "no such file" in refused(tmp_path / "missing.pt2")
+    # a weight changed in the copy (stored uncompressed: it scored, AUC 0.53, log-loss nan), metadata
+    # of the wrong types, a member that cannot be read (encrypted): one line, no torch traceback
+    with zipfile.ZipFile(art) as z:
+        members = z.infolist()
+    weight = max((m for m in members if "/data/weights/" in m.filename), key=lambda m: m.file_size)
+    data = bytearray(art.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[weight.header_offset + 26 : weight.header_offset + 30])
+    data[weight.header_offset + 30 + name_len + extra_len + 10] ^= 0xFF
+    changed = tmp_path / "changed.pt2"
+    changed.write_bytes(bytes(data))
+    assert f"{weight.filename} fails its CRC check" in refused(changed)
+
+    def rewritten(name: str, meta_text=None, flag: int = 0) -> Path:
+        out = tmp_path / name
+        with zipfile.ZipFile(art) as zin, zipfile.ZipFile(out, "w") as zout:
+            for m in zin.infolist():
+                is_meta = m.filename.endswith("/extra/robe_dist.json")
+                zout.writestr(m, meta_text if is_meta and meta_text is not None else zin.read(m))
+        if flag:  # set a general-purpose flag of the metadata's entry in the central directory
+            raw = bytearray(out.read_bytes())
+            at = raw.rindex(b"PK\x01\x02", 0, raw.rindex(b"/extra/robe_dist.json"))
+            raw[at + 8] |= flag
+            out.write_bytes(bytes(raw))
+        return out
+
+    meta_text = [zipfile.ZipFile(art).read(m) for m in members if m.filename.endswith("/extra/robe_dist.json")][0]
+    for bad in ({"vocab": "ec23"}, {"vocab": {"path": 5, "fingerprint": "ec23"}}, {"format_version": "3"}):
+        said = refused(rewritten("bad_meta.pt2", json.dumps({**json.loads(meta_text), **bad})))
+        assert "its robe_dist metadata is damaged" in said, said
+    assert "its robe_dist metadata is damaged (RecursionError" in refused(rewritten("deep.pt2", "[" * 100000 + "]" * 100000))
+    assert "cannot be read (RuntimeError: File" in refused(rewritten("encrypted.pt2", flag=1))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
     # an npy dataset of other ids than the model's: the raw-id dataset its vocabulary was built from
     code, _, err = call(robe_predict.main, capsys, "--model", art, "--data", data_dir)
     assert code == 2 and len(err) == 1 and "holds raw ids, but this model was trained on ids mapped by vocabulary" in err[0], err
