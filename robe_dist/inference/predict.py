@@ -61,8 +61,10 @@ def read_metadata(path: Path) -> Dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"--model {path}: is a directory; a .pt2 file written by robe-export was expected")
-    if not path.is_file():
+    if not path.exists():
         raise ExportError(f"--model {path}: no such file")
+    if not path.is_file():
+        raise ExportError(f"--model {path}: not a regular file; a .pt2 file written by robe-export was expected")
     if not zipfile.is_zipfile(path):
         raise ExportError(f"--model {path}: not a robe-export artifact (not a torch.export archive; truncated?)")
     try:
@@ -321,6 +323,15 @@ def check_out(out: Path, inputs: List[Tuple[str, Optional[Path]]]) -> None:
         raise ExportError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--out {out}: cannot write in {parent} (permission denied)")
+    longest = len(_temporary(out).name)  # (it failed only after scoring, "File name too long")
+    if longest > os.pathconf(parent, "PC_NAME_MAX"):
+        raise ExportError(f"--out {out}: its name is too long to write it atomically ({longest} characters with its "
+                          f"temporary file's prefix and suffix; at most {os.pathconf(parent, 'PC_NAME_MAX')} in {parent})")  # fmt: skip
+
+
+def _temporary(out: Path) -> Path:
+    """The file the scores are written to before it is renamed ``out``."""
+    return out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
 
 def write_scores(out: Path, scores: torch.Tensor) -> None:
@@ -328,7 +339,7 @@ def write_scores(out: Path, scores: torch.Tensor) -> None:
     parent directories are created."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp = _temporary(out)
         try:
             with open(tmp, "w") as f:
                 f.write("\n".join(f"{p:.7g}" for p in scores.tolist()) + "\n")

@@ -6,6 +6,7 @@ the process (heap corruption, SIGFPE), and the KeyedJaggedTensor cases returned 
 """
 
 import math
+import os
 import subprocess
 import sys
 
@@ -197,8 +198,21 @@ def test_the_inference_loaders_take_str_paths(tmp_path):
 
     with pytest.raises(ExportError, match="no such file"):
         load_artifact(str(tmp_path / "missing.pt2"))
+    with pytest.raises(ExportError, match="/dev/null: not a regular file"):  # (it said "no such file")
+        load_artifact("/dev/null")
     with pytest.raises(ExportError, match="no config.yaml"):  # (AttributeError: 'str' object has no attribute ...)
         load_trained_model(str(tmp_path))
+
+
+def test_a_scores_file_whose_temporary_name_would_be_too_long_is_refused_before_scoring(tmp_path):
+    """The scores are written beside ``--out`` under a longer temporary name, then renamed: a name
+    that fits but whose temporary one does not failed only after the scoring."""
+    from robe_dist.inference.predict import ExportError, check_out
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    check_out(tmp_path / ("s" * (limit - 30)), [])
+    with pytest.raises(ExportError, match="its name is too long to write it atomically"):
+        check_out(tmp_path / ("s" * limit), [])
 
 
 def test_numpy_numbers_are_numbers():
