@@ -323,10 +323,10 @@ def check_out(out: Path, inputs: List[Tuple[str, Optional[Path]]]) -> None:
         raise ExportError(f"--out {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--out {out}: cannot write in {parent} (permission denied)")
-    longest = len(_temporary(out).name)  # (it failed only after scoring, "File name too long")
-    if longest > os.pathconf(parent, "PC_NAME_MAX"):
+    longest, limit = len(_temporary(out).name), os.pathconf(parent, "PC_NAME_MAX")  # (it failed after scoring)
+    if longest > limit:
         raise ExportError(f"--out {out}: its name is too long to write it atomically ({longest} characters with its "
-                          f"temporary file's prefix and suffix; at most {os.pathconf(parent, 'PC_NAME_MAX')} in {parent})")  # fmt: skip
+                          f"temporary file's prefix and suffix; at most {limit} in {parent})")  # fmt: skip
 
 
 def _temporary(out: Path) -> Path:

@@ -488,7 +488,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
             f"{state.global_batch_size}: the data position (epoch {state.epoch}, batch {state.step_in_epoch}) "
             "is counted in its batches; resume with the same global batch size"
         )
-    old_optim = saved_cfg.get("optim", {}).get("name")
+    saved_optim = saved_cfg.get("optim", {})
+    old_optim = saved_optim.get("name")
     same_optim = old_optim == cfg.optim.name
     if not same_optim:
         logger.warning("checkpoint %s was trained with optim.name %r, this run uses %r: its optimiser state is not loaded",
@@ -498,7 +499,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: TrainOptimizer, cfg
     stateless = cfg.optim.name == "sgd" and not cfg.optim.momentum
     # nor did it keep any for a run that now adds momentum: its buffers start from the gradient,
     # as on a first step (DCP refused the resume, blaming the model settings)
-    was_stateless = old_optim == "sgd" and not saved_cfg.get("optim", {}).get("momentum")
+    was_stateless = old_optim == "sgd" and not saved_optim.get("momentum")
     if same_optim and was_stateless and not stateless:
         logger.warning("checkpoint %s was trained with SGD without momentum, this run uses optim.momentum %s: "
                        "its momentum starts afresh", path, cfg.optim.momentum)  # fmt: skip
