@@ -22,7 +22,22 @@ import signal
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from torch.distributed import DistError
+# On several nodes, the agent whose node hosts the c10d rendezvous store leaves as soon as its
+# workers have failed; the other agents, closing the rendezvous, then find the store gone and
+# torch's C++ TCPStore logs a warning with 30 lines of C++ frames ("recvVector failed ... Did the
+# remote server shutdown or crash?"): noise after a failure the workers already explained. C++
+# logging reads its level once, when torch loads, so this agent loads torch at ERROR and its
+# workers (started from os.environ) inherit the user's setting again.
+_VERBOSE = os.environ.get("ROBE_DIST_TORCHRUN_VERBOSE", "0") == "1"
+_USER_CPP_LEVEL = os.environ.get("TORCH_CPP_LOG_LEVEL")
+if not _VERBOSE and _USER_CPP_LEVEL is None:
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+import torch  # noqa: E402,F401  (after the log level)
+
+if not _VERBOSE and _USER_CPP_LEVEL is None:
+    del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+from torch.distributed import DistError  # noqa: E402
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
@@ -75,7 +90,7 @@ def _signal_name(status: int) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     # the agent's own log of a worker's failure and of stopping the others repeats what the
     # workers said (ROBE_DIST_TORCHRUN_VERBOSE=1 keeps it)
-    if os.environ.get("ROBE_DIST_TORCHRUN_VERBOSE", "0") != "1":
+    if not _VERBOSE:
         # (torch's elastic get_logger gives each module's logger its own level: set them all)
         for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
             logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -306,7 +306,9 @@ class DistConfig:
     table_sharding: Optional[Literal["table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel"]] = None
     """How TorchRec shards the full tables: ``null`` lets its planner choose per table (it may
     replicate small tables, data_parallel); otherwise every full table is constrained to this
-    type (``table_wise``: the byte model of docs/distributed.md)."""
+    type (``table_wise``: the byte model of docs/distributed.md). ``row_wise`` and
+    ``table_row_wise`` (rows split over ranks / over a node's ranks: tables larger than one
+    device) need GPUs: TorchRec's sharders do not offer them on CPU."""
 
     grad_compression: Literal["none", "fp16", "bf16"] = "none"
     """Compress the data-parallel gradient all-reduce (the ROBE array and the dense layers) with

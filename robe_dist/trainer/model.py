@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError
@@ -203,8 +204,16 @@ def shard_model(
     )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     constraints = None
-    if cfg.dist.table_sharding is not None:
+    if cfg.dist.table_sharding is not None and full_params:
         kind = ShardingType(cfg.dist.table_sharding).value
+        ebc_sharder = next(s for s in sharders if isinstance(s, EmbeddingBagCollectionSharder))
+        settable = {v for t in get_args(get_type_hints(type(cfg.dist))["table_sharding"]) for v in get_args(t)}
+        offered = settable.intersection(ebc_sharder.sharding_types(env.device.type))
+        if kind not in offered:  # (TorchRec's planner would say only "No available sharding type ... for t_cat_1")
+            raise ConfigError(
+                f"dist.table_sharding {kind!r}: TorchRec shards full tables that way on GPUs only; on "
+                f"{env.device.type} it offers {', '.join(sorted(offered))} (or null: its planner chooses)"
+            )
         constraints = {
             t.name: ParameterConstraints(sharding_types=[kind])
             for mod in model.modules()

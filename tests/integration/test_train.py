@@ -524,7 +524,7 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
     if case == "planner":
         args += ["--set", "robe.features=none", "--set", "robe.array_size=null", "--set", "optim.name=sgd",
                  "--set", "train.global_batch_size=100000000"]  # fmt: skip
-    if case == "table_sharding":  # (TorchRec's enumerator raised a RuntimeError on rank 0 alone: no kernel on CPU)
+    if case == "table_sharding":  # row-wise: TorchRec's sharders offer it on GPUs only
         args += ["--set", "robe.features=none", "--set", "robe.array_size=null", "--set", "optim.name=sgd",
                  "--set", "dist.table_sharding=row_wise"]  # fmt: skip
     if case == "hot_rows_paper":  # raw ids taken modulo the table size would never meet the statistics' hot ids
@@ -543,7 +543,8 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
                 "data_path": "data.path: making the synthetic dataset failed: the output directory ",
                 "checkpoint_dir": "/a_file/checkpoints: cannot be made or written ([Errno 20] Not a directory",
                 "planner": "config error: TorchRec's planner found no sharding plan for the full tables",
-                "table_sharding": "(dist.table_sharding 'row_wise' constrains every full table to it)",
+                "table_sharding": "dist.table_sharding 'row_wise': TorchRec shards full tables that way on GPUs only; on cpu "
+                                  "it offers column_wise, data_parallel, table_wise (or null",
                 "hot_rows_paper": "robe.hot_rows with robe.hash 'paper' needs ids below the table sizes"}  # fmt: skip
     assert expected[case] in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr

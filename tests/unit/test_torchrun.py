@@ -140,3 +140,36 @@ def test_a_memory_mapped_file_cut_short_ends_the_process_with_one_line(tmp_path)
                           timeout=120)  # fmt: skip
     assert done.returncode == -signal.SIGBUS.value
     assert "bus error (SIGBUS) reading" not in done.stderr and "Fatal Python error: Bus error" in done.stderr
+
+
+STORE_GONE = """
+import os, sys
+if sys.argv[1] == "agent":
+    import robe_dist.torchrun  # noqa: F401  (loads torch as the launcher does)
+from torch.distributed import TCPStore
+server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+client = TCPStore("127.0.0.1", server.port, is_master=False)
+del server  # the rendezvous host's agent has left
+try:
+    client.compare_set("closed", "", "1")  # what an agent on another node does as it closes the rendezvous
+except Exception as e:
+    print(type(e).__name__)
+print(os.environ.get("TORCH_CPP_LOG_LEVEL"))  # what its workers would inherit
+"""
+
+
+@pytest.mark.parametrize("user_level", [None, "INFO"])
+def test_an_agent_finding_the_rendezvous_store_gone_prints_no_cpp_frames(user_level):
+    """Found with two agents of one job on one machine (--nnodes=2, c10d): after a user error the
+    agent on the store's node left first, and the other printed 15 lines of C++ frames from torch's
+    TCPStore after rank 0's one line. The workers still get the user's TORCH_CPP_LOG_LEVEL."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CPP_LOG_LEVEL"}
+    if user_level:
+        env["TORCH_CPP_LOG_LEVEL"] = user_level
+    plain = subprocess.run([sys.executable, "-c", STORE_GONE, "plain"], capture_output=True, text=True, timeout=120, env=env)
+    agent = subprocess.run([sys.executable, "-c", STORE_GONE, "agent"], capture_output=True, text=True, timeout=120, env=env)
+    assert plain.stdout.split() == agent.stdout.split() == ["DistNetworkError", str(user_level)]
+    assert "frame #" in plain.stderr  # (torch's own behaviour, which the launcher quiets)
+    assert ("frame #" in agent.stderr) == (user_level is not None)  # a user's own level is kept
