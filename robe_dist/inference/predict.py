@@ -309,6 +309,8 @@ def check_out(out: Path, inputs: List[Tuple[str, Optional[Path]]]) -> None:
     directory, its missing parents creatable; checked before scoring."""
     for option, path in inputs:
         if path is not None and is_or_inside(out, path):
+            if path.is_file() and path.resolve() in out.resolve().parents:
+                continue  # a path under a file (model.pt2/x): the parent check below says so
             if path.is_file() or out.resolve() == path.resolve():
                 what = f"is the {option} {'file' if path.is_file() else 'directory'}"
             else:

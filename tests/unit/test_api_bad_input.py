@@ -215,6 +215,18 @@ def test_a_scores_file_whose_temporary_name_would_be_too_long_is_refused_before_
         check_out(tmp_path / ("s" * limit), [])
 
 
+def test_scores_under_an_input_file_are_refused_as_under_a_file_not_as_that_file(tmp_path):
+    """``--out model.pt2/x`` was refused as "is the --model file", which it is not."""
+    from robe_dist.inference.predict import ExportError, check_out
+
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"PK")
+    with pytest.raises(ExportError, match=f"--out {model}/x: {model} is not a directory$"):
+        check_out(model / "x", [("--model", model)])
+    with pytest.raises(ExportError, match="is the --model file"):
+        check_out(model, [("--model", model)])
+
+
 def test_numpy_numbers_are_numbers():
     """The type checks above take numpy's scalars (a ratio or Z read from an array, a config)."""
     assert RobeConfig.from_compression([table(rows=1000)], np.int64(10)).array_size == 3200
