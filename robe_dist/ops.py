@@ -6,7 +6,8 @@ Three ops, registered when this module is imported (``robe_dist``'s modules impo
   max_blocks, occurrences, hash_mode, block_size, paper_constants, block_align=1) -> (out, starts, status)``:
   pooled embeddings ``[batch, out_dim]`` of every (feature, bag) of a KeyedJaggedTensor, the block
   starts it read (kept for the backward) and a status of malformed input (see ``STATUS_OK``).
-  Differentiable in ``array`` (one autograd registration: ``pooled_lookup_backward``).
+  Differentiable in ``array`` (one autograd registration: ``pooled_lookup_backward``) and in
+  ``weights`` (``weights_backward``, computed only when they require a gradient).
 * ``torch.ops.robe_dist.pooled_lookup_backward(...) -> grad``: the exact dense gradient of the
   array. Deterministic on CPU always; on CUDA when ``torch.use_deterministic_algorithms(True)``.
 * ``torch.ops.robe_dist.pooled_lookup_fused_update(array!, state!, ...)``: SGD or Adagrad applied
@@ -232,6 +233,41 @@ def torch_backward(grad_out, weights, offsets, meta, starts, batch, array_size, 
         g = grad_out[bag_of_id, col : col + dim].reshape(hi - lo, nb, block_size) * scale[:, None, None]
         slots = (starts[r, lo:hi, :nb].long().unsqueeze(-1) + within).reshape(-1)
         grad.index_add_(0, slots, g.reshape(-1))
+    return grad
+
+
+def weights_backward(grad_out, array, offsets, meta, starts, batch, block_size, max_blocks, occurrences, num_values):
+    """The gradient of the per-sample weights, ``[N]``: for each id, the dot product of its
+    embedding (read from ``array`` at the forward's block starts) with its bag's upstream gradient,
+    summed over the features (tables) that read its key. Vectorised PyTorch with static shapes (no
+    host synchronisation: CUDA graphs and ``torch.compile`` take it); an int64 index per element, so
+    about the forward's cost again, paid only when the weights require a gradient (TorchRec's
+    position-weighted features, ``FeatureProcessedEmbeddingBagCollection``). MEAN bags take no
+    weights (refused by the forward)."""
+    grad = torch.zeros(num_values, dtype=torch.float32, device=grad_out.device)
+    num_keys = (offsets.numel() - 1) // batch if batch > 0 else 0
+    if num_values == 0 or num_keys == 0 or meta.shape[0] == 0:
+        return grad
+    device = grad_out.device
+    meta = meta.to(device)
+    # which key and bag every value belongs to (offsets: [K * B + 1]; empty bags have equal bounds)
+    segment = torch.searchsorted(offsets, torch.arange(num_values, device=device, dtype=offsets.dtype), right=True) - 1
+    key_of, bag_of = segment // batch, segment % batch
+    # the feature (table) that reads key k as its r-th reader, or -1
+    feature_of = torch.full((num_keys, occurrences), -1, dtype=torch.long, device=device)
+    feature_of[meta[:, 5], meta[:, 6]] = torch.arange(meta.shape[0], device=device)
+    starts = starts.reshape(occurrences, num_values, max_blocks).long()
+    within = torch.arange(block_size, device=device)
+    block = torch.arange(max_blocks, device=device)
+    column = (block[:, None] * block_size + within).reshape(1, -1)  # [1, max_blocks * Z]
+    for r in range(occurrences):
+        f = feature_of[key_of, r]
+        row = meta[f.clamp(min=0)]
+        used = (f >= 0)[:, None] & (block * block_size < row[:, 2:3]) & (starts[r] >= 0)  # [N, max_blocks]
+        slots = (starts[r].clamp(min=0)[:, :, None] + within).reshape(num_values, -1)
+        cols = (row[:, 3:4] + column).clamp(max=grad_out.shape[1] - 1)
+        emb = array.detach()[slots].float() * used.repeat_interleave(block_size, dim=1)
+        grad += (emb * grad_out[bag_of[:, None], cols].float()).sum(1)
     return grad
 
 
@@ -490,19 +526,31 @@ def _pooled_lookup_fused_update_fake(array, state, grad_out, weights, offsets, m
 def _setup_context(ctx, inputs, output) -> None:
     array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, _, block_size = inputs[:11]
     _, starts, _ = output
-    ctx.save_for_backward(weights, offsets, meta, starts)
+    ctx.weights_need_grad = weights is not None and weights.requires_grad
+    # the array's values are needed only for the weights' gradient
+    ctx.save_for_backward(weights, offsets, meta, starts, array if ctx.weights_need_grad else None)
     ctx.sizes = (batch, array.shape[0], block_size, max_blocks, occurrences, values.shape[0])
     ctx.array_dtype = array.dtype
 
 
+def _weights_grad(ctx, grad_out, array, weights, offsets, meta, starts) -> Optional[torch.Tensor]:
+    if not ctx.weights_need_grad:
+        return None
+    batch, _, block_size, max_blocks, occurrences, num_values = ctx.sizes
+    return weights_backward(grad_out, array, offsets, meta, starts, batch, block_size, max_blocks, occurrences,
+                            num_values).to(weights.dtype)  # fmt: skip
+
+
 def _backward(ctx, grad_out, grad_starts, grad_status):
-    weights, offsets, meta, starts = ctx.saved_tensors
+    weights, offsets, meta, starts, array = ctx.saved_tensors
     batch, array_size, block_size, max_blocks, occurrences, num_values = ctx.sizes
-    grad = torch.ops.robe_dist.pooled_lookup_backward(
-        grad_out.to(ctx.array_dtype), weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
-        occurrences, num_values, torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
-    return (grad,) + (None,) * 12
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.robe_dist.pooled_lookup_backward(
+            grad_out.to(ctx.array_dtype), weights, offsets, meta, starts, batch, array_size, block_size, max_blocks,
+            occurrences, num_values, torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+    return (grad, None, _weights_grad(ctx, grad_out, array, weights, offsets, meta, starts)) + (None,) * 10
 
 
 pooled_lookup.register_autograd(_backward, setup_context=_setup_context)
@@ -550,6 +598,8 @@ class _FusedLookup(torch.autograd.Function):
         )
         ctx.save_for_backward(weights, offsets, meta, starts)
         ctx.array, ctx.state, ctx.spec, ctx.fused, ctx.batch, ctx.num_values = array, state, spec, fused, batch, values.numel()
+        ctx.weights_need_grad = weights is not None and weights.requires_grad
+        ctx.sizes = (batch, array.shape[0], spec.block_size, spec.max_blocks, spec.occurrences, values.numel())
         ctx.mark_non_differentiable(status)
         return out, status
 
@@ -557,12 +607,14 @@ class _FusedLookup(torch.autograd.Function):
     def backward(ctx, grad_out, grad_status):
         weights, offsets, meta, starts = ctx.saved_tensors
         spec: LookupSpec = ctx.spec
+        # (the weights' gradient reads the array as the forward did: before this step's update)
+        weights_grad = _weights_grad(ctx, grad_out, ctx.array, weights, offsets, meta, starts)
         torch.ops.robe_dist.pooled_lookup_fused_update(
             ctx.array.detach(), ctx.state, grad_out.to(ctx.array.dtype), weights, offsets, meta, starts, ctx.batch,
             spec.block_size, spec.max_blocks, spec.occurrences, ctx.num_values, OPTIMIZERS[ctx.fused.optimizer],
             float(ctx.fused.lr), float(ctx.fused.eps), torch.are_deterministic_algorithms_enabled(),
         )  # fmt: skip
-        return (None,) * 9
+        return (None, None, weights_grad) + (None,) * 6
 
 
 def _static_args(spec: LookupSpec) -> tuple:

@@ -156,6 +156,53 @@ def test_gradient_is_exact_float64(hash, path, pooling, weighted):
     assert torch.autograd.gradcheck(fn, (array,), eps=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("hash", HASHES)
+@pytest.mark.parametrize("path", ["op", "torch"])
+def test_weights_gradient_is_exact_float64(hash, path):
+    """gradcheck of d(pooled)/d(weights), with the array's: per-sample weights that require a
+    gradient (TorchRec's position-weighted features) got none from the op. Feature ``fa`` is read by
+    two tables (its weights' gradient sums both), multi-hot and empty bags, an unrelated key."""
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=50, feature_names=["fa"]),
+        EmbeddingBagConfig(name="b", embedding_dim=4, num_embeddings=60, feature_names=["fb", "fa"]),
+    ]
+    robe = RobeConfig(array_size=23, block_size=4, hash=hash)
+    ebc = RobeEmbeddingBagCollection(tables, robe, is_weighted=True)
+    kjt = make_kjt(tables[:1] + [EmbeddingBagConfig(name="x", embedding_dim=4, num_embeddings=50, feature_names=["fb"])],
+                   batch=3, weighted=True)  # fmt: skip
+    values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+    weights = weights.double().requires_grad_()
+    array = torch.randn(23, dtype=torch.float64, requires_grad=True)
+    if path == "op":
+        fn = lambda a, w: ops.robe_pooled_lookup(a, values, w, offsets, batch, meta, ebc.lookup_spec)[0]  # noqa: E731
+    else:
+        fn = lambda a, w: ops.torch_forward(a, values, w, offsets, meta, batch, *ops._static_args(ebc.lookup_spec))[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (array, weights), eps=1e-6, atol=1e-8)
+
+
+def test_weights_gradient_of_the_fused_update_reads_the_array_before_its_step():
+    """The fused SGD path returns the same weights' gradient as the dense path (computed before
+    the step changes the array), and TorchRec's position-weighted collection trains its weights."""
+    from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
+    from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+
+    tables = make_tables()
+    kjt = make_kjt(tables, batch=16, weighted=True)
+    grads = []
+    for fused in (None, 0.5):
+        ebc = make_ebc(tables, is_weighted=True, fused_sgd_lr=fused)
+        w = kjt.weights().clone().requires_grad_()
+        kjt_w = KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths(), weights=w)
+        (ebc(kjt_w).values() ** 2).sum().backward()
+        grads.append(w.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+    fp = FeatureProcessedEmbeddingBagCollection(make_ebc(tables, is_weighted=True),
+                                                PositionWeightedModuleCollection({"f1": 4, "f2": 4, "f3": 4, "f4": 4}))  # fmt: skip
+    fp(KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values(), lengths=kjt.lengths())).values().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fp._feature_processors.position_weights.values())
+
+
 def test_mean_pooling_with_weights_is_refused():
     with pytest.raises(ValueError, match="table 't_big': MEAN pooling with per-sample weights"):
         make_ebc(make_tables(PoolingType.MEAN), is_weighted=True)
