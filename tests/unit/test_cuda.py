@@ -61,6 +61,20 @@ def test_triton_op_equals_cpp_op(hash, pooling, weighted, id_dtype):
     torch.testing.assert_close(gpu.array.grad.cpu(), cpu.array.grad, rtol=1e-4, atol=1e-5)
 
 
+def test_weights_gradient_equals_cpu():
+    """Per-sample weights that require a gradient (position-weighted features) get the same one
+    from the CUDA path as from the C++ path."""
+    cpu, gpu = pair(is_weighted=True)
+    batch = kjt(weighted=True)
+    grads = []
+    for module, device in ((cpu, torch.device("cpu")), (gpu, CUDA)):
+        b = batch.to(device)
+        w = b.weights().clone().requires_grad_()
+        module(KeyedJaggedTensor(keys=b.keys(), values=b.values(), lengths=b.lengths(), weights=w)).values().pow(2).sum().backward()
+        grads.append(w.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
 def test_deterministic_mode_gives_the_same_bits():
     _, gpu = pair()
     batch = kjt(batch=4096)
