@@ -301,6 +301,13 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                                  f"[0, 2**{HOT_ID_BITS}), got [{int(ids.min())}, {int(ids.max())}]")  # fmt: skip
             if len(t.feature_names) != 1:
                 raise ValueError(f"RobeHybridEmbeddingBagCollection: table {name!r} with hot_ids must read one feature")
+            # (the array skips hot ids through per-sample weights, which belong to the feature's
+            # values: another ROBE table reading them would lose those ids' embeddings silently)
+            sharing = [o.name for o in robe_cfgs if o.name != name and t.feature_names[0] in o.feature_names]
+            if sharing:
+                raise ValueError(f"RobeHybridEmbeddingBagCollection: table {name!r} with hot_ids reads feature "
+                                 f"{t.feature_names[0]!r}, which the ROBE tables {sharing} read too; hot ids need a "
+                                 "feature of their own among the ROBE tables (a full table may share it)")  # fmt: skip
             slot = len(rows)
             slot_of[t.feature_names[0]] = slot
             base.append(sum(len(k) for k in keys))

@@ -135,6 +135,12 @@ def test_hot_ids_are_refused_where_they_cannot_work():
         RobeHybridEmbeddingBagCollection(TABLES, ROBE, robe_tables=["a"], hot_ids={"a": [-1, 3]})
     with pytest.raises(ValueError, match="weighted features"):
         RobeHybridEmbeddingBagCollection(TABLES, ROBE, robe_tables=["a"], hot_ids={"a": [1]}, is_weighted=True)
+    # a feature another ROBE table reads too: its hot ids' embeddings there were zeros, silently
+    shared = [EmbeddingBagConfig(name="s", embedding_dim=8, num_embeddings=100, feature_names=["fa"])]
+    for hot in ({"a": [1]}, {"a": [1], "s": [2]}):  # (both: a KeyError at the first call)
+        with pytest.raises(ValueError, match=r"table 'a' with hot_ids reads feature 'fa', which the ROBE tables \['s'\]"):
+            RobeHybridEmbeddingBagCollection(TABLES + shared, ROBE, robe_tables=["a", "s"], hot_ids=hot)
+    RobeHybridEmbeddingBagCollection(TABLES + shared, ROBE, robe_tables=["a"], hot_ids={"a": [1]})  # a full table may
     # no hot ids at all: the plain hybrid
     plain = RobeHybridEmbeddingBagCollection(TABLES, ROBE, robe_tables=["a"], hot_ids={"a": []})
     assert plain.hot is None and not plain.robe.is_weighted()
