@@ -145,7 +145,8 @@ class LookupSpec:
     def meta(self, key_indices: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
         """int64 ``[F, 7]`` on ``device``: the per-feature table the kernels read."""
         rows = self.meta_rows(key_indices)
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), META_COLUMNS).to(device or "cpu")
+        # (made on the CPU whatever the default device: under `with torch.device("meta")` it would have no values)
+        return torch.tensor(rows, dtype=torch.long, device="cpu").reshape(len(rows), META_COLUMNS).to(device or "cpu")
 
 
 # ------------------------------------------------------------------------- PyTorch implementation
@@ -347,9 +348,12 @@ def check_inputs(array, values, weights, offsets, meta, batch) -> None:
         problems.append(f"weights must be 1-D with one weight per id ({values.shape[0]}), got {tuple(weights.shape)}")
     if weights is not None and weights.dtype != array.dtype:
         problems.append(f"weights must have the array's dtype {array.dtype}, got {weights.dtype}")
-    for name, t in (("values", values), ("offsets", offsets), ("meta", meta), ("weights", weights)):
+    for name, t in (("values", values), ("offsets", offsets), ("weights", weights)):
         if t is not None and t.device != device:
             problems.append(f"{name} is on {t.device} but the array is on {device}: move the input to the array's device")
+    if meta.device != device:  # (the module's lookup_meta buffer, not the user's input)
+        problems.append(f"meta (the module's lookup_meta buffer) is on {meta.device} but the array is on {device}: "
+                        "move the whole module (.to(device)), not the array alone")  # fmt: skip
     if problems:
         raise ValueError("robe: " + "; ".join(problems))
 

@@ -94,6 +94,14 @@ class HotIdRouter(torch.nn.Module):
         self.register_buffer("hot_keys", keys)
         self.register_buffer("hot_base", base)
         self.register_buffer("hot_rows", rows)
+        self._initial = {name: t.detach().cpu().clone() for name, t in (("hot_keys", keys), ("hot_base", base), ("hot_rows", rows))}
+
+    def reset_parameters(self) -> None:
+        """The routing buffers as built (after ``to_empty()`` they hold arbitrary memory)."""
+        for name, t in self._initial.items():
+            device = getattr(self, name).device
+            if device.type != "meta":
+                setattr(self, name, t.to(device))
 
     def forward(self, features: KeyedJaggedTensor) -> Tuple[KeyedJaggedTensor, KeyedJaggedTensor]:
         return _split_hot(features, self.hot_keys, self.hot_base, self.hot_rows, self.slot_of)
@@ -293,7 +301,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         keys, base, rows, slot_of = [], [], [], {}
         for name in [t.name for t in robe_cfgs if t.name in hot_ids]:
             t = by_name[name]
-            ids = torch.as_tensor(list(hot_ids[name]), dtype=torch.long).unique()  # sorted
+            ids = torch.as_tensor(list(hot_ids[name]), dtype=torch.long, device="cpu").unique()  # sorted
             if ids.numel() == 0:
                 continue
             if int(ids.min()) < 0 or int(ids.max()) >= 1 << HOT_ID_BITS:
@@ -327,7 +335,7 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         start = dict(zip(self._keys, itertools.accumulate([0] + self._length_per_key)))
         output_name = {t.name: names[0] for t, names in zip(tables, get_embedding_names_by_table(tables))}
         self._hot_order = [t.feature_names[0] for t in self._hot_tables]  # the hot child's embedding names
-        cols = [torch.arange(c, c + t.embedding_dim)
+        cols = [torch.arange(c, c + t.embedding_dim, device="cpu")
                 for t in self._hot_tables for c in [start[output_name[t.name[: -len(HOT_SUFFIX)]]]]]  # fmt: skip
         self.register_buffer("hot_columns", torch.cat(cols).to(on), persistent=False)
         self._hot_columns = torch.cat(cols)  # (a CPU copy: the buffer is derived, not saved)
@@ -356,6 +364,20 @@ class RobeHybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if hot_input is not None:
             merged = _add_hot(merged, self.hot(hot_input), self.hot_columns, self._hot_order)
         return merged
+
+    def reset_parameters(self) -> None:
+        """Every child's ``reset_parameters()`` and the routing buffers as built: after
+        ``to_empty(device=...)`` of a collection built on ``meta``, the collection built there."""
+        for child in (self.robe, self.full, self.hot, self.hot_router):
+            if child is not None:
+                child.reset_parameters()
+        if self.hot is not None:
+            self._remake_hot_columns()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the children's parameters (the ROBE array's where there is one)."""
+        return next(self.parameters()).device
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return self._embedding_bag_configs

@@ -303,7 +303,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             occurrence=tuple(occurrence),
             block_align=robe.block_align,
         )
-        self.register_buffer("lookup_meta", self.lookup_meta_for(device), persistent=False)
+        # (device None: the default device, also under `with torch.device("meta")`, where the array goes)
+        self.register_buffer("lookup_meta", self.lookup_meta_for(device or torch.get_default_device()), persistent=False)
         self._lookup_meta_checked = self.lookup_meta  # the tensor last found to describe the tables
         self._status = DeferredStatus()
 
@@ -316,6 +317,7 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._signature_checked = (self.hash_signature, self.hash_signature._version)
         self._register_load_state_dict_pre_hook(self._check_loaded_signature, with_module=False)
+        self.register_load_state_dict_post_hook(RobeEmbeddingBagCollection._remake_lookup_meta)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction helpers
@@ -412,6 +414,14 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.verify_signature(self._signature_list(state_dict[key], "load_state_dict"), "load_state_dict")
         if self.array.device.type != "meta":  # (derived, not saved: after to_empty() it holds garbage)
             self.lookup_meta = self._lookup_meta_checked = self.lookup_meta_for(self.array.device)
+
+    @staticmethod
+    def _remake_lookup_meta(module: "RobeEmbeddingBagCollection", incompatible_keys) -> None:
+        """After ``load_state_dict(..., assign=True)`` of a module built on ``meta`` the array is
+        the loaded tensor, on its device, while the derived ``lookup_meta`` was left on ``meta``."""
+        device = module.array.device
+        if device.type != "meta" and module.lookup_meta.device != device:
+            module.lookup_meta = module._lookup_meta_checked = module.lookup_meta_for(device)
 
     def check_signature_unchanged(self, force: bool = False) -> None:
         """Verifies ``hash_signature`` if it was written since the last check (or always, with ``force``).

@@ -519,6 +519,33 @@ def test_built_on_meta_then_to_empty_and_reset_parameters_is_the_module_built_on
     on_cpu.load_state_dict(deferred.state_dict())  # its signature is the real one
 
 
+def test_built_under_the_meta_device_context_then_loaded_with_assign():
+    """``with torch.device("meta")`` (as for models too big to build twice) used to fail at
+    construction ("Cannot copy out of meta tensor"), and ``load_state_dict(..., assign=True)``
+    left the derived ``lookup_meta`` on meta, so the forward refused the call."""
+    from robe_dist import RobeHybridEmbeddingBagCollection
+
+    tables = make_tables()
+    kjt = make_kjt(tables)
+    on_cpu = make_ebc(tables)
+    with torch.device("meta"):
+        deferred = RobeEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8))
+        hybrid = RobeHybridEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8), robe_tables=["t_big"],
+                                                  hot_ids={"t_big": [1, 2]})  # fmt: skip
+    assert deferred.array.is_meta and deferred.lookup_meta.is_meta and hybrid.robe.array.is_meta
+    deferred.load_state_dict(on_cpu.state_dict(), assign=True)
+    torch.testing.assert_close(deferred(kjt).values(), on_cpu(kjt).values())
+    hybrid.to_empty(device="cpu")  # (every buffer then holds arbitrary memory, the routing's too)
+    hybrid.reset_parameters()
+    assert hybrid.device == torch.device("cpu")
+    built = RobeHybridEmbeddingBagCollection(tables, RobeConfig(array_size=2003, block_size=8), robe_tables=["t_big"],
+                                             hot_ids={"t_big": [1, 2]})  # fmt: skip
+    assert [n for n, _ in hybrid.named_buffers()] == [n for n, _ in built.named_buffers()]
+    assert all(torch.equal(a, b) for a, b in zip(hybrid.buffers(), built.buffers()))  # routing, columns, signature
+    hybrid.load_state_dict(built.state_dict())  # (TorchRec's own EBC child keeps its to_empty() memory: its
+    torch.testing.assert_close(hybrid(kjt).values(), built(kjt).values())  # reset_parameters() sees device meta)
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     if not torch.cuda.is_available():
