@@ -130,12 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="T",
         help="keep values seen at least T times (default 1: every seen value)",
     )
-    voc.add_argument("--train-only", action="store_true", help="count only the train split (all files but the last)")
+    voc.add_argument("--train-only", action="store_true", help="count only the train split (all files but the last; a single file's first 6/7)")
 
     sta = sub.add_parser(
         "stats",
         help="per-table id statistics of the train split (for robe.features: auto)",
-        description="One pass over the train split's sparse ids (all files but the last): per table, the "
+        description="One pass over the train split's sparse ids (all files but the last; a single file's first 6/7): per table, the "
         "distinct ids, occurrences, a histogram of the ids' counts in power-of-two bins and the most "
         "frequent ids. Written to DIR/table_stats.json and DIR/table_top_ids.npz (robe-data vocab writes "
         "them too); the placement planner reads them.",
@@ -226,7 +226,8 @@ def _plan(args: argparse.Namespace) -> None:
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=args.dim, num_embeddings=int(n), feature_names=[f])
         for f, n in zip(DEFAULT_CAT_NAMES, sizes)
     ]
-    stats = None if args.no_stats else ensure_table_stats(args.data, top_ids=args.hot_rows)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print  # (--json: stdout is the JSON alone)
+    stats = None if args.no_stats else ensure_table_stats(args.data, log=log, top_ids=args.hot_rows)
     t0 = time.perf_counter()
     placement = plan_placement(tables, budget, stats, block_size=block_size, hot_rows=args.hot_rows)
     seconds = time.perf_counter() - t0
@@ -293,9 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from robe_dist.data.stats import compute_table_stats, write_table_stats
             from robe_dist.data.layout import read_manifest
 
-            names = [f["name"] for f in read_manifest(args.data)["files"]]
-            files = names if args.all_files or len(names) == 1 else names[:-1]
-            path = write_table_stats(args.data, compute_table_stats(args.data, files), files)
+            from robe_dist.data.layout import train_parts
+
+            manifest = read_manifest(args.data)
+            counted = [f["name"] for f in manifest["files"]] if args.all_files else None  # None: the train split
+            files = counted or [name for name, _ in train_parts(manifest)]
+            path = write_table_stats(args.data, compute_table_stats(args.data, counted), files)
             print(f"wrote {path}")
         elif args.command == "plan":
             _plan(args)

@@ -43,35 +43,16 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from robe_dist.data.criteo import DEFAULT_CAT_NAMES
-from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path
+from robe_dist.data.layout import MULTI_HOT_PART, SINGLE_FILE_HOLDOUT, SPLITS, DataError, part_path, split_range  # noqa: F401
 from robe_dist.data.layout import read_manifest as _read_manifest
 
-SPLITS = ("train", "val", "test")
 DEFAULT_SHUFFLE_BUFFER = 1 << 17
-SINGLE_FILE_HOLDOUT = 1 / 7
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     """Manifest of a dataset directory (``manifest.json`` or a TorchRec-made one), checked
     against the files; see :func:`robe_dist.data.layout.read_manifest`."""
     return _read_manifest(path)
-
-
-def split_range(file_rows: list[int], split: str, holdout_fraction: float | None = None) -> tuple[int, int]:
-    """[start, stop) of ``split`` in the concatenation of the files' rows."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-    total = sum(file_rows)
-    if holdout_fraction is None and len(file_rows) >= 2:
-        holdout = file_rows[-1]
-    else:
-        fraction = SINGLE_FILE_HOLDOUT if holdout_fraction is None else holdout_fraction
-        if not 0 < fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
-        holdout = round(total * fraction)
-    start = total - holdout
-    val_stop = start + (holdout + 1) // 2
-    return {"train": (0, start), "val": (start, val_stop), "test": (val_stop, total)}[split]
 
 
 def shard(rows: int, rank: int, world_size: int, drop_last: bool) -> tuple[int, int]:

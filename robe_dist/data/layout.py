@@ -103,6 +103,42 @@ def write_json_atomic(path: str | os.PathLike, record: dict) -> Path:
     return write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
 
 
+SPLITS = ("train", "val", "test")
+SINGLE_FILE_HOLDOUT = 1 / 7
+
+
+def split_range(file_rows: list[int], split: str, holdout_fraction: float | None = None) -> tuple[int, int]:
+    """[start, stop) of ``split`` in the concatenation of the files' rows."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    total = sum(file_rows)
+    if holdout_fraction is None and len(file_rows) >= 2:
+        holdout = file_rows[-1]
+    else:
+        fraction = SINGLE_FILE_HOLDOUT if holdout_fraction is None else holdout_fraction
+        if not 0 < fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}")
+        holdout = round(total * fraction)
+    start = total - holdout
+    val_stop = start + (holdout + 1) // 2
+    return {"train": (0, start), "val": (start, val_stop), "test": (val_stop, total)}[split]
+
+
+def train_parts(manifest: dict) -> list[tuple[str, int]]:
+    """``(file name, rows)`` of the train split as ``split_range`` defines it: every row of each
+    file but the last (several files), or the first ``1 - 1/7`` of a single file's rows (Kaggle's
+    day held out); a file's rows are counted from its start."""
+    rows = [int(f["rows"]) for f in manifest["files"]]
+    _, stop = split_range(rows, "train") if rows else (0, 0)
+    parts, start = [], 0
+    for entry, n in zip(manifest["files"], rows):
+        if start >= stop:
+            break
+        parts.append((entry["name"], min(n, stop - start)))
+        start += n
+    return parts
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (temporary name, fsync, rename)."""
     return write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)

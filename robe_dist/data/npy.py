@@ -43,6 +43,9 @@ class NpyAppender:
         self.dtype = np.dtype(dtype)
         self.row_shape = tuple(row_shape)
         self.rows = 0
+        # a new file, never a truncation: a leftover temporary name may be a hard link to another
+        # dataset's file (robe-data vocab links the unchanged parts), which "wb" would overwrite
+        self.path.unlink(missing_ok=True)
         self._file: BinaryIO | None = open(self.path, "wb")
         self._file.write(_header((0, *self.row_shape), self.dtype))
 
@@ -92,6 +95,8 @@ def commit(paths: list[Path]) -> None:
     """Rename each ``partial_path(p)`` to ``p`` (atomic per file) and fsync the directory."""
     for p in paths:
         os.replace(partial_path(p), p)
+        # (a rename between two hard links of one file does nothing and leaves the temporary name)
+        partial_path(p).unlink(missing_ok=True)
     if paths:
         fd = os.open(paths[0].parent, os.O_RDONLY)
         try:

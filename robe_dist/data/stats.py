@@ -26,7 +26,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES
-from robe_dist.data.layout import MULTI_HOT_PART, DataError, part_path, read_manifest, write_atomic, write_json_atomic
+from robe_dist.data.layout import (
+    MULTI_HOT_PART, DataError, part_path, read_manifest, train_parts, write_atomic, write_json_atomic,
+)  # fmt: skip
 
 STATS_NAME = "table_stats.json"
 TOP_IDS_NAME = "table_top_ids.npz"
@@ -94,19 +96,30 @@ def count_ids(values: np.ndarray) -> np.ndarray:
     return np.unique(values, return_counts=True)[1]
 
 
+def _counted_parts(data_dir: Path, files: Optional[Sequence[str]]) -> tuple[dict, list]:
+    """The dataset's manifest and ``(file, rows from its start)`` to count: the train split
+    (``train_parts``), or the whole ``files``; ``DataError`` for an unfinished dataset."""
+    manifest = read_manifest(data_dir)
+    if manifest.get("complete") is False:
+        raise DataError(f"{data_dir}: dataset is incomplete (INCOMPLETE in robe-data info); finish the command "
+                        "that wrote it before computing its statistics")  # fmt: skip
+    if files is None:
+        return manifest, train_parts(manifest)
+    rows = {f["name"]: int(f["rows"]) for f in manifest["files"]}
+    return manifest, [(name, rows[name]) for name in files]
+
+
 def compute_table_stats(
     data_dir: str | os.PathLike, files: Optional[Sequence[str]] = None, log: Optional[Callable[[str], None]] = print
 ) -> List[TableStats]:
-    """One pass over the sparse ids of ``files`` (default: the train split, all day files but the
-    last) of the dataset at ``data_dir``; returns one ``TableStats`` per table."""
+    """One pass over the sparse ids of ``files`` (default: the train split, as training reads it:
+    every day file but the last, or a single file's first 6/7) of the complete dataset at
+    ``data_dir``; returns one ``TableStats`` per table."""
     from robe_dist.data.vocab import _TableCounter  # the same counter as robe-data vocab
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
-    names = [f["name"] for f in manifest["files"]]
-    if files is None:
-        files = names[:-1] if len(names) > 1 else names
+    manifest, parts = _counted_parts(data_dir, files)
     bag_sizes = manifest.get("multi_hot_sizes")
     part = MULTI_HOT_PART if bag_sizes else "sparse"
     columns = np.repeat(np.arange(CAT_FEATURE_COUNT), bag_sizes) if bag_sizes else np.arange(CAT_FEATURE_COUNT)
@@ -114,8 +127,8 @@ def compute_table_stats(
     sizes = manifest.get("table_sizes") if manifest.get("kind") == "vocab" else None
     counters = [_TableCounter(int(sizes[t]) if sizes else 0) for t in range(CAT_FEATURE_COUNT)]
     rows = 0
-    for name in files:
-        ids = np.load(part_path(data_dir, name, part), mmap_mode="r")
+    for name, limit in parts:
+        ids = np.load(part_path(data_dir, name, part), mmap_mode="r")[:limit]
         for lo in range(0, len(ids), CHUNK_ROWS):
             block = np.asarray(ids[lo : lo + CHUNK_ROWS], dtype=np.int64)
             for t in range(CAT_FEATURE_COUNT):
@@ -123,7 +136,8 @@ def compute_table_stats(
         rows += len(ids)
     stats = [stats_of_counter(n, rows, c) for n, c in zip(DEFAULT_CAT_NAMES, counters)]
     if log:
-        log(f"table statistics of {data_dir} ({', '.join(files)}: {rows:,} rows) in {time.perf_counter() - t0:.1f} s")
+        names = ", ".join(name for name, _ in parts)
+        log(f"table statistics of {data_dir} ({names}: {rows:,} rows) in {time.perf_counter() - t0:.1f} s")
     return stats
 
 
@@ -182,16 +196,30 @@ def read_table_stats(data_dir: str | os.PathLike) -> Optional[List[TableStats]]:
                         "recompute them (robe-data stats)") from e  # fmt: skip
 
 
+def _counted_files(data_dir: str | os.PathLike) -> Optional[List[str]]:
+    """The files ``table_stats.json`` says it counted, or ``None``."""
+    try:
+        return list(json.loads((Path(data_dir) / STATS_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def ensure_table_stats(
     data_dir: str | os.PathLike, log: Optional[Callable[[str], None]] = print, top_ids: bool = False
 ) -> List[TableStats]:
-    """The dataset's statistics, computed over its train split and written first if missing (with
-    ``top_ids``, also if they were written before the most frequent ids were kept)."""
+    """The dataset's statistics of its train split, computed and written first if missing, if they
+    counted other rows than the train split has now (days added or redone since, or counted while
+    the dataset was unfinished), or, with ``top_ids``, if they were written before the most
+    frequent ids were kept. ``DataError`` for an unfinished dataset."""
     stats = read_table_stats(data_dir)
-    if stats is None or (top_ids and any(s.top_ids is None for s in stats)):
-        manifest = read_manifest(Path(data_dir))
-        names = [f["name"] for f in manifest["files"]]
-        files = names[:-1] if len(names) > 1 else names
-        stats = compute_table_stats(data_dir, files, log=log)
+    manifest, parts = _counted_parts(Path(data_dir), None)
+    files = [name for name, _ in parts]
+    rows = sum(n for _, n in parts)
+    stale = stats is not None and (_counted_files(data_dir) != files or any(s.rows != rows for s in stats))
+    if stats is None or stale or (top_ids and any(s.top_ids is None for s in stats)):
+        if stale and log:
+            log(f"{Path(data_dir) / STATS_NAME}: counted other rows than the train split now has "
+                f"({', '.join(files)}: {rows:,} rows); recomputing")  # fmt: skip
+        stats = compute_table_stats(data_dir, None, log=log)
         write_table_stats(data_dir, stats, files)
     return stats

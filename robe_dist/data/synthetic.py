@@ -186,7 +186,10 @@ def _prepare_dir(out: Path, params: dict) -> None:
                 "directory (or one holding an interrupted generation)"
             )
     output_dir(out)
-    (out / "manifest.json").unlink(missing_ok=True)  # from here on the directory is not complete
+    # from here on the directory is marked unfinished (not left manifest-less, which reads as a
+    # complete TorchRec-made dataset of whatever days were written)
+    write_manifest(out, {"format": FORMAT, "version": VERSION, "kind": "synthetic", "complete": False,
+                         "params": params, "files": []})  # fmt: skip
 
 
 def _check_params(rows: int, days: int, seed: int, scale: float, alpha: float, ctr: float) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    MULTI_HOT_PART, DataError, load_manifest_file, output_dir, part_path, read_manifest, write_atomic, write_json_atomic, write_manifest,
+    FORMAT, MULTI_HOT_PART, VERSION, DataError, load_manifest_file, output_dir, part_path, read_manifest, train_parts, write_atomic, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -185,13 +185,15 @@ def build_vocab(
 ) -> dict:
     """Write ``src`` with dense per-table ids to ``out``; returns the new manifest (see module doc).
 
-    ``train_only`` counts only the files of the train split (all but the last), so values that
-    first appear in validation/test data map to 0, as unseen ids would in production."""
+    ``train_only`` counts only the train split (all files but the last; a single file's first
+    6/7, as ``split_range`` splits it), so values that first appear in validation/test data map
+    to 0, as unseen ids would in production."""
     t0 = time.perf_counter()
     if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
         raise DataError(f"--min-count must be a whole number >= 1 (keep values seen at least that often), got {min_count!r}")
-    if isinstance(max_ind_range, bool) or not isinstance(max_ind_range, (int, np.integer)):
-        raise DataError(f"--max-ind-range must be a whole number (0: no cap), got {max_ind_range!r}")
+    if (isinstance(max_ind_range, bool) or not isinstance(max_ind_range, (int, np.integer))
+            or not 0 <= max_ind_range < 2**63):  # fmt: skip
+        raise DataError(f"--max-ind-range must be a whole number in [0, 2**63) (0: no cap), got {max_ind_range!r}")
     src_dir, out_dir = Path(src), Path(out)
     manifest = read_manifest(src_dir)
     if manifest.get("complete") is False:
@@ -204,18 +206,22 @@ def build_vocab(
     old = load_manifest_file(out_dir)
     if old is not None and old.get("kind") != "vocab":
         raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")
-    (out_dir / "manifest.json").unlink(missing_ok=True)
+    # from here on the directory is marked unfinished (never left manifest-less: a directory without
+    # a manifest reads as a TorchRec-made dataset, complete, whatever mix of old and new days it holds)
+    write_manifest(out_dir, {"format": FORMAT, "version": VERSION, "kind": "vocab", "complete": False, "files": []})
 
     names = [f["name"] for f in manifest["files"]]
     bag_sizes = manifest.get("multi_hot_sizes")
     id_part = MULTI_HOT_PART if bag_sizes else "sparse"
     columns = np.repeat(np.arange(CAT_FEATURE_COUNT), bag_sizes) if bag_sizes else np.arange(CAT_FEATURE_COUNT)
-    counted = names[:-1] if train_only and len(names) > 1 else names
+    # train_only: the train split as training reads it (a single file's first 6/7 too)
+    parts = train_parts(manifest) if train_only else [(f["name"], int(f["rows"])) for f in manifest["files"]]
+    counted = [name for name, _ in parts]
 
     counters = [_TableCounter(max_ind_range) for _ in range(CAT_FEATURE_COUNT)]
     counted_rows = 0
-    for name in counted:
-        ids = np.load(part_path(src_dir, name, id_part), mmap_mode="r")
+    for name, limit in parts:
+        ids = np.load(part_path(src_dir, name, id_part), mmap_mode="r")[:limit]
         counted_rows += len(ids)
         for lo in range(0, len(ids), CHUNK_ROWS):
             block = capped(ids[lo : lo + CHUNK_ROWS], max_ind_range)

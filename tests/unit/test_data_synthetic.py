@@ -168,3 +168,20 @@ def test_directory_lock_makes_a_second_builder_wait(tmp_path):
         assert not marker.exists() and other.poll() is None  # waits for the holder
     assert other.wait(timeout=60) == 0 and marker.exists()
     assert not cache.exists()  # the lock lives next to the directory, not in it
+
+
+def test_an_interrupted_generation_is_marked_unfinished_and_rerun(tmp_path: Path) -> None:
+    """A generation stopped after its first day left no manifest, which reads as a complete
+    TorchRec-made dataset of one day (found by a review: robe-train trained on it)."""
+    from robe_dist.data.layout import read_manifest
+
+    out = tmp_path / "s"
+
+    def stop(line: str) -> None:
+        if line.startswith("day_1:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.generate(out, 3000, days=3, seed=0, log=stop)
+    assert (out / "day_0_sparse.npy").exists() and read_manifest(out)["complete"] is False
+    assert S.generate(out, 3000, days=3, seed=0, log=None)["complete"]

@@ -130,3 +130,67 @@ def test_vocabulary_without_or_with_damaged_values_is_refused(src: Path, tmp_pat
         V.Vocabulary.load(tmp_path)
     with pytest.raises(DataError, match="not a robe-data vocab directory"):
         V.Vocabulary.load(src)
+
+
+class _Interrupted(Exception):
+    """Stands for a kill at the moment a log line is printed."""
+
+
+def _stop_at(text: str):
+    def log(line: str) -> None:
+        if text in line:
+            raise _Interrupted(line)
+
+    return log
+
+
+def test_an_interrupted_vocab_is_never_taken_for_a_dataset(src: Path, tmp_path: Path) -> None:
+    """Found by a review: the manifest was deleted first and written last, and a directory without
+    one reads as a complete TorchRec-made dataset, here of mixed old and new vocabularies."""
+    out = tmp_path / "v"
+    V.build_vocab(src, out, log=None)
+    for first in (out, tmp_path / "fresh"):  # a rerun over a complete vocabulary, and a first run
+        with pytest.raises(_Interrupted):
+            V.build_vocab(src, first, min_count=2, log=_stop_at("remapped day_0"))
+        m = read_manifest(first)
+        assert m["complete"] is False and m["kind"] == "vocab" and m["files"] == []
+        with pytest.raises(DataError, match="incomplete"):
+            CriteoIterableDataset(first, "train", batch_size=10)
+        assert V.build_vocab(src, first, min_count=2, log=None)["complete"]  # the rerun finishes it
+        assert not list(first.glob("*.partial"))  # (rename between two links of one file left them)
+    # an option out of range is refused before the good vocabulary is touched
+    for bad in (-5, 2**64):
+        with pytest.raises(DataError, match=r"--max-ind-range must be a whole number in \[0, 2\*\*63\)"):
+            V.build_vocab(src, out, max_ind_range=bad, log=None)
+    assert read_manifest(out)["complete"]
+
+
+def test_a_leftover_temporary_link_to_the_source_is_not_written_through(src: Path, tmp_path: Path) -> None:
+    """The unchanged parts are hard links to the source: a temporary name left linked to a source
+    file was truncated by the next writer of that name, rewriting the source dataset."""
+    from robe_dist.data.npy import NpyAppender
+
+    source = tmp_path / "source.npy"
+    np.save(source, np.arange(10))
+    left = tmp_path / "day_0_dense.npy.partial"
+    left.hardlink_to(source)
+    with NpyAppender(left, np.float32, (2,)) as w:
+        w.append(np.zeros((3, 2), dtype=np.float32))
+    assert np.load(source).tolist() == list(range(10))
+
+
+def test_single_file_train_split_is_its_first_six_sevenths(tmp_path: Path) -> None:
+    """--train-only and the table statistics counted every row of a single-file dataset (Kaggle),
+    its held-out val/test rows too."""
+    from robe_dist.data.layout import split_range
+    from robe_dist.data.stats import compute_table_stats, ensure_table_stats
+
+    one = tmp_path / "one"
+    generate(one, 700, days=1, seed=3, log=None)
+    train = split_range([700], "train")[1]
+    assert train == 600
+    assert compute_table_stats(one, log=None)[0].rows == train
+    assert ensure_table_stats(one, log=None)[0].rows == train
+    m = V.build_vocab(one, tmp_path / "v", max_ind_range=0, train_only=True, log=None)
+    ids = np.load(one / "day_0_sparse.npy")
+    assert m["table_sizes"][0] == len(np.unique(ids[:train, 0])) + 1

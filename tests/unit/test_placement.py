@@ -197,3 +197,25 @@ def test_build_collection_follows_the_placement(dataset):
 def test_config_refuses_bad_budgets(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_synthetic.yaml", overrides)
+
+
+def test_statistics_of_an_unfinished_or_changed_dataset_are_refused_or_recomputed(tmp_path):
+    """Found by a review: statistics were computed over a dataset still marked INCOMPLETE, and
+    kept after days were added to it, so the planner read rows other than the train split's."""
+    from robe_dist.data.layout import DataError, write_manifest
+    from robe_dist.data.stats import ensure_table_stats
+
+    data = tmp_path / "d"
+    generate(data, 3000, days=3, seed=0, log=None)
+    manifest = json.loads((data / "manifest.json").read_text())
+    write_manifest(data, {**manifest, "complete": False})
+    with pytest.raises(DataError, match="dataset is incomplete"):
+        ensure_table_stats(data, log=None)
+    write_manifest(data, manifest)
+    assert ensure_table_stats(data, log=None)[0].rows == 2000  # days 0 and 1
+    # the train split changes (here: its first day is dropped from the manifest, as a redone ingest can)
+    write_manifest(data, {**manifest, "files": manifest["files"][1:], "rows": 2000})
+    said = []
+    assert ensure_table_stats(data, log=said.append)[0].rows == 1000
+    assert "counted other rows than the train split now has" in said[0]
+    assert read_table_stats(data)[0].rows == 1000
