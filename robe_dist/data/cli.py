@@ -308,10 +308,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"robe-data: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a read-only dataset (stats and plan write table_stats.json into it), a full disk
-        where = f" {e.filename}" if e.filename else ""
-        print(f"robe-data: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # an unreadable input, a read-only dataset (stats and plan write into it), a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"robe-data: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # (what was being written stays marked unfinished; done days are kept)
+        print(f"robe-data: {args.command} interrupted; rerun the same command to finish it", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 import zlib
@@ -25,8 +26,8 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT, MISSING_CAT_ID
 from robe_dist.data.layout import (
-    FORMAT, MANIFEST_NAME, PARTS, VERSION, DataError, load_manifest_file, natural_key, output_dir, part_path,
-    write_atomic, write_manifest,
+    FORMAT, MANIFEST_NAME, PARTS, VERSION, DataError, directory_lock, load_manifest_file, natural_key, output_dir,
+    part_path, write_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import PARTIAL_SUFFIX, NpyAppender, commit, partial_path
 from robe_dist.data.parse import COMMA, PAD, TAB, ParsedBlock, ParseStats, parse_buffer
@@ -218,6 +219,11 @@ _progress_queue: mp.Queue[int] | None = None
 def _init_worker(q: mp.Queue[int]) -> None:
     global _progress_queue
     _progress_queue = q
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent ends the pool
+    if sys.platform.startswith("linux"):  # a parent killed outright (SIGTERM, SIGKILL) takes its workers along:
+        import ctypes  # left running, they committed days into a directory a rerun was already writing
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _worker(job: Job) -> dict:
@@ -256,6 +262,12 @@ def ingest(
         raise DataError(f"--workers must be a whole number >= 1 (parallel processes), got {workers!r}")
     sources = discover_inputs(inputs)
     out = output_dir(out_dir, "--out")
+    with directory_lock(out, wait=False):
+        return _ingest(sources, out, workers, fmt, progress, log, max_bad_fraction)
+
+
+def _ingest(sources: list[Path], out: Path, workers: int | None, fmt: str | None, progress: bool,
+            log: Callable[[str], None], max_bad_fraction: float) -> dict:  # fmt: skip
     manifest = load_manifest_file(out) or {}
     if manifest and manifest.get("kind") != "criteo":
         raise DataError(f"{out}: holds a {manifest.get('kind')!r} dataset; ingest into an empty directory")

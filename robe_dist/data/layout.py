@@ -74,11 +74,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
+def directory_lock(directory: str | os.PathLike, wait: bool = True) -> Iterator[None]:
     """Holds an exclusive lock on ``<directory>.lock`` (created next to it): two processes that
-    build the same cached dataset at once take turns, and the second finds it built. Where the
-    lock file cannot be made or locked (a read-only place, a file system without ``flock``), it
-    goes on without one."""
+    build the same cached dataset at once take turns, and the second finds it built; with
+    ``wait=False`` the second gets a ``DataError`` at once (two robe-data commands writing one
+    directory). Where the lock file cannot be made or locked (a read-only place, a file system
+    without ``flock``), it goes on without one."""
     path = Path(directory)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,9 @@ def directory_lock(directory: str | os.PathLike) -> Iterator[None]:
         return
     with fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise DataError(f"{path}: another process is writing it (it holds {fh.name}); wait for it to end") from None
         except OSError:  # a file system without flock (some NFS mounts): go on unlocked, as before
             yield
             return

@@ -33,7 +33,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    FORMAT, MULTI_HOT_PART, VERSION, DataError, load_manifest_file, output_dir, part_path, read_manifest, train_parts, write_atomic, write_json_atomic, write_manifest,
+    FORMAT, MULTI_HOT_PART, VERSION, DataError, directory_lock, load_manifest_file, output_dir, part_path, read_manifest, train_parts, write_atomic, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -203,6 +203,12 @@ def build_vocab(
     if out_dir.resolve() == src_dir.resolve():
         raise DataError(f"{out_dir}: output directory must differ from the source")
     output_dir(out_dir)
+    with directory_lock(out_dir, wait=False):  # (two commands writing one directory)
+        return _build_vocab(src_dir, out_dir, manifest, max_ind_range, min_count, train_only, log, t0)
+
+
+def _build_vocab(src_dir: Path, out_dir: Path, manifest: dict, max_ind_range: int, min_count: int, train_only: bool,
+                 log: Callable[[str], None] | None, t0: float) -> dict:  # fmt: skip
     old = load_manifest_file(out_dir)
     if old is not None and old.get("kind") != "vocab":
         raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")

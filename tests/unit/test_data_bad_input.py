@@ -226,4 +226,4 @@ def test_a_dataset_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: py
 
     monkeypatch.setattr(stats, "write_table_stats", read_only)
     assert main(["stats", "--data", str(data)]) == 2
-    assert error_line(capsys) == f"robe-data: error: cannot write {data / 'table_stats.json.partial'}: Read-only file system\n"
+    assert error_line(capsys) == f"robe-data: error: {data / 'table_stats.json.partial'}: Read-only file system\n"

@@ -5,7 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -303,3 +307,66 @@ def test_a_file_with_no_valid_row_or_too_many_bad_lines_is_refused(tmp_path: Pat
         run([tmp_path / "half"], tmp_path / "out")
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(("noise", "half"))]
     assert run([tmp_path / "half"], tmp_path / "out", max_bad_fraction=0.5)["files"][0]["rows"] == 5
+
+
+def test_two_writers_of_one_directory_and_a_ctrl_c_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Found by a review: two ingests into one directory renamed each other's temporary files
+    ("cannot write .../day_0_dense.npy.partial: No such file or directory"), and Ctrl-C printed
+    a traceback."""
+    from robe_dist.data.cli import main
+    from robe_dist.data.layout import directory_lock
+
+    raw = tmp_path / "day_0"
+    raw.write_text(("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a0b0c0d"] * 26) + "\n") * 10)
+    with directory_lock(tmp_path / "o"):  # another robe-data is writing it
+        assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"robe-data: error: {tmp_path / 'o'}: another process is writing it (it holds {tmp_path / 'o.lock'}); wait for it to end\n"  # noqa: E501
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(I, "convert_file", interrupted)
+    assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress", "--workers", "1"]) == 130
+    assert capsys.readouterr().err == "robe-data: ingest interrupted; rerun the same command to finish it\n"
+    assert read_manifest(tmp_path / "o")["complete"] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_end_with_a_parent_killed_outright(tmp_path: Path) -> None:
+    """A SIGTERM or SIGKILL of ingest's process left its workers running: they committed days
+    into the directory after it, under a rerun that was writing it."""
+    parent = subprocess.Popen([sys.executable, "-c", WORKERS_REPORT], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        pids = [int(parent.stdout.readline()) for _ in range(2)]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.kill()
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        parent.kill()
+
+
+WORKERS_REPORT = """
+import os, time
+from robe_dist.data import ingest
+
+def busy(_):  # (idle workers end anyway: the parent's end of their task pipe closes)
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    with ingest._mp_context().Pool(2, initializer=ingest._init_worker, initargs=(None,)) as pool:
+        pool.map(busy, range(2), chunksize=1)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # (a zombie is dead, only not yet reaped)
+    except FileNotFoundError:
+        return False
