@@ -27,7 +27,7 @@ import numpy as np
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT, MISSING_CAT_ID
 from robe_dist.data.layout import (
     FORMAT, MANIFEST_NAME, PARTS, VERSION, DataError, directory_lock, load_manifest_file, natural_key, output_dir,
-    part_path, write_atomic, write_manifest,
+    part_path, refuse_foreign_days, write_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import PARTIAL_SUFFIX, NpyAppender, commit, partial_path
 from robe_dist.data.parse import COMMA, PAD, TAB, ParsedBlock, ParseStats, parse_buffer
@@ -268,6 +268,7 @@ def ingest(
 
 def _ingest(sources: list[Path], out: Path, workers: int | None, fmt: str | None, progress: bool,
             log: Callable[[str], None], max_bad_fraction: float) -> dict:  # fmt: skip
+    refuse_foreign_days(out, "ingest")
     manifest = load_manifest_file(out) or {}
     if manifest and manifest.get("kind") != "criteo":
         raise DataError(f"{out}: holds a {manifest.get('kind')!r} dataset; ingest into an empty directory")

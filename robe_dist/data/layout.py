@@ -192,7 +192,30 @@ def load_manifest_file(directory: str | os.PathLike) -> dict | None:
         isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("rows", 0), int) for e in files
     ):
         raise DataError(f"{path}: 'files' must be a list of {{\"name\": str, \"rows\": int}} entries; a damaged manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        raise DataError(f"{path}: format version {version!r}; this robe_dist reads version {VERSION} and older: "
+                        "upgrade robe_dist, or rewrite the dataset with this one")  # fmt: skip
+    for entry in files:  # a unit's files lie in the directory itself
+        if Path(entry["name"]).name != entry["name"] or entry["name"] in ("", ".", ".."):
+            raise DataError(f"{path}: file name {entry['name']!r} is not a name inside the directory; a damaged manifest")
+    for key in ("table_sizes", "multi_hot_sizes"):
+        sizes = manifest.get(key)
+        if sizes is not None and not (isinstance(sizes, list) and len(sizes) == CAT_FEATURE_COUNT
+                                      and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)):  # fmt: skip
+            raise DataError(f"{path}: {key} must be null or {CAT_FEATURE_COUNT} positive whole numbers, got "
+                            f"{str(sizes)[:80]}; a damaged manifest")  # fmt: skip
     return manifest
+
+
+def refuse_foreign_days(directory: Path, command: str) -> None:
+    """``DataError`` when ``directory`` has no manifest but holds days (a TorchRec-made dataset):
+    ``command`` would write a manifest listing only its own days, dropping those from the dataset."""
+    if load_manifest_file(directory) is None:
+        days = sorted(p.name for p in Path(directory).glob("*_dense.npy"))
+        if days:
+            raise DataError(f"{directory}: holds a dataset without a manifest ({', '.join(days[:3])}"
+                            f"{' ...' if len(days) > 3 else ''}: TorchRec-made?); {command} into another directory")  # fmt: skip
 
 
 #: dtype kinds each part may have (numpy ``dtype.kind``): what robe_dist, TorchRec and ``vocab``

@@ -33,7 +33,7 @@ import numpy as np
 
 from robe_dist.data.criteo import CAT_FEATURE_COUNT, DEFAULT_CAT_NAMES, MLPERF_MAX_IND_RANGE
 from robe_dist.data.layout import (
-    FORMAT, MULTI_HOT_PART, VERSION, DataError, directory_lock, load_manifest_file, output_dir, part_path, read_manifest, train_parts, write_atomic, write_json_atomic, write_manifest,
+    FORMAT, MULTI_HOT_PART, VERSION, DataError, directory_lock, load_manifest_file, output_dir, part_path, read_manifest, refuse_foreign_days, train_parts, write_atomic, write_json_atomic, write_manifest,
 )  # fmt: skip
 from robe_dist.data.npy import NpyAppender, commit, partial_path
 from robe_dist.data.stats import stats_of_counter, write_table_stats
@@ -209,6 +209,7 @@ def build_vocab(
 
 def _build_vocab(src_dir: Path, out_dir: Path, manifest: dict, max_ind_range: int, min_count: int, train_only: bool,
                  log: Callable[[str], None] | None, t0: float) -> dict:  # fmt: skip
+    refuse_foreign_days(out_dir, "write the vocabulary")
     old = load_manifest_file(out_dir)
     if old is not None and old.get("kind") != "vocab":
         raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")

@@ -126,7 +126,17 @@ def test_int32_ids_and_torchrec_dtypes_are_accepted(tmp_path: Path) -> None:
     assert read_manifest(npy_dataset(tmp_path / "d", sparse=np.int32))["rows"] == 8
 
 
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"format": "robe_dist.criteo-npy", "files": 3}', "\xff"])
+_OK = '"format": "robe_dist.criteo-npy", "version": 1, "files": []'
+
+
+@pytest.mark.parametrize("text", [
+    "{not json", "[1, 2]", '{"format": "robe_dist.criteo-npy", "files": 3}', "\xff",
+    # found by a review: a newer format was read as this one; sizes that are not numbers crashed info
+    # with a TypeError; a unit named outside the directory was read
+    '{"format": "robe_dist.criteo-npy", "version": 99, "files": []}', '{"format": "robe_dist.criteo-npy", "files": []}',
+    "{" + _OK + ', "multi_hot_sizes": [3, "x"]}', "{" + _OK + ', "table_sizes": "abc"}',
+    '{"format": "robe_dist.criteo-npy", "version": 1, "files": [{"name": "../elsewhere/day_0"}]}',
+])  # fmt: skip
 def test_damaged_manifest_is_an_error_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str) -> None:
     data = npy_dataset(tmp_path / "d")
     (data / "manifest.json").write_bytes(text.encode("latin1"))
@@ -227,3 +237,18 @@ def test_a_dataset_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: py
     monkeypatch.setattr(stats, "write_table_stats", read_only)
     assert main(["stats", "--data", str(data)]) == 2
     assert error_line(capsys) == f"robe-data: error: {data / 'table_stats.json.partial'}: Read-only file system\n"
+
+
+def test_writing_into_a_torchrec_made_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by a review: ingest into a directory of TorchRec-made days (no manifest) wrote a
+    manifest of its own days only, and the others silently left the dataset."""
+    data = npy_dataset(tmp_path / "d")
+    raw = tmp_path / "day_9"
+    raw.write_text(("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a0b0c0d"] * 26) + "\n") * 3)
+    assert main(["ingest", "--input", str(raw), "--out", str(data), "--no-progress"]) == 2
+    assert "holds a dataset without a manifest (day_0_dense.npy" in error_line(capsys)
+    assert main(["vocab", "--data", str(data), "--out", str(data / "v")]) == 0  # (its vocabulary goes elsewhere)
+    capsys.readouterr()
+    assert main(["vocab", "--data", str(data / "v"), "--out", str(data)]) == 2
+    assert "holds a dataset without a manifest" in error_line(capsys)
+    assert not (data / "manifest.json").exists()
