@@ -251,6 +251,9 @@ class ShardedRobeEmbeddingBagCollection(
         object.__setattr__(self, "_robe", module)
         self._materialize(module)
         self.array: nn.Parameter = module.array
+        # (derived from the config, not saved; registered so that the module keeps the unsharded
+        # one's buffer names in their order, which TorchRec's composable shard_modules() checks)
+        self.register_buffer("lookup_meta", module.lookup_meta, persistent=False)
         self.register_buffer("hash_signature", module.hash_signature)
         self._register_load_state_dict_pre_hook(self._check_loaded_signature, with_module=False)
 
@@ -372,6 +375,8 @@ class ShardedRobeEmbeddingBagCollection(
         if robe._buffers["hash_signature"] is not self.hash_signature:
             robe._buffers["hash_signature"] = self.hash_signature
             robe.check_signature_unchanged(force=True)
+        if robe._buffers["lookup_meta"] is not self.lookup_meta:  # (checked at the lookup, once)
+            robe._buffers["lookup_meta"] = self.lookup_meta
 
     def compute(self, ctx: RobeEmbeddingBagCollectionContext, dist_input: KJTList) -> KeyedTensor:
         self._relink_lookup_state()

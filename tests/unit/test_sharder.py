@@ -214,6 +214,9 @@ def test_sharded_module_matches_unsharded_and_keeps_state_names():
     assert torch.equal(pooled.values(), expected.values())
     assert list(sharded.state_dict()) == list(reference.state_dict()) == ["array", "hash_signature"]
     assert [n for n, _ in sharded.named_parameters()] == ["array"]
+    # TorchRec's composable shard_modules() refuses a sharded module whose buffer names or their
+    # order differ from the unsharded one's (lookup_meta was missing)
+    assert [n for n, _ in sharded.named_buffers()] == [n for n, _ in reference.named_buffers()]
     assert sharded.gradient_sync == "hook"  # default: the module averages the gradient, DDP must skip it
     assert list(sharded.sharded_parameter_names("m")) == ["m.array"]
     assert list(shard_local(copy.deepcopy(reference), gradient_sync="ddp").sharded_parameter_names()) == []
