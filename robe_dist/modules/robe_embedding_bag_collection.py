@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface, get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -354,6 +355,22 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     f"table {t.name!r}: MEAN pooling with per-sample weights (is_weighted=True) is not supported; "
                     "as in nn.EmbeddingBag, weighted bags need SUM pooling"
                 )
+        unused = []
+        for t in tables:
+            # (TorchRec gives every config an init_fn, functools.partial(uniform_, ...): only another one is the user's)
+            own_init = t.init_fn is not None and not (isinstance(t.init_fn, functools.partial)
+                                                      and t.init_fn.func is torch.nn.init.uniform_)  # fmt: skip
+            fields = [name for name, used in (("init_fn", own_init), ("weight_init_min", t.weight_init_min is not None),
+                                              ("weight_init_max", t.weight_init_max is not None),
+                                              ("data_type", t.data_type != DataType.FP32)) if used]  # fmt: skip
+            if fields:
+                unused.append(f"{t.name}: {', '.join(fields)}")
+        if unused:
+            warnings.warn(
+                f"RobeEmbeddingBagCollection: the ROBE array does not use these EmbeddingBagConfig fields ({'; '.join(unused)}): "
+                "it is one array for all tables, initialised by RobeConfig.init_scale, of the dtype the module is moved to",
+                stacklevel=3,
+            )
         if robe.hash == "paper":
             total = sum(t.num_embeddings for t in tables)
             if total > _PAPER_MAX_GLOBAL_ID:
@@ -492,7 +509,8 @@ class RobeEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ``array.grad``); ``state``: Adagrad's sum of squares ``[m]``. The sharded module uses it to
         apply its optimiser's current step (``ShardedRobeEmbeddingBagCollection.fuse_optimizer``)."""
         # (CUDA graph capture forbids the event queries of the deferred input check)
-        eager = not _tracing() and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
+        # (on meta, as after .to("meta"), the op's fake kernel gives the shapes; nothing to check)
+        eager = not _tracing() and not self.array.is_meta and not (self.array.is_cuda and torch.cuda.is_current_stream_capturing())
         if eager:
             self.check_lookup_meta()
             self.check_signature_unchanged()

@@ -203,6 +203,31 @@ def test_weights_gradient_of_the_fused_update_reads_the_array_before_its_step():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fp._feature_processors.position_weights.values())
 
 
+def test_config_fields_the_array_does_not_use_are_named_in_a_warning():
+    """``init_fn`` (other than TorchRec's default), ``weight_init_*`` and ``data_type`` were
+    accepted silently; the array has one initialisation (``RobeConfig.init_scale``) and one dtype."""
+    import warnings
+
+    from torchrec.modules.embedding_configs import DataType
+
+    robe = RobeConfig(array_size=256, block_size=8)
+    plain = EmbeddingBagConfig(name="p", embedding_dim=8, num_embeddings=10, feature_names=["a"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RobeEmbeddingBagCollection([plain], robe)  # TorchRec's own default init_fn: no warning
+    custom = [EmbeddingBagConfig(name="i", embedding_dim=8, num_embeddings=10, feature_names=["b"], init_fn=torch.nn.init.zeros_,
+                                 weight_init_max=0.1),
+              EmbeddingBagConfig(name="h", embedding_dim=8, num_embeddings=10, feature_names=["c"], data_type=DataType.FP16)]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"does not use these EmbeddingBagConfig fields \(i: init_fn, weight_init_max; h: data_type\)"):
+        RobeEmbeddingBagCollection([plain] + custom, robe)
+
+
+def test_a_module_moved_to_meta_gives_the_shapes():
+    tables = make_tables()
+    out = make_ebc(tables).to("meta")(make_kjt(tables).to(torch.device("meta")))
+    assert out.values().is_meta and tuple(out.values().shape) == (5, 32 + 16 + 16 + 8)
+
+
 def test_mean_pooling_with_weights_is_refused():
     with pytest.raises(ValueError, match="table 't_big': MEAN pooling with per-sample weights"):
         make_ebc(make_tables(PoolingType.MEAN), is_weighted=True)
