@@ -119,6 +119,8 @@ class ParsedFile:
         parsed_lines, delimiter = 0, TAB  # lines parsed so far, the header included
         for i, buf in enumerate(self.blocks):
             if i == 0:
+                if buf[PAD : PAD + 3] == b"\xef\xbb\xbf":  # a UTF-8 byte order mark (a file saved by a text editor)
+                    del buf[PAD : PAD + 3]
                 first = bytes(buf[PAD : buf.find(b"\n", PAD)])
                 self.fmt = self.fmt or detect_format(first, self.source)
                 delimiter = COMMA if self.fmt == "csv" else TAB

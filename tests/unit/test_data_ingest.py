@@ -96,6 +96,13 @@ def test_deepctr_csv_with_header_and_float_integers(tmp_path: Path, fmt: str | N
     ]
     # 0,,-1,19.0,35.0,30251.0,... : a negative integer becomes log(1 + 0) = 0
     assert dense[1, 1] == 0 and dense[1, 2] == np.float32(log1p(19))
+    # the same file saved with a UTF-8 byte order mark (its header was taken for a bad row)
+    bom = tmp_path / "bom" / "deepctr_sample_200.csv"
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + DEEPCTR.read_bytes())
+    m = run([bom], tmp_path / "bom_out", fmt=fmt)
+    assert m["files"][0]["header_skipped"] and (m["files"][0]["rows"], m["files"][0]["bad_rows"]) == (200, 0)
+    assert np.array_equal(load(tmp_path / "bom_out", "deepctr_sample_200")[1], sparse)
 
 
 @needs_sample
