@@ -82,6 +82,8 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             found.extend(inside)
         elif path.is_file():
             found.append(path)
+        elif path.exists():  # /dev/null, a FIFO, a socket: no file to read twice and size
+            raise DataError(f"{path}: not a regular file; a Criteo TSV/CSV file (or .gz) or a directory of them was expected")
         else:
             raise DataError(f"{path}: input not found")
     for path in found:
@@ -156,7 +158,7 @@ def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dic
         for parsed in parsed_file:
             for writer, arr in zip(writers, (parsed.dense, parsed.sparse, parsed.labels)):
                 writer.append(arr)
-        _check_quality(source, parsed_file.stats, job.max_bad_fraction)
+        _check_quality(source, parsed_file.stats, job.max_bad_fraction, parsed_file.header)
         for writer in writers:
             writer.finish()
     except BaseException as e:
@@ -188,7 +190,7 @@ def convert_file(job: Job, progress: Callable[[int], None] | None = None) -> dic
     }
 
 
-def _check_quality(source: Path, stats: ParseStats, max_bad_fraction: float) -> None:
+def _check_quality(source: Path, stats: ParseStats, max_bad_fraction: float, header: bool = False) -> None:
     """Refuses a file that yields no row, or more bad lines than ``max_bad_fraction`` of its lines
     (not Criteo data, or badly damaged): nothing of it is published."""
     reasons = ", ".join(f"{k} {v:,}" for k, v in stats.bad.most_common(3))
@@ -196,7 +198,7 @@ def _check_quality(source: Path, stats: ParseStats, max_bad_fraction: float) -> 
     if stats.rows == 0:
         raise DataError(
             f"{source}: no valid Criteo row in {stats.lines:,} lines"
-            + (f" (bad: {reasons}; {examples})" if stats.lines else " (empty file)")
+            + (f" (bad: {reasons}; {examples})" if stats.lines else " (a header line only)" if header else " (empty file)")
         )
     if stats.lines and stats.bad_rows > max_bad_fraction * stats.lines:
         raise DataError(

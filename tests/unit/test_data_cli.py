@@ -87,3 +87,12 @@ def test_module_entry_point(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert res.returncode == 2 and f"{tmp_path / 'gone'}: input not found" in res.stderr
+
+
+def test_an_input_that_is_no_file_or_only_a_header_is_named_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/null was "input not found", a header-only CSV "empty file"."""
+    assert main(["ingest", "--input", "/dev/null", "--out", str(tmp_path / "o")]) == 2
+    assert "/dev/null: not a regular file" in capsys.readouterr().err
+    (tmp_path / "h.csv").write_text("label,I1,I2\n")
+    assert main(["ingest", "--input", str(tmp_path / "h.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no valid Criteo row in 0 lines (a header line only)" in capsys.readouterr().err
