@@ -216,7 +216,7 @@ def _plan(args: argparse.Namespace) -> None:
     from robe_dist.data.criteo import DEFAULT_CAT_NAMES
     from robe_dist.data.layout import read_manifest
     from robe_dist.data.stats import ensure_table_stats
-    from robe_dist.placement import Budget, plan_placement
+    from robe_dist.placement import Budget, PlacementError, plan_placement
 
     budget = Budget.parse(args.budget, field="--budget")
     sizes = read_manifest(args.data).get("table_sizes")
@@ -229,7 +229,10 @@ def _plan(args: argparse.Namespace) -> None:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print  # (--json: stdout is the JSON alone)
     stats = None if args.no_stats else ensure_table_stats(args.data, log=log, top_ids=args.hot_rows)
     t0 = time.perf_counter()
-    placement = plan_placement(tables, budget, stats, block_size=block_size, hot_rows=args.hot_rows)
+    try:
+        placement = plan_placement(tables, budget, stats, block_size=block_size, hot_rows=args.hot_rows)
+    except PlacementError as e:  # (its messages name the trainer's field)
+        raise DataError(str(e).replace("robe.budget", "--budget", 1)) from None
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({**placement.to_dict(), "planning_s": seconds}, indent=1))
@@ -243,6 +246,10 @@ def _check_paths(args: argparse.Namespace) -> None:
     path that is a file (before anything is written)."""
     from robe_dist.data.layout import dataset_dir
 
+    for option in ("data", "dir", "out", "input"):  # ("" is the current directory to pathlib)
+        values = getattr(args, option, None)
+        if any(v is not None and str(v).strip() == "" for v in (values if isinstance(values, list) else [values])):
+            raise DataError(f"--{option}: an empty path; give a file or directory name")
     for option in ("data", "dir"):
         if getattr(args, option, None) is not None:
             dataset_dir(getattr(args, option), "--data" if option == "data" else "")

@@ -189,6 +189,17 @@ def test_plan_refuses_impossible_sizes(tmp_path: Path, capsys: pytest.CaptureFix
     assert option in error_line(capsys)
 
 
+def test_plan_and_empty_paths_name_the_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget below one embedding named the trainer's robe.budget; an empty --out wrote into
+    the current directory."""
+    data = tmp_path / "s"
+    generate(data, 3000, days=3, seed=0, log=None)
+    assert main(["plan", "--data", str(data), "--budget", "1B"]) == 2
+    assert error_line(capsys).startswith("robe-data: error: --budget 1 bytes leaves 0 bytes for the ROBE array")
+    assert main(["ingest", "--input", str(data), "--out", ""]) == 2
+    assert error_line(capsys) == "robe-data: error: --out: an empty path; give a file or directory name\n"
+
+
 @pytest.mark.parametrize(
     "args, option",
     [(["--scale", "nan"], "--scale"), (["--scale", "inf"], "--scale"), (["--scale", "0"], "--scale"),
