@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="FILE_OR_DIR",
-        help="input files, or directories holding day_* / *.tsv / *.txt / *.csv (optionally .gz)",
+        help="input files, or directories holding day_N / *.tsv / *.txt / *.csv (optionally .gz; a day_* of another name is refused)",
     )
     ing.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (created if needed)")
     ing.add_argument(

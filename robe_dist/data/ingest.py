@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import sys
 import time
@@ -59,6 +60,9 @@ def unit_name(path: Path) -> str:
     return name
 
 
+_DAY_NAME = re.compile(r"day_\d+(\.tsv|\.csv|\.txt)?(\.gz)?")
+
+
 def _is_input_name(path: Path) -> bool:
     base = path.name.removesuffix(".gz")
     if path.name.startswith(".") or base.endswith((".npy", ".json", PARTIAL_SUFFIX)):
@@ -67,7 +71,7 @@ def _is_input_name(path: Path) -> bool:
 
 
 def discover_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Input files from files and directories (a directory contributes its ``day_*`` and
+    """Input files from files and directories (a directory contributes its ``day_N`` and
     ``*.tsv|txt|csv`` files, optionally ``.gz``), in natural order of their unit names.
 
     Raises :class:`DataError` for a path that does not exist, an empty file, a directory with
@@ -77,6 +81,10 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
         path = Path(raw)
         if path.is_dir():
             inside = [p for p in path.iterdir() if p.is_file() and _is_input_name(p)]
+            odd = sorted(p.name for p in inside if p.name.startswith("day_") and not _DAY_NAME.fullmatch(p.name))
+            if odd:  # (day_2.bak was taken for one more day, the last: the test split)
+                raise DataError(f"{path}: {', '.join(odd[:3])}: named day_* but not day_N[.tsv|.csv|.txt][.gz]; "
+                                "move it out of the directory or rename it")  # fmt: skip
             if not inside:
                 raise DataError(f"{path}: directory has no input files (day_* or *.tsv, *.txt, *.csv, optionally .gz)")
             found.extend(inside)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -96,3 +97,16 @@ def test_an_input_that_is_no_file_or_only_a_header_is_named_so(tmp_path: Path, c
     (tmp_path / "h.csv").write_text("label,I1,I2\n")
     assert main(["ingest", "--input", str(tmp_path / "h.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "no valid Criteo row in 0 lines (a header line only)" in capsys.readouterr().err
+
+
+def test_a_backup_named_like_a_day_is_not_taken_for_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """day_2.bak beside day_2 became one more day, sorted last: the test split."""
+    good = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a0b0c0d"] * 26) + "\n"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("day_0", "day_1.gz", "day_2.tsv", "day_2.tsv.bak"):
+        (raw / name).write_bytes(gzip.compress(good.encode()) if name.endswith(".gz") else good.encode())
+    assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "day_2.tsv.bak: named day_* but not day_N[.tsv|.csv|.txt][.gz]" in capsys.readouterr().err
+    (raw / "day_2.tsv.bak").unlink()
+    assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
