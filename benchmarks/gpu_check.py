@@ -16,7 +16,7 @@
    events: median step, steps/s, achieved GB/s by the byte model and its share of the copy
    bandwidth, peak memory. TorchRec's sharded FBGEMM CUDA kernels are NOT in this comparison: the
    lent machine's image has no fbgemm-gpu CUDA build (465 MB, too large to carry).
-4. ``l2``: forward-only time of the fp32 (108 MB) and bf16 (54 MB, fits the H200's 60 MB L2)
+4. ``l2``: forward-only time of the fp32 (108 MB) and bf16 (54 MB: against the L2 size the card reports)
    arrays at batch 65536, against the HBM bound of the byte model.
 
 Writes ``OUT/gpu_check.json``. ``--smoke`` runs every part at toy sizes on any device (CPU: the
@@ -203,8 +203,11 @@ def compare(args, device: torch.device) -> Dict:
                                                       ops.OPTIMIZERS["sgd"], args.lr, 0.0, False)  # fmt: skip
         sgd_t = ebc.array.detach().to(device, copy=True)  # (a copy on CPU too: --smoke)
         triton_lookup.fused_update(sgd_t, None, optimizer=ops.OPTIMIZERS["sgd"], lr=args.lr, eps=0.0, deterministic=False, **bw)
-        # fused Adagrad (the trainer's default on one process), from a state already holding a step
-        state0 = grad_c.square() * 0.5
+        # fused Adagrad (the trainer's default on one process), from a state already holding steps:
+        # at a zero state a slot whose contributions nearly cancel moves by lr * g / |g|, whose
+        # sign is whatever the summation order leaves (a review measured 3e-4 between two valid
+        # fp32 orders), which would fail the comparison without any fault
+        state0 = grad_c.square() * 0.5 + 1.0
         ada_c, ada_sc = ebc.array.detach().clone(), state0.clone()
         torch.ops.robe_dist.pooled_lookup_fused_update(ada_c, ada_sc, grad_out, w, off, meta, starts_c, b, *bsizes,
                                                       ops.OPTIMIZERS["adagrad"], args.lr, 1e-10, False)  # fmt: skip
@@ -425,6 +428,8 @@ def l2(args, device: torch.device, copy_gbps: Optional[float]) -> Dict:
         r["bytes"] = 8 * n + elem * n * args.dim + elem * n * args.dim  # ids, elements read, output written
         r["GBps"] = r["bytes"] / (r["step_ms"] / 1e3) / GB
         r["array_bytes"] = args.array_size * elem
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None) if device.type == "cuda" else None
+        r["fits_l2"] = None if not l2_bytes else r["array_bytes"] <= l2_bytes  # (the issue assumed 60 MB; H100 SXM has 50)
         if copy_gbps:
             r["share_of_copy_bw"] = r["GBps"] / copy_gbps
         out["fp32" if dtype == torch.float32 else "bf16"] = r

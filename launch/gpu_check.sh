@@ -15,6 +15,10 @@
 #   b+c. bench, benchmarks/gpu_check.py: Triton op vs C++ op on the same inputs; one embedding
 #      training step at batch 8192 / 65536 against TorchRec's unsharded CUDA EmbeddingBagCollection
 #      and nn.EmbeddingBag, with the copy bandwidth and memory; the bf16 array vs L2
+#   a. tests_cuda: the tests that exercise the GPU (CUDA tests, Triton kernels compiled for it and
+#      compared with the C++ operator, the KJT offsets shim, every non-ATen op of a ROBE run having a
+#      CUDA kernel with the image's own torchrec and fbgemm-gpu), right after the figures so that the
+#      deadline cannot leave them without time
 #   d. train: robe-train on the tiny config for 300 steps, nccl backend, world size 1 (every table
 #      in the ROBE array where fbgemm-gpu has no CUDA kernels, as on the lent image: TorchRec's
 #      full tables need FBGEMM's CUDA TBE)
@@ -23,10 +27,7 @@
 #      FBGEMM runs on CUDA) and TorchRec's unsharded EBC, batch 64 to 16384
 #   c3. cpu_threads, benchmarks/cpu_threads.py: the CPU operator's training step on 1, 2, 4, 8, 16
 #      threads of the machine's cores, and the same bits at each
-#   a. tests_cuda: the tests that exercise the GPU (CUDA tests, Triton kernels compiled for it and
-#      compared with the C++ operator, the KJT offsets shim, every non-ATen op of a ROBE run having a
-#      CUDA kernel with the image's own torchrec and fbgemm-gpu); then tests_cpu, the rest of
-#      tests/unit with the time left (CI runs them on every commit); JUnit XML in $OUT
+#   tests_cpu: the rest of tests/unit with the time left (CI runs them on every commit); JUnit XML in $OUT
 #   e. $OUT/summary.json: every step's exit status and time
 # Environment: PYTHON (default python3), OUT (default ./gpu_check_out), TRAIN_STEPS (default 300),
 #   BUDGET_S (default 480), SMOKE=1: toy sizes and the default device, to test this script on a
@@ -82,6 +83,12 @@ BENCH=(--out "$OUT"); TRAIN_DEV=(--set dist.device=cuda --set dist.backend=nccl)
 if [[ "${SMOKE:-0}" == 1 ]]; then BENCH+=(--smoke); TRAIN_DEV=(); TRAIN_STEPS=${TRAIN_STEPS:-20}; fi
 step bench 300 "$PY" benchmarks/gpu_check.py "${BENCH[@]}"
 
+# a. the tests that exercise the GPU, right after the figures (before the longer steps below, so the
+# deadline cannot leave them without time); the rest of the unit tests come last
+CUDA_TESTS=(tests/unit/test_cuda.py tests/unit/test_triton_kernels.py tests/unit/test_fbgemm_compat.py
+            tests/unit/test_robe_module.py::test_cuda_matches_cpu tests/integration/test_cuda_dispatch.py)
+step tests_cuda 150 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml"
+
 # d. the tiny config under torchrun with nccl, world size 1; its planner keeps small tables full,
 # which needs FBGEMM's CUDA kernels: where fbgemm-gpu is the CPU build, every table in the array
 if ! "$PY" -c "import sys, torch, fbgemm_gpu; sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('fbgemm::bounds_check_indices', 'CUDA') else 1)" 2>/dev/null; then
@@ -105,10 +112,7 @@ THREADS=(--threads 1 2 4 8 16)
 if [[ "${SMOKE:-0}" == 1 ]]; then THREADS=(--threads 1 2 --steps 2 --warmup 1 --array-size 1000000 --batch 1024); fi
 step cpu_threads 90 "$PY" benchmarks/cpu_threads.py "${THREADS[@]}" --json "$OUT/cpu_threads.json"
 
-# a. the tests: those that exercise the GPU first, then the rest with the time left
-CUDA_TESTS=(tests/unit/test_cuda.py tests/unit/test_triton_kernels.py tests/unit/test_fbgemm_compat.py
-            tests/unit/test_robe_module.py::test_cuda_matches_cpu tests/integration/test_cuda_dispatch.py)
-step tests_cuda 200 "$PY" -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cuda.xml"
+# the rest of the unit tests with the time left (CI runs them on every commit)
 step tests_cpu 200 "$PY" -m pytest tests/unit -q -p no:cacheprovider -rs --junitxml="$OUT/tests_cpu.xml" \
   --ignore=tests/unit/test_cuda.py --ignore=tests/unit/test_triton_kernels.py --ignore=tests/unit/test_fbgemm_compat.py
 

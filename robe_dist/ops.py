@@ -376,8 +376,19 @@ def check_update_args(array_size: int, block_size: int, state=None, array=None, 
 
 
 @pooled_lookup.register_kernel("cuda")
-def _pooled_lookup_cuda(*args):
-    check_inputs(*args[:6])
+def _pooled_lookup_cuda(array, values, weights, offsets, meta, batch, out_dim, max_blocks, occurrences, hash_mode,
+                        block_size, paper_constants, block_align=1):  # fmt: skip
+    check_inputs(array, values, weights, offsets, meta, batch)
+    # what the C++ operator checks on the host (no data read): the kernels would hash into a
+    # negative number of starts, or take a strided view for a dense one
+    check_update_args(array.shape[0], block_size)
+    if block_align < 1:
+        raise ValueError(f"robe: block_align must be >= 1, got {block_align}")
+    c = [int(x) for x in paper_constants]
+    if hash_mode == HASH_MODE_IDS["paper"] and not (len(c) == 4 and 0 <= min(c[:3]) and max(c[:3]) < c[3] < 2**31):
+        raise ValueError(f"robe: paper constants must satisfy 0 <= A, B, C < P < 2^31, got {c}")
+    args = (*_dense(array, values, weights, offsets, meta), batch, out_dim, max_blocks, occurrences, hash_mode, block_size,
+            paper_constants, block_align)  # fmt: skip
     if not _triton():
         return torch_forward(*args)
     from robe_dist.kernels import triton_lookup
@@ -444,8 +455,14 @@ def _pooled_lookup_backward_cuda(grad_out, weights, offsets, meta, starts, batch
                               occurrences, num_values)  # fmt: skip
     from robe_dist.kernels import triton_lookup
 
+    weights, offsets, meta, starts = _dense(weights, offsets, meta, starts)  # (the forward's inputs, as given)
     return triton_lookup.backward(grad_out, weights, offsets, meta, starts, batch, array_size, block_size,
                                   max_blocks, num_values, deterministic)  # fmt: skip
+
+
+def _dense(*tensors: Optional[torch.Tensor]) -> tuple:
+    """Contiguous tensors for the Triton kernels, which index them as dense (views: copies)."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 @pooled_lookup_backward.register_kernel("cpu")
@@ -502,6 +519,9 @@ def _pooled_lookup_fused_update_cuda(array, state, grad_out, weights, offsets, m
         return
     from robe_dist.kernels import triton_lookup
 
+    if not array.is_contiguous() or (state is not None and not state.is_contiguous()):
+        raise ValueError("robe: the fused update writes the array (and its state) in place: both must be contiguous")
+    weights, offsets, meta, starts = _dense(weights, offsets, meta, starts)
     triton_lookup.fused_update(array, state, grad_out, weights, offsets, meta, starts, batch, block_size, max_blocks,
                                num_values, optimizer, lr, eps, deterministic)  # fmt: skip
 
@@ -684,9 +704,10 @@ class DeferredStatus:
 
     def submit(self, status: torch.Tensor, describe: Callable[[int, int], str]) -> None:
         host = torch.empty(2, dtype=torch.long, pin_memory=True)
-        host.copy_(status, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        with torch.cuda.device(status.device):  # the copy and its event on the status's device's stream
+            host.copy_(status, non_blocking=True)  # (a module on cuda:1 with cuda:0 current read the
+            event = torch.cuda.Event()  # pinned buffer before the copy had landed)
+            event.record(torch.cuda.current_stream(status.device))
         self._pending.append((host, event, describe))
 
     def poll(self, wait: bool = False) -> None:

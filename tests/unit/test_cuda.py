@@ -102,7 +102,14 @@ def test_fused_update_equals_dense_optimiser(optimizer):
     for step in range(3):
         batch = kjt(seed=step)
         fused(batch).values().square().sum().backward()
-        dense(batch).values().square().sum().backward()
+        # the dense gradient summed in the fused kernels' order (the sorted backward): where a
+        # slot's contributions nearly cancel, Adagrad's first step lr * g / |g| takes the sign of
+        # whatever the summation order leaves
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            dense(batch).values().square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
         opt.step()
         opt.zero_grad()
     assert fused.array.grad is None

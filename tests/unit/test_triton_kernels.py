@@ -274,3 +274,33 @@ def test_paper_mapping_at_the_id_bound_equals_the_cpp_operator():
     out_t, starts_t, status = run_triton_forward(ebc, args)
     assert torch.equal(starts_t, starts_c) and status.tolist() == [ops.STATUS_OK, ops.STATUS_OK]
     torch.testing.assert_close(out_t, out_c)
+
+
+def test_the_cuda_entry_checks_what_the_cpp_operator_checks_and_reads_strided_inputs():
+    """The op's CUDA kernel (``ops._pooled_lookup_cuda``, called here on this machine's device)
+    launched the Triton forward with an array smaller than a block (a negative number of starts:
+    an illegal address on a GPU) and with strided views the kernels read as dense (a review)."""
+    ebc, (values, weights, offsets, meta, batch) = case(weighted=True)
+    static = list(ops._static_args(ebc.lookup_spec))
+    array = ebc.array.detach().to(DEVICE)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    dense = ops._pooled_lookup_cuda(array, to(values), to(weights), to(offsets), to(meta), batch, *static)
+    strided = lambda t: torch.stack([t, torch.zeros_like(t)], dim=1)[:, 0].to(DEVICE)  # noqa: E731  (a view, stride 2)
+    assert not strided(values).is_contiguous()
+    again = ops._pooled_lookup_cuda(array, strided(values), strided(weights), to(offsets), to(meta), batch, *static)
+    assert torch.equal(again[0], dense[0]) and torch.equal(again[1], dense[1])
+    spec = ebc.lookup_spec  # the backward gets the forward's inputs as they were given (saved for it)
+    grads = [ops._pooled_lookup_backward_cuda(torch.ones_like(dense[0]), w, to(offsets), to(meta), dense[1], batch, spec.array_size,
+                                              spec.block_size, spec.max_blocks, spec.occurrences, values.numel(), True)
+             for w in (to(weights), strided(weights))]  # fmt: skip
+    assert torch.equal(grads[0], grads[1])
+    small = static.copy()
+    small[4] = array.numel() + 1  # block_size above the array's size
+    with pytest.raises(ValueError, match=r"array_size \(211\) must be >= block_size \(212\)"):
+        ops._pooled_lookup_cuda(array, to(values), to(weights), to(offsets), to(meta), batch, *small)
+    with pytest.raises(ValueError, match="block_align must be >= 1"):
+        ops._pooled_lookup_cuda(array, to(values), to(weights), to(offsets), to(meta), batch, *static[:6], 0)
+    paper = static.copy()
+    paper[3], paper[5] = ops.HASH_MODE_IDS["paper"], [1, 2, 3, 2**31]
+    with pytest.raises(ValueError, match="paper constants must satisfy"):
+        ops._pooled_lookup_cuda(array, to(values), to(weights), to(offsets), to(meta), batch, *paper)
