@@ -65,7 +65,7 @@ def variants() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]
         sig = dict(sorted_ptr="*i32" if target == "fp32" else "*i64", order_ptr="*i64", bounds_ptr="*i64", row_base_ptr="*i64", row_scale_ptr="*fp32",
                    grad_out_ptr=f"*{target}", target_ptr=f"*{target}", state_ptr="*fp32", num_tiles="i64",
                    array_size="i64", lr="fp32", eps="fp32")  # fmt: skip
-        const = dict(Z=z, MB=128 // z, T=tk.TILE, MODE=mode)
+        const = dict(Z=z, MB=128 // z, T=tk.TILE, MODE=mode, CH=tk.TILE_CHUNK)
         yield f"tile[{target},mode={mode},Z={z}]", tk._tile_kernel, sig, const
 
 
