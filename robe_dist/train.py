@@ -459,17 +459,23 @@ class Trainer:
             self.log.write("profile", **record)
             self.log.message(StepProfiler.describe(record))
 
+    def steps_per_epoch(self) -> int:
+        """Global batches in the train split; ``DataError`` if not even one (checked before the
+        run dir is committed: a refused run leaves it as it found it)."""
+        steps = self.data.steps_per_epoch()
+        if steps < 1:
+            rows = self.data.split_rows("train")
+            raise DataError(
+                f"the train split of {self.data.path} holds {rows:,} rows, less than one global batch "
+                f"(train.global_batch_size={self.cfg.train.global_batch_size}): lower the batch or use more data"
+            )
+        return steps
+
     def run(self) -> dict:
         """Trains until the epochs, ``train.max_steps`` or ``train.target_auc`` say stop, with
         evaluations and checkpoints in between; then evaluates, saves and returns the summary."""
         cfg, state = self.cfg, self.state
-        steps_per_epoch = self.data.steps_per_epoch()
-        if steps_per_epoch < 1:
-            rows = self.data.split_rows("train")
-            raise DataError(
-                f"the train split of {self.data.path} holds {rows:,} rows, less than one global batch "
-                f"(train.global_batch_size={cfg.train.global_batch_size}): lower the batch or use more data"
-            )
+        steps_per_epoch = self.steps_per_epoch()
         total = cfg.train.epochs * steps_per_epoch
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
@@ -734,6 +740,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"robe-train: interrupted by {signame} during start-up, before any step; nothing to save: "
                       "rerun the same command", file=sys.stderr)  # fmt: skip
             return 128 + signal.Signals[signame].value
+        trainer.steps_per_epoch()  # (refused before the run dir's config.yaml and metrics.jsonl change)
         commit_run_dir(run_dir, cfg, env, args.resume)
         trainer.run()
     except Diverged as e:

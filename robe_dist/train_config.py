@@ -479,7 +479,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor (its keys may be overridden here)
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # (PyYAML's own refusal, not a TypeError traceback)
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, "found unhashable key", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
@@ -521,9 +529,13 @@ def apply_override(values: Dict[str, Any], override: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ValueError(f"--set {override!r}: bad key {key!r}")
+    if not isinstance(values, dict):
+        raise ValueError(f"the config must be a mapping of keys to values, got {str(values)[:80]}")
     node = values
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # (a section header whose keys are all commented out reads as null)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"--set {override!r}: {part!r} is not a section")
     try:
@@ -604,6 +616,9 @@ def validate(cfg: Config) -> None:
         )
     if m.over_arch_layer_sizes[-1] != 1:
         raise ValueError(f"model.over_arch_layer_sizes must end with 1 (one logit), got {m.over_arch_layer_sizes}")
+    if len(m.over_arch_layer_sizes) < 2:  # (TorchRec's OverArch: "must have multiple layers", after the data step)
+        raise ValueError(f"model.over_arch_layer_sizes needs at least two layers (TorchRec's OverArch), e.g. [64, 1]; "
+                         f"got {m.over_arch_layer_sizes}")  # fmt: skip
     _positive(m.dcn_num_layers, "model.dcn_num_layers")
     _positive(m.dcn_low_rank_dim, "model.dcn_low_rank_dim")
     if m.num_embeddings_per_feature is not None and any(n < 1 for n in m.num_embeddings_per_feature):

@@ -263,6 +263,18 @@ def test_checkpoint_of_another_robe_seed_is_refused(tmp_path, data_dir, five_ste
     assert "Traceback" not in p.stderr and (tmp_path / "a_file").read_text() == "not a run dir"
 
 
+def test_a_run_refused_for_its_batch_leaves_the_previous_runs_files(tmp_path, data_dir, five_steps):
+    """A train split shorter than one global batch was found after the run dir was committed:
+    the refused run had deleted the previous run's metrics.jsonl and written its own config.yaml."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    shutil.rmtree(run / "checkpoints")  # (a finished run that kept no checkpoint: a fresh run may start here)
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+    p = train(run, data_dir, f"train.global_batch_size={2**22}")
+    assert p.returncode == 2 and "less than one global batch (train.global_batch_size=4194304)" in p.stderr, p.stderr[-3000:]
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
 def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path, data_dir, five_steps):
     """A run started twice (a double submission) must not write checkpoints and metrics.jsonl
     from two processes: the second finds the first's lock on the run dir and stops in one line."""

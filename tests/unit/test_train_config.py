@@ -104,6 +104,9 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("robe.features=none;robe.budget=null;robe.array_size=1000", "robe.array_size needs ROBE tables"),
         ("robe.features=all;robe.hot_rows=true", "robe.hot_rows needs robe.features 'auto'"),
         ("optim.name=adagrad;optim.momentum=0.9", "optim.momentum applies to optim.name 'sgd' only; got 'adagrad'"),
+        # (found by a review: TorchRec's OverArch refused it after the data step, one traceback per rank)
+        ("model.over_arch_layer_sizes=[1]", "model.over_arch_layer_sizes needs at least two layers"),
+        ("optim.lr={[1]: 2}", "the value is not valid YAML (line 1, column 2: found unhashable key)"),
     ],
 )
 def test_validation_names_the_field(override, message):
@@ -136,6 +139,7 @@ def test_bad_override_syntax_and_missing_file():
         ("!!python/object:os.system {}\n", "is not valid YAML: line 1, column 1: could not determine a constructor"),
         (b"\xff\xfe\x00", "is not text (not UTF-8), expected YAML"),
         (None, "is a directory, expected a YAML file"),
+        ("? [a, b]\n: 1\n", "is not valid YAML: line 1, column 3: found unhashable key"),  # (a TypeError traceback)
     ],
 )
 def test_a_config_file_that_is_not_a_yaml_mapping_is_one_line(tmp_path, capsys, text, message):
@@ -212,3 +216,17 @@ def test_a_resume_with_another_config_is_told_what_changed(tmp_path):
                                                       ("model.over_arch_layer_sizes", [8, 1]), ("robe.seed", 9), ("data.synthetic_rows", 10**5),
                                                       ("train.global_batch_size", 256), ("train.log_every_steps", 7)]])  # fmt: skip
     assert len(config_changes(path, many)) == 9 and config_changes(path, many)[-1].startswith("and ")
+
+
+def test_config_files_with_merge_keys_empty_sections_or_no_mapping_take_overrides(tmp_path, capsys):
+    """Found by a review: a YAML merge key (<<: *anchor) was "not valid YAML"; a section whose keys
+    are all commented out (null) refused --set into it ("'optim' is not a section"); a top level
+    that is a list crashed --set with an AttributeError traceback."""
+    merged = tmp_path / "m.yaml"
+    merged.write_text("train: {<<: {epochs: 2, log_every_steps: 7}, log_every_steps: 5}\noptim:\n")
+    cfg = load_config(merged, ["optim.lr=0.1"])
+    assert (cfg.train.epochs, cfg.train.log_every_steps, cfg.optim.lr) == (2, 5, 0.1)
+    listed = tmp_path / "l.yaml"
+    listed.write_text("- a\n- b\n")
+    assert main(["--config", str(listed), "--set", "optim.lr=1", "--print-config"]) == 2
+    assert "the config must be a mapping of keys to values, got ['a', 'b']" in capsys.readouterr().err
