@@ -592,8 +592,8 @@ def _positive(value: Optional[float], where: str, allow_none: bool = False, allo
 def validate(cfg: Config) -> None:
     """Range and consistency checks; raises ``ValueError`` naming the field."""
     d, m, r, o, t, e, c = cfg.data, cfg.model, cfg.robe, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint
-    if not cfg.name or "/" in cfg.name:
-        raise ValueError(f"name must be a non-empty string without '/', got {cfg.name!r}")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):  # (runs/<name> stays under runs/)
+        raise ValueError(f"name must be a non-empty string without '/', and not '.' or '..', got {cfg.name!r}")
     if d.kind == "criteo" and not d.path:
         raise ValueError("data.path must be set when data.kind is 'criteo' (the directory written by robe-data)")
     _positive(d.synthetic_rows, "data.synthetic_rows")

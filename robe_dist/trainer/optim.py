@@ -90,8 +90,10 @@ class TrainOptimizer:
 
     @property
     def lr(self) -> float:
-        """The dense part's current learning rate."""
-        return self.cfg.lr * lr_factor(self.cfg, self.step_count)
+        """The dense part's learning rate of the last step taken (``zero_grad`` sets each step's
+        rate before it; read after the step, ``step_count`` already counts it), or of the first
+        step before any."""
+        return self.cfg.lr * lr_factor(self.cfg, max(self.step_count - 1, 0))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         factor = lr_factor(self.cfg, self.step_count)

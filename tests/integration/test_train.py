@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
+import yaml
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 from train_runs import new_store, own_group, pool, robe_train, run_main
@@ -273,6 +274,15 @@ def test_a_run_refused_for_its_batch_leaves_the_previous_runs_files(tmp_path, da
     p = train(run, data_dir, f"train.global_batch_size={2**22}")
     assert p.returncode == 2 and "less than one global batch (train.global_batch_size=4194304)" in p.stderr, p.stderr[-3000:]
     assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_took(tmp_path, data_dir):
+    """metrics.jsonl's lr was the next step's rate (step 1 logged warm-up factor 2/4, not 1/4)."""
+    run = tmp_path / "run"
+    ok(train(run, data_dir, "optim.warmup_steps=4", "train.max_steps=3", "train.log_every_steps=1", "eval.at_end=false",
+             "checkpoint.at_end=false"))  # fmt: skip
+    lr = yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
+    assert [r["lr"] for r in records(run, "train")] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4])
 
 
 def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path, data_dir, five_steps):

@@ -106,6 +106,7 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("optim.name=adagrad;optim.momentum=0.9", "optim.momentum applies to optim.name 'sgd' only; got 'adagrad'"),
         # (found by a review: TorchRec's OverArch refused it after the data step, one traceback per rank)
         ("model.over_arch_layer_sizes=[1]", "model.over_arch_layer_sizes needs at least two layers"),
+        ("name=..", "name must be a non-empty string without '/', and not '.' or '..'"),  # (runs/.. is the cwd)
         ("optim.lr={[1]: 2}", "the value is not valid YAML (line 1, column 2: found unhashable key)"),
     ],
 )
