@@ -72,9 +72,8 @@ from robe_dist.trainer.metrics_log import (
 )
 from robe_dist.placement import Placement, PlacementError
 from robe_dist.trainer.model import (
-    build_collection, build_dlrm, embedding_parameters, has_sharded_modules, model_spec, place_tables, robe_modules,
-    shard_model,
-    table_configs,
+    build_collection, build_dlrm, check_device_settings, embedding_parameters, has_sharded_modules, model_spec,
+    place_tables, robe_modules, shard_model, table_configs,
 )  # fmt: skip
 from robe_dist.trainer.optim import TrainOptimizer, fuse_robe_updates, optimizer_spec
 from robe_dist.trainer.profile import StepProfiler
@@ -727,9 +726,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        "(RUN_DIR/checkpoints/step_N), or --resume alone for the latest")  # fmt: skip
         for what, size in (("train.global_batch_size", cfg.train.global_batch_size), ("eval.batch_size", cfg.eval.batch_size)):
             check_divisible(size, what, env)  # (the evaluation's batches are cut at the end of training)
-        if cfg.train.precision == "bf16" and env.device.type != "cuda":
-            raise ConfigError(f"train.precision 'bf16' needs a CUDA device; this run is on {env.device.type} "
-                              f"(dist.device {cfg.dist.device!r}): use 'fp32'")  # fmt: skip
+        check_device_settings(cfg, env)  # (before the data is made and the tables placed)
         prepare_run_dir(run_dir, cfg, env, args.resume, run_dir_lock)
         trainer = Trainer(cfg, env, run_dir, stop_request)
         if args.resume:

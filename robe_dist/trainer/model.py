@@ -161,6 +161,27 @@ def build_dlrm(cfg: Config, collection: nn.Module, device: torch.device) -> nn.M
     return DLRMTrain(dlrm)
 
 
+def check_device_settings(cfg: Config, env: DistEnv) -> None:
+    """``ConfigError`` for settings this run's device cannot take, known from the config alone:
+    checked before the data is made and the tables are placed (and again where they are used)."""
+    if cfg.train.precision == "bf16" and env.device.type != "cuda":
+        raise ConfigError(f"train.precision 'bf16' needs a CUDA device; this run is on {env.device.type} "
+                          f"(dist.device {cfg.dist.device!r}): use 'fp32'")  # fmt: skip
+    if cfg.dist.grad_compression == "bf16" and env.device.type != "cuda":
+        raise ConfigError(
+            "dist.grad_compression 'bf16' needs a CUDA device (PyTorch's bf16_compress_hook needs NCCL); "
+            "use 'fp16' or 'none' on CPU"
+        )
+    if cfg.dist.table_sharding is not None:
+        settable = {v for t in get_args(get_type_hints(type(cfg.dist))["table_sharding"]) for v in get_args(t)}
+        offered = settable.intersection(EmbeddingBagCollectionSharder().sharding_types(env.device.type))
+        if cfg.dist.table_sharding not in offered:  # (TorchRec's planner says only "No available sharding type ... for t_cat_1")
+            raise ConfigError(
+                f"dist.table_sharding {cfg.dist.table_sharding!r}: TorchRec shards full tables that way on GPUs only; "
+                f"on {env.device.type} it offers {', '.join(sorted(offered))} (or null: its planner chooses)"
+            )
+
+
 def shard_model(
     model: nn.Module, cfg: Config, env: DistEnv, optimizer_class: type, optimizer_kwargs: Dict
 ) -> DistributedModelParallel:
@@ -191,11 +212,7 @@ def shard_model(
         # TorchRec's placeholder classes: their kwargs go to FBGEMM's fused kernel as they are
         _apply_optimizer_in_backward(FUSED_OPTIMIZERS[cfg.optim.name], full_params, fused)
     compression = cfg.dist.grad_compression
-    if compression == "bf16" and env.device.type != "cuda":
-        raise ConfigError(
-            "dist.grad_compression 'bf16' needs a CUDA device (PyTorch's bf16_compress_hook needs NCCL); "
-            "use 'fp16' or 'none' on CPU"
-        )
+    check_device_settings(cfg, env)
     # compressed all-reduce goes through DDP's comm hooks, so the array joins DDP's buckets
     sharders = get_default_sharders(
         optimizer_class=optimizer_class,
@@ -206,14 +223,6 @@ def shard_model(
     constraints = None
     if cfg.dist.table_sharding is not None and full_params:
         kind = ShardingType(cfg.dist.table_sharding).value
-        ebc_sharder = next(s for s in sharders if isinstance(s, EmbeddingBagCollectionSharder))
-        settable = {v for t in get_args(get_type_hints(type(cfg.dist))["table_sharding"]) for v in get_args(t)}
-        offered = settable.intersection(ebc_sharder.sharding_types(env.device.type))
-        if kind not in offered:  # (TorchRec's planner would say only "No available sharding type ... for t_cat_1")
-            raise ConfigError(
-                f"dist.table_sharding {kind!r}: TorchRec shards full tables that way on GPUs only; on "
-                f"{env.device.type} it offers {', '.join(sorted(offered))} (or null: its planner chooses)"
-            )
         constraints = {
             t.name: ParameterConstraints(sharding_types=[kind])
             for mod in model.modules()

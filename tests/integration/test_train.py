@@ -570,6 +570,8 @@ def test_user_errors_under_torchrun_are_one_line_from_rank_0(tmp_path, data_dir,
                 "hot_rows_paper": "robe.hot_rows with robe.hash 'paper' needs ids below the table sizes"}  # fmt: skip
     assert expected[case] in said[0]
     assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+    if case == "table_sharding":  # known from the config and the device: refused before anything is made
+        assert not run.exists()
 
 
 @pytest.mark.integration
