@@ -468,8 +468,8 @@ class _Problem:
             raise PlacementError(
                 f"robe.budget {self.budget} leaves {max(self.array_for(full), 0) * BYTES_PER_FLOAT:,.0f} bytes for the "
                 f"ROBE array {what}, below the smallest "
-                f"usable array ({self.min_array} floats = {self.min_array * BYTES_PER_FLOAT:,} bytes: one embedding); the full "
-                f"tables would take {self.full_floats * BYTES_PER_FLOAT:,} bytes"
+                f"usable array ({self.min_array} floats = {self.min_array * BYTES_PER_FLOAT:,} bytes: one embedding); all "
+                f"{len(self.tables)} tables as full tables would take {self.full_floats * BYTES_PER_FLOAT:,} bytes"
             )
 
 
