@@ -420,6 +420,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return int(value.replace("_", ""))
             except ValueError:
                 pass
+            try:  # YAML 1.1 reads 1e6 and 1.5e6 as strings: a whole number written so is one
+                as_float = float(value)
+            except ValueError:
+                pass
+            else:
+                if as_float.is_integer() and abs(as_float) < 2**63:
+                    return int(as_float)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

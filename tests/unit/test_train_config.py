@@ -231,3 +231,11 @@ def test_config_files_with_merge_keys_empty_sections_or_no_mapping_take_override
     listed.write_text("- a\n- b\n")
     assert main(["--config", str(listed), "--set", "optim.lr=1", "--print-config"]) == 2
     assert "the config must be a mapping of keys to values, got ['a', 'b']" in capsys.readouterr().err
+
+
+def test_whole_numbers_in_scientific_notation_are_ints():
+    """YAML 1.1 reads 1e6 as a string: int fields refused it although float fields took it."""
+    cfg = load_config(None, ["data.synthetic_rows=1e6", "train.global_batch_size=2.048e3"])
+    assert (cfg.data.synthetic_rows, cfg.train.global_batch_size) == (1_000_000, 2048)
+    with pytest.raises(ValueError, match="data.synthetic_rows must be an int, got '1.5e0'"):
+        load_config(None, ["data.synthetic_rows=1.5e0"])
