@@ -703,7 +703,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.run_dir is not None:
         cfg.run_dir = str(args.run_dir)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun: once, not once per rank)
+            print(to_yaml(cfg), end="")
         return 0
     try:
         env = init_distributed(cfg.dist)

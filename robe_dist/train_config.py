@@ -245,7 +245,8 @@ class TrainConfig:
     """Stop after this many steps (``null``: run all epochs)."""
 
     target_auc: Optional[float] = None
-    """Stop as soon as a validation AUC reaches this value (MLPerf v1: 0.8025, v3: 0.80275)."""
+    """Stop as soon as a validation AUC reaches this value (MLPerf v1: 0.8025, v3: 0.80275); checked
+    at the evaluations during training, so it needs ``eval.every_samples``."""
 
     precision: Literal["fp32", "bf16"] = "fp32"
     """``bf16``: forward under torch.autocast(bfloat16) (CUDA only); parameters stay fp32."""
@@ -698,6 +699,8 @@ def validate(cfg: Config) -> None:
     _positive(t.max_steps, "train.max_steps", allow_none=True)
     if t.target_auc is not None and not 0.5 < t.target_auc <= 1:
         raise ValueError(f"train.target_auc must be in (0.5, 1] or null, got {t.target_auc}")
+    if t.target_auc is not None and cfg.eval.every_samples is None:  # (it was never reached, silently)
+        raise ValueError("train.target_auc is checked at the evaluations during training: it needs eval.every_samples")
     if t.precision == "bf16" and cfg.dist.device == "cpu":
         raise ValueError("train.precision 'bf16' needs dist.device 'cuda' (or 'auto' on a GPU machine); use 'fp32' on CPU")
     if cfg.dist.grad_compression == "bf16" and cfg.dist.device == "cpu":

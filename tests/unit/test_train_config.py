@@ -86,6 +86,7 @@ def test_overrides_reach_nested_fields_and_convert_types():
         ("robe.features=some", "robe.features must be 'all' or 'none' or 'auto' or a list of a string"),
         ("optim.warmup_steps=10", None),
         ("train.target_auc=0.4", "train.target_auc must be in (0.5, 1] or null"),
+        ("train.target_auc=0.7;eval.every_samples=null", "train.target_auc is checked at the evaluations during training"),
         ("train.precision=bf16", "train.precision 'bf16' needs dist.device 'cuda'"),
         ("checkpoint.keep=0", "checkpoint.keep must be > 0"),
         ("optim.robe_lr_factor=0", "optim.robe_lr_factor must be > 0"),
