@@ -258,10 +258,10 @@ class Trainer:
         self.paused_s = 0.0
         """Seconds spent in evaluations and checkpoints (left out of the summary's train_s)."""
         logger.info(
-            "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank 0; pipeline %s",
+            "model: %s, %d ROBE tables (array %s floats), %d full tables; %d parameters on rank %d; pipeline %s",
             cfg.model.arch, len(robe_names), f"{cfg.robe.robe_config(array_size).array_size:,}" if robe_names else "-",
             len(tables) - len(robe_names),
-            sum(p.numel() for p in self.model.parameters()), type(self.pipeline).__name__,
+            sum(p.numel() for p in self.model.parameters()), env.rank, type(self.pipeline).__name__,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
