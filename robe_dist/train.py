@@ -478,6 +478,10 @@ class Trainer:
         total = cfg.train.epochs * steps_per_epoch
         if cfg.train.max_steps is not None:
             total = min(total, cfg.train.max_steps)
+        window = cfg.logging.profile_steps
+        if window and self.env.is_main and not state.step < window[0] <= total:  # (it wrote nothing, silently)
+            logger.warning("logging.profile_steps %s: this run trains steps %d-%d, so no step is profiled",
+                           window, state.step + 1, total)  # fmt: skip
         eval_every = math.ceil(cfg.eval.every_samples / cfg.train.global_batch_size) if cfg.eval.every_samples else None
         ckpt_every = cfg.checkpoint.every_steps
         self.log = MetricsLog(self.run_dir, self.env, total, state.step, cfg.logging.progress_bar)

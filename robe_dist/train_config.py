@@ -546,6 +546,10 @@ def apply_override(values: Dict[str, Any], override: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"--set {override!r}: {part!r} is not a section")
+    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+    if len(parts) == 1 and parts[0] in sections and raw.strip() in ("", "null", "~", "{}", "None"):
+        raise ValueError(f"--set {override!r}: {parts[0]!r} is a section, which this would reset to its defaults "
+                         f"whatever the config says; set its keys (e.g. --set {parts[0]}.<key>=<value>)")  # fmt: skip
     try:
         node[parts[-1]] = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as e:

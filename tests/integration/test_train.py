@@ -283,6 +283,10 @@ def test_the_logged_learning_rate_is_the_one_each_step_took(tmp_path, data_dir):
              "checkpoint.at_end=false"))  # fmt: skip
     lr = yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
     assert [r["lr"] for r in records(run, "train")] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4])
+    # a profiling window the run never reaches is said, not silently skipped
+    p = ok(train(tmp_path / "late", data_dir, "train.max_steps=3", "logging.profile_steps=[25,30]", "eval.at_end=false",
+                 "checkpoint.at_end=false"))  # fmt: skip
+    assert "logging.profile_steps [25, 30]: this run trains steps 1-3, so no step is profiled" in p.stderr
 
 
 def test_a_second_run_in_the_same_run_dir_is_refused(tmp_path, data_dir, five_steps):

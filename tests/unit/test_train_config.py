@@ -108,6 +108,7 @@ def test_overrides_reach_nested_fields_and_convert_types():
         # (found by a review: TorchRec's OverArch refused it after the data step, one traceback per rank)
         ("model.over_arch_layer_sizes=[1]", "model.over_arch_layer_sizes needs at least two layers"),
         ("name=..", "name must be a non-empty string without '/', and not '.' or '..'"),  # (runs/.. is the cwd)
+        ("optim=null", "'optim' is a section, which this would reset to its defaults whatever the config says"),
         ("optim.lr={[1]: 2}", "the value is not valid YAML (line 1, column 2: found unhashable key)"),
     ],
 )
