@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory (created if needed)")
     ing.add_argument(
         "--max-bad-fraction", type=float, default=0.01, metavar="F",
-        help="refuse a file (exit 2, nothing written for it) with more bad lines than this share (default 0.01), "
-        "or with no valid row",
+        help="refuse a file (exit 2, nothing written for it) with more bad lines than this share (default 0.01; "
+        "blank lines aside), or with no valid row",
     )  # fmt: skip
     ing.add_argument(
         "--workers",

@@ -208,10 +208,14 @@ def _check_quality(source: Path, stats: ParseStats, max_bad_fraction: float, hea
             f"{source}: no valid Criteo row in {stats.lines:,} lines"
             + (f" (bad: {reasons}; {examples})" if stats.lines else " (a header line only)" if header else " (empty file)")
         )
-    if stats.lines and stats.bad_rows > max_bad_fraction * stats.lines:
+    # blank lines are counted and skipped, but hold no data to lose: they do not count against the
+    # fraction (a small file ending in a few empty lines was refused)
+    damaged = stats.bad_rows - stats.bad["blank_line"]
+    if stats.lines and damaged > max_bad_fraction * stats.lines:
         raise DataError(
-            f"{source}: {stats.bad_rows:,} of {stats.lines:,} lines are bad ({stats.bad_rows / stats.lines:.1%}, more than "
-            f"--max-bad-fraction {max_bad_fraction:g}): {reasons}; {examples}"
+            f"{source}: {damaged:,} of {stats.lines:,} lines are bad ({damaged / stats.lines:.1%}, more than "
+            f"--max-bad-fraction {max_bad_fraction:g}{'; blank lines aside' if stats.bad['blank_line'] else ''}): "
+            f"{reasons}; {examples}"
         )
 
 

@@ -110,3 +110,16 @@ def test_a_backup_named_like_a_day_is_not_taken_for_one(tmp_path: Path, capsys: 
     assert "day_2.tsv.bak: named day_* but not day_N[.tsv|.csv|.txt][.gz]" in capsys.readouterr().err
     (raw / "day_2.tsv.bak").unlink()
     assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+def test_blank_lines_are_skipped_without_counting_against_the_bad_fraction(tmp_path: Path, capsys) -> None:
+    """A small file ending in a few empty lines was refused (3 of 53 lines bad, over 0.01)."""
+    good = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a0b0c0d"] * 26) + "\n"
+    raw = tmp_path / "day_0"
+    raw.write_text(good * 50 + "\n\n\n")
+    assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    entry = json.loads((tmp_path / "o" / "manifest.json").read_text())["files"][0]
+    assert (entry["rows"], entry["bad_rows"], entry["bad_reasons"]) == (50, 3, {"blank_line": 3})
+    raw.write_text(good * 50 + "x\n")  # a damaged line still counts
+    assert main(["ingest", "--input", str(raw), "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert "1 of 51 lines are bad" in capsys.readouterr().err
