@@ -724,6 +724,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stop_request = StopRequest()
     stop_request.install()
     run_dir_lock = RunDirLock()
+    made: List[Path] = []  # directories this run made before it was known to start
     try:
         if args.resume not in (None, "latest") and not Path(args.resume).is_dir():
             what = "is a file" if Path(args.resume).exists() else "does not exist"
@@ -732,6 +733,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for what, size in (("train.global_batch_size", cfg.train.global_batch_size), ("eval.batch_size", cfg.eval.batch_size)):
             check_divisible(size, what, env)  # (the evaluation's batches are cut at the end of training)
         check_device_settings(cfg, env)  # (before the data is made and the tables placed)
+        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+        made = [p for p in (ckpt_dir, run_dir) if not p.exists()]  # removed again, if still empty, by a refusal
         prepare_run_dir(run_dir, cfg, env, args.resume, run_dir_lock)
         trainer = Trainer(cfg, env, run_dir, stop_request)
         if args.resume:
@@ -744,6 +747,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 128 + signal.Signals[signame].value
         trainer.steps_per_epoch()  # (refused before the run dir's config.yaml and metrics.jsonl change)
         commit_run_dir(run_dir, cfg, env, args.resume)
+        made = []
         trainer.run()
     except Diverged as e:
         said = str(e)
@@ -798,6 +802,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"robe-train: rank {env.rank}: {said.removeprefix('robe-train: ')} (the other ranks did not stop "
             f"with it within {SHUTDOWN_WAIT_S:.0f} s; ending the job)")  # fmt: skip
         shutdown(wait_for_all=together, timeout_s=None if said is None else SHUTDOWN_WAIT_S, alone=alone)
+        if said is not None and env.is_main:  # refused at start-up: the run dir as it was found, not an empty one
+            for path in made:
+                with contextlib.suppress(OSError):  # (not empty: something else is there, kept)
+                    path.rmdir()
         signal.signal(signal.SIGTERM, on_sigterm)
     return 0
 

@@ -276,6 +276,15 @@ def test_a_run_refused_for_its_batch_leaves_the_previous_runs_files(tmp_path, da
     assert {f: (run / f).read_bytes() for f in before} == before
 
 
+def test_a_run_refused_at_start_up_leaves_no_empty_run_dir(tmp_path, data_dir):
+    """A refusal found once the data was read (an unknown feature) left RUN/checkpoints/ behind."""
+    for nproc in (1, 2):
+        run = tmp_path / f"new_{nproc}"
+        p = train(run, data_dir, "robe.features=[cat_0, nope]", nproc=nproc)
+        assert p.returncode == 2 and "nope" in p.stderr, p.stderr[-3000:]
+        assert not run.exists()
+
+
 def test_the_logged_learning_rate_is_the_one_each_step_took(tmp_path, data_dir):
     """metrics.jsonl's lr was the next step's rate (step 1 logged warm-up factor 2/4, not 1/4)."""
     run = tmp_path / "run"
