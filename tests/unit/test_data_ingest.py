@@ -362,7 +362,7 @@ import os, time
 from robe_dist.data import ingest
 
 def busy(_):  # (idle workers end anyway: the parent's end of their task pipe closes)
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # one write: print's two writes interleave between the workers
     time.sleep(120)
 
 if __name__ == "__main__":
