@@ -284,8 +284,9 @@ def ingest(
 
 def _ingest(sources: list[Path], out: Path, workers: int | None, fmt: str | None, progress: bool,
             log: Callable[[str], None], max_bad_fraction: float) -> dict:  # fmt: skip
-    refuse_foreign_days(out, "ingest")
-    manifest = load_manifest_file(out) or {}
+    manifest = load_manifest_file(out)
+    refuse_foreign_days(out, manifest, "ingest")
+    manifest = manifest or {}
     if manifest and manifest.get("kind") != "criteo":
         raise DataError(f"{out}: holds a {manifest.get('kind')!r} dataset; ingest into an empty directory")
     previous = {e["name"]: e for e in manifest.get("files", [])}

@@ -208,10 +208,11 @@ def load_manifest_file(directory: str | os.PathLike) -> dict | None:
     return manifest
 
 
-def refuse_foreign_days(directory: Path, command: str) -> None:
-    """``DataError`` when ``directory`` has no manifest but holds days (a TorchRec-made dataset):
-    ``command`` would write a manifest listing only its own days, dropping those from the dataset."""
-    if load_manifest_file(directory) is None:
+def refuse_foreign_days(directory: Path, manifest: dict | None, command: str) -> None:
+    """``DataError`` when ``directory`` has no manifest (``manifest``: its ``load_manifest_file``)
+    but holds days (a TorchRec-made dataset): ``command`` would write a manifest listing only its
+    own days, dropping those from the dataset."""
+    if manifest is None:
         days = sorted(p.name for p in Path(directory).glob("*_dense.npy"))
         if days:
             raise DataError(f"{directory}: holds a dataset without a manifest ({', '.join(days[:3])}"

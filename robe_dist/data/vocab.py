@@ -209,8 +209,8 @@ def build_vocab(
 
 def _build_vocab(src_dir: Path, out_dir: Path, manifest: dict, max_ind_range: int, min_count: int, train_only: bool,
                  log: Callable[[str], None] | None, t0: float) -> dict:  # fmt: skip
-    refuse_foreign_days(out_dir, "write the vocabulary")
     old = load_manifest_file(out_dir)
+    refuse_foreign_days(out_dir, old, "write the vocabulary")
     if old is not None and old.get("kind") != "vocab":
         raise DataError(f"{out_dir}: holds a {old.get('kind')!r} dataset; write the vocabulary elsewhere")
     # from here on the directory is marked unfinished (never left manifest-less: a directory without
