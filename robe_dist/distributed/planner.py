@@ -37,6 +37,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from robe_dist.distributed.robe_embedding_bag_collection import ARRAY_PARAMETER_NAME
 from robe_dist.distributed.sharding_plan import get_default_sharders
@@ -61,6 +62,19 @@ def find_robe_collections(module: nn.Module) -> Dict[str, RobeEmbeddingBagCollec
     return {path: m for path, m in module.named_modules() if type(m) is RobeEmbeddingBagCollection}
 
 
+def _ordinary_table_paths(module: nn.Module, table: str) -> List[str]:
+    """Paths of the TorchRec embedding modules (outside ROBE collections) holding a table ``table``."""
+    paths = []
+    for path, m in module.named_modules():
+        if type(m) is RobeEmbeddingBagCollection:
+            continue
+        configs = getattr(m, "embedding_bag_configs", None) or getattr(m, "embedding_configs", None)
+        if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection)) and callable(configs):
+            if any(t.name == table for t in configs()):
+                paths.append(path)
+    return paths
+
+
 def check_robe_constraints(
     module: nn.Module, constraints: Optional[Dict[str, ParameterConstraints]]
 ) -> None:
@@ -68,7 +82,8 @@ def check_robe_constraints(
 
     Raises:
         ValueError: a constraint names a table of a ROBE collection, or ``constraints["array"]``
-            excludes data_parallel / dense, or sets a field a replicated array cannot honour.
+            excludes data_parallel / dense, or sets a field a replicated array cannot honour, or
+            would also apply to an ordinary table named ``"array"``.
     """
     if not constraints:
         return
@@ -77,7 +92,7 @@ def check_robe_constraints(
         return
     robe_tables = {t.name: path for path, m in collections.items() for t in m.embedding_bag_configs()}
     for name in constraints:
-        if name in robe_tables:
+        if name in robe_tables and name != ARRAY_PARAMETER_NAME:
             raise ValueError(
                 f"constraints[{name!r}]: {name!r} is a table of the ROBE collection at {robe_tables[name]!r}; "
                 f"its tables share one array and are planned together, under the name {ARRAY_PARAMETER_NAME!r}. "
@@ -87,6 +102,12 @@ def check_robe_constraints(
     c = constraints.get(ARRAY_PARAMETER_NAME)
     if c is None:
         return
+    clashing = _ordinary_table_paths(module, ARRAY_PARAMETER_NAME)
+    if clashing:
+        raise ValueError(
+            f"constraints[{ARRAY_PARAMETER_NAME!r}] is ambiguous: TorchRec's planner would apply it both to the ROBE "
+            f"array(s) and to the ordinary table named {ARRAY_PARAMETER_NAME!r} in {clashing}; rename that table"
+        )
     dp, dense = ShardingType.DATA_PARALLEL.value, EmbeddingComputeKernel.DENSE.value
     if c.sharding_types and dp not in c.sharding_types:
         raise ValueError(

@@ -197,6 +197,23 @@ def test_constraints_refused_with_clear_messages():
     assert p.plan["ebc"]["t0"].sharding_type == DP and p.plan["robe"]["array"].sharding_type == DP
 
 
+def test_array_constraint_refused_when_an_ordinary_table_is_named_array():
+    """TorchRec keys constraints by tensor name: ``constraints["array"]`` would bind both the ROBE
+    array and an ordinary table called "array" (a ROBE table of that name has no tensor: fine)."""
+    model = Mixed()
+    model.ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="array", embedding_dim=8, num_embeddings=100,
+                                                           feature_names=["f0"])])
+    c = {"array": ParameterConstraints(sharding_types=[DP])}
+    with pytest.raises(ValueError, match=r"constraints\['array'\] is ambiguous.*table named 'array' in \['ebc'\]"):
+        check_robe_constraints(model, c)
+    check_robe_constraints(model, {"t0": ParameterConstraints(sharding_types=[TW])})  # no "array" key: fine
+    robe_named_array = Mixed()
+    robe_named_array.robe = RobeEmbeddingBagCollection(
+        [EmbeddingBagConfig(name="array", embedding_dim=8, num_embeddings=100, feature_names=["rf0"])],
+        RobeConfig(array_size=M, block_size=4))
+    check_robe_constraints(robe_named_array, c)
+
+
 # ------------------------------------------------------------------------------ sharding, one process
 def shard_local(module, params=None, **kw):
     return RobeEmbeddingBagCollectionSharder(**kw).shard(module, params or dp_plan([0]), ShardingEnv.from_local(1, 0))
