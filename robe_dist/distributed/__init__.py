@@ -5,6 +5,10 @@ Mirrors ``torchrec.distributed``: ``robe_dist.modules`` holds the plain modules,
 TorchRec-sharded tables. See docs/distributed.md.
 """
 
+from robe_dist.distributed.fp_embeddingbag import (
+    FeatureProcessedEmbeddingBagCollectionSharder,
+    ShardedFeatureProcessedRobeEmbeddingBagCollection,
+)
 from robe_dist.distributed.planner import RobeShardingPlanner, check_robe_constraints, find_robe_collections
 from robe_dist.distributed.robe_embedding_bag_collection import (
     ARRAY_PARAMETER_NAME,
@@ -18,9 +22,11 @@ from robe_dist.distributed.sharding_plan import get_default_sharders
 
 __all__ = [
     "ARRAY_PARAMETER_NAME",
+    "FeatureProcessedEmbeddingBagCollectionSharder",
     "RobeEmbeddingBagCollectionContext",
     "RobeEmbeddingBagCollectionSharder",
     "RobeShardingPlanner",
+    "ShardedFeatureProcessedRobeEmbeddingBagCollection",
     "ShardedRobeEmbeddingBagCollection",
     "check_robe_constraints",
     "find_robe_collections",

@@ -38,7 +38,9 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, PlannerErrorType
 from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
 
+from robe_dist.distributed.fp_embeddingbag import holds_robe
 from robe_dist.distributed.robe_embedding_bag_collection import ARRAY_PARAMETER_NAME
 from robe_dist.distributed.sharding_plan import get_default_sharders
 from robe_dist.modules.robe_embedding_bag_collection import RobeEmbeddingBagCollection
@@ -134,12 +136,38 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
     Same arguments and results as TorchRec's planner (``check_robe_constraints`` for the rules);
     without ``sharders`` it plans with ``robe_dist.distributed.get_default_sharders()``.
     The check runs on every rank before ``collective_plan``'s rank-0 planning, so a refusal raises
-    everywhere instead of leaving the other ranks waiting for the plan.
+    everywhere instead of leaving the other ranks waiting for the plan. A model holding a
+    feature-processed ROBE collection (``robe_dist.distributed.fp_embeddingbag``) and no
+    ``constraints["array"]`` is planned as if it had ``ParameterConstraints(sharding_types=
+    ["data_parallel"], compute_kernels=["dense"])`` there (the constraints given are left as they are).
     """
+
+    def __init__(self, *args, constraints: Optional[Dict[str, ParameterConstraints]] = None, **kwargs) -> None:
+        # our own dict, shared with the default enumerator: plan() may add the array's constraint
+        super().__init__(*args, constraints=dict(constraints or {}), **kwargs)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         check_robe_constraints(module, self._constraints)
-        return super().plan(module, sharders if sharders is not None else get_default_sharders())
+        sharders = sharders if sharders is not None else get_default_sharders()
+        constraints = self._constraints
+        added = (
+            constraints is not None
+            and ARRAY_PARAMETER_NAME not in constraints
+            and any(isinstance(m, FeatureProcessedEmbeddingBagCollection) and holds_robe(m) for m in module.modules())
+            and not _ordinary_table_paths(module, ARRAY_PARAMETER_NAME)
+        )
+        if added:
+            # A feature-processed ROBE collection is planned by the sharder of every feature-processed
+            # collection, which offers table-wise too: the array is replicated (data parallel, dense).
+            constraints[ARRAY_PARAMETER_NAME] = ParameterConstraints(
+                sharding_types=[ShardingType.DATA_PARALLEL.value],
+                compute_kernels=[EmbeddingComputeKernel.DENSE.value],
+            )
+        try:
+            return super().plan(module, sharders)
+        finally:
+            if added:
+                del constraints[ARRAY_PARAMETER_NAME]
 
     def _plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         """``plan``, with TorchRec's enumerator's RuntimeError for a table that no sharding type

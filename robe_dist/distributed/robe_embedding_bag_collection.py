@@ -263,6 +263,7 @@ class ShardedRobeEmbeddingBagCollection(
                 dist.broadcast(self.array.data, src=dist.get_global_rank(self._pg, 0), group=self._pg)
         self._fused_optimizer: Optional[torch.optim.Optimizer] = None
         self._hooked_array_id: Optional[int] = None  # id(), not the tensor: a Parameter attribute would register
+        self._lookups: List[nn.Module] = []  # (no TorchRec lookup kernels: TorchRec's walks over them find none)
         self.allreduce_bytes = 0
         """Bytes of gradient this rank has handed to its all-reduces ("hook" mode), counted at each call."""
         self._install_grad_hook()

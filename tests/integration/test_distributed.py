@@ -28,6 +28,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from robe_dist import RobeConfig, RobeEmbeddingBagCollection
 from robe_dist.distributed import (
     RobeEmbeddingBagCollectionSharder,
+    RobeShardingPlanner,
     get_default_sharders,
 )
 
@@ -297,6 +298,76 @@ def test_default_sharders_and_config_mismatch_between_ranks(pg2):
         assert r["types"] == "ShardedRobeEmbeddingBagCollection"
         assert r["out_shape"] == [4]
         assert "another configuration" in r["refused"] and "seed=5" in r["refused"]
+
+
+class PositionWeighted(nn.Module):
+    """TorchRec's position-weighted features around a ROBE collection (per-sample weights learnt)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
+        from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+
+        torch.manual_seed(seed)
+        robe = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=ARRAY, block_size=16), is_weighted=True)
+        self.fp = FeatureProcessedEmbeddingBagCollection(robe, PositionWeightedModuleCollection({f: 4 for f in ROBE_FEATURES}))
+        with torch.no_grad():  # (TorchRec starts the position weights at 1: give them something to learn)
+            for p in self.fp._feature_processors.parameters():
+                p.uniform_(0.5, 1.5)
+        self.head = nn.Linear(DIM * N_ROBE, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.head(self.fp(kjt).values()).squeeze(1)
+
+
+def _rank_feature_processed(rank: int, world_size: int, steps: int, batch_size: int) -> Dict:
+    """FeatureProcessedEmbeddingBagCollection(ROBE) under DMP with get_default_sharders() (TorchRec's
+    sharder of it failed on a ROBE collection inside) against the unsharded model on the global batch."""
+
+    def step(model, kjt, labels, opt):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(kjt), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    result: Dict = {}
+    reference = PositionWeighted(seed=3)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for sync in ("hook", "ddp"):
+        model = PositionWeighted(seed=3)
+        sharders = get_default_sharders(gradient_sync=sync)
+        plan = RobeShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu")).collective_plan(
+            model, sharders, dist.GroupMember.WORLD)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        opt = torch.optim.SGD(dmp.parameters(), lr=0.5)
+        for s in range(steps):
+            step(dmp, *local_batch(s, batch_size, rank, world_size), opt)
+        fp = dmp.module.fp
+        array = fp._embedding_bag_collection.array.detach()
+        weights = torch.cat([p.detach().flatten() for p in fp._feature_processors.parameters()])
+        result[sync] = {"type": type(fp).__name__, "plan": {k: v.sharding_type for k, v in plan.plan["fp"].items()},
+                        "array": gather(array), "weights": gather(weights)}
+    for s in range(steps):
+        step(reference, *batch_slice(s, batch_size, 0, batch_size), ref_opt)
+    result["reference"] = {
+        "array": reference.fp._embedding_bag_collection.array.detach(),
+        "weights": torch.cat([p.detach().flatten() for p in reference.fp._feature_processors.parameters()]),
+        "initial_weights": torch.cat([p.detach().flatten() for p in PositionWeighted(seed=3).fp._feature_processors.parameters()]),
+    }
+    return result
+
+
+def test_position_weighted_robe_features_shard_and_train_as_unsharded(pg2):
+    r0, _ = pg2.run(_rank_feature_processed, steps=4, batch_size=16)
+    ref = r0["reference"]
+    assert not torch.allclose(ref["weights"], ref["initial_weights"])  # the position weights trained
+    for sync in ("hook", "ddp"):
+        r = r0[sync]
+        assert r["type"] == "ShardedFeatureProcessedRobeEmbeddingBagCollection"
+        assert r["plan"] == {"array": "data_parallel"}
+        for name in ("array", "weights"):
+            assert torch.equal(r[name][0], r[name][1]), (sync, name)  # replicas identical
+            assert torch.allclose(r[name][0], ref[name], atol=1e-6, rtol=1e-5), (sync, name)
 
 
 def _rank_share_failure(rank: int, world_size: int) -> Dict:

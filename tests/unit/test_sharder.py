@@ -119,8 +119,14 @@ def test_optimizer_state_slots():
 def test_get_default_sharders_extends_torchrecs():
     ours = get_default_sharders(optimizer_class=torch.optim.Adagrad)
     theirs = torchrec_default_sharders()
-    assert [type(s) for s in ours[:-1]] == [type(s) for s in theirs]
+    # TorchRec's, in order, with the feature-processed collections' sharder replaced by ours (a subclass)
+    assert [s.module_type for s in ours[:-1]] == [s.module_type for s in theirs]
+    assert all(isinstance(a, type(b)) for a, b in zip(ours, theirs))
     assert isinstance(ours[-1], RobeEmbeddingBagCollectionSharder) and ours[-1].optimizer_state_slots == 1
+    from robe_dist.distributed import FeatureProcessedEmbeddingBagCollectionSharder
+
+    fp = [s for s in ours if isinstance(s, FeatureProcessedEmbeddingBagCollectionSharder)]
+    assert len(fp) == 1 and fp[0]._robe_sharder is ours[-1]  # same optimiser budget, same gradient_sync
 
 
 # ------------------------------------------------------------------------------ planner
@@ -212,6 +218,43 @@ def test_array_constraint_refused_when_an_ordinary_table_is_named_array():
         [EmbeddingBagConfig(name="array", embedding_dim=8, num_embeddings=100, feature_names=["rf0"])],
         RobeConfig(array_size=M, block_size=4))
     check_robe_constraints(robe_named_array, c)
+
+
+def position_weighted(inner=None):
+    from torchrec.modules.feature_processor_ import PositionWeightedModuleCollection
+    from torchrec.modules.fp_embedding_modules import FeatureProcessedEmbeddingBagCollection
+
+    model = nn.Module()
+    inner = inner or RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32), is_weighted=True)
+    model.fp = FeatureProcessedEmbeddingBagCollection(inner, PositionWeightedModuleCollection({f"rf{i}": 4 for i in range(3)}))
+    return model
+
+
+def test_position_weighted_robe_is_planned_replicated_and_refused_otherwise():
+    """The sharder of every FeatureProcessedEmbeddingBagCollection offers table-wise too: RobeShardingPlanner
+    constrains the array to data_parallel (and leaves its constraints as given); a table-wise plan
+    from another planner is refused by the shard step with the way out."""
+    from robe_dist.distributed import FeatureProcessedEmbeddingBagCollectionSharder
+
+    model = position_weighted()
+    sharders = get_default_sharders()
+    assert sum(type(s) is FeatureProcessedEmbeddingBagCollectionSharder for s in sharders) == 1
+    user = {"t0": ParameterConstraints(sharding_types=[TW])}
+    planner = RobeShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=user)
+    assert planner.plan(model, sharders).plan["fp"]["array"].sharding_type == DP
+    assert list(planner._constraints) == ["t0"] and list(user) == ["t0"]
+    tw_plan = plan(model, 2, sharders)  # TorchRec's own planner picks table-wise here
+    params = tw_plan.plan["fp"]
+    assert params["array"].sharding_type == TW
+    fp_sharder = [s for s in sharders if type(s) is FeatureProcessedEmbeddingBagCollectionSharder][0]
+    with pytest.raises(ValueError, match=r"ROBE array was planned 'table_wise'.*RobeShardingPlanner.*constraints\['array'\]"):
+        fp_sharder.shard(model.fp, params, ShardingEnv.from_local(2, 0), torch.device("cpu"), "fp")
+    # a collection it cannot shard inside: said plainly (TorchRec's sharder raised AttributeError)
+    from robe_dist.modules.qr import QREmbeddingBagCollection
+
+    qr = QREmbeddingBagCollection(full_tables(), max_rows=100, is_weighted=True)
+    with pytest.raises(ValueError, match="around a QREmbeddingBagCollection: its sharder takes an EmbeddingBagCollection"):
+        fp_sharder.shardable_parameters(position_weighted(qr).fp)
 
 
 # ------------------------------------------------------------------------------ sharding, one process
