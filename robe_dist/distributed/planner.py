@@ -85,7 +85,8 @@ def check_robe_constraints(
     Raises:
         ValueError: a constraint names a table of a ROBE collection, or ``constraints["array"]``
             excludes data_parallel / dense, or sets a field a replicated array cannot honour, or
-            would also apply to an ordinary table named ``"array"``.
+            gives ``pooling_factors`` / ``num_poolings`` / ``batch_sizes`` whose length is not a
+            collection's number of features, or would also apply to an ordinary table named ``"array"``.
     """
     if not constraints:
         return
@@ -121,6 +122,19 @@ def check_robe_constraints(
             f"constraints[{ARRAY_PARAMETER_NAME!r}].compute_kernels={c.compute_kernels}: a ROBE array runs on the "
             f"{dense!r} kernel only"
         )
+    default_factors = ParameterConstraints().pooling_factors
+    for fname in ("pooling_factors", "num_poolings", "batch_sizes"):
+        value = getattr(c, fname)
+        if value is None or (fname == "pooling_factors" and value == default_factors):
+            continue
+        features = {path: sum(len(t.feature_names) for t in m.embedding_bag_configs()) for path, m in collections.items()}
+        wrong = {path: n for path, n in features.items() if n != len(value)}
+        if wrong:
+            raise ValueError(
+                f"constraints[{ARRAY_PARAMETER_NAME!r}].{fname} has {len(value)} entries; it takes one per feature of "
+                f"the ROBE collection, and {', '.join(f'{p!r} has {n}' for p, n in wrong.items())} "
+                "(all ROBE collections of a model share the constraint's name)"
+            )
     for fname, unset in _REFUSED_FIELDS.items():
         value = getattr(c, fname)
         if value != unset:

@@ -191,9 +191,14 @@ def test_constraints_refused_with_clear_messages():
         check_robe_constraints(model, {"array": ParameterConstraints(compute_kernels=["fused"])})
     with pytest.raises(ValueError, match="enforce_hbm=True cannot apply"):
         check_robe_constraints(model, {"array": ParameterConstraints(enforce_hbm=True)})
+    with pytest.raises(ValueError, match=r"pooling_factors has 2 entries; it takes one per feature.*'robe' has 3"):
+        check_robe_constraints(model, {"array": ParameterConstraints(pooling_factors=[2.0, 2.0])})
+    with pytest.raises(ValueError, match=r"batch_sizes has 1 entries.*'robe' has 3"):
+        check_robe_constraints(model, {"array": ParameterConstraints(batch_sizes=[64])})
+    check_robe_constraints(model, {"array": ParameterConstraints(pooling_factors=[2.0] * 3, num_poolings=[1.0] * 3)})
     # constraints on ordinary tables and allowed ones pass
     check_robe_constraints(model, {"t0": ParameterConstraints(sharding_types=[TW]),
-                                   "array": ParameterConstraints(sharding_types=[DP, TW], pooling_factors=[2.0])})
+                                   "array": ParameterConstraints(sharding_types=[DP, TW], pooling_factors=[2.0] * 3)})
     # RobeShardingPlanner runs the check; TorchRec's planner alone refuses an impossible one too
     with pytest.raises(ValueError, match="is a table of the ROBE collection"):
         plan(model, 2, constraints={"r0": ParameterConstraints(sharding_types=[DP])}, planner_cls=RobeShardingPlanner)
