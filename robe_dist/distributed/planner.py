@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional
 
 import torch.distributed as dist
@@ -156,9 +157,12 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
     ["data_parallel"], compute_kernels=["dense"])`` there (the constraints given are left as they are).
     """
 
-    def __init__(self, *args, constraints: Optional[Dict[str, ParameterConstraints]] = None, **kwargs) -> None:
-        # our own dict, shared with the default enumerator: plan() may add the array's constraint
-        super().__init__(*args, constraints=dict(constraints or {}), **kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        # TorchRec's arguments; the constraints become our own dict, shared with the default
+        # enumerator: plan() may add the array's constraint (and takes it out again)
+        bound = inspect.signature(EmbeddingShardingPlanner.__init__).bind(self, *args, **kwargs)
+        bound.arguments["constraints"] = dict(bound.arguments.get("constraints") or {})
+        super().__init__(*bound.args[1:], **bound.kwargs)
 
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         check_robe_constraints(module, self._constraints)
