@@ -219,7 +219,11 @@ def _plan(args: argparse.Namespace) -> None:
     from robe_dist.placement import Budget, PlacementError, plan_placement
 
     budget = Budget.parse(args.budget, field="--budget")
-    sizes = read_manifest(args.data).get("table_sizes")
+    manifest = read_manifest(args.data)
+    if manifest.get("complete") is False:
+        raise DataError(f"{args.data}: dataset is incomplete (INCOMPLETE in robe-data info); finish the command "
+                        "that wrote it before planning on it")  # fmt: skip
+    sizes = manifest.get("table_sizes")
     if not sizes:
         raise DataError(f"{args.data}: the manifest gives no table sizes; run robe-data vocab first")
     tables = [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from robe_dist.data import vocab as V
+from robe_dist.data.cli import main as cli_main
 from robe_dist.data.dataset import CriteoIterableDataset, read_manifest
 from robe_dist.data.layout import DataError
 from robe_dist.data.synthetic import generate
@@ -144,7 +145,7 @@ def _stop_at(text: str):
     return log
 
 
-def test_an_interrupted_vocab_is_never_taken_for_a_dataset(src: Path, tmp_path: Path) -> None:
+def test_an_interrupted_vocab_is_never_taken_for_a_dataset(src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Found by a review: the manifest was deleted first and written last, and a directory without
     one reads as a complete TorchRec-made dataset, here of mixed old and new vocabularies."""
     out = tmp_path / "v"
@@ -156,6 +157,9 @@ def test_an_interrupted_vocab_is_never_taken_for_a_dataset(src: Path, tmp_path: 
         assert m["complete"] is False and m["kind"] == "vocab" and m["files"] == []
         with pytest.raises(DataError, match="incomplete"):
             CriteoIterableDataset(first, "train", batch_size=10)
+        # robe-data plan said "no table sizes; run robe-data vocab first", not why
+        assert cli_main(["plan", "--data", str(first), "--budget", "10x"]) == 2
+        assert "dataset is incomplete (INCOMPLETE in robe-data info); finish the command" in capsys.readouterr().err
         assert V.build_vocab(src, first, min_count=2, log=None)["complete"]  # the rerun finishes it
         assert not list(first.glob("*.partial"))  # (rename between two links of one file left them)
     # an option out of range is refused before the good vocabulary is touched
