@@ -9,7 +9,7 @@ Measured in ONE process, interleaved round by round (the order rotates every rou
 from other processes hits every variant alike; the figures are medians over ``--iters`` rounds:
 
   robe_dense        RobeEmbeddingBagCollection (fused_sgd_lr=None), torch.optim.SGD on the array's
-                    dense gradient, ``zero_grad(set_to_none=True)`` (PyTorch's default): headline.
+                    dense gradient, ``zero_grad(set_to_none=True)`` (PyTorch's default).
   robe_dense_keep   the same with ``zero_grad(set_to_none=False)`` (the gradient buffer is kept
                     and zeroed in place every step).
   robe_fused        RobeEmbeddingBagCollection(fused_sgd_lr=lr): the backward applies the SGD update

@@ -57,7 +57,8 @@ class DataConfig:
     """Synthetic only: seed of the planted model and of the samples."""
 
     synthetic_scale: float = 1.0e-3
-    """Synthetic only: table cardinalities as a fraction of MLPerf v1's (at least 16 ids each)."""
+    """Synthetic only: table cardinalities as a fraction of MLPerf v1's (at least 16 ids each; tables
+    smaller than 16 keep their size)."""
 
     vocab: bool = False
     """Synthetic only: map each table's ids to ``0 .. K`` (``robe-data vocab`` over the train split,

@@ -76,10 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         "synth",
         help="generate a synthetic Criteo-like dataset with a planted model",
         description="Generate day_0..day_{K-1} of Criteo-like data: 13 dense and 26 sparse features, per-table "
-        "cardinalities = MLPerf's 26 table sizes x SCALE (at least 16), Zipf-like raw 32-bit hashed ids, "
-        "labels from a hidden DLRM-like logistic model whose best achievable AUC (planted_auc) is "
-        "computed on the data, printed and stored in manifest.json. Deterministic per seed; a rerun with "
-        "the same parameters does nothing. " + _LAYOUT,
+        "cardinalities = MLPerf's 26 table sizes x SCALE (at least 16; tables smaller than 16 keep their "
+        "size), Zipf-like raw 32-bit hashed ids, labels from a hidden DLRM-like logistic model whose best "
+        "achievable AUC (planted_auc) is computed on the data, printed and stored in manifest.json. "
+        "Deterministic per seed; a rerun with the same parameters does nothing. Output: "
+        "day_K_{dense,sparse,labels}.npy as ingest writes them (the sparse ids are the raw 32-bit ids), "
+        "and manifest.json (rows and positives per file, table sizes, planted_auc, the parameters).",
     )
     syn.add_argument("--rows", type=int, required=True, metavar="N", help="total rows, split evenly over the days")
     syn.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
