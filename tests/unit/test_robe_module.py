@@ -379,6 +379,58 @@ def test_fused_sgd_equals_dense_sgd():
         make_ebc(tables, fused_sgd_lr=-1.0)
 
 
+@pytest.mark.parametrize("pooling, weighted", [(PoolingType.MEAN, False), (PoolingType.SUM, True)])
+def test_pytorch_fallback_trains_as_the_cpp_operator(monkeypatch, pooling, weighted):
+    """The PyTorch lookup that runs where the C++ operator is not built (and on CUDA without
+    Triton): its forward, dense gradient, per-sample weights' gradient and fused SGD / Adagrad
+    steps equal the C++ operator's on MEAN, weighted and empty bags (only its forward had a test:
+    a lost 1/length or a flipped SGD sign went unseen)."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    from robe_dist.ops import FusedUpdate
+
+    tables = make_tables(pooling)
+    kjt = make_kjt(tables, batch=32, weighted=weighted, max_len=5)
+
+    def run(fused):
+        """Two steps of (sum of squares) on each of: dense gradient + SGD, fused SGD, fused Adagrad."""
+        dense = make_ebc(tables, is_weighted=weighted)
+        opt = torch.optim.SGD(dense.parameters(), lr=0.1)
+        fused_modules = {k: make_ebc(tables, is_weighted=weighted, fused_update=FusedUpdate(k, 0.1)) for k in fused}
+        # (Adagrad from a zero state moves a slot whose contributions nearly cancel by lr * sign:
+        # any summation order is right there, so start from 1, as Adagrad's initial_accumulator_value)
+        fused_modules["adagrad"].fused_state.fill_(1.0)
+        results = {}
+        for _ in range(2):
+            opt.zero_grad()
+            w = kjt.weights().clone().requires_grad_(True) if weighted else None
+            k = KeyedJaggedTensor(kjt.keys(), kjt.values(), w, lengths=kjt.lengths())
+            out = dense(k).values()
+            (out**2).sum().backward()
+            results["dense_grad"] = dense.array.grad.clone()
+            if weighted:
+                results["weights_grad"] = w.grad.clone()
+            opt.step()
+            for name, m in fused_modules.items():
+                (m(kjt).values() ** 2).sum().backward()
+        results["out"] = out.detach()
+        results["dense_array"] = dense.array.detach().clone()
+        for name, m in fused_modules.items():
+            results[name] = m.array.detach().clone()
+        return results
+
+    with_cpp = run(["sgd", "adagrad"])
+    monkeypatch.setattr(ops, "_C", None)
+    with pytest.warns(UserWarning, match="PyTorch lookup on CPU"):
+        ops._warned_fallback = False
+        fallback = run(["sgd", "adagrad"])
+    start = make_ebc(tables).array.detach()
+    for name, value in with_cpp.items():
+        torch.testing.assert_close(fallback[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if name in ("dense_array", "sgd", "adagrad"):
+            assert not torch.allclose(value, start), name  # the step moved the array
+
+
 def test_int32_ids_and_device_meta():
     tables = make_tables()
     ebc = make_ebc(tables)
