@@ -431,6 +431,19 @@ def test_pytorch_fallback_trains_as_the_cpp_operator(monkeypatch, pooling, weigh
             assert not torch.allclose(value, start), name  # the step moved the array
 
 
+def test_default_init_scale_is_that_of_the_largest_table():
+    """The paper's init, uniform in +-sqrt(1/n), takes n from the largest table (capped); a mix of
+    sizes, as DLRM's, must not take a small table's much wider range."""
+    from robe_dist.modules.robe_embedding_bag_collection import _INIT_CAP
+
+    for largest in (10**5, 10**9):
+        tables = [EmbeddingBagConfig(name=f"t{n}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{n}"])
+                  for n in (10, largest, 300)]
+        peak = make_ebc(tables, array_size=50_000).array.abs().max().item()
+        bound = (1.0 / min(largest, _INIT_CAP)) ** 0.5
+        assert 0.99 * bound < peak <= bound, (largest, peak, bound)
+
+
 def test_int32_ids_and_device_meta():
     tables = make_tables()
     ebc = make_ebc(tables)
