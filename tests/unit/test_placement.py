@@ -158,6 +158,18 @@ def test_planner_without_statistics_uses_sizes():
         assert planned.expected_error <= all_robe.expected_error
 
 
+def test_budget_of_exactly_the_full_tables_and_of_less_than_one_embedding():
+    """Found by a mutation audit: a budget equal to the full tables' bytes must keep every table
+    whole (not one table in an array as large as itself), and the smallest usable array is one
+    embedding (dim floats), not one block."""
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=64, num_embeddings=n, feature_names=[f"f{i}"])
+              for i, n in enumerate([100, 2_000, 10_000])]  # fmt: skip
+    exact = plan_placement(tables, sum(t.num_embeddings * 64 * 4 for t in tables), None, block_size=32)
+    assert exact.full_tables == ["t0", "t1", "t2"] and exact.array_size == 0
+    with pytest.raises(ValueError, match=r"below the smallest usable array \(64 floats = 256 bytes: one embedding\)"):
+        plan_placement(tables, 48 * 4, None, block_size=32)  # 48 floats: a block and a half, not an embedding
+
+
 def test_budget_edges_are_said_plainly(dataset):
     tables = mlperf_tables(dataset)
     full_bytes = sum(t.num_embeddings * 16 * 4 for t in tables)
