@@ -290,6 +290,24 @@ def test_sharded_module_matches_unsharded_and_keeps_state_names():
     assert sharded.array.grad is not None and reference.array.grad is None
 
 
+def test_the_trainer_fuses_the_arrays_step_only_where_it_takes_the_same_steps():
+    """robe-train's fusing of the array's step (one process): not under gradient clipping, which
+    needs the whole gradient first; the arrays are among the clipped parameters."""
+    from robe_dist.train_config import OptimConfig
+    from robe_dist.trainer.optim import TrainOptimizer, fuse_robe_updates
+
+    for clip, fused in ((None, "adagrad"), (1.0, None)):
+        model = nn.Module()
+        model.robe = shard_local(RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32)))
+        model.mlp = nn.Linear(4, 1)
+        opt = TrainOptimizer(model, OptimConfig(name="adagrad", lr=0.1, grad_clip_norm=clip), [model.robe.array])
+        line = fuse_robe_updates(model, opt, True, 1)
+        assert model.robe.fused_optimizer_kind == fused, line
+        assert any(p is model.robe.array for p in opt.clip_params)
+        if clip is not None:
+            assert line.endswith("(optim.grad_clip_norm clips it)")
+
+
 def test_sharded_module_refuses_a_mismatched_checkpoint():
     sharded = shard_local(RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32)))
     other = RobeEmbeddingBagCollection(robe_tables(), RobeConfig(array_size=M, block_size=32, seed=3))
