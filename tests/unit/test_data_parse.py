@@ -41,7 +41,8 @@ def test_well_formed_line_values() -> None:
     "value, expected",
     [("0", 0), ("7", 7), ("12345678", 12345678), ("00000009", 9), ("-1", 0), ("-12345678", 0),
      ("123456789", 123456789), ("9" * 18, 10**18 - 1), ("4.0", 4), ("4.", 4), ("4.000", 4),
-     (" 42 ", 42), ("+3", 3), ("", 0)],
+     (" 42 ", 42), ("+3", 3), ("", 0),
+     ("-123456789", 0), (" -7 ", 0), ("-5.0", 0), ("-" + "9" * 18, 0)],  # (negatives off the fast path)
 )  # fmt: skip
 def test_integer_feature_forms(value: str, expected: int) -> None:
     dense = list(DENSE)
