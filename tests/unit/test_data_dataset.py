@@ -132,6 +132,13 @@ def test_shuffle_is_a_seeded_permutation(data: tuple[Path, dict]) -> None:
     assert all_ids(CriteoIterableDataset(path, "train", batch_size=100, shuffle_buffer=256, seed=4)) != ids
     ds.set_epoch(1)
     assert sorted(all_ids(ds)) == list(range(1700)) and all_ids(ds) != ids
+    # each epoch draws both the order of the blocks and the order inside each block anew
+    block_order = lambda ids: list(dict.fromkeys(i // 256 for i in ids))  # noqa: E731
+    assert block_order(all_ids(ds)) != block_order(ids)
+    one_block = CriteoIterableDataset(path, "train", batch_size=100, shuffle_buffer=2048, seed=3)
+    epoch0 = all_ids(one_block)
+    one_block.set_epoch(1)
+    assert all_ids(one_block) != epoch0
     # the buffer bounds how far a row moves: every batch comes from at most two blocks of 256 rows
     first = row_ids(next(iter(CriteoIterableDataset(path, "train", batch_size=100, shuffle_buffer=256, seed=3))))
     assert len(set(first // 256)) <= 2
