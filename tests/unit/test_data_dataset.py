@@ -123,6 +123,22 @@ def test_eval_batch_counts_are_equal_across_ranks(rows: int, world: int, batch: 
     assert len(counts) == 1 or rows < world
 
 
+@pytest.mark.parametrize("world, batch", [(3, 7), (3, 92), (4, 69)])  # (278 val rows: shards of 93/92, 70/69 rows)
+def test_evaluation_datasets_yield_equal_batch_counts_on_every_rank(data: tuple[Path, dict], world: int, batch: int) -> None:
+    """What the evaluation's lockstep relies on, from the datasets the trainer builds (the test
+    above checks the formula): every rank yields as many batches, and the ranks read every row of
+    the split once."""
+    path, _ = data
+    datasets = [CriteoIterableDataset(path, "val", batch_size=batch, rank=r, world_size=world, shuffle_buffer=0,
+                                      drop_last=False) for r in range(world)]  # fmt: skip
+    batches = [[row_ids(b).tolist() for b in ds] for ds in datasets]
+    assert len({len(ds) for ds in datasets}) == 1 and [len(b) for b in batches] == [len(datasets[0])] * world
+    ids = sorted(i for rank in batches for batch in rank for i in batch)
+    single = all_ids(CriteoIterableDataset(path, "val", batch_size=7, rank=0, world_size=1, shuffle_buffer=0,
+                                           drop_last=False))  # fmt: skip
+    assert ids == sorted(single) and len(single) % world != 0
+
+
 def test_shuffle_is_a_seeded_permutation(data: tuple[Path, dict]) -> None:
     path, _ = data
     ds = CriteoIterableDataset(path, "train", batch_size=100, shuffle_buffer=256, seed=3)
