@@ -6,6 +6,7 @@ Every ``_rank_*`` function runs on both ranks of the session's process-group poo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -298,6 +299,36 @@ def test_default_sharders_and_config_mismatch_between_ranks(pg2):
         assert r["types"] == "ShardedRobeEmbeddingBagCollection"
         assert r["out_shape"] == [4]
         assert "another configuration" in r["refused"] and "seed=5" in r["refused"]
+
+
+def _rank_no_sync(rank: int, world_size: int) -> Dict:
+    """Gradient accumulation in "hook" mode: a backward inside ``no_sync()`` keeps the local gradient
+    (no all-reduce), the next one outside averages what was accumulated."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    batches = [local_batch(step, 16, rank, world_size) for step in range(2)]
+    grads = {}
+    for accumulate in (True, False):
+        dmp, _, _ = plan_and_wrap(MixedModel(seed=0, with_full=False), world_size)
+        sharded = dmp.module.robe
+        (kjt, y), (kjt2, y2) = batches
+        with sharded.no_sync() if accumulate else contextlib.nullcontext():
+            bce(dmp(kjt), y).backward()
+        if accumulate:
+            grads["local"] = gather(sharded.array.grad)
+            grads["bytes_inside"] = sharded.allreduce_bytes
+        bce(dmp(kjt2), y2).backward()
+        grads["accumulated" if accumulate else "synced"] = gather(sharded.array.grad)
+        grads["bytes_after" if accumulate else "bytes_synced"] = sharded.allreduce_bytes
+    return grads
+
+
+def test_no_sync_accumulates_the_local_gradient_then_averages_it(pg2):
+    r, _ = pg2.run(_rank_no_sync)
+    assert r["bytes_inside"] == 0 and r["bytes_after"] == ARRAY * 4 and r["bytes_synced"] == 2 * ARRAY * 4
+    assert not torch.allclose(r["local"][0], r["local"][1])  # each rank kept its own
+    assert torch.equal(r["accumulated"][0], r["accumulated"][1])
+    # averaging once the sum of two steps equals averaging each step (the gradient is linear)
+    torch.testing.assert_close(r["accumulated"][0], r["synced"][0], rtol=1e-5, atol=1e-7)
 
 
 class PositionWeighted(nn.Module):
