@@ -170,6 +170,24 @@ def test_budget_of_exactly_the_full_tables_and_of_less_than_one_embedding():
         plan_placement(tables, 48 * 4, None, block_size=32)  # 48 floats: a block and a half, not an embedding
 
 
+def test_expected_error_is_the_module_docs_formula_on_a_hand_computed_case():
+    """E = sum over the array's ids x of c_x * lambda_x / (1 + lambda_x), with lambda_x =
+    gamma * sum over the OTHER ids y of d_y c_y / (c_x + c_y) / m (the planner's choices rest on it)."""
+    from robe_dist.placement import COLLISION_WEIGHT as gamma
+
+    tables = [EmbeddingBagConfig(name=n, embedding_dim=4, num_embeddings=10, feature_names=[f"f{n}"]) for n in "ab"]
+    stats = [TableStats.from_counts("fa", 10, np.array([8, 8])), TableStats.from_counts("fb", 10, np.array([2, 2, 2]))]
+    placed = evaluate_placement(tables, 40 * 4, ["a", "b"], stats, block_size=4)
+    m = placed.array_size
+    lam_a = gamma * (4 * 8 / 16 + 3 * 4 * 2 / 10) / m  # the other id of a, the three of b
+    lam_b = gamma * (2 * 4 * 2 / 4 + 2 * 4 * 8 / 10) / m  # the two others of b, the two of a
+    lost_a, lost_b = 2 * 8 * lam_a / (1 + lam_a), 3 * 2 * lam_b / (1 + lam_b)
+    assert m == 40
+    assert placed.expected_error == pytest.approx((lost_a + lost_b) / 22, rel=1e-12)
+    by_table = {t.name: t.expected_error for t in placed.tables}
+    assert by_table == pytest.approx({"a": lost_a / 16, "b": lost_b / 6}, rel=1e-12)
+
+
 def test_budget_edges_are_said_plainly(dataset):
     tables = mlperf_tables(dataset)
     full_bytes = sum(t.num_embeddings * 16 * 4 for t in tables)
