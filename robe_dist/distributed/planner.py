@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Dict, List, Optional
 
@@ -123,18 +124,24 @@ def check_robe_constraints(
             f"constraints[{ARRAY_PARAMETER_NAME!r}].compute_kernels={c.compute_kernels}: a ROBE array runs on the "
             f"{dense!r} kernel only"
         )
-    default_factors = ParameterConstraints().pooling_factors
-    for fname in ("pooling_factors", "num_poolings", "batch_sizes"):
-        value = getattr(c, fname)
-        if value is None or (fname == "pooling_factors" and value == default_factors):
-            continue
+    # pooling_factors: one per feature of the collection (TorchRec's default, [1.0], stands for any
+    # count); num_poolings and batch_sizes: one per entry of pooling_factors, as TorchRec asserts
+    factors = c.pooling_factors
+    if factors != ParameterConstraints().pooling_factors:
         features = {path: sum(len(t.feature_names) for t in m.embedding_bag_configs()) for path, m in collections.items()}
-        wrong = {path: n for path, n in features.items() if n != len(value)}
+        wrong = {path: n for path, n in features.items() if n != len(factors)}
         if wrong:
             raise ValueError(
-                f"constraints[{ARRAY_PARAMETER_NAME!r}].{fname} has {len(value)} entries; it takes one per feature of "
-                f"the ROBE collection, and {', '.join(f'{p!r} has {n}' for p, n in wrong.items())} "
+                f"constraints[{ARRAY_PARAMETER_NAME!r}].pooling_factors has {len(factors)} entries; it takes one per "
+                f"feature of the ROBE collection, and {', '.join(f'{p!r} has {n}' for p, n in wrong.items())} "
                 "(all ROBE collections of a model share the constraint's name)"
+            )
+    for fname in ("num_poolings", "batch_sizes"):
+        value = getattr(c, fname)
+        if value is not None and len(value) != len(factors):
+            raise ValueError(
+                f"constraints[{ARRAY_PARAMETER_NAME!r}].{fname} has {len(value)} entries; it takes one per entry of "
+                f"pooling_factors ({len(factors)})"
             )
     for fname, unset in _REFUSED_FIELDS.items():
         value = getattr(c, fname)
@@ -152,9 +159,9 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
     without ``sharders`` it plans with ``robe_dist.distributed.get_default_sharders()``.
     The check runs on every rank before ``collective_plan``'s rank-0 planning, so a refusal raises
     everywhere instead of leaving the other ranks waiting for the plan. A model holding a
-    feature-processed ROBE collection (``robe_dist.distributed.fp_embeddingbag``) and no
-    ``constraints["array"]`` is planned as if it had ``ParameterConstraints(sharding_types=
-    ["data_parallel"], compute_kernels=["dense"])`` there (the constraints given are left as they are).
+    feature-processed ROBE collection (``robe_dist.distributed.fp_embeddingbag``) is planned with
+    ``constraints["array"]`` narrowed to ``sharding_types=["data_parallel"], compute_kernels=["dense"]``
+    (the constraints given are left as they are), and its array is checked to come out so.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -167,25 +174,44 @@ class RobeShardingPlanner(EmbeddingShardingPlanner):
     def plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         check_robe_constraints(module, self._constraints)
         sharders = sharders if sharders is not None else get_default_sharders()
-        constraints = self._constraints
-        added = (
-            constraints is not None
-            and ARRAY_PARAMETER_NAME not in constraints
-            and any(isinstance(m, FeatureProcessedEmbeddingBagCollection) and holds_robe(m) for m in module.modules())
-            and not _ordinary_table_paths(module, ARRAY_PARAMETER_NAME)
-        )
-        if added:
-            # A feature-processed ROBE collection is planned by the sharder of every feature-processed
-            # collection, which offers table-wise too: the array is replicated (data parallel, dense).
-            constraints[ARRAY_PARAMETER_NAME] = ParameterConstraints(
-                sharding_types=[ShardingType.DATA_PARALLEL.value],
-                compute_kernels=[EmbeddingComputeKernel.DENSE.value],
-            )
-        try:
+        wrapped = {path: m for path, m in module.named_modules()
+                   if isinstance(m, FeatureProcessedEmbeddingBagCollection) and holds_robe(m)}  # fmt: skip
+        if not wrapped:
             return super().plan(module, sharders)
+        # A feature-processed ROBE collection is planned by the sharder of every feature-processed
+        # collection, which offers table-wise too: its array is kept data parallel / dense.
+        clashing = _ordinary_table_paths(module, ARRAY_PARAMETER_NAME)
+        if clashing:
+            raise PlannerError(
+                f"the ordinary table named {ARRAY_PARAMETER_NAME!r} in {clashing} takes the name under which the planner "
+                f"sees the ROBE array of the feature-processed collection(s) {sorted(wrapped)}: rename that table",
+                PlannerErrorType.OTHER,
+            )
+        dp, dense = ShardingType.DATA_PARALLEL.value, EmbeddingComputeKernel.DENSE.value
+        constraints = self._constraints
+        given = constraints.get(ARRAY_PARAMETER_NAME) if constraints is not None else None
+        if constraints is not None:
+            base = given if given is not None else ParameterConstraints()
+            constraints[ARRAY_PARAMETER_NAME] = dataclasses.replace(base, sharding_types=[dp], compute_kernels=[dense])
+        try:
+            plan = super().plan(module, sharders)
         finally:
-            if added:
-                del constraints[ARRAY_PARAMETER_NAME]
+            if constraints is not None:
+                if given is None:
+                    del constraints[ARRAY_PARAMETER_NAME]
+                else:
+                    constraints[ARRAY_PARAMETER_NAME] = given
+        planned = {path: plan.plan[path][ARRAY_PARAMETER_NAME].sharding_type for path in wrapped if path in plan.plan}
+        wrong = {path: kind for path, kind in planned.items() if kind != dp}
+        if wrong:
+            raise PlannerError(
+                f"the ROBE array of the feature-processed collection(s) {wrong} was planned other than {dp!r} (the "
+                f"enumerator given to the planner keeps constraints of its own): give it "
+                f"constraints[{ARRAY_PARAMETER_NAME!r}] = ParameterConstraints(sharding_types=[{dp!r}], "
+                f"compute_kernels=[{dense!r}])",
+                PlannerErrorType.OTHER,
+            )
+        return plan
 
     def _plan(self, module: nn.Module, sharders: List[ModuleSharder[nn.Module]]) -> ShardingPlan:
         """``plan``, with TorchRec's enumerator's RuntimeError for a table that no sharding type

@@ -12,6 +12,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.planner.constants import BATCH_SIZE
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_default_sharders
@@ -193,9 +194,13 @@ def test_constraints_refused_with_clear_messages():
         check_robe_constraints(model, {"array": ParameterConstraints(enforce_hbm=True)})
     with pytest.raises(ValueError, match=r"pooling_factors has 2 entries; it takes one per feature.*'robe' has 3"):
         check_robe_constraints(model, {"array": ParameterConstraints(pooling_factors=[2.0, 2.0])})
-    with pytest.raises(ValueError, match=r"batch_sizes has 1 entries.*'robe' has 3"):
-        check_robe_constraints(model, {"array": ParameterConstraints(batch_sizes=[64])})
+    # num_poolings / batch_sizes: one per entry of pooling_factors, as TorchRec asserts (its default: 1)
+    with pytest.raises(ValueError, match=r"batch_sizes has 1 entries; it takes one per entry of pooling_factors \(3\)"):
+        check_robe_constraints(model, {"array": ParameterConstraints(pooling_factors=[2.0] * 3, batch_sizes=[64])})
+    with pytest.raises(ValueError, match=r"num_poolings has 3 entries; it takes one per entry of pooling_factors \(1\)"):
+        check_robe_constraints(model, {"array": ParameterConstraints(num_poolings=[1.0] * 3)})
     check_robe_constraints(model, {"array": ParameterConstraints(pooling_factors=[2.0] * 3, num_poolings=[1.0] * 3)})
+    check_robe_constraints(model, {"array": ParameterConstraints(num_poolings=[2.0])})
     # constraints on ordinary tables and allowed ones pass
     check_robe_constraints(model, {"t0": ParameterConstraints(sharding_types=[TW]),
                                    "array": ParameterConstraints(sharding_types=[DP, TW], pooling_factors=[2.0] * 3)})
@@ -248,6 +253,20 @@ def test_position_weighted_robe_is_planned_replicated_and_refused_otherwise():
     planner = RobeShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=user)
     assert planner.plan(model, sharders).plan["fp"]["array"].sharding_type == DP
     assert list(planner._constraints) == ["t0"] and list(user) == ["t0"]
+    # a constraint given for the array is narrowed too (pooling_factors alone would let table-wise in)
+    given = {"array": ParameterConstraints(pooling_factors=[2.0] * 3)}
+    planner = RobeShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), constraints=given)
+    assert planner.plan(model, sharders).plan["fp"]["array"].sharding_type == DP
+    assert planner._constraints["array"] == given["array"] and given["array"].sharding_types is None
+    # an enumerator of the user's keeps its own constraints: the plan is checked, the way out named
+    mine = EmbeddingEnumerator(topology=Topology(world_size=2, compute_device="cpu"), batch_size=512)
+    with pytest.raises(PlannerError, match=r"planned other than 'data_parallel'.*constraints\['array'\] = ParameterConstraints"):
+        RobeShardingPlanner(topology=Topology(world_size=2, compute_device="cpu"), enumerator=mine).plan(model, sharders)
+    clash = position_weighted()
+    clash.ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="array", embedding_dim=8, num_embeddings=100,
+                                                           feature_names=["f0"])])
+    with pytest.raises(PlannerError, match=r"table named 'array' in \['ebc'\].*rename that table"):
+        RobeShardingPlanner(topology=Topology(world_size=2, compute_device="cpu")).plan(clash, sharders)
     tw_plan = plan(model, 2, sharders)  # TorchRec's own planner picks table-wise here
     params = tw_plan.plan["fp"]
     assert params["array"].sharding_type == TW
