@@ -12,9 +12,9 @@ the feature processors applied after the (local) input dist, as TorchRec applies
 
 One sharder serves every feature-processed collection of a model, and TorchRec's planner asks a
 sharder for its sharding types without saying which module: for an ordinary collection it offers
-table-wise and the rest. ``RobeShardingPlanner`` therefore constrains ``"array"`` to
-data_parallel / dense when a model holds a feature-processed ROBE collection; with another
-planner give ``constraints["array"] = ParameterConstraints(sharding_types=["data_parallel"],
+table-wise and the rest. ``RobeShardingPlanner`` therefore narrows ``constraints["array"]`` to
+data_parallel / dense when a model holds a feature-processed ROBE collection, and checks the
+plan; with another planner (or an enumerator of your own) give ``constraints["array"] = ParameterConstraints(sharding_types=["data_parallel"],
 compute_kernels=["dense"])``, or the shard step refuses the plan with that advice.
 
 Example::

@@ -87,8 +87,9 @@ def check_robe_constraints(
     Raises:
         ValueError: a constraint names a table of a ROBE collection, or ``constraints["array"]``
             excludes data_parallel / dense, or sets a field a replicated array cannot honour, or
-            gives ``pooling_factors`` / ``num_poolings`` / ``batch_sizes`` whose length is not a
-            collection's number of features, or would also apply to an ordinary table named ``"array"``.
+            gives ``pooling_factors`` of another length than a collection's number of features (or
+            ``num_poolings`` / ``batch_sizes`` of another length than ``pooling_factors``), or would
+            also apply to an ordinary table named ``"array"``.
     """
     if not constraints:
         return
