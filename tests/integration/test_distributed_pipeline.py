@@ -171,3 +171,44 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(pg2, kind, gradient_sync,
         assert r["piped_vs_loop"] == 0.0
         assert r["replica_diff"] == 0.0
         assert robe_path in r["eval_pipelined"] and r["eval_equal"]  # TorchRec's EvalPipelineSparseDist too
+
+
+def _rank_uneven_evaluation(rank: int, world_size: int) -> Dict:
+    """robe-train's evaluate() when one rank runs out of batches first: that rank repeats its last
+    batch so that the sharded tables' collectives stay in step, and the repeats are left out of the
+    metrics (the split of the real batches decides them)."""
+    from torchmetrics.classification import BinaryAUROC
+
+    from robe_dist.trainer.env import DistEnv
+    from robe_dist.trainer.evaluate import evaluate
+
+    sharders = [RobeEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    plan = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu")).collective_plan(
+        make_dlrm("hybrid"), sharders, dist.GroupMember.WORLD)
+    dmp, opt = wrap(make_dlrm("hybrid"), plan, sharders)
+    batches = [make_batch(step, rank) for step in range(3 - rank)]  # rank 0: 3 batches, rank 1: 2
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+    # (the trainer's pipeline, which evaluates with the model in eval mode)
+    pipeline = TrainPipelineSparseDist(dmp, opt, torch.device("cpu"), execute_all_batches=True, pipeline_postproc=True)
+    result = evaluate(pipeline, dmp, batches, env)
+    pipeline.detach()
+    dmp.eval()
+    mine = []
+    with torch.no_grad():  # the real batches' scores, by plain forward calls in step (rank 1 repeats its last)
+        for i in range(3):
+            scores = dmp(batches[min(i, len(batches) - 1)])[1][1]
+            if i < len(batches):
+                mine.append((scores, batches[i].labels))
+    everyone: List = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    logits = torch.cat([l for rank_scores in everyone for l, _ in rank_scores])
+    labels = torch.cat([y for rank_scores in everyone for _, y in rank_scores])
+    return {"result": result, "samples": labels.numel(),
+            "auc": float(BinaryAUROC()(torch.sigmoid(logits), labels.long()))}
+
+
+def test_evaluation_leaves_a_ranks_repeated_batches_out_of_the_metrics(pg2):
+    r0, r1 = pg2.run(_rank_uneven_evaluation)
+    assert r0["result"] == r1["result"]
+    assert r0["result"]["eval_samples"] == r0["samples"] == 5 * B
+    assert abs(r0["result"]["auc"] - r0["auc"]) < 1e-6
