@@ -93,6 +93,10 @@ class _NoStreamsOnCpu(logging.Filter):
 EXIT_DIVERGED = 3
 EXIT_PEER_LOST = 4
 """This rank's collective failed because another rank had left (that rank says why)."""
+PEER_LOST_WAIT_S = 3.0
+"""How long a rank whose collective failed as its peer left waits before it exits: the rank that
+left first (it may still be tearing down its interpreter) exits before it, so torchrun records
+that rank's status, the cause, and not only this one's, a consequence (``robe_dist.torchrun``)."""
 STOP_CHECK_EVERY = 10
 """Steps between the ranks' agreement on a stop request (an all-reduce); every step on 1 rank."""
 
@@ -778,6 +782,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.world_size > 1 and lost_a_peer(e):  # the rank that left says why: one line here, no traceback
             print(f"robe-train: rank {env.rank}: a collective failed because another rank stopped (its output "
                   f"says why): {' '.join(str(e).split())}", file=sys.stderr)  # fmt: skip
+            time.sleep(PEER_LOST_WAIT_S)
             return EXIT_PEER_LOST
         raise
     finally:
