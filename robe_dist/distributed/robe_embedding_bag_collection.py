@@ -58,6 +58,8 @@ from torchrec.distributed.types import (
     StorageUsageType,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.streamable import Multistreamable
 
@@ -164,7 +166,7 @@ def _check_plan(params: Dict[str, ParameterSharding], world_size: int, where: st
 
 
 class ShardedRobeEmbeddingBagCollection(
-    ShardedModule[KJTList, KeyedTensor, KeyedTensor, RobeEmbeddingBagCollectionContext]
+    ShardedModule[KJTList, KeyedTensor, KeyedTensor, RobeEmbeddingBagCollectionContext], FusedOptimizerModule
 ):
     """``RobeEmbeddingBagCollection`` replicated on every rank of ``env`` (DATA_PARALLEL, dense kernel).
 
@@ -184,6 +186,11 @@ class ShardedRobeEmbeddingBagCollection(
 
     Call args (as TorchRec's sharded collections): ``features`` (KeyedJaggedTensor) of the local
     batch ``B``; returns ``LazyAwaitable[KeyedTensor]`` of values ``[B, sum of embedding dims]``.
+
+    An array given an optimiser by ``apply_optimizer_in_backward`` (TorchRec's DLRM example applies
+    one to the whole sparse arch) is stepped inside the backward once its gradient is averaged,
+    and that optimiser is ``fused_optimizer`` (``{"array": ...}``), as for TorchRec's fused tables;
+    otherwise ``fused_optimizer`` is empty and the dense optimiser trains the array.
 
     Example::
 
@@ -222,12 +229,12 @@ class ShardedRobeEmbeddingBagCollection(
                 "update and train the array with a dense optimiser (e.g. torch.optim.SGD); at world size 1, "
                 "fuse_optimizer(optimizer) on the sharded module applies that optimiser inside the backward."
             )
-        if getattr(module.array, "_in_backward_optimizers", None):
+        in_backward = _in_backward_optimizer_spec(module.array, where)
+        if in_backward is not None and gradient_sync != "hook":
             raise ValueError(
-                f"{where}: the ROBE array carries an in-backward optimiser (apply_optimizer_in_backward), which "
-                "would step on the LOCAL gradient before it is averaged over ranks: replicas would diverge. "
-                "Leave the array out of apply_optimizer_in_backward (e.g. filter parameters whose name ends "
-                "with '.array') and train it with the dense optimiser."
+                f"{where}: the ROBE array carries an in-backward optimiser (apply_optimizer_in_backward) and "
+                f"gradient_sync={gradient_sync!r} hands its gradient to DDP, whose own in-backward optimisers need "
+                "an accelerator stream; use gradient_sync='hook' (the default), which steps it after the average"
             )
         self._env = env
         self._pg = env.process_group
@@ -242,6 +249,7 @@ class ShardedRobeEmbeddingBagCollection(
         self._gradient_sync = gradient_sync
         self._module_fqn = module_fqn
         self._require_grad_sync = True
+        self._accumulating = False  # the last training lookup ran under no_sync()
         if device is None:
             device = torch.device("cpu")
         self._device = torch.device(device)
@@ -266,6 +274,9 @@ class ShardedRobeEmbeddingBagCollection(
         self._lookups: List[nn.Module] = []  # (no TorchRec lookup kernels: TorchRec's walks over them find none)
         self.allreduce_bytes = 0
         """Bytes of gradient this rank has handed to its all-reduces ("hook" mode), counted at each call."""
+        self._optim: KeyedOptimizer = CombinedOptimizer([])
+        if in_backward is not None:
+            self._set_in_backward_optimizer(*in_backward)
         self._install_grad_hook()
 
     # ------------------------------------------------------------------ construction
@@ -307,9 +318,44 @@ class ShardedRobeEmbeddingBagCollection(
         if key in state_dict:
             self._robe.verify_signature(state_dict[key].tolist(), "load_state_dict")
 
+    # ------------------------------------------------------------------ in-backward optimiser
+    def _set_in_backward_optimizer(self, optimizer_class: Type[torch.optim.Optimizer], kwargs: Dict[str, Any]) -> None:
+        """The optimiser that ``apply_optimizer_in_backward`` gave the array, rebuilt on our array: it
+        steps inside the backward once the gradient is averaged (world size 1: at once, fused into
+        the kernels where ``fuse_optimizer`` can), as TorchRec's fused tables step, and is this
+        module's ``fused_optimizer`` (``"array"`` -> its state), which DMP's ``fused_optimizer``
+        collects. The array keeps ``_in_backward_optimizers``, so ``in_backward_optimizer_filter``
+        leaves it out of the dense optimiser."""
+        self._optim = KeyedOptimizerWrapper({ARRAY_PARAMETER_NAME: self.array}, lambda params: optimizer_class(params, **kwargs))
+        self.array._in_backward_optimizers = [self._optim]  # type: ignore[attr-defined]
+        self.array._optimizer_classes = [optimizer_class]  # type: ignore[attr-defined]
+        self.array._optimizer_kwargs = [dict(kwargs)]  # type: ignore[attr-defined]
+        if self._world_size == 1:
+            try:
+                self.fuse_optimizer(self._optim._optimizer)
+            except ValueError:
+                pass  # not an update the kernels apply: stepped by the grad hook below
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The array's in-backward optimiser (``{"array": ...}``), or an empty one without."""
+        return self._optim
+
+    def _step_in_backward(self) -> None:
+        optimizer = self._optim
+        if not any(p is self.array for group in optimizer.param_groups for p in group["params"]):
+            raise RuntimeError(
+                f"ShardedRobeEmbeddingBagCollection({self._module_fqn or ''!s}): the array was replaced after "
+                "sharding (load_state_dict(assign=True)?) and its in-backward optimiser still holds the old one; "
+                "load the state in place (assign=False)"
+            )
+        optimizer.step()
+        self.array.grad = None
+
     # ------------------------------------------------------------------ gradient averaging ("hook")
     def _install_grad_hook(self) -> None:
-        if self._gradient_sync == "hook" and self._world_size > 1 and self._hooked_array_id != id(self.array):
+        needed = (self._gradient_sync == "hook" and self._world_size > 1) or self._optim.params
+        if needed and self._hooked_array_id != id(self.array):
             # through a weak reference: the tensor keeps its hooks in C++, where Python's gc cannot
             # see them, so a bound method here made module -> array -> hook -> module a cycle that gc
             # never frees: it kept this module, its process group (self._pg, self._env) and gloo's
@@ -326,14 +372,25 @@ class ShardedRobeEmbeddingBagCollection(
 
     def _all_reduce_grad_hook(self, param: torch.Tensor) -> None:
         if not self._require_grad_sync or param.grad is None:
+            return  # (no_sync: the gradient accumulates, averaged and stepped at the next synced backward)
+        in_backward = bool(self._optim.params)
+        if self._world_size == 1 or self._gradient_sync != "hook":
+            if in_backward:
+                self._step_in_backward()
             return
         grad = param.grad
         grad.div_(self._world_size)
         work = dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self._pg, async_op=True)
         self.allreduce_bytes += grad.numel() * grad.element_size()
+
+        def finish() -> None:
+            work.wait()
+            if in_backward:
+                self._step_in_backward()
+
         # the engine runs queued callbacks once the whole backward is done: the all-reduce overlaps
         # with what remains of the backward and is complete before optimizer.step()
-        torch.autograd.Variable._execution_engine.queue_callback(work.wait)
+        torch.autograd.Variable._execution_engine.queue_callback(finish)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -381,7 +438,13 @@ class ShardedRobeEmbeddingBagCollection(
 
     def compute(self, ctx: RobeEmbeddingBagCollectionContext, dist_input: KJTList) -> KeyedTensor:
         self._relink_lookup_state()
-        if self._fused_optimizer is None or not (torch.is_grad_enabled() and self.array.requires_grad):
+        training = torch.is_grad_enabled() and self.array.requires_grad
+        accumulated = self._accumulating
+        if training:
+            self._accumulating = not self._require_grad_sync
+        if self._fused_optimizer is None or not training or self._accumulating or accumulated:
+            # (a lookup under no_sync(), and the first after it, add a dense gradient to array.grad
+            # for the next optimiser step: gradient accumulation, as without fusing)
             return self._robe(dist_input[0])
         fused, state, step = self._fused_step()
         out = self._robe.lookup(dist_input[0], fused, state)
@@ -414,7 +477,9 @@ class ShardedRobeEmbeddingBagCollection(
         Every backward through the module is a step: gradient accumulation (several backwards per
         ``optimizer.step()``) or two lookups per step would take more steps than the dense path,
         and a pipeline that runs a forward before the previous ``optimizer.step()`` reads the rate
-        one step early. The module keeps ``optimizer``: after building a new one, fuse again.
+        one step early. Accumulate under ``no_sync()`` instead: the lookups there, and the first one
+        after, leave a dense gradient in ``array.grad`` for ``optimizer.step()``.
+        The module keeps ``optimizer``: after building a new one, fuse again.
 
         Example::
 
@@ -490,6 +555,22 @@ class ShardedRobeEmbeddingBagCollection(
 
     def extra_repr(self) -> str:
         return f"{self._robe.extra_repr()}, sharding=data_parallel, world_size={self._world_size}, gradient_sync={self._gradient_sync!r}"
+
+
+def _in_backward_optimizer_spec(
+    array: torch.Tensor, where: str
+) -> Optional[Tuple[Type[torch.optim.Optimizer], Dict[str, Any]]]:
+    """``(optimizer_class, kwargs)`` that ``apply_optimizer_in_backward`` gave ``array``, else ``None``."""
+    if not getattr(array, "_in_backward_optimizers", None):
+        return None
+    classes = getattr(array, "_optimizer_classes", [])
+    kwargs = getattr(array, "_optimizer_kwargs", [])
+    if len(classes) != 1 or len(kwargs) != 1:
+        raise ValueError(
+            f"{where}: the ROBE array carries {len(classes)} in-backward optimisers (apply_optimizer_in_backward "
+            "called more than once over it?); one is supported, as for TorchRec's tables"
+        )
+    return classes[0], dict(kwargs[0])
 
 
 def fusable_update(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> Tuple[str, Dict[str, Any]]:
@@ -586,9 +667,18 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
     def shardable_parameters(self, module: RobeEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         """``{"array": meta tensor [array_size / c, c]}``: what the planner sizes (no memory)."""
         tensor = torch.empty(planning_shape(module), dtype=module.array.dtype, device="meta")
+        # read by the planner's storage estimator (as for apply_optimizer_in_backward tables)
         if self._optimizer_class is not None:
-            # read by the planner's storage estimator (as for apply_optimizer_in_backward tables)
             tensor._optimizer_classes = [_PLANNER_CLASS_FOR_SLOTS[self._state_slots]]  # type: ignore[attr-defined]
+        else:  # the array's own apply_optimizer_in_backward, if any
+            spec = _in_backward_optimizer_spec(module.array, "RobeEmbeddingBagCollectionSharder")
+            if spec is not None:
+                try:
+                    slots = optimizer_state_slots(*spec)
+                    planner_class = _PLANNER_CLASS_FOR_SLOTS[min(slots, max(_PLANNER_CLASS_FOR_SLOTS))]
+                except ValueError:  # an optimiser we do not know: TorchRec's estimator sizes it
+                    planner_class = spec[0]
+                tensor._optimizer_classes = [planner_class]  # type: ignore[attr-defined]
         return {ARRAY_PARAMETER_NAME: tensor}  # type: ignore[dict-item]
 
     def sharding_types(self, compute_device_type: str) -> List[str]:

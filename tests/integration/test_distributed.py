@@ -331,6 +331,49 @@ def test_no_sync_accumulates_the_local_gradient_then_averages_it(pg2):
     torch.testing.assert_close(r["accumulated"][0], r["synced"][0], rtol=1e-5, atol=1e-7)
 
 
+def _rank_in_backward(rank: int, world_size: int, optimizer: str, steps: int) -> Dict:
+    """TorchRec's DLRM example: ``apply_optimizer_in_backward`` over every embedding parameter,
+    the array's included; against the same model whose array the dense optimiser trains."""
+    cls, kwargs = OPTIMIZERS[optimizer]
+    runs = {}
+    for in_backward in (True, False):
+        model = MixedModel(seed=rank)
+        if in_backward:
+            apply_optimizer_in_backward(cls, model.robe.parameters(), dict(kwargs))
+        dmp, _, options = plan_and_wrap(model, world_size, table_optimizer=TABLE_OPTIMIZERS[optimizer], load_initial=False)
+        opt = make_optimizer(dmp, OPTIMIZERS[optimizer])
+        sharded = dmp.module.robe
+        for step in range(steps):
+            kjt, labels = local_batch(step, 32, rank, world_size)
+            opt.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(dmp(kjt), labels).backward()
+            opt.step()
+        robe_option = [so for so in options if so.path == "robe"][0]
+        runs[in_backward] = {
+            "arrays": gather(sharded.array.detach()),
+            "in_dense": [k for k, _ in in_backward_optimizer_filter(dmp.named_parameters()) if k.endswith("robe.array")],
+            "in_fused": [k for k in dmp.fused_optimizer.params if "robe" in k],
+            "fused_state": sorted(dmp.fused_optimizer.state_dict()["state"].get("robe.array", {})),
+            "planned": robe_option.shards[0].storage.ddr - _planner_io_bytes(robe_option),
+        }
+    return runs
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_in_backward_optimiser_of_the_array_steps_the_averaged_gradient(pg2, optimizer):
+    r0, r1 = pg2.run(_rank_in_backward, optimizer=optimizer, steps=8)
+    fused, dense = r0[True], r0[False]
+    assert fused["arrays"][0].equal(fused["arrays"][1])  # replicas stepped the same averaged gradient
+    assert fused["in_dense"] == [] and fused["in_fused"] == ["robe.array"]
+    assert dense["in_dense"] == ["robe.array"] and dense["in_fused"] == []
+    assert fused["fused_state"] == ({"sgd": [], "adam": ["exp_avg", "exp_avg_sq", "step"]}[optimizer])
+    slots = {"sgd": 0, "adam": 2}[optimizer]
+    assert fused["planned"] == dense["planned"] + slots * ARRAY * 4  # budgeted as TorchRec budgets its tables'
+    moved = (fused["arrays"][0] - MixedModel(seed=0).robe.array).abs().max().item()
+    assert moved > 1e-3
+    assert torch.equal(fused["arrays"][0], dense["arrays"][0])
+
+
 class PositionWeighted(nn.Module):
     """TorchRec's position-weighted features around a ROBE collection (per-sample weights learnt)."""
 

@@ -18,6 +18,8 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.sharding_plan import get_default_sharders as torchrec_default_sharders
 from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from robe_dist import RobeConfig, RobeEmbeddingBagCollection
 from robe_dist.distributed import (
@@ -363,8 +365,66 @@ def test_shard_refusals_name_the_problem():
         shard_local(RobeEmbeddingBagCollection(robe_tables(), cfg, fused_sgd_lr=0.1))
     module = RobeEmbeddingBagCollection(robe_tables(), cfg)
     apply_optimizer_in_backward(torch.optim.SGD, module.parameters(), {"lr": 0.1})
-    with pytest.raises(ValueError, match="in-backward optimiser"):
+    with pytest.raises(ValueError, match="in-backward optimiser.*gradient_sync='ddp'.*use gradient_sync='hook'"):
+        shard_local(module, gradient_sync="ddp")
+    apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.1})
+    with pytest.raises(ValueError, match="carries 2 in-backward optimisers"):
         shard_local(module)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
+def test_in_backward_optimiser_of_the_array_steps_it_as_the_dense_optimiser_would(optimizer):
+    # apply_optimizer_in_backward over the embeddings, as TorchRec's DLRM example does it: the
+    # sharded array then steps inside each backward (fused into the kernels for SGD and Adagrad)
+    # with that optimiser, which DMP's fused_optimizer holds; the dense optimiser leaves it alone
+    cls, kwargs = {"sgd": (torch.optim.SGD, {"lr": 0.5}), "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
+                   "adam": (torch.optim.Adam, {"lr": 0.01})}[optimizer]
+    cfg = RobeConfig(array_size=M, block_size=32)
+    torch.manual_seed(0)
+    module = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    reference = shard_local(copy.deepcopy(module))
+    reference_opt = cls([reference.array], **kwargs)
+    apply_optimizer_in_backward(cls, module.parameters(), dict(kwargs))
+    sharded = shard_local(module)
+    assert sharded.fused_optimizer_kind == {"sgd": "sgd", "adagrad": "adagrad", "adam": None}[optimizer]
+    assert list(sharded.fused_optimizer.params) == ["array"]
+    assert [n for n, _ in in_backward_optimizer_filter(sharded.named_parameters())] == []
+    for step in range(4):
+        features = kjt(batch=8, seed=step)
+        for m in (sharded, reference):
+            if step == 2:  # gradient accumulation: one backward under no_sync(), then a synced one
+                with m.no_sync():
+                    m(features).wait().values().square().sum().backward()
+                with torch.no_grad():  # (an evaluation in between changes nothing)
+                    m(features).wait()
+            m(features).wait().values().square().sum().backward()
+        assert sharded.array.grad is None  # stepped in the backward, nothing left for optimizer.step()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        # the kernels' fused SGD sums a slot's contributions in another order; the others are exact
+        tol = 1e-6 if optimizer == "sgd" else 0.0
+        torch.testing.assert_close(sharded.array, reference.array, rtol=0, atol=tol)
+    assert not torch.equal(sharded.array, module.array.new_zeros(()).expand_as(sharded.array))
+    state = sharded.fused_optimizer.state_dict()["state"]
+    if optimizer != "sgd":
+        assert set(state) == {"array"}
+        torch.testing.assert_close(next(iter(state["array"].values())), next(iter(reference_opt.state[reference.array].values())))
+    # saved and loaded as TorchRec's fused optimisers are: a resumed copy takes the same next step
+    saved = copy.deepcopy((sharded.state_dict(), CombinedOptimizer([("ebc", sharded.fused_optimizer)]).state_dict()))
+    resumed_module = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    apply_optimizer_in_backward(cls, resumed_module.parameters(), dict(kwargs))
+    resumed = shard_local(resumed_module)
+    resumed.load_state_dict(saved[0])
+    combined = CombinedOptimizer([("ebc", resumed.fused_optimizer)])
+    combined.init_state()  # (TorchRec's KeyedOptimizer loads into a state that exists: Adam's is made at its first step)
+    combined.load_state_dict(saved[1])
+    for m in (sharded, resumed):
+        m(kjt(batch=8, seed=9)).wait().values().square().sum().backward()
+    assert torch.equal(sharded.array, resumed.array)
+    # the planner budgets the array's optimiser state as for TorchRec's in-backward tables
+    planned = RobeEmbeddingBagCollectionSharder().shardable_parameters(module)["array"]
+    assert planned._optimizer_classes == [{"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+                                           "adam": torch.optim.Adam}[optimizer]]
 
 
 def test_load_state_dict_assign_relinks_the_lookup():
