@@ -67,10 +67,15 @@ def make_batch(step: int, rank: int, variable: bool = False) -> Batch:
                  labels=torch.randint(0, 2, (B,), generator=g).float())
 
 
-def wrap(model: DLRMTrain, plan, sharders, table_optimizer=torch.optim.Adagrad) -> DistributedModelParallel:
+def wrap(model: DLRMTrain, plan, sharders, table_optimizer=torch.optim.Adagrad,
+         whole_sparse_arch: bool = False) -> DistributedModelParallel:
+    """``whole_sparse_arch``: the in-backward optimiser over every parameter of the sparse arch, the
+    ROBE array's included, as TorchRec's DLRM example applies it."""
     initial = copy.deepcopy(model.state_dict())
+    if whole_sparse_arch:
+        apply_optimizer_in_backward(table_optimizer, model.model.sparse_arch.parameters(), {"lr": 0.05})
     for m in model.modules():
-        if type(m).__name__ == "EmbeddingBagCollection":
+        if type(m).__name__ == "EmbeddingBagCollection" and not whole_sparse_arch:
             apply_optimizer_in_backward(table_optimizer, m.parameters(), {"lr": 0.05})
     dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
     dmp.load_state_dict(initial)  # same start for both copies (TorchRec re-initialises CPU tables)
@@ -85,6 +90,7 @@ def find_sharded_robe(dmp) -> ShardedRobeEmbeddingBagCollection:
 
 
 def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, steps: int, variable: bool = False) -> Dict:
+    gradient_sync, _, in_backward = gradient_sync.partition("+")
     sharders = [RobeEmbeddingBagCollectionSharder(gradient_sync=gradient_sync), EmbeddingBagCollectionSharder()]
     plan = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu")).collective_plan(
         make_dlrm(kind), sharders, dist.GroupMember.WORLD)
@@ -92,7 +98,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     # (FBGEMM's TBE takes variable batches with SGD or row-wise Adagrad, not with full Adagrad)
     table_optimizer = torch.optim.SGD if variable else torch.optim.Adagrad
 
-    piped, piped_opt = wrap(make_dlrm(kind), plan, sharders, table_optimizer)
+    piped, piped_opt = wrap(make_dlrm(kind), plan, sharders, table_optimizer, bool(in_backward))
     pipeline = TrainPipelineSparseDist(piped, piped_opt, device=torch.device("cpu"), pipeline_postproc=True)
     it = iter(batches)
     piped_losses: List[float] = []
@@ -105,7 +111,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
     pipelined_names = [m.forward.name for m in pipeline._pipelined_modules]
     postprocs = sorted(m.fqn for m in pipeline._pipelined_postprocs)
 
-    loop, loop_opt = wrap(make_dlrm(kind), plan, sharders, table_optimizer)
+    loop, loop_opt = wrap(make_dlrm(kind), plan, sharders, table_optimizer, bool(in_backward))
     loop_losses = []
     for batch in batches:
         loss, _ = loop(batch)
@@ -138,6 +144,7 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
         "loop_losses": loop_losses,
         "piped_vs_loop": (a_piped - a_loop).abs().max().item(),
         "replica_diff": (other[0] - other[1]).abs().max().item(),
+        "array_in_fused_optimizer": [k for k in loop.fused_optimizer.params if k.endswith(".array")],
         "eval_pipelined": [m.forward.name for m in evaluation._pipelined_modules],
         "eval_equal": len(eval_logits) == len(plain_logits) and all(map(torch.equal, eval_logits, plain_logits)),
     }
@@ -145,6 +152,8 @@ def _rank_pipeline(rank: int, world_size: int, kind: str, gradient_sync: str, st
 
 @pytest.mark.parametrize("kind,gradient_sync,variable", [
     ("robe_alone", "hook", False), ("hybrid", "hook", False), ("hybrid", "ddp", False), ("hybrid_hot", "hook", False),
+    # apply_optimizer_in_backward over the whole sparse arch (TorchRec's DLRM example): the array too
+    ("hybrid", "hook+in_backward", False),
     # a variable batch per feature (VBE inputs); not "hybrid_hot": its tiny exact tables are planned
     # data-parallel, and TorchRec's data-parallel EBC fails on VBE inputs (torchrec 1.8.0)
     ("robe_alone", "hook", True), ("hybrid", "hook", True),
@@ -170,6 +179,7 @@ def test_train_pipeline_sparse_dist_matches_plain_loop(pg2, kind, gradient_sync,
         assert r["piped_losses"] == r["loop_losses"]
         assert r["piped_vs_loop"] == 0.0
         assert r["replica_diff"] == 0.0
+        assert r["array_in_fused_optimizer"] == ([robe_path + ".array"] if gradient_sync.endswith("in_backward") else [])
         assert robe_path in r["eval_pipelined"] and r["eval_equal"]  # TorchRec's EvalPipelineSparseDist too
 
 
