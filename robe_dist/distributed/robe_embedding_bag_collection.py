@@ -42,6 +42,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim.apply_optimizer_in_backward import param_to_acc_grad_map, param_to_optim_hook_handle_map
 from torchrec.distributed.embedding_sharding import KJTListSplitsAwaitable
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder, EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (
@@ -254,6 +255,12 @@ class ShardedRobeEmbeddingBagCollection(
             device = torch.device("cpu")
         self._device = torch.device(device)
 
+        if in_backward is not None:
+            # apply_optimizer_in_backward's hook on the caller's array (replaced below) holds it,
+            # and its optimiser and state, for as long as the process lives: let it go, as DDP does
+            for handle in param_to_optim_hook_handle_map.pop(module.array, []):
+                handle.remove()
+            param_to_acc_grad_map.pop(module.array, None)
         # The unsharded module runs the lookup; it is kept out of the module tree (state keys stay
         # "array" and "hash_signature", as unsharded) and shares its array and buffer with us.
         object.__setattr__(self, "_robe", module)
@@ -327,14 +334,27 @@ class ShardedRobeEmbeddingBagCollection(
         collects. The array keeps ``_in_backward_optimizers``, so ``in_backward_optimizer_filter``
         leaves it out of the dense optimiser."""
         self._optim = KeyedOptimizerWrapper({ARRAY_PARAMETER_NAME: self.array}, lambda params: optimizer_class(params, **kwargs))
-        self.array._in_backward_optimizers = [self._optim]  # type: ignore[attr-defined]
-        self.array._optimizer_classes = [optimizer_class]  # type: ignore[attr-defined]
-        self.array._optimizer_kwargs = [dict(kwargs)]  # type: ignore[attr-defined]
+        self._in_backward_spec = (optimizer_class, dict(kwargs))
+        self._mark_in_backward()
         if self._world_size == 1:
             try:
                 self.fuse_optimizer(self._optim._optimizer)
             except ValueError:
                 pass  # not an update the kernels apply: stepped by the grad hook below
+
+    def _mark_in_backward(self) -> None:
+        optimizer_class, kwargs = self._in_backward_spec
+        self.array._in_backward_optimizers = [self._optim]  # type: ignore[attr-defined]
+        self.array._optimizer_classes = [optimizer_class]  # type: ignore[attr-defined]
+        self.array._optimizer_kwargs = [dict(kwargs)]  # type: ignore[attr-defined]
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # a copy (copy.deepcopy, pickle) has a new array, without our hook and attributes
+        super().__setstate__(state)
+        self._hooked_array_id = None
+        if self._optim.params and any(p is self.array for g in self._optim.param_groups for p in g["params"]):
+            self._mark_in_backward()
+        self._install_grad_hook()
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
@@ -570,7 +590,24 @@ def _in_backward_optimizer_spec(
             f"{where}: the ROBE array carries {len(classes)} in-backward optimisers (apply_optimizer_in_backward "
             "called more than once over it?); one is supported, as for TorchRec's tables"
         )
-    return classes[0], dict(kwargs[0])
+    optimizer_class, optimizer_kwargs = classes[0], dict(kwargs[0])
+    # one step on a 2-element stand-in: TorchRec's placeholders (torchrec.optim.SGD, ...) only
+    # configure the fused kernels of sharded tables, and row-wise optimisers need 2-D rows
+    probe = nn.Parameter(torch.zeros(2))
+    try:
+        optimizer = optimizer_class([probe], **optimizer_kwargs)
+        probe.grad = torch.zeros(2)
+        optimizer.step()
+        optimizer.state, optimizer.param_groups  # noqa: B018 (what KeyedOptimizerWrapper reads)
+    except Exception as e:
+        name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
+        raise ValueError(
+            f"{where}: the ROBE array's in-backward optimiser {name}({optimizer_kwargs}) cannot train it, a 1-D "
+            f"dense parameter ({type(e).__name__}{f': {e}' if str(e) else ' in step()'}); give the array a "
+            "torch.optim optimiser (e.g. "
+            "torch.optim.Adagrad), or leave it out of apply_optimizer_in_backward"
+        ) from None
+    return optimizer_class, optimizer_kwargs
 
 
 def fusable_update(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> Tuple[str, Dict[str, Any]]:
@@ -675,10 +712,15 @@ class RobeEmbeddingBagCollectionSharder(BaseEmbeddingSharder[RobeEmbeddingBagCol
             if spec is not None:
                 try:
                     slots = optimizer_state_slots(*spec)
-                    planner_class = _PLANNER_CLASS_FOR_SLOTS[min(slots, max(_PLANNER_CLASS_FOR_SLOTS))]
                 except ValueError:  # an optimiser we do not know: TorchRec's estimator sizes it
-                    planner_class = spec[0]
-                tensor._optimizer_classes = [planner_class]  # type: ignore[attr-defined]
+                    tensor._optimizer_classes = [spec[0]]  # type: ignore[attr-defined]
+                else:
+                    if slots not in _PLANNER_CLASS_FOR_SLOTS:
+                        raise ValueError(
+                            f"RobeEmbeddingBagCollectionSharder: the array's in-backward {spec[0].__name__}({spec[1]}) "
+                            f"keeps {slots} array-sized states; TorchRec's planner can budget 0, 1 or 2"
+                        )
+                    tensor._optimizer_classes = [_PLANNER_CLASS_FOR_SLOTS[slots]]  # type: ignore[attr-defined]
         return {ARRAY_PARAMETER_NAME: tensor}  # type: ignore[dict-item]
 
     def sharding_types(self, compute_device_type: str) -> List[str]:

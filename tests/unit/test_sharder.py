@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -370,6 +372,21 @@ def test_shard_refusals_name_the_problem():
     apply_optimizer_in_backward(torch.optim.Adagrad, module.parameters(), {"lr": 0.1})
     with pytest.raises(ValueError, match="carries 2 in-backward optimisers"):
         shard_local(module)
+    # TorchRec's placeholders (they configure the fused kernels of sharded tables) cannot train it
+    from torchrec.optim import optimizers as trec_optim
+
+    for cls in (trec_optim.SGD, trec_optim.Adagrad):
+        module = RobeEmbeddingBagCollection(robe_tables(), cfg)
+        apply_optimizer_in_backward(cls, module.parameters(), {"lr": 0.1})
+        with pytest.raises(ValueError, match=rf"optimiser torchrec.optim.optimizers.{cls.__name__}.*cannot train it.*"
+                                             r"NotImplementedError.*torch.optim"):
+            plan(module, world_size=1)
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.*cannot train it"):
+            shard_local(module)
+    module = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    apply_optimizer_in_backward(torch.optim.Adam, module.parameters(), {"lr": 0.1, "amsgrad": True})
+    with pytest.raises(ValueError, match="keeps 3 array-sized states"):
+        plan(module, world_size=1)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
@@ -421,6 +438,19 @@ def test_in_backward_optimiser_of_the_array_steps_it_as_the_dense_optimiser_woul
     for m in (sharded, resumed):
         m(kjt(batch=8, seed=9)).wait().values().square().sum().backward()
     assert torch.equal(sharded.array, resumed.array)
+    # a copy steps its own array as the original steps its
+    copied = copy.deepcopy(sharded)
+    assert [n for n, _ in in_backward_optimizer_filter(copied.named_parameters())] == []
+    for m in (sharded, copied):
+        m(kjt(batch=8, seed=10)).wait().values().square().sum().backward()
+    assert copied.array.grad is None and torch.equal(sharded.array, copied.array)
+    # the caller's array, replaced when sharding, is not kept alive by apply_optimizer_in_backward's hook
+    dropped = RobeEmbeddingBagCollection(robe_tables(), cfg)
+    apply_optimizer_in_backward(cls, dropped.parameters(), dict(kwargs))
+    original = weakref.ref(dropped.array)
+    kept = shard_local(dropped)
+    gc.collect()
+    assert original() is None and kept.array is dropped.array
     # the planner budgets the array's optimiser state as for TorchRec's in-backward tables
     planned = RobeEmbeddingBagCollectionSharder().shardable_parameters(module)["array"]
     assert planned._optimizer_classes == [{"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
