@@ -592,7 +592,7 @@ def _in_backward_optimizer_spec(
         )
     optimizer_class, optimizer_kwargs = classes[0], dict(kwargs[0])
     # one step on a 2-element stand-in: TorchRec's placeholders (torchrec.optim.SGD, ...) only
-    # configure the fused kernels of sharded tables, and row-wise optimisers need 2-D rows
+    # configure the fused kernels of sharded tables and cannot step
     probe = nn.Parameter(torch.zeros(2))
     try:
         optimizer = optimizer_class([probe], **optimizer_kwargs)
@@ -604,8 +604,7 @@ def _in_backward_optimizer_spec(
         raise ValueError(
             f"{where}: the ROBE array's in-backward optimiser {name}({optimizer_kwargs}) cannot train it, a 1-D "
             f"dense parameter ({type(e).__name__}{f': {e}' if str(e) else ' in step()'}); give the array a "
-            "torch.optim optimiser (e.g. "
-            "torch.optim.Adagrad), or leave it out of apply_optimizer_in_backward"
+            "torch.optim optimiser (e.g. torch.optim.Adagrad), or leave it out of apply_optimizer_in_backward"
         ) from None
     return optimizer_class, optimizer_kwargs
 
