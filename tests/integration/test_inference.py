@@ -97,6 +97,7 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", m["vocab"], "--split", "test", "--out", scores)
     assert code == 0, err
     assert abs(auc_of(out) - m["test"]["auc"]) < 2e-4, (out, m["test"]["auc"])
+    assert abs(float(out.split("log-loss ")[1].split()[0].rstrip(";")) - m["test"]["logloss"]) < 2e-4, (out, m["test"]["logloss"])
     lines = scores.read_text().split()
     assert len(lines) == m["test"]["eval_samples"] and all(0 < float(x) < 1 for x in lines[:1000])
     if nproc == 1:
@@ -107,6 +108,10 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
     assert code == 0 and "bf16" in out, err
     assert abs(float(out.split("change ")[1].split(")")[0])) < 0.005 and "validation AUC of the artifact" in out
     assert art16.stat().st_size < art.stat().st_size
+    import torch
+
+    stored = {t.dtype for t in torch.export.load(str(art16)).state_dict.values()}
+    assert torch.bfloat16 in stored and torch.float16 not in stored, stored
 
 
 @pytest.mark.integration
@@ -299,9 +304,11 @@ def test_bad_options_and_outputs_are_one_line_exit_2_and_overwrite_nothing(tmp_p
     assert "inside the --data directory" in predict("--data", npy, "--out", npy / "day_2_sparse.npy", names="--out")
     assert "inside the --vocab directory" in predict("--data", tsv, "--vocab", npy, "--out", npy / "manifest.json",
                                                      names="--out")  # fmt: skip
-    # 2. robe-export's --out inside the checkpoint, or the checkpoint itself
+    # 2. robe-export's --out inside the checkpoint, or the checkpoint itself, or inside its --data dataset
     for out in (ckpt / ".metadata", ckpt):
         assert "--checkpoint directory" in refused(robe_export.main, "--checkpoint", ckpt, "--out", out, names=f"--out {out}")
+    assert "is the --data dataset" in refused(robe_export.main, "--checkpoint", ckpt, "--out", npy / "model.pt2",
+                                              "--data", npy, names=f"--out {npy / 'model.pt2'}")  # fmt: skip
     # 3. --out a directory: refused before scoring (the data is not even read), nothing left beside it
     (tmp_path / "a_dir").mkdir()
     empty = tmp_path / "empty.tsv"
@@ -362,6 +369,9 @@ def test_the_artifact_runs_after_torch_export_load_and_import_robe_dist_ops(hybr
     g = torch.Generator().manual_seed(0)
     dense, values = torch.rand(4, 13, generator=g), torch.randint(0, 3, (26 * 4,), generator=g)
     assert scores.shape == (4,) and torch.equal(scores, model(dense, values, torch.ones(26 * 4, dtype=torch.long)))
+    # one row (--batch-size 1, or a last batch of one row): the loader's own path for it
+    one = model(dense[:1], values[::4], torch.ones(26, dtype=torch.long))
+    torch.testing.assert_close(one, scores[:1], rtol=1e-6, atol=1e-7)
 
 def _criteo_sample() -> Path:
     env = os.environ.get("ROBE_DIST_CRITEO_SAMPLE")

@@ -331,6 +331,30 @@ def test_resume_on_a_training_split_of_another_size_is_refused(tmp_path, data_di
     assert f"data.path {other} now has 35,000" in said[0]
 
 
+def test_resume_with_another_global_batch_size_is_refused(tmp_path, data_dir, five_steps):
+    """The data position is counted in batches of the checkpoint's global batch size."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    p = train(run, data_dir, "train.max_steps=8", "train.global_batch_size=256", resume=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    said = [line for line in p.stderr.splitlines() if "robe-train:" in line]
+    assert len(said) == 1 and "train.global_batch_size is 256 but checkpoint" in said[0], said
+    assert "resume with the same global batch size" in said[0]
+
+
+def test_a_checkpoint_whose_replacement_was_not_finished_is_restored(tmp_path, data_dir, five_steps):
+    """A save that replaces step_N renames it step_N.old first: a run that died before publishing
+    the new one leaves only step_N.old, which the next start puts back and resumes from."""
+    run = tmp_path / "run"
+    shutil.copytree(five_steps, run)
+    (run / "checkpoints" / "step_00000005").rename(run / "checkpoints" / "step_00000005.old")
+    p = train(run, data_dir, "train.max_steps=6", "eval.at_end=false", resume=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"restoring {run / 'checkpoints' / 'step_00000005'}" in p.stderr
+    assert [r["step"] for r in records(run, "train")][-1] == 6
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step_00000005", "step_00000006"]
+
+
 def test_a_checkpoint_dir_that_cannot_be_made_is_refused_before_any_step_on_one_process(tmp_path, data_dir, five_steps):
     """On several processes the shared-directory check found it at the start; on one it used to
     train until the first save (the default config saves every 500 steps)."""
@@ -359,6 +383,11 @@ def test_damaged_checkpoint_is_refused_naming_the_one_before(tmp_path, data_dir,
     from robe_dist.trainer.checkpoint import damaged_files
 
     assert damaged_files(run / "checkpoints" / "step_00000005") is None
+    shard5 = next((run / "checkpoints" / "step_00000005").glob("*.distcp"))
+    whole = shard5.read_bytes()
+    shard5.write_bytes(whole[:-1])  # cut inside its last tensor
+    assert damaged_files(shard5.parent).startswith(f"tensor file {shard5.name} is cut short")
+    shard5.write_bytes(whole)
     (last / ".metadata").unlink()
     assert damaged_files(last) == "its DCP index .metadata is missing"
     rng = run / "checkpoints" / "step_00000005" / "rng_rank0.pt"

@@ -25,3 +25,13 @@ def test_row_count_and_log_loss_stay_exact_past_2_to_the_24_rows():
     assert out["eval_samples"] == 4096
     expected = F.binary_cross_entropy_with_logits(logits.double(), labels.double()).item()
     assert abs(out["logloss"] - expected) < 1e-7
+
+
+def test_accuracy_thresholds_the_probability_not_the_logit():
+    # logits in (0, 0.5): every probability is above 0.5 (predicted 1), every logit below it
+    g = torch.Generator().manual_seed(1)
+    logits, labels = 0.05 + 0.4 * torch.rand(1000, generator=g), torch.randint(0, 2, (1000,), generator=g).float()
+    metrics = EvalMetrics(torch.device("cpu"))
+    metrics.update(logits, labels)
+    out = metrics.compute()
+    assert out["accuracy"] == ((torch.sigmoid(logits) > 0.5).float() == labels).float().mean().item() == labels.mean().item()
