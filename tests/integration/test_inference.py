@@ -337,6 +337,15 @@ def test_bad_options_and_outputs_are_one_line_exit_2_and_overwrite_nothing(tmp_p
     torch.export.save(ep, str(raw_ids), extra_files={"robe_dist.json": json.dumps(meta)})
     code, _, err = call(robe_predict.main, capsys, "--model", raw_ids, "--data", tsv, "--vocab", npy)
     assert code == 2 and len(err) == 1 and f"--vocab {npy}" in err[0] and "trained on raw ids" in err[0], err
+    # an artifact that does not say how its model reads ids (an older robe-export), and a multi-hot
+    # model given raw (one-hot) rows
+    for name, changes, says in (("no_ids", {"ids": None}, "does not record whether"),
+                                ("multi_hot", {"multi_hot": True}, "a multi-hot model scores npy datasets only")):
+        other = tmp_path / f"{name}.pt2"
+        meta = {k: v for k, v in dict(json.loads(extra["robe_dist.json"]), **changes).items() if v is not None}
+        torch.export.save(ep, str(other), extra_files={"robe_dist.json": json.dumps(meta)})
+        code, _, err = call(robe_predict.main, capsys, "--model", other, "--data", tsv, "--vocab", npy)
+        assert code == 2 and len(err) == 1 and says in err[0], (name, err)
     # a missing parent directory of --out is created (as robe-export does)
     scores = tmp_path / "missing" / "dir" / "s.txt"
     code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", npy, "--out", scores)

@@ -331,6 +331,12 @@ def test_resume_on_a_training_split_of_another_size_is_refused(tmp_path, data_di
     assert f"data.path {other} now has 35,000" in said[0]
 
 
+def test_eval_max_batches_evaluates_the_first_batches_only(tmp_path, data_dir):
+    run = tmp_path / "run"
+    ok(train(run, data_dir, "train.max_steps=2", "eval.batch_size=512", "eval.max_batches=3"))
+    assert [(r["split"], r["eval_samples"]) for r in records(run, "eval")] == [("val", 3 * 512), ("test", 3 * 512)]
+
+
 def test_resume_with_another_global_batch_size_is_refused(tmp_path, data_dir, five_steps):
     """The data position is counted in batches of the checkpoint's global batch size."""
     run = tmp_path / "run"

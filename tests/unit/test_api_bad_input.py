@@ -209,10 +209,19 @@ def test_a_scores_file_whose_temporary_name_would_be_too_long_is_refused_before_
     that fits but whose temporary one does not failed only after the scoring."""
     from robe_dist.inference.predict import ExportError, check_out
 
+    from robe_dist.inference.predict import _temporary
+
     limit = os.pathconf(tmp_path, "PC_NAME_MAX")
     check_out(tmp_path / ("s" * (limit - 30)), [])
     with pytest.raises(ExportError, match="its name is too long to write it atomically"):
         check_out(tmp_path / ("s" * limit), [])
+    # the longest that fits: a temporary name of exactly NAME_MAX characters, written and renamed
+    extra = len(_temporary(tmp_path / "s").name) - 1
+    out = tmp_path / ("s" * (limit - extra))
+    assert len(_temporary(out).name) == limit
+    check_out(out, [])
+    _temporary(out).write_text("1\n")
+    _temporary(out).rename(out)
 
 
 def test_scores_under_an_input_file_are_refused_as_under_a_file_not_as_that_file(tmp_path):
