@@ -118,6 +118,8 @@ def test_exported_model_scores_as_in_training(tmp_path, capsys, caplog, data_dir
 @pytest.mark.parametrize("kind, overrides, dtype", [
     ("qr", ["robe.features=none", "robe.budget=null", "robe.array_size=null", "model.qr_max_rows=512"], "fp32"),
     ("hot_rows", ["robe.hot_rows=true"], "bf16"),
+    # raw ids (no vocabulary): the full tables read them modulo their size, as the trainer did
+    ("raw_ids", ["data.vocab=false"], "fp32"),
 ])  # fmt: skip
 def test_quotient_remainder_and_hot_row_models_export_and_score_as_in_training(tmp_path, capsys, data_dir, hybrid, kind, overrides, dtype):
     # (the QR split's id check was a data-dependent guard under torch.export; a hot-row model's
@@ -131,13 +133,16 @@ def test_quotient_remainder_and_hot_row_models_export_and_score_as_in_training(t
     handler.emit = lambda record: said.append(record.getMessage())
     logging.getLogger("torch._export.serde.serialize").addHandler(handler)
     try:
-        code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", hybrid["vocab"], "--split", "test",
+        data = data_dir if kind == "raw_ids" else hybrid["vocab"]
+        code, out, err = call(robe_predict.main, capsys, "--model", art, "--data", data, "--split", "test",
                               "--out", tmp_path / "scores.txt")  # fmt: skip
     finally:
         logging.getLogger("torch._export.serde.serialize").removeHandler(handler)
     assert code == 0, err
     assert abs(auc_of(out) - m["test"]["auc"]) < (2e-4 if dtype == "fp32" else 2e-3), (out, m["test"]["auc"])
     assert not [w for w in said if "did not appear in the graph" in w], said[:3]
+    if kind == "raw_ids":  # (a hybrid: full tables whose ids are taken modulo their size)
+        assert m["placement"]["full_tables"] and robe_predict.read_metadata(art)["id_moduli"]
 
 
 @pytest.mark.integration
