@@ -352,7 +352,7 @@ class ShardedRobeEmbeddingBagCollection(
         # a copy (copy.deepcopy, pickle) has a new array, without our hook and attributes
         super().__setstate__(state)
         self._hooked_array_id = None
-        if self._optim.params and any(p is self.array for g in self._optim.param_groups for p in g["params"]):
+        if self._optim.params and _group_holding(self._optim, self.array) is not None:
             self._mark_in_backward()
         self._install_grad_hook()
 
@@ -362,14 +362,13 @@ class ShardedRobeEmbeddingBagCollection(
         return self._optim
 
     def _step_in_backward(self) -> None:
-        optimizer = self._optim
-        if not any(p is self.array for group in optimizer.param_groups for p in group["params"]):
+        if _group_holding(self._optim, self.array) is None:
             raise RuntimeError(
                 f"ShardedRobeEmbeddingBagCollection({self._module_fqn or ''!s}): the array was replaced after "
                 "sharding (load_state_dict(assign=True)?) and its in-backward optimiser still holds the old one; "
                 "load the state in place (assign=False)"
             )
-        optimizer.step()
+        self._optim.step()
         self.array.grad = None
 
     # ------------------------------------------------------------------ gradient averaging ("hook")
@@ -380,7 +379,7 @@ class ShardedRobeEmbeddingBagCollection(
             # see them, so a bound method here made module -> array -> hook -> module a cycle that gc
             # never frees: it kept this module, its process group (self._pg, self._env) and gloo's
             # worker threads alive after destroy_process_group(), until the process ended
-            method = weakref.WeakMethod(self._all_reduce_grad_hook)
+            method = weakref.WeakMethod(self._grad_hook)
 
             def hook(param: torch.Tensor) -> None:
                 bound = method()
@@ -390,7 +389,9 @@ class ShardedRobeEmbeddingBagCollection(
             self.array.register_post_accumulate_grad_hook(hook)
             self._hooked_array_id = id(self.array)
 
-    def _all_reduce_grad_hook(self, param: torch.Tensor) -> None:
+    def _grad_hook(self, param: torch.Tensor) -> None:
+        """Once the array's gradient is complete: averages it over ranks ("hook" mode) and steps
+        the in-backward optimiser, if any, on the average (at once on one rank)."""
         if not self._require_grad_sync or param.grad is None:
             return  # (no_sync: the gradient accumulates, averaged and stepped at the next synced backward)
         in_backward = bool(self._optim.params)
@@ -609,13 +610,18 @@ def _in_backward_optimizer_spec(
     return optimizer_class, optimizer_kwargs
 
 
+def _group_holding(optimizer: torch.optim.Optimizer, array: torch.Tensor) -> Optional[Dict[str, Any]]:
+    """The param group of ``optimizer`` that holds ``array`` (by identity), or ``None``."""
+    return next((g for g in optimizer.param_groups if any(p is array for p in g["params"])), None)
+
+
 def fusable_update(optimizer: torch.optim.Optimizer, array: torch.Tensor, where: str) -> Tuple[str, Dict[str, Any]]:
     """``(kind, param_group)``: the update of ``optimizer`` on ``array`` that the kernels can apply
     inside the backward (``"sgd"`` or ``"adagrad"``) and the group holding ``array``.
     ``ValueError`` naming the setting that prevents it (``TypeError`` for what is no optimiser)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{where}: expected a torch.optim.Optimizer holding the ROBE array, got {type(optimizer).__name__}")
-    group = next((g for g in optimizer.param_groups if any(p is array for p in g["params"])), None)
+    group = _group_holding(optimizer, array)
     if group is None:
         raise ValueError(f"{where}: the optimizer does not hold the ROBE array")
     name = type(optimizer).__name__
