@@ -29,10 +29,14 @@
 // R = max occurrences). One index per block, never one per element; int32 where the array has at
 // most 2^31 - 1 slots (every start fits: half the bytes written and read again), else int64.
 //
-// The backward partitions the array's slots between threads: the blocks are bucketed by the
-// thread that owns their slots, and each thread adds only into its own slots (backward_impl).
-// No atomics, no per-thread copies of the array, and the summation order of each slot is
-// independent of the thread count, so gradients are bit-for-bit deterministic.
+// Both directions group the blocks by bucket of the array (4096 slots) in a work list and walk it
+// bucket by bucket, so the array is read or updated a few KiB at a time instead of at random; the
+// random accesses go to the output (the forward's non-temporal stores) and to the upstream
+// gradient (prefetched). The forward does so for one-hot lookups (forward_bucketed; bag-major
+// forward_impl otherwise) and leaves its list for the backward, which builds its own where the
+// inputs differ (ListPool). Each thread adds only into its own buckets: no atomics, no
+// per-thread copies of the array, and the summation order of each slot is independent of the
+// thread count, so gradients are bit-for-bit deterministic (backward_impl).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -47,10 +51,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <string>
 
 namespace {
@@ -355,21 +362,54 @@ inline void add_block(scalar_t* dst, int64_t s, int64_t z, int64_t lo, int64_t h
   for (int64_t j = j0; j < j1; ++j) dst[s + j] += alpha * g[j];
 }
 
-// One block of the backward's work list: target[s + j] += alpha * grad_out[g + j] (j < Z).
-// index_t is int32_t where the array and grad_out allow it: 12 bytes an entry instead of 24.
+constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+
+// One block of a work list: the forward copies factor * array[s + j] to out[g + j]; the backward
+// adds alpha * factor * grad_out[g + j] to target[s + j] (j < Z). The factor is the block's weight
+// in its bag's pooled output (its per-sample weight, times 1 / bag length for MEAN). Entries are
+// 12 bytes where the array and the output have at most 2^31 - 1 elements (24 past that), and 8
+// (UnitRef, no factor: it is 1) where they do and no block is weighted or pooled by MEAN.
 template <typename scalar_t, typename index_t>
 struct BlockRef {
   index_t s;
   index_t g;
   scalar_t alpha;
+  static BlockRef make(int64_t s, int64_t g, scalar_t factor) {
+    return {static_cast<index_t>(s), static_cast<index_t>(g), factor};
+  }
+  scalar_t factor() const { return alpha; }
 };
+
+template <typename scalar_t>
+struct UnitRef {
+  int32_t s;
+  int32_t g;
+  static UnitRef make(int64_t s, int64_t g, scalar_t) { return {static_cast<int32_t>(s), static_cast<int32_t>(g)}; }
+  scalar_t factor() const { return scalar_t(1); }
+};
+
+// Calls fn(R{}) with the entry type for these sizes: UnitRef, BlockRef<scalar_t, int32_t> or
+// BlockRef<scalar_t, int64_t>.
+template <typename scalar_t, typename Fn>
+void with_entry_type(const Problem& pb, const scalar_t* weights, int64_t out_dim, int64_t array_size, Fn&& fn) {
+  const bool narrow = array_size <= kMax32 && pb.batch * out_dim <= kMax32;
+  bool unit = narrow && weights == nullptr;
+  for (int64_t f = 0; f < pb.num_features && unit; ++f) unit = pb.meta[f * kMetaCols + kPooling] == kPoolSum;
+  if (unit) {
+    fn(UnitRef<scalar_t>{});
+  } else if (narrow) {
+    fn(BlockRef<scalar_t, int32_t>{});
+  } else {
+    fn(BlockRef<scalar_t, int64_t>{});
+  }
+}
 
 constexpr int64_t kPrefetchAhead = 16;  // work-list entries between a prefetch and its use
 
 // floor(s / d) for 0 <= s < 2^32 and 0 < d < 2^32 by a multiply with a precomputed reciprocal
 // (Granlund-Montgomery / Lemire): magic = floor((2^64 - 1) / d) + 1 exceeds 2^64 / d by at most
 // 1, so the product errs by less than s / 2^64 < 1 / d, which cannot carry into the next integer.
-// The backward's bucketing divides twice per block; a 64-bit idiv there cost more than the adds.
+// The bucketing divides twice per block; a 64-bit idiv there cost more than the adds.
 struct SlotDivider {
   uint64_t d;
   uint64_t magic;
@@ -384,136 +424,525 @@ struct SlotDivider {
   }
 };
 
-// Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself with
-// alpha = -lr for the fused SGD update).
-//
-// Each of the T threads owns one slot range of the array (aligned to 16 floats, one 64-byte line,
-// so no two threads write one line) and adds only into it: no atomics, no per-thread copies of
-// the array. The blocks are bucketed by owner first, so each thread reads only its own work:
-//   1. the batch is cut into T bag ranges; thread w counts its range's blocks per owner;
-//   2. prefix sums give every (range, owner) pair its place in one work list, grouped by owner
-//      and, within an owner, in range order; thread w writes its blocks there;
-//   3. thread o walks owner o's list, prefetching the slots a few entries ahead, and adds.
-// The walk touches every block twice (steps 1, 2) in parallel instead of once per thread, and an
-// owner's list is the fixed walk order restricted to its slots: every slot sums its terms in
-// the same order whatever T is, so gradients are bit-for-bit deterministic and independent of the
-// thread count. A block that straddles two ranges is listed for both, each adding its part.
-template <typename scalar_t, typename index_t, typename start_t>
-void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
-                   int64_t out_dim, const start_t* starts, scalar_t* target, int64_t array_size,
-                   scalar_t alpha) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunk = ((array_size + threads - 1) / threads + 15) / 16 * 16;
-  const int64_t owners = (array_size + chunk - 1) / chunk;
-  const SlotDivider owner_of(chunk, array_size);  // the owner of slot s: s / chunk
-  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t max_start = array_size - z;
-  auto check_starts_in_range = [&](bool found, int64_t bad) {
-    TORCH_CHECK_VALUE(!found, "robe: the backward's block starts must lie in [0, ", max_start,
-                      "] (array_size ", array_size, ", block_size ", z, "), found ", bad,
-                      ": starts of another array, or not the forward's");
-  };
-  if (owners <= 1 || pb.batch < 2) {  // one range: no work list; each bag's slots prefetched a bag ahead
-    bool found = false;  // checked before anything is written (the fused update writes the array)
-    int64_t bad = 0;
-    walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
-      if (s < 0 || s > max_start) found = true, bad = s;
-    });
-    check_starts_in_range(found, bad);
-    for (int64_t b = 0; b < pb.batch; ++b) {
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
-                            [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
-        add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
+// Slots of the array per bucket of a work list: a bucket's slots (16 KiB of float32) stay in
+// L1/L2 while its blocks are read or added, so the random accesses go to a few KiB at a time and
+// the array is swept once, in order (docs/performance.md). At most kMaxBuckets buckets: wider
+// ones past 2^28 slots.
+constexpr int64_t kBucketSlots = 4096;
+constexpr int64_t kMaxBuckets = int64_t(1) << 16;
+
+// The slots per bucket with `threads` threads: kBucketSlots (more for huge arrays), or the array
+// cut in `threads` ranges where that is narrower; a multiple of 16 floats (one 64-byte line of
+// float32), so no two buckets share a line of the array.
+inline int64_t bucket_slots(int64_t array_size, int64_t threads) {
+  const int64_t per_thread = ((array_size + threads - 1) / threads + 15) / 16 * 16;
+  const int64_t wide = ((array_size + kMaxBuckets - 1) / kMaxBuckets + 15) / 16 * 16;
+  return std::min(per_thread, std::max(kBucketSlots, wide));
+}
+
+// The blocks of one lookup grouped by the bucket of array slots they touch (`chunk` slots each):
+// bucket o's entries are refs[begin[o] : begin[o + 1]], in the fixed walk order (bag-major, then
+// feature, value, block); a block that straddles two buckets is listed in both. Its buffers are
+// kept and reused (the pool below): no page faults in the steady state.
+struct WorkList {
+  int64_t chunk = 0;
+  int64_t buckets = 0;
+  std::vector<int64_t> begin;
+  std::vector<int64_t> pos;     // [ranges * buckets] while building
+  std::vector<uint8_t> bytes;   // R[begin[buckets]], R the entry type (BlockRef, UnitRef)
+  // The bag ranges that built the list (BagRanges(batch, ranges)) and, per range, the walk
+  // position of its first block (prefix sums, [ranges + 1]).
+  int64_t ranges = 0;
+  std::vector<int64_t> range_first;
+  // [blocks], by walk position: the place of each block's first entry (the backward stages the
+  // upstream gradient in list order there); empty past 2^32 entries.
+  std::vector<uint32_t> first;
+  // What it was built from, compared byte for byte before a backward reuses it (ListKey).
+  std::vector<uint8_t> key;
+
+  template <typename R>
+  R* refs() { return reinterpret_cast<R*>(bytes.data()); }
+};
+
+// Everything a work list depends on, in order: the sizes and types, then meta, offsets, weights
+// and starts as bytes. Two lookups with equal keys have equal work lists (whatever the thread
+// count: the list records its own chunk).
+struct ListKey {
+  int64_t head[12];                                  // the sizes and types
+  std::vector<std::pair<const void*, size_t>> parts;  // the inputs' bytes (not copied)
+
+  template <typename scalar_t, typename R, typename start_t>
+  static ListKey of(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim, const start_t* starts,
+                    int64_t array_size) {
+    ListKey k;
+    const int64_t head[12] = {pb.num_features, pb.batch, pb.num_values, pb.max_blocks, pb.occurrences, z,
+                              out_dim, array_size, weights != nullptr, int64_t(sizeof(scalar_t)),
+                              int64_t(sizeof(R)), int64_t(sizeof(start_t))};
+    std::copy(head, head + 12, k.head);
+    int64_t num_keys = 0;
+    for (int64_t f = 0; f < pb.num_features; ++f) num_keys = std::max(num_keys, pb.meta[f * kMetaCols + kKeyIndex] + 1);
+    k.parts.push_back({pb.meta, sizeof(int64_t) * pb.num_features * kMetaCols});
+    k.parts.push_back({pb.offsets, sizeof(int64_t) * (num_keys * pb.batch + 1)});
+    if (weights) k.parts.push_back({weights, sizeof(scalar_t) * pb.num_values});
+    k.parts.push_back({starts, sizeof(start_t) * pb.occurrences * pb.num_values * pb.max_blocks});
+    return k;
+  }
+  size_t bytes() const {
+    size_t n = sizeof(head);
+    for (const auto& p : parts) n += p.second;
+    return n;
+  }
+  // Copies the key into `out` (its capacity reused).
+  void store(std::vector<uint8_t>& out) const {
+    out.resize(bytes());
+    uint8_t* at = out.data();
+    std::memcpy(at, head, sizeof(head));
+    at += sizeof(head);
+    for (const auto& p : parts) {
+      std::memcpy(at, p.first, p.second);
+      at += p.second;
+    }
+  }
+  bool equals(const std::vector<uint8_t>& stored) const {
+    if (stored.size() != bytes()) return false;
+    const uint8_t* at = stored.data();
+    if (std::memcmp(at, head, sizeof(head)) != 0) return false;
+    at += sizeof(head);
+    for (const auto& p : parts) {
+      if (std::memcmp(at, p.first, p.second) != 0) return false;
+      at += p.second;
+    }
+    return true;
+  }
+};
+
+// The forward of a one-hot lookup builds its work list anyway (forward_bucketed); the backward
+// of the same lookup needs exactly that list, so the forward leaves it here and the backward
+// takes it if every input it was built from is byte-identical (starts, offsets, meta, weights,
+// the sizes), and builds its own otherwise. At most kPoolLists lists, the least recent dropped;
+// a list of more than kPoolMaxBytes is not kept.
+constexpr size_t kPoolLists = 2;
+constexpr size_t kPoolMaxBytes = size_t(512) << 20;
+
+class ListPool {
+ public:
+  // A list to build into: a recycled one (its buffers reused) or a new one.
+  std::unique_ptr<WorkList> take_free() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_.empty()) {
+      auto wl = std::move(free_.back());
+      free_.pop_back();
+      return wl;
+    }
+    if (ready_.size() >= kPoolLists) {  // the oldest unclaimed list
+      auto wl = std::move(ready_.front());
+      ready_.erase(ready_.begin());
+      return wl;
+    }
+    return std::make_unique<WorkList>();
+  }
+  // A list built from exactly `key`, or nullptr.
+  std::unique_ptr<WorkList> take_ready(const ListKey& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = ready_.begin(); it != ready_.end(); ++it) {
+      if (key.equals((*it)->key)) {
+        auto wl = std::move(*it);
+        ready_.erase(it);
+        return wl;
+      }
+    }
+    return nullptr;
+  }
+  void put_ready(std::unique_ptr<WorkList> wl) {
+    if (wl->bytes.size() > kPoolMaxBytes) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    while (free_.size() + ready_.size() >= kPoolLists) {
+      if (!free_.empty()) {
+        free_.pop_back();
+      } else {
+        ready_.erase(ready_.begin());
+      }
+    }
+    ready_.push_back(std::move(wl));
+  }
+  void put_free(std::unique_ptr<WorkList> wl) {
+    if (wl->bytes.size() > kPoolMaxBytes) return;
+    wl->key.clear();  // (its capacity kept)
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.size() + ready_.size() < kPoolLists) free_.push_back(std::move(wl));
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.clear();
+    ready_.clear();
+  }
+  size_t ready() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return ready_.size();
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<WorkList>> free_, ready_;
+};
+
+ListPool& list_pool() {
+  static ListPool* pool = new ListPool();  // never destroyed: no order-of-exit problems
+  return *pool;
+}
+
+// Cuts buckets [0, buckets) into `parts` contiguous runs of about equal work (entries, whose
+// prefix sums are `begin`); returns the parts + 1 bucket boundaries.
+std::vector<int64_t> balanced_runs(const std::vector<int64_t>& begin, int64_t buckets, int64_t parts) {
+  std::vector<int64_t> cut(parts + 1, buckets);
+  cut[0] = 0;
+  const int64_t total = begin[buckets];
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t want = total / parts * p + std::min(p, total % parts);
+    const int64_t at = std::lower_bound(begin.begin(), begin.begin() + buckets + 1, want) - begin.begin();
+    cut[p] = std::min(buckets, std::max(cut[p - 1], at));
+  }
+  return cut;
+}
+
+// The bag ranges that count and place blocks: one per thread, in batch order.
+struct BagRanges {
+  int64_t count;
+  int64_t per;
+  BagRanges(int64_t batch, int64_t threads)
+      : count(std::max<int64_t>(1, std::min(threads, batch))), per((batch + count - 1) / count) {}
+  std::pair<int64_t, int64_t> bags(int64_t w, int64_t batch) const {
+    return {std::min(batch, w * per), std::min(batch, (w + 1) * per)};
+  }
+};
+
+// Prepares wl for `ranges` x buckets of `chunk` slots (wl.pos zeroed for counting).
+void reset_list(WorkList& wl, int64_t array_size, int64_t chunk, int64_t ranges) {
+  wl.chunk = chunk;
+  wl.buckets = (array_size + chunk - 1) / chunk;
+  wl.begin.assign(wl.buckets + 1, 0);
+  wl.pos.assign(ranges * wl.buckets, 0);
+  wl.ranges = ranges;
+  wl.range_first.assign(ranges + 1, 0);  // counts per range at [w + 1] while counting
+}
+
+// From the counts per (range, bucket) in wl.pos: every pair's first place in the list, grouped
+// by bucket and, within a bucket, in range order; sizes wl.bytes.
+template <typename R>
+void place_counts(WorkList& wl, int64_t ranges) {
+  int64_t next = 0;
+  for (int64_t o = 0; o < wl.buckets; ++o) {
+    wl.begin[o] = next;
+    for (int64_t w = 0; w < ranges; ++w) {
+      const int64_t n = wl.pos[w * wl.buckets + o];
+      wl.pos[w * wl.buckets + o] = next;
+      next += n;
+    }
+  }
+  wl.begin[wl.buckets] = next;
+  const size_t need = static_cast<size_t>(next) * sizeof(R);
+  if (wl.bytes.size() < need) wl.bytes.resize(need);
+}
+
+// Where the places of first entries are recorded (WorkList::first): one per block, in walk order.
+inline void size_first(WorkList& wl) {
+  for (int64_t w = 0; w < wl.ranges; ++w) wl.range_first[w + 1] += wl.range_first[w];
+  const int64_t n = wl.range_first[wl.ranges];
+  if (wl.begin[wl.buckets] >= (int64_t(1) << 32)) {
+    wl.first.clear();
+  } else if (static_cast<int64_t>(wl.first.size()) < n) {
+    wl.first.resize(n);
+  }
+}
+
+// Writes every block of the bags into its place(s) in the list (the second walk: thread w, its
+// bag range, in walk order).
+template <typename scalar_t, typename R, typename start_t>
+void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
+               const start_t* starts, int64_t array_size, const BagRanges& ranges) {
+  const SlotDivider bucket_of(wl.chunk, array_size);
+  R* refs = wl.refs<R>();
+  size_first(wl);
+  uint32_t* first = wl.first.empty() ? nullptr : wl.first.data();
+  at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t* next = wl.pos.data() + w * wl.buckets;
+      int64_t at = wl.range_first[w];
+      const auto [b0, b1] = ranges.bags(w, pb.batch);
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+        int64_t o = bucket_of(s);
+        const int64_t last = bucket_of(s + z - 1);
+        if (first) first[at++] = static_cast<uint32_t>(next[o]);
+        for (; o <= last; ++o) refs[next[o]++] = R::make(s, g, scale);
       });
     }
-    return;
-  }
-  const int64_t ranges = std::min(threads, pb.batch);
-  const int64_t bags_per_range = (pb.batch + ranges - 1) / ranges;
-  auto range_bags = [&](int64_t w) {
-    return std::make_pair(std::min(pb.batch, w * bags_per_range), std::min(pb.batch, (w + 1) * bags_per_range));
-  };
-  // 1. blocks per (range, owner); starts outside the array stop here, before anything is written
-  std::vector<int64_t> pos(ranges * owners, 0);
+  });
+}
+
+// The backward's work list built from the forward's starts: count (checking that every start
+// lies in the array, before anything is written), place, fill.
+template <typename scalar_t, typename R, typename start_t>
+void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
+                const start_t* starts, int64_t array_size, int64_t threads) {
+  const BagRanges ranges(pb.batch, threads);
+  reset_list(wl, array_size, bucket_slots(array_size, threads), ranges.count);
+  const SlotDivider bucket_of(wl.chunk, array_size);
+  const int64_t max_start = array_size - z;
   std::atomic<bool> found{false};
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      int64_t* count = pos.data() + w * owners;
-      const auto [b0, b1] = range_bags(w);
+      int64_t* count = wl.pos.data() + w * wl.buckets;
+      int64_t blocks = 0;
+      const auto [b0, b1] = ranges.bags(w, pb.batch);
       walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+        ++blocks;
         if (s < 0 || s > max_start) {
           bad.store(s);
           found.store(true);
           return;
         }
-        for (int64_t o = owner_of(s), last = owner_of(s + z - 1); o <= last; ++o) ++count[o];
+        for (int64_t o = bucket_of(s), last = bucket_of(s + z - 1); o <= last; ++o) ++count[o];
       });
+      wl.range_first[w + 1] = blocks;
     }
   });
-  check_starts_in_range(found.load(), bad.load());
-  // 2. where each (range, owner) writes: grouped by owner, ranges in order
-  std::vector<int64_t> owner_begin(owners + 1, 0);
-  for (int64_t o = 0, next = 0; o < owners; ++o) {
-    owner_begin[o] = next;
-    for (int64_t w = 0; w < ranges; ++w) {
-      const int64_t n = pos[w * owners + o];
-      pos[w * owners + o] = next;
-      next += n;
-    }
-    owner_begin[o + 1] = next;
-  }
-  // the work list: a buffer of this thread's, kept between steps (not from the huge-page cache,
-  // whose few slots belong to the output and the gradient)
-  thread_local std::vector<BlockRef<scalar_t, index_t>> work;
-  if (work.size() < static_cast<size_t>(owner_begin[owners])) work.resize(owner_begin[owners]);
-  BlockRef<scalar_t, index_t>* refs = work.data();
-  at::parallel_for(0, ranges, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w) {
-      int64_t* next = pos.data() + w * owners;
-      const auto [b0, b1] = range_bags(w);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
-        const scalar_t a = alpha * scale;
-        for (int64_t o = owner_of(s), last = owner_of(s + z - 1); o <= last; ++o) refs[next[o]++] = BlockRef<scalar_t, index_t>{static_cast<index_t>(s), static_cast<index_t>(g), a};
-      });
-    }
-  });
-  // 3. each owner adds its blocks into its range
-  at::parallel_for(0, owners, 1, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
-      const int64_t lo = o * chunk, hi = std::min(array_size, lo + chunk);
-      const int64_t end = owner_begin[o + 1];
-      for (int64_t k = owner_begin[o]; k < end; ++k) {
-        if (k + kPrefetchAhead < end) {
-          const BlockRef<scalar_t, index_t>& r = refs[k + kPrefetchAhead];
-          const int64_t a = std::max<int64_t>(r.s, lo), e = std::min<int64_t>(int64_t(r.s) + z, hi);
-          prefetch_lines(target + a, (e - a) * static_cast<int64_t>(sizeof(scalar_t)), true);
-          prefetch_lines(grad_out + r.g, block_bytes, false);
+  TORCH_CHECK_VALUE(!found.load(), "robe: the backward's block starts must lie in [0, ", max_start, "] (array_size ",
+                    array_size, ", block_size ", z, "), found ", bad.load(), ": starts of another array, or not the forward's");
+  place_counts<R>(wl, ranges.count);
+  fill_list<scalar_t, R, start_t>(wl, pb, z, weights, out_dim, starts, array_size, ranges);
+}
+
+// Calls fn(entry, k, lo, hi) for every entry k of the list, [lo, hi) the slots of its bucket: the
+// buckets cut into one run of about equal work per thread, each thread walking its run in order
+// with fn's prefetch `ahead(entry)` kPrefetchAhead entries before use.
+template <typename R, typename Ahead, typename Fn, typename Finish>
+void walk_list(WorkList& wl, int64_t array_size, int64_t threads, Ahead&& ahead, Fn&& fn, Finish&& finish) {
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, wl.buckets));
+  const std::vector<int64_t> cut = balanced_runs(wl.begin, wl.buckets, parts);
+  const R* refs = wl.refs<R>();
+  const int64_t* begin = wl.begin.data();
+  const int64_t chunk = wl.chunk;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t end = begin[cut[p + 1]];
+      for (int64_t o = cut[p]; o < cut[p + 1]; ++o) {
+        const int64_t lo = o * chunk, hi = std::min(array_size, lo + chunk);
+        const int64_t stop = begin[o + 1];
+        for (int64_t k = begin[o]; k < stop; ++k) {
+          if (k + kPrefetchAhead < end) ahead(refs[k + kPrefetchAhead]);
+          fn(refs[k], k, lo, hi);
         }
-        const BlockRef<scalar_t, index_t>& r = refs[k];
-        add_block<scalar_t>(target, r.s, z, lo, hi, r.alpha, grad_out + r.g);
       }
     }
+    finish();  // in each thread that walked
   });
 }
 
-constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+// Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself with
+// alpha = -lr for the fused SGD update).
+//
+// The array's slots are cut into buckets (bucket_slots: 4096 floats, or one range per thread for
+// small arrays), and each thread adds only into the buckets of its own run: no atomics, no
+// per-thread copies of the array. The blocks are first grouped by bucket in a work list, so each
+// thread reads only its own work and adds into a few KiB of the array at a time:
+//   1. the batch is cut into T bag ranges; thread w counts its range's blocks per bucket;
+//   2. prefix sums give every (range, bucket) pair its place in one work list, grouped by bucket
+//      and, within a bucket, in range order; thread w writes its blocks there;
+//   3. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
+//      order, prefetching the upstream gradient and the slots a few entries ahead, and adds.
+// Steps 1 and 2 are skipped when the forward of a one-hot lookup left the same list (ListPool).
+// A bucket's list is the fixed walk order restricted to its slots: every slot sums its terms in
+// the same order whatever T is (and whoever built the list), so gradients are bit-for-bit
+// deterministic and independent of the thread count. A block that straddles two buckets is
+// listed for both, each adding its part.
+template <typename scalar_t, typename R, typename start_t>
+void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
+                   int64_t out_dim, const start_t* starts, scalar_t* target, int64_t array_size,
+                   scalar_t alpha) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
+  ListPool& pool = list_pool();
+  std::unique_ptr<WorkList> wl;
+  if (pool.ready() > 0) wl = pool.take_ready(ListKey::of<scalar_t, R, start_t>(pb, z, weights, out_dim, starts, array_size));
+  if (!wl) {
+    if (bucket_slots(array_size, threads) >= array_size || pb.batch < 2) {
+      // one bucket: no work list; each bag's slots prefetched a bag ahead
+      const int64_t max_start = array_size - z;
+      bool found = false;  // checked before anything is written (the fused update writes the array)
+      int64_t bad = 0;
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+        if (s < 0 || s > max_start) found = true, bad = s;
+      });
+      TORCH_CHECK_VALUE(!found, "robe: the backward's block starts must lie in [0, ", max_start, "] (array_size ",
+                        array_size, ", block_size ", z, "), found ", bad, ": starts of another array, or not the forward's");
+      for (int64_t b = 0; b < pb.batch; ++b) {
+        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
+                                       [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
+        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+          add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
+        });
+      }
+      return;
+    }
+    wl = pool.take_free();
+    build_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, threads);
+  }
+  // The upstream gradient staged in list order (each block's first entry; the second part of a
+  // straddling block reads grad_out itself): read in order here, written at random with
+  // non-temporal stores, then read in order by the walk, which adds into a few KiB of the array at
+  // a time; unstaged, the walk would read grad_out at random (slower by its latency).
+  at::Tensor staged;
+  scalar_t* stage = nullptr;
+  if (!wl->first.empty()) {
+    staged = hugepage_empty({wl->begin[wl->buckets] * z}, c10::CppTypeToScalarType<scalar_t>::value);
+    stage = staged.data_ptr<scalar_t>();
+    const uint32_t* first = wl->first.data();
+    const BagRanges ranges(pb.batch, wl->ranges);  // the list's: its walk positions
+    at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        int64_t at = wl->range_first[w];
+        const auto [b0, b1] = ranges.bags(w, pb.batch);
+        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t, int64_t g, scalar_t) {
+          stream_row(stage + static_cast<int64_t>(first[at++]) * z, grad_out + g, z);
+        });
+      }
+      store_fence();
+    });
+  }
+  walk_list<R>(
+      *wl, array_size, threads,
+      [&](const R& r) {  // (a straddling block's other part: at most one line too many)
+        if (!stage) prefetch_lines(grad_out + r.g, block_bytes, false);
+        prefetch_lines(target + r.s, block_bytes, true);
+      },
+      [&](const R& r, int64_t k, int64_t lo, int64_t hi) {
+        const scalar_t* g = stage && r.s >= lo ? stage + k * z : grad_out + r.g;
+        add_block<scalar_t>(target, r.s, z, lo, hi, alpha * r.factor(), g);
+      },
+      [] {});
+  pool.put_free(std::move(wl));
+}
+
+// The forward of a one-hot lookup (no bag holds more than one id) through a work list: the
+// bag-major forward_impl reads every block at a random place in the array; this one groups the
+// blocks by bucket of the array first and copies them bucket by bucket, so the array is read
+// once, in order, a few KiB at a time, and the random accesses go to the output, written once
+// with non-temporal stores (docs/performance.md):
+//   1. thread w hashes its bag range's blocks (the starts) and counts them per bucket; empty
+//      bags' outputs are zeroed;
+//   2. places and fills the work list as the backward builds it (build_list's steps 2, 3);
+//   3. each thread copies the blocks of its run of buckets to the output (alpha * block; a
+//      straddling block once, from the bucket of its start).
+// Each output value is one block's element times its factor, as in forward_impl: the same bits.
+// The list is then left in the ListPool for this lookup's backward.
+template <typename scalar_t, typename R, typename start_t>
+void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array, const scalar_t* weights,
+                      scalar_t* out, int64_t out_dim, start_t* starts, int64_t array_size) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t z = hash.z;
+  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = pb.batch * out_dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamOutputBytes;
+  const BagRanges ranges(pb.batch, threads);
+  ListPool& pool = list_pool();
+  std::unique_ptr<WorkList> wl = pool.take_free();
+  reset_list(*wl, array_size, bucket_slots(array_size, threads), ranges.count);
+  const SlotDivider bucket_of(wl->chunk, array_size);
+  std::atomic<int64_t> bad_feature{-1};
+  std::atomic<int64_t> bad_id{0};
+  at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t* count = wl->pos.data() + w * wl->buckets;
+      int64_t blocks = 0;
+      const auto [b0, b1] = ranges.bags(w, pb.batch);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t f = 0; f < pb.num_features; ++f) {
+          const int64_t* m = pb.meta + f * kMetaCols;
+          const int64_t* off = pb.bag_offsets(f);
+          const int64_t nb = m[kDim] / z;
+          if (off[b + 1] == off[b]) {  // empty bag: zeros (the output is not pre-zeroed)
+            scalar_t* row = out + b * out_dim + m[kOutCol];
+            std::fill(row, row + m[kDim], scalar_t(0));
+            continue;
+          }
+          const int64_t i = off[b];
+          start_t* st = starts + pb.start_index(f, i);
+          if (!hash.starts_for(pb.values[i], m, nb, st)) {
+            int64_t expected = -1;
+            if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
+            for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
+          }
+          for (int64_t blk = 0; blk < nb; ++blk) {
+            for (int64_t o = bucket_of(st[blk]), last = bucket_of(st[blk] + z - 1); o <= last; ++o) ++count[o];
+          }
+          blocks += nb;
+        }
+      }
+      wl->range_first[w + 1] = blocks;
+    }
+  });
+  const int64_t f = bad_feature.load();
+  TORCH_CHECK_VALUE(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
+                    " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
+                    ") of its table; the 'paper' mapping needs ids below num_embeddings");
+  place_counts<R>(*wl, ranges.count);
+  fill_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, ranges);
+  walk_list<R>(
+      *wl, array_size, threads, [&](const R& r) { prefetch_lines(array + r.s, block_bytes, false); },
+      [&](const R& r, int64_t, int64_t lo, int64_t) {
+        if (r.s < lo) return;  // the second part of a straddling block: copied from its first bucket
+        const scalar_t* src = array + r.s;
+        scalar_t* dst = out + r.g;
+        const scalar_t a = r.factor();
+#if defined(__SSE__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0 && z % 4 == 0) {
+            const __m128 va = _mm_set1_ps(a);
+            for (int64_t j = 0; j < z; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(va, _mm_loadu_ps(src + j)));
+            return;
+          }
+        }
+#endif
+#pragma omp simd
+        for (int64_t j = 0; j < z; ++j) dst[j] = a * src[j];
+      },
+      [&] {
+        if (stream) store_fence();  // the streamed blocks are visible before the op returns
+      });
+  ListKey::of<scalar_t, R, start_t>(pb, z, weights, out_dim, starts, array_size).store(wl->key);
+  pool.put_ready(std::move(wl));
+}
+
+// Whether forward_bucketed serves this lookup: every bag the features read holds at most one id,
+// the array has more than one bucket, and the blocks outnumber the buckets (a few rows against a
+// large array would pay more to set up the list than it saves).
+bool use_bucketed_forward(const Problem& pb, int64_t z, int64_t array_size) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunk = bucket_slots(array_size, threads);
+  if (chunk >= array_size || pb.batch < 2) return false;
+  int64_t blocks = 0;
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    const int64_t* off = pb.bag_offsets(f);
+    for (int64_t b = 0; b < pb.batch; ++b) {
+      if (off[b + 1] - off[b] > 1) return false;
+    }
+    blocks += (off[pb.batch] - off[0]) * (pb.meta[f * kMetaCols + kDim] / z);
+  }
+  return blocks >= 4 * ((array_size + chunk - 1) / chunk);
+}
 
 // The forward's `starts` dtype: int32 where every start (< array_size) fits.
 at::ScalarType starts_dtype(int64_t array_size) { return array_size <= kMax32 ? at::kInt : at::kLong; }
 
-// backward_impl for the starts' dtype, with 32-bit work-list entries where every slot and
-// grad_out offset fits.
+// backward_impl for the starts' dtype and the entry type these sizes allow (with_entry_type).
 template <typename scalar_t, typename start_t>
 void backward_dispatch(const Problem& pb, int64_t z, const scalar_t* weights, const scalar_t* grad_out,
                        int64_t out_dim, const start_t* starts, scalar_t* target, int64_t array_size,
                        scalar_t alpha) {
-  if (array_size <= kMax32 && pb.batch * out_dim <= kMax32) {
-    backward_impl<scalar_t, int32_t, start_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
-  } else {
-    backward_impl<scalar_t, int64_t, start_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
-  }
+  with_entry_type<scalar_t>(pb, weights, out_dim, array_size, [&](auto entry) {
+    using R = decltype(entry);
+    backward_impl<scalar_t, R, start_t>(pb, z, weights, grad_out, out_dim, starts, target, array_size, alpha);
+  });
 }
 
 template <typename scalar_t>
@@ -573,9 +1002,22 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
   auto starts = at::full({occurrences * pb.num_values * max_blocks}, -1, values.options().dtype(starts_dtype(array.size(0))));
   auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every column a feature owns is written
   if (max_out_col(pb) < out_dim || pb.num_features == 0) out.zero_();
+  const int64_t m = array.size(0);
+  const bool bucketed = use_bucketed_forward(pb, block_size, m);
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
-    if (starts.scalar_type() == at::kInt) {
+    if (bucketed) {
+      const scalar_t* a = array.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      with_entry_type<scalar_t>(pb, w, out_dim, m, [&](auto entry) {  // as backward_dispatch decides
+        using R = decltype(entry);
+        if (starts.scalar_type() == at::kInt) {
+          forward_bucketed<scalar_t, R, int32_t>(pb, hash, a, w, o, out_dim, starts.data_ptr<int32_t>(), m);
+        } else {
+          forward_bucketed<scalar_t, R, int64_t>(pb, hash, a, w, o, out_dim, starts.data_ptr<int64_t>(), m);
+        }
+      });
+    } else if (starts.scalar_type() == at::kInt) {
       forward_impl<scalar_t, int32_t>(pb, hash, array.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), out_dim,
                                       starts.data_ptr<int32_t>());
     } else {
@@ -650,4 +1092,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hugepage_zeros", &robe_dist::hugepage_zeros);
   m.def("set_bus_error_message", &robe_dist::set_bus_error_message);
   m.def("_slot_quotients", &slot_quotients);  // tests only
+  m.def("_work_lists_ready", [] { return static_cast<int64_t>(list_pool().ready()); });  // tests only
+  m.def("_clear_work_lists", [] { list_pool().clear(); });                               // tests only
 }

@@ -315,6 +315,150 @@ def test_backward_refuses_block_starts_outside_the_array(threads):
 
 
 
+def make_one_hot_kjt(tables, batch, seed=0, weighted=False):
+    """At most one id per bag (every tenth bag empty), as Criteo's 26 categorical features."""
+    g = torch.Generator().manual_seed(seed)
+    keys, lengths, values = [], [], []
+    for t in tables:
+        for f in t.feature_names:
+            ls = (torch.arange(batch) % 10 != 3).long()
+            keys.append(f)
+            lengths.append(ls)
+            values.append(torch.randint(0, t.num_embeddings, (int(ls.sum()),), generator=g))
+    vals = torch.cat(values)
+    weights = torch.rand(vals.numel(), generator=g) + 0.5 if weighted else None
+    return KeyedJaggedTensor(keys=keys, values=vals, lengths=torch.cat(lengths), weights=weights)
+
+
+@pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, False)])
+@pytest.mark.parametrize("hash", HASHES)
+def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_count(pooling, weighted, hash):
+    """One-hot input with more blocks than buckets takes the bucketed forward (the blocks grouped
+    by 4096-slot buckets of the array, copied bucket by bucket), which leaves its work list for the
+    backward. Forward, gradient and fused update: equal to the loop reference and to autograd
+    through the pure-PyTorch lookup, the same bits at 1, 2 and 3 threads, and the backward that
+    reuses the forward's list gives the bits of one that builds its own."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    from robe_dist import _C
+
+    tables = make_tables(pooling)
+    kjt = make_one_hot_kjt(tables, batch=512, weighted=weighted)
+    g = torch.randn(512, 72, generator=torch.Generator().manual_seed(1))
+    ebc = make_ebc(tables, hash, array_size=20_011, is_weighted=weighted)  # 5 buckets of 4096 slots
+    ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt, weighted=weighted)
+    array64 = ebc.array.detach().double().requires_grad_()
+    grad_ref = torch.autograd.grad(torch_lookup(ebc, kjt, array64), array64, g.double())[0]
+    before = torch.get_num_threads()
+    outs, grads, rebuilt, updated = [], [], [], []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            _C._clear_work_lists()
+            ebc.array.grad = None
+            out = ebc(kjt).values()
+            assert _C._work_lists_ready() == 1, "the one-hot forward left no work list"
+            out.backward(g)
+            assert _C._work_lists_ready() == 0, "the backward did not take the forward's work list"
+            outs.append(out.detach())
+            grads.append(ebc.array.grad.clone())
+            values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+            _, starts, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
+                                                             *ops._static_args(ebc.lookup_spec))  # fmt: skip
+            _C._clear_work_lists()  # the backward builds its own list
+            rebuilt.append(torch.ops.robe_dist.pooled_lookup_backward(
+                g, weights, offsets, meta, starts, batch, 20_011, 8, ebc.lookup_spec.max_blocks,
+                ebc.lookup_spec.occurrences, values.numel(), True,
+            ))  # fmt: skip
+            fused = make_ebc(tables, hash, array_size=20_011, fused_sgd_lr=0.5, is_weighted=weighted)
+            fused(kjt).values().backward(g)
+            updated.append(fused.array.detach().clone())
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), grad_ref, rtol=1e-6, atol=1e-5)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert all(torch.equal(grads[0], other) for other in grads + rebuilt)
+    assert all(torch.equal(updated[0], other) for other in updated[1:])
+    torch.testing.assert_close(updated[0].double(), ebc.array.detach().double() - 0.5 * grad_ref, rtol=1e-6, atol=1e-5)
+
+
+def test_bucketed_and_bag_major_forwards_give_the_same_bits():
+    """The same one-hot bags through both forwards: alone (bucketed), and next to a multi-hot
+    feature of another collection's key (which sends the whole lookup bag-major)."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    from robe_dist import _C
+
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=20_011)
+    one_hot = make_one_hot_kjt(tables, batch=512, weighted=False)
+    values, weights, offsets, meta, batch = lookup_args(ebc, one_hot)
+    _C._clear_work_lists()
+    bucketed, _, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
+                                                       *ops._static_args(ebc.lookup_spec))  # fmt: skip
+    assert _C._work_lists_ready() == 1
+    # bag 5 of f4 holds its id twice: that bag's output doubles, every other value is unchanged
+    lengths = one_hot.lengths().clone()
+    vals = one_hot.values()
+    f4 = one_hot.keys().index("f4")
+    cut = f4 * 512 + 5  # bag 5 of f4: one id more
+    start = int(lengths[:cut].sum())
+    lengths[cut] += 1
+    vals = torch.cat([vals[:start], vals[start:start + 1], vals[start:]])
+    multi = KeyedJaggedTensor(keys=one_hot.keys(), values=vals, lengths=lengths)
+    _C._clear_work_lists()
+    values, weights, offsets, meta, batch = lookup_args(ebc, multi)
+    bag_major, _, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
+                                                        *ops._static_args(ebc.lookup_spec))  # fmt: skip
+    assert _C._work_lists_ready() == 0, "a multi-hot bag must send the lookup bag-major"
+    col = ebc.lookup_spec.out_cols[ebc.lookup_spec.dims.index(8)]
+    other = torch.ones(bucketed.shape, dtype=torch.bool)
+    other[5, col:col + 8] = False
+    assert torch.equal(bucketed[other], bag_major[other])
+    torch.testing.assert_close(bag_major[5, col:col + 8], 2 * bucketed[5, col:col + 8])
+
+
+def test_a_backward_on_other_inputs_than_the_forward_builds_its_own_work_list():
+    """The forward's list is reused only for byte-identical inputs: a backward given other
+    weights, offsets or starts than the forward's computes with those (equal to the PyTorch
+    backward), never with the forward's list."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    from robe_dist import _C
+
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=20_011, is_weighted=True)
+    kjt = make_one_hot_kjt(tables, batch=512, weighted=True)
+    spec, array = ebc.lookup_spec, ebc.array.detach()
+    values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
+    g = torch.randn(512, 72, generator=torch.Generator().manual_seed(2))
+    sizes = (batch, 20_011, 8, spec.max_blocks, spec.occurrences, values.numel())
+
+    def forward():
+        _C._clear_work_lists()
+        _, starts, _ = torch.ops.robe_dist.pooled_lookup(array, values, weights, offsets, meta, batch, *ops._static_args(spec))
+        assert _C._work_lists_ready() == 1
+        return starts
+
+    starts = forward()
+    other_weights = weights * 2
+    got = torch.ops.robe_dist.pooled_lookup_backward(g, other_weights, offsets, meta, starts, *sizes, True)
+    torch.testing.assert_close(got, ops.torch_backward(g, other_weights, offsets, meta, starts, *sizes), rtol=1e-5, atol=1e-5)
+    assert _C._work_lists_ready() == 1  # (the forward's list was not taken)
+
+    starts = forward()
+    moved = starts.clone()
+    moved[moved >= 0] = (moved[moved >= 0] + 1) % (20_011 - 8)
+    got = torch.ops.robe_dist.pooled_lookup_backward(g, weights, offsets, meta, moved, *sizes, True)
+    torch.testing.assert_close(got, ops.torch_backward(g, weights, offsets, meta, moved, *sizes), rtol=1e-5, atol=1e-5)
+
+    starts = forward()
+    got = torch.ops.robe_dist.pooled_lookup_backward(g, weights, offsets, meta, starts, *sizes, True)
+    assert _C._work_lists_ready() == 0
+    torch.testing.assert_close(got, ops.torch_backward(g, weights, offsets, meta, starts, *sizes), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hash", HASHES)
 def test_block_starts_are_32_bit_and_widening_them_changes_no_bit(hash):
     """An array below 2^31 slots keeps its block starts in int32 (C++, PyTorch fallback and the
