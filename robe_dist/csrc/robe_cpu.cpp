@@ -749,8 +749,10 @@ void walk_list(WorkList& wl, int64_t array_size, int64_t threads, Ahead&& ahead,
 //   1. the batch is cut into T bag ranges; thread w counts its range's blocks per bucket;
 //   2. prefix sums give every (range, bucket) pair its place in one work list, grouped by bucket
 //      and, within a bucket, in range order; thread w writes its blocks there;
-//   3. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
-//      order, prefetching the upstream gradient and the slots a few entries ahead, and adds.
+//   3. the upstream gradient is copied into list order (read in walk order, written with
+//      non-temporal stores), so that step 4 reads it in order instead of at random;
+//   4. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
+//      order, prefetching the slots a few entries ahead, and adds.
 // Steps 1 and 2 are skipped when the forward of a one-hot lookup left the same list (ListPool).
 // A bucket's list is the fixed walk order restricted to its slots: every slot sums its terms in
 // the same order whatever T is (and whoever built the list), so gradients are bit-for-bit
