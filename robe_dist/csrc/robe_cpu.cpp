@@ -915,13 +915,18 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   pool.put_ready(std::move(wl));
 }
 
+// Arrays from this size on are read through work lists by the one-hot forward: below it the array
+// stays in the caches, where the bag-major forward's random reads are cheap (and scoring, which
+// has no backward to hand the list to, would pay for it: 6% at batch 16384 with a 2.4 MB array).
+constexpr int64_t kBucketedForwardBytes = int64_t(8) << 20;
+
 // Whether forward_bucketed serves this lookup: every bag the features read holds at most one id,
-// the array has more than one bucket, and the blocks outnumber the buckets (a few rows against a
-// large array would pay more to set up the list than it saves).
-bool use_bucketed_forward(const Problem& pb, int64_t z, int64_t array_size) {
+// the array is at least kBucketedForwardBytes, and the blocks outnumber the buckets (a few rows
+// against a large array would pay more to set up the list than it saves).
+bool use_bucketed_forward(const Problem& pb, int64_t z, int64_t array_size, int64_t element_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = bucket_slots(array_size, threads);
-  if (chunk >= array_size || pb.batch < 2) return false;
+  if (array_size * element_size < kBucketedForwardBytes || chunk >= array_size || pb.batch < 2) return false;
   int64_t blocks = 0;
   for (int64_t f = 0; f < pb.num_features; ++f) {
     const int64_t* off = pb.bag_offsets(f);
@@ -1005,7 +1010,7 @@ std::vector<at::Tensor> robe_forward(const at::Tensor& array, const at::Tensor& 
   auto out = hugepage_empty({pb.batch, out_dim}, array.scalar_type());  // every column a feature owns is written
   if (max_out_col(pb) < out_dim || pb.num_features == 0) out.zero_();
   const int64_t m = array.size(0);
-  const bool bucketed = use_bucketed_forward(pb, block_size, m);
+  const bool bucketed = use_bucketed_forward(pb, block_size, m, array.element_size());
   AT_DISPATCH_FLOATING_TYPES(array.scalar_type(), "robe_forward", [&] {
     const scalar_t* w = weights.numel() > 0 ? weights.data_ptr<scalar_t>() : nullptr;
     if (bucketed) {

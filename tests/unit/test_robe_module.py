@@ -315,6 +315,9 @@ def test_backward_refuses_block_starts_outside_the_array(threads):
 
 
 
+LIST_ARRAY = 2_100_013  # floats: above the 8 MiB from which the one-hot forward builds work lists
+
+
 def make_one_hot_kjt(tables, batch, seed=0, weighted=False):
     """At most one id per bag (every tenth bag empty), as Criteo's 26 categorical features."""
     g = torch.Generator().manual_seed(seed)
@@ -333,7 +336,7 @@ def make_one_hot_kjt(tables, batch, seed=0, weighted=False):
 @pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, False)])
 @pytest.mark.parametrize("hash", HASHES)
 def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_count(pooling, weighted, hash):
-    """One-hot input with more blocks than buckets takes the bucketed forward (the blocks grouped
+    """One-hot input into an array of at least 8 MiB takes the bucketed forward (the blocks grouped
     by 4096-slot buckets of the array, copied bucket by bucket), which leaves its work list for the
     backward. Forward, gradient and fused update: equal to the loop reference and to autograd
     through the pure-PyTorch lookup, the same bits at 1, 2 and 3 threads, and the backward that
@@ -345,7 +348,7 @@ def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_co
     tables = make_tables(pooling)
     kjt = make_one_hot_kjt(tables, batch=512, weighted=weighted)
     g = torch.randn(512, 72, generator=torch.Generator().manual_seed(1))
-    ebc = make_ebc(tables, hash, array_size=20_011, is_weighted=weighted)  # 5 buckets of 4096 slots
+    ebc = make_ebc(tables, hash, array_size=LIST_ARRAY, is_weighted=weighted)  # 513 buckets
     ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt, weighted=weighted)
     array64 = ebc.array.detach().double().requires_grad_()
     grad_ref = torch.autograd.grad(torch_lookup(ebc, kjt, array64), array64, g.double())[0]
@@ -367,10 +370,10 @@ def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_co
                                                              *ops._static_args(ebc.lookup_spec))  # fmt: skip
             _C._clear_work_lists()  # the backward builds its own list
             rebuilt.append(torch.ops.robe_dist.pooled_lookup_backward(
-                g, weights, offsets, meta, starts, batch, 20_011, 8, ebc.lookup_spec.max_blocks,
+                g, weights, offsets, meta, starts, batch, LIST_ARRAY, 8, ebc.lookup_spec.max_blocks,
                 ebc.lookup_spec.occurrences, values.numel(), True,
             ))  # fmt: skip
-            fused = make_ebc(tables, hash, array_size=20_011, fused_sgd_lr=0.5, is_weighted=weighted)
+            fused = make_ebc(tables, hash, array_size=LIST_ARRAY, fused_sgd_lr=0.5, is_weighted=weighted)
             fused(kjt).values().backward(g)
             updated.append(fused.array.detach().clone())
     finally:
@@ -384,14 +387,14 @@ def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_co
 
 
 def test_bucketed_and_bag_major_forwards_give_the_same_bits():
-    """The same one-hot bags through both forwards: alone (bucketed), and next to a multi-hot
-    feature of another collection's key (which sends the whole lookup bag-major)."""
+    """The same one-hot bags through both forwards: alone (bucketed), and with one bag of two ids
+    (which sends the whole lookup bag-major); an array below 8 MiB is always read bag-major."""
     if not ops.has_cpp_extension():
         pytest.skip("robe_dist._C not built")
     from robe_dist import _C
 
     tables = make_tables()
-    ebc = make_ebc(tables, array_size=20_011)
+    ebc = make_ebc(tables, array_size=LIST_ARRAY)
     one_hot = make_one_hot_kjt(tables, batch=512, weighted=False)
     values, weights, offsets, meta, batch = lookup_args(ebc, one_hot)
     _C._clear_work_lists()
@@ -412,6 +415,11 @@ def test_bucketed_and_bag_major_forwards_give_the_same_bits():
     bag_major, _, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
                                                         *ops._static_args(ebc.lookup_spec))  # fmt: skip
     assert _C._work_lists_ready() == 0, "a multi-hot bag must send the lookup bag-major"
+    small = make_ebc(tables, array_size=20_011)  # 80 KB: stays in the caches, read bag-major
+    values, weights, offsets, meta, batch = lookup_args(small, one_hot)
+    torch.ops.robe_dist.pooled_lookup(small.array.detach(), values, weights, offsets, meta, batch,
+                                      *ops._static_args(small.lookup_spec))  # fmt: skip
+    assert _C._work_lists_ready() == 0, "an array below 8 MiB must be read bag-major"
     col = ebc.lookup_spec.out_cols[ebc.lookup_spec.dims.index(8)]
     other = torch.ones(bucketed.shape, dtype=torch.bool)
     other[5, col:col + 8] = False
@@ -428,12 +436,12 @@ def test_a_backward_on_other_inputs_than_the_forward_builds_its_own_work_list():
     from robe_dist import _C
 
     tables = make_tables()
-    ebc = make_ebc(tables, array_size=20_011, is_weighted=True)
+    ebc = make_ebc(tables, array_size=LIST_ARRAY, is_weighted=True)
     kjt = make_one_hot_kjt(tables, batch=512, weighted=True)
     spec, array = ebc.lookup_spec, ebc.array.detach()
     values, weights, offsets, meta, batch = lookup_args(ebc, kjt)
     g = torch.randn(512, 72, generator=torch.Generator().manual_seed(2))
-    sizes = (batch, 20_011, 8, spec.max_blocks, spec.occurrences, values.numel())
+    sizes = (batch, LIST_ARRAY, 8, spec.max_blocks, spec.occurrences, values.numel())
 
     def forward():
         _C._clear_work_lists()
@@ -449,7 +457,7 @@ def test_a_backward_on_other_inputs_than_the_forward_builds_its_own_work_list():
 
     starts = forward()
     moved = starts.clone()
-    moved[moved >= 0] = (moved[moved >= 0] + 1) % (20_011 - 8)
+    moved[moved >= 0] = (moved[moved >= 0] + 1) % (LIST_ARRAY - 8)
     got = torch.ops.robe_dist.pooled_lookup_backward(g, weights, offsets, meta, moved, *sizes, True)
     torch.testing.assert_close(got, ops.torch_backward(g, weights, offsets, meta, moved, *sizes), rtol=1e-5, atol=1e-5)
 
