@@ -462,6 +462,9 @@ struct WorkList {
 
   template <typename R>
   R* refs() { return reinterpret_cast<R*>(bytes.data()); }
+  size_t footprint() const {
+    return bytes.capacity() + key.capacity() + 4 * first.capacity() + 8 * (begin.capacity() + pos.capacity());
+  }
 };
 
 // Everything a work list depends on, in order: the sizes and types, then meta, offsets, weights
@@ -519,9 +522,10 @@ struct ListKey {
 // The forward of a one-hot lookup builds its work list anyway (forward_bucketed); the backward
 // of the same lookup needs exactly that list, so the forward leaves it here and the backward
 // takes it if every input it was built from is byte-identical (starts, offsets, meta, weights,
-// the sizes), and builds its own otherwise. At most kPoolLists lists, the least recent dropped;
-// a list of more than kPoolMaxBytes is not kept.
-constexpr size_t kPoolLists = 2;
+// the sizes), and builds its own otherwise. At most kPoolLists lists (a model with a few ROBE
+// collections runs their forwards before their backwards), the least recent dropped; a list
+// whose buffers hold more than kPoolMaxBytes is not kept.
+constexpr size_t kPoolLists = 4;
 constexpr size_t kPoolMaxBytes = size_t(512) << 20;
 
 class ListPool {
@@ -554,7 +558,7 @@ class ListPool {
     return nullptr;
   }
   void put_ready(std::unique_ptr<WorkList> wl) {
-    if (wl->bytes.size() > kPoolMaxBytes) return;
+    if (wl->footprint() > kPoolMaxBytes) return;
     std::lock_guard<std::mutex> lock(mu_);
     while (free_.size() + ready_.size() >= kPoolLists) {
       if (!free_.empty()) {
@@ -566,7 +570,7 @@ class ListPool {
     ready_.push_back(std::move(wl));
   }
   void put_free(std::unique_ptr<WorkList> wl) {
-    if (wl->bytes.size() > kPoolMaxBytes) return;
+    if (wl->footprint() > kPoolMaxBytes) return;
     wl->key.clear();  // (its capacity kept)
     std::lock_guard<std::mutex> lock(mu_);
     if (free_.size() + ready_.size() < kPoolLists) free_.push_back(std::move(wl));
@@ -679,6 +683,16 @@ void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weigh
   });
 }
 
+// The blocks of the bags (every feature's values times its blocks per id).
+inline int64_t count_blocks(const Problem& pb, int64_t z) {
+  int64_t blocks = 0;
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    const int64_t* off = pb.bag_offsets(f);
+    blocks += (off[pb.batch] - off[0]) * (pb.meta[f * kMetaCols + kDim] / z);
+  }
+  return blocks;
+}
+
 // The backward's work list built from the forward's starts: count (checking that every start
 // lies in the array, before anything is written), place, fill.
 template <typename scalar_t, typename R, typename start_t>
@@ -768,8 +782,9 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   std::unique_ptr<WorkList> wl;
   if (pool.ready() > 0) wl = pool.take_ready(ListKey::of<scalar_t, R, start_t>(pb, z, weights, out_dim, starts, array_size));
   if (!wl) {
-    if (bucket_slots(array_size, threads) >= array_size || pb.batch < 2) {
-      // one bucket: no work list; each bag's slots prefetched a bag ahead
+    const int64_t chunk = bucket_slots(array_size, threads);
+    if (chunk >= array_size || pb.batch < 2 || count_blocks(pb, z) < 4 * ((array_size + chunk - 1) / chunk)) {
+      // one bucket, or fewer blocks than buckets: no work list; each bag's slots prefetched a bag ahead
       const int64_t max_start = array_size - z;
       bool found = false;  // checked before anything is written (the fused update writes the array)
       int64_t bad = 0;
@@ -927,15 +942,27 @@ bool use_bucketed_forward(const Problem& pb, int64_t z, int64_t array_size, int6
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t chunk = bucket_slots(array_size, threads);
   if (array_size * element_size < kBucketedForwardBytes || chunk >= array_size || pb.batch < 2) return false;
-  int64_t blocks = 0;
+  // Features of distinct starts and disjoint output columns, as the module's LookupSpec makes them:
+  // the bucketed forward counts blocks from the starts it hashes and writes each output element
+  // from one bucket. A hand-made meta without that keeps the bag-major forward (its old result).
+  std::vector<std::pair<int64_t, int64_t>> reads, cols;
+  for (int64_t f = 0; f < pb.num_features; ++f) {
+    const int64_t* m = pb.meta + f * kMetaCols;
+    reads.emplace_back(m[kKeyIndex], m[kOccurrence]);
+    cols.emplace_back(m[kOutCol], m[kOutCol] + m[kDim]);
+  }
+  std::sort(reads.begin(), reads.end());
+  std::sort(cols.begin(), cols.end());
+  for (size_t k = 1; k < reads.size(); ++k) {
+    if (reads[k] == reads[k - 1] || cols[k].first < cols[k - 1].second) return false;
+  }
   for (int64_t f = 0; f < pb.num_features; ++f) {
     const int64_t* off = pb.bag_offsets(f);
     for (int64_t b = 0; b < pb.batch; ++b) {
       if (off[b + 1] - off[b] > 1) return false;
     }
-    blocks += (off[pb.batch] - off[0]) * (pb.meta[f * kMetaCols + kDim] / z);
   }
-  return blocks >= 4 * ((array_size + chunk - 1) / chunk);
+  return count_blocks(pb, z) >= 4 * ((array_size + chunk - 1) / chunk);
 }
 
 // The forward's `starts` dtype: int32 where every start (< array_size) fits.

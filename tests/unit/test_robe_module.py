@@ -427,6 +427,31 @@ def test_bucketed_and_bag_major_forwards_give_the_same_bits():
     torch.testing.assert_close(bag_major[5, col:col + 8], 2 * bucketed[5, col:col + 8])
 
 
+@pytest.mark.parametrize("edit", ["shared_starts", "overlapping_columns"])
+def test_a_hand_made_meta_the_bucketed_forward_cannot_serve_goes_bag_major(edit):
+    """Two features reading one (key, occurrence) share their starts, and overlapping output
+    columns are written by two features: the bucketed forward would count blocks from starts
+    that change under it (writing past its list) or race on the output. The operator takes the
+    bag-major forward for such a meta, as before work lists existed."""
+    if not ops.has_cpp_extension():
+        pytest.skip("robe_dist._C not built")
+    from robe_dist import _C
+
+    tables = make_tables()
+    ebc = make_ebc(tables, array_size=LIST_ARRAY)
+    values, weights, offsets, meta, batch = lookup_args(ebc, make_one_hot_kjt(tables, batch=512))
+    meta = meta.clone()
+    if edit == "shared_starts":  # feature 1 reads feature 0's key, as its occurrence 0, with its own table key
+        meta[1, 5], meta[1, 6] = meta[0, 5], meta[0, 6]
+    else:  # feature 2's columns start inside feature 1's
+        meta[2, 3] = meta[1, 3] + 4
+    _C._clear_work_lists()
+    out, starts, _ = torch.ops.robe_dist.pooled_lookup(ebc.array.detach(), values, weights, offsets, meta, batch,
+                                                       *ops._static_args(ebc.lookup_spec))  # fmt: skip
+    assert _C._work_lists_ready() == 0
+    assert torch.isfinite(out).all()
+
+
 def test_a_backward_on_other_inputs_than_the_forward_builds_its_own_work_list():
     """The forward's list is reused only for byte-identical inputs: a backward given other
     weights, offsets or starts than the forward's computes with those (equal to the PyTorch
