@@ -246,11 +246,33 @@ inline void store_fence() {
 #endif
 }
 
+// Hashes the blocks of value i of feature f into st[0..nb). An id the paper mapping cannot place
+// (outside its table) gets blocks at 0 and is remembered, the first one met, for check() to
+// report once the parallel pass is over.
+struct BadIds {
+  std::atomic<int64_t> feature{-1};
+  std::atomic<int64_t> id{0};
+
+  template <typename start_t>
+  bool hash(const Problem& pb, const Hash& h, int64_t f, int64_t i, int64_t nb, start_t* st) {
+    if (h.starts_for(pb.values[i], pb.meta + f * kMetaCols, nb, st)) return true;
+    int64_t expected = -1;
+    if (feature.compare_exchange_strong(expected, f)) id.store(pb.values[i]);
+    for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
+    return false;
+  }
+  void check(const Problem& pb) const {
+    const int64_t f = feature.load();
+    TORCH_CHECK_VALUE(f < 0, "robe: id ", id.load(), " of feature #", f,
+                      " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
+                      ") of its table; the 'paper' mapping needs ids below num_embeddings");
+  }
+};
+
 template <typename scalar_t, typename start_t>
 void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, const scalar_t* weights,
                   scalar_t* out, int64_t out_dim, start_t* starts) {
-  std::atomic<int64_t> bad_feature{-1};
-  std::atomic<int64_t> bad_id{0};
+  BadIds bad;
   const int64_t z = hash.z;
   const int64_t F = pb.num_features;
   const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
@@ -270,12 +292,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
         const int64_t nb = m[kDim] / z;
         for (int64_t i = off[b]; i < off[b + 1]; ++i) {
           start_t* st = starts + pb.start_index(f, i);
-          if (!hash.starts_for(pb.values[i], m, nb, st)) {
-            int64_t expected = -1;
-            if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
-            for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
-            continue;
-          }
+          if (!bad.hash(pb, hash, f, i, nb, st)) continue;
           for (int64_t blk = 0; blk < nb; ++blk) prefetch_lines(array + st[blk], block_bytes, false);
         }
       }
@@ -316,10 +333,7 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
     }
     if (stream) store_fence();  // the streamed rows are visible before the op returns
   });
-  const int64_t f = bad_feature.load();
-  TORCH_CHECK_VALUE(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
-              " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
-              ") of its table; the 'paper' mapping needs ids below num_embeddings");
+  bad.check(pb);
 }
 
 // Calls fn(s, g, scale) for every block of the bags [b0, b1) in the fixed walk order (bag-major,
@@ -439,6 +453,9 @@ inline int64_t bucket_slots(int64_t array_size, int64_t threads) {
   const int64_t wide = ((array_size + kMaxBuckets - 1) / kMaxBuckets + 15) / 16 * 16;
   return std::min(per_thread, std::max(kBucketSlots, wide));
 }
+
+// The buckets of `chunk` slots that cover the array.
+inline int64_t bucket_count(int64_t array_size, int64_t chunk) { return (array_size + chunk - 1) / chunk; }
 
 // The blocks of one lookup grouped by the bucket of array slots they touch (`chunk` slots each):
 // bucket o's entries are refs[begin[o] : begin[o + 1]], in the fixed walk order (bag-major, then
@@ -623,7 +640,7 @@ struct BagRanges {
 // Prepares wl for `ranges` x buckets of `chunk` slots (wl.pos zeroed for counting).
 void reset_list(WorkList& wl, int64_t array_size, int64_t chunk, int64_t ranges) {
   wl.chunk = chunk;
-  wl.buckets = (array_size + chunk - 1) / chunk;
+  wl.buckets = bucket_count(array_size, chunk);
   wl.begin.assign(wl.buckets + 1, 0);
   wl.pos.assign(ranges * wl.buckets, 0);
   wl.ranges = ranges;
@@ -683,6 +700,13 @@ void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weigh
   });
 }
 
+// Refuses block starts outside [0, array_size - z] (found: one was seen, bad: which), before the
+// backward writes anything: starts of another array, or edited.
+inline void check_starts_in_array(bool found, int64_t bad, int64_t array_size, int64_t z) {
+  TORCH_CHECK_VALUE(!found, "robe: the backward's block starts must lie in [0, ", array_size - z, "] (array_size ",
+                    array_size, ", block_size ", z, "), found ", bad, ": starts of another array, or not the forward's");
+}
+
 // The blocks of the bags (every feature's values times its blocks per id).
 inline int64_t count_blocks(const Problem& pb, int64_t z) {
   int64_t blocks = 0;
@@ -721,8 +745,7 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
       wl.range_first[w + 1] = blocks;
     }
   });
-  TORCH_CHECK_VALUE(!found.load(), "robe: the backward's block starts must lie in [0, ", max_start, "] (array_size ",
-                    array_size, ", block_size ", z, "), found ", bad.load(), ": starts of another array, or not the forward's");
+  check_starts_in_array(found.load(), bad.load(), array_size, z);
   place_counts<R>(wl, ranges.count);
   fill_list<scalar_t, R, start_t>(wl, pb, z, weights, out_dim, starts, array_size, ranges);
 }
@@ -783,7 +806,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   if (pool.ready() > 0) wl = pool.take_ready(ListKey::of<scalar_t, R, start_t>(pb, z, weights, out_dim, starts, array_size));
   if (!wl) {
     const int64_t chunk = bucket_slots(array_size, threads);
-    if (chunk >= array_size || pb.batch < 2 || count_blocks(pb, z) < 4 * ((array_size + chunk - 1) / chunk)) {
+    if (chunk >= array_size || pb.batch < 2 || count_blocks(pb, z) < 4 * bucket_count(array_size, chunk)) {
       // one bucket, or fewer blocks than buckets: no work list; each bag's slots prefetched a bag ahead
       const int64_t max_start = array_size - z;
       bool found = false;  // checked before anything is written (the fused update writes the array)
@@ -791,8 +814,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
       walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) found = true, bad = s;
       });
-      TORCH_CHECK_VALUE(!found, "robe: the backward's block starts must lie in [0, ", max_start, "] (array_size ",
-                        array_size, ", block_size ", z, "), found ", bad, ": starts of another array, or not the forward's");
+      check_starts_in_array(found, bad, array_size, z);
       for (int64_t b = 0; b < pb.batch; ++b) {
         walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
                                        [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
@@ -865,8 +887,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   std::unique_ptr<WorkList> wl = pool.take_free();
   reset_list(*wl, array_size, bucket_slots(array_size, threads), ranges.count);
   const SlotDivider bucket_of(wl->chunk, array_size);
-  std::atomic<int64_t> bad_feature{-1};
-  std::atomic<int64_t> bad_id{0};
+  BadIds bad;
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl->pos.data() + w * wl->buckets;
@@ -884,11 +905,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
           }
           const int64_t i = off[b];
           start_t* st = starts + pb.start_index(f, i);
-          if (!hash.starts_for(pb.values[i], m, nb, st)) {
-            int64_t expected = -1;
-            if (bad_feature.compare_exchange_strong(expected, f)) bad_id.store(pb.values[i]);
-            for (int64_t blk = 0; blk < nb; ++blk) st[blk] = 0;
-          }
+          bad.hash(pb, hash, f, i, nb, st);  // (a bad id's blocks, at 0, are counted: the walks agree)
           for (int64_t blk = 0; blk < nb; ++blk) {
             for (int64_t o = bucket_of(st[blk]), last = bucket_of(st[blk] + z - 1); o <= last; ++o) ++count[o];
           }
@@ -898,10 +915,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
       wl->range_first[w + 1] = blocks;
     }
   });
-  const int64_t f = bad_feature.load();
-  TORCH_CHECK_VALUE(f < 0, "robe: id ", bad_id.load(), " of feature #", f,
-                    " is outside [0, num_embeddings) = [0, ", pb.meta[f * kMetaCols + kNumEmbeddings],
-                    ") of its table; the 'paper' mapping needs ids below num_embeddings");
+  bad.check(pb);
   place_counts<R>(*wl, ranges.count);
   fill_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, ranges);
   walk_list<R>(
@@ -962,7 +976,7 @@ bool use_bucketed_forward(const Problem& pb, int64_t z, int64_t array_size, int6
       if (off[b + 1] - off[b] > 1) return false;
     }
   }
-  return count_blocks(pb, z) >= 4 * ((array_size + chunk - 1) / chunk);
+  return count_blocks(pb, z) >= 4 * bucket_count(array_size, chunk);
 }
 
 // The forward's `starts` dtype: int32 where every start (< array_size) fits.
