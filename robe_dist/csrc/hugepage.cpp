@@ -20,7 +20,10 @@ struct Mapping {
   size_t total;
 };
 
-constexpr size_t kMaxCached = 4;
+// A step holds up to ~5 distinct buffers (the pooled output, the block starts, a dense gradient,
+// the backward's staging copy, a work list's): the cache keeps 8, so one lookup's buffers and
+// another collection's (or a benchmark's other variant's) do not push each other out each step.
+constexpr size_t kMaxCached = 8;
 constexpr size_t kMaxCachedBytes = size_t(512) << 20;
 
 struct BufferCache {
@@ -32,29 +35,43 @@ struct BufferCache {
     return env == nullptr || std::string(env) != "0";
   }();
 
+  // The smallest cached mapping of at least `total` bytes and at most 1/8 more (a buffer whose
+  // size moves a little between steps, as the staging copy's does with the blocks that straddle
+  // two buckets, reuses its mapping).
   bool take(size_t total, Mapping* out) {
     std::lock_guard<std::mutex> lock(mutex);
+    size_t best = free.size();
     for (size_t i = 0; i < free.size(); ++i) {
-      if (free[i].total == total) {
-        *out = free[i];
-        free.erase(free.begin() + i);
-        bytes -= total;
-        return true;
+      if (free[i].total >= total && free[i].total <= total + total / 8 &&
+          (best == free.size() || free[i].total < free[best].total)) {
+        best = i;
       }
     }
-    return false;
+    if (best == free.size()) return false;
+    *out = free[best];
+    free.erase(free.begin() + best);
+    bytes -= out->total;
+    return true;
   }
 
+  // Keeps m, dropping the least recently released mappings where the cache would hold too many.
   void give(Mapping m) {
+    std::vector<Mapping> dropped;
     {
       std::lock_guard<std::mutex> lock(mutex);
-      if (enabled && free.size() < kMaxCached && bytes + m.total <= kMaxCachedBytes) {
+      if (enabled && m.total <= kMaxCachedBytes) {
+        while (!free.empty() && (free.size() >= kMaxCached || bytes + m.total > kMaxCachedBytes)) {
+          dropped.push_back(free.front());
+          bytes -= free.front().total;
+          free.erase(free.begin());
+        }
         free.push_back(m);
         bytes += m.total;
-        return;
+      } else {
+        dropped.push_back(m);
       }
     }
-    munmap(m.base, m.total);
+    for (const Mapping& d : dropped) munmap(d.base, d.total);
   }
 };
 
