@@ -777,9 +777,7 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
   fill_list<scalar_t, R, start_t>(wl, pb, z, weights, out_dim, starts, array_size, ranges);
 }
 
-// Buckets up to this size are prefetched whole, kPrefetchBuckets buckets ahead of the walk
-// (walk_list); larger ones block by block.
-constexpr int64_t kPrefetchBucketBytes = int64_t(64) << 10;
+// Buckets between the one a walk is in and the one it prefetches (walk_list).
 constexpr int64_t kPrefetchBuckets = 2;
 
 // Calls fn(entry, k, lo, hi) for every entry k of the list, [lo, hi) the slots of its bucket: the
@@ -788,32 +786,22 @@ constexpr int64_t kPrefetchBuckets = 2;
 // a bucket at a time, at random within the bucket: while it walks bucket o, it prefetches every
 // line of bucket o + kPrefetchBuckets, spread over o's entries, a sequential stream that the
 // memory serves at full speed (the blocks alone, prefetched a few entries ahead, took twice as
-// long in the backward: docs/performance.md). Buckets larger than kPrefetchBucketBytes (wide
-// buckets of huge arrays, one bucket per thread for small ones) have their blocks prefetched by
-// `ahead(entry)` kPrefetchAhead entries before use instead.
-template <typename R, typename Ahead, typename Fn, typename Finish>
+// long in the backward: docs/performance.md). (16 KiB buckets; 64-128 KiB for arrays past 2^28
+// slots, bucket_slots.)
+template <typename R, typename Fn, typename Finish>
 void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* array, int64_t element_size, bool write,
-               Ahead&& ahead, Fn&& fn, Finish&& finish) {
+               Fn&& fn, Finish&& finish) {
   const int64_t parts = std::max<int64_t>(1, std::min(threads, wl.buckets));
   const std::vector<int64_t> cut = balanced_runs(wl.begin, wl.buckets, parts);
   const R* refs = wl.refs<R>();
   const int64_t* begin = wl.begin.data();
   const int64_t chunk = wl.chunk;
-  const bool whole = chunk * element_size <= kPrefetchBucketBytes;
   const char* base = static_cast<const char*>(array);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t end = begin[cut[p + 1]];
       for (int64_t o = cut[p]; o < cut[p + 1]; ++o) {
         const int64_t lo = o * chunk, hi = std::min(array_size, lo + chunk);
         const int64_t stop = begin[o + 1];
-        if (!whole) {
-          for (int64_t k = begin[o]; k < stop; ++k) {
-            if (k + kPrefetchAhead < end) ahead(refs[k + kPrefetchAhead]);
-            fn(refs[k], k, lo, hi);
-          }
-          continue;
-        }
         // bucket o + kPrefetchBuckets of this run: `lines` lines from `ahead_at`, issued in step
         // with o's entries
         const int64_t po = o + kPrefetchBuckets;
@@ -909,7 +897,6 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   });
   walk_list<R>(
       *wl, array_size, threads, target, sizeof(scalar_t), true,
-      [&](const R& r) { prefetch_lines(target + r.s, block_bytes, true); },
       [&](const R& r, int64_t k, int64_t lo, int64_t hi) {
         add_block<scalar_t>(target, r.s, z, lo, hi, alpha * r.factor(), stage + k * z);
       },
@@ -934,7 +921,6 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
                       scalar_t* out, int64_t out_dim, start_t* starts, int64_t array_size) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t z = hash.z;
-  const int64_t block_bytes = z * static_cast<int64_t>(sizeof(scalar_t));
   const bool stream = pb.batch * out_dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamOutputBytes;
   const BagRanges ranges(pb.batch, threads);
   ListPool& pool = list_pool();
@@ -971,7 +957,6 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   fill_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, ranges);
   walk_list<R>(
       *wl, array_size, threads, array, sizeof(scalar_t), false,
-      [&](const R& r) { prefetch_lines(array + r.s, block_bytes, false); },
       [&](const R& r, int64_t, int64_t lo, int64_t) {
         if (r.s < lo) return;  // the second part of a straddling block: copied from its first bucket
         const scalar_t* src = array + r.s;
