@@ -779,18 +779,24 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
 
 // Buckets between the one a walk is in and the one it prefetches (walk_list).
 constexpr int64_t kPrefetchBuckets = 2;
+// Entries of a bucket handed to walk_list's group(k0, k1, end) at a time, before fn sees them
+// (the backward gathers their upstream gradient then: 32 KiB at Z = 32).
+constexpr int64_t kWalkGroup = 256;
 
-// Calls fn(entry, k, lo, hi) for every entry k of the list, [lo, hi) the slots of its bucket: the
-// buckets cut into one run of about equal work per thread, each thread walking its run in order.
+// Calls fn(entry, k, lo, hi, at) for every entry k of the list, [lo, hi) the slots of its bucket:
+// the buckets cut into one run of about equal work per thread, each thread walking its run in
+// order. Before the entries [k0, k1) of a bucket (at most kWalkGroup at a time) it calls
+// group(k0, k1, end), end the end of the thread's run; `at` is what that call returned, for the
+// group's entries.
 // The walk reads or updates `array` (elements of `element_size` bytes; `write`: for an update)
 // a bucket at a time, at random within the bucket: while it walks bucket o, it prefetches every
 // line of bucket o + kPrefetchBuckets, spread over o's entries, a sequential stream that the
 // memory serves at full speed (the blocks alone, prefetched a few entries ahead, took twice as
 // long in the backward: docs/performance.md). (16 KiB buckets; 64-128 KiB for arrays past 2^28
 // slots, bucket_slots.)
-template <typename R, typename Fn, typename Finish>
+template <typename R, typename Group, typename Fn, typename Finish>
 void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* array, int64_t element_size, bool write,
-               Fn&& fn, Finish&& finish) {
+               Group&& group, Fn&& fn, Finish&& finish) {
   const int64_t parts = std::max<int64_t>(1, std::min(threads, wl.buckets));
   const std::vector<int64_t> cut = balanced_runs(wl.begin, wl.buckets, parts);
   const R* refs = wl.refs<R>();
@@ -810,7 +816,9 @@ void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* ar
         const char* ahead_at = base + plo * element_size;
         const int64_t n = std::max<int64_t>(1, stop - begin[o]);
         int64_t issued = 0;
+        decltype(group(0, 0, 0)) at{};
         for (int64_t k = begin[o], j = 1; k < stop; ++k, ++j) {
+          if ((k - begin[o]) % kWalkGroup == 0) at = group(k, std::min(stop, k + kWalkGroup), begin[cut[p + 1]]);
           for (const int64_t want = j * lines / n; issued < want; ++issued) {
             if (write) {
               __builtin_prefetch(ahead_at + 64 * issued, 1);
@@ -818,12 +826,20 @@ void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* ar
               __builtin_prefetch(ahead_at + 64 * issued, 0);
             }
           }
-          fn(refs[k], k, lo, hi);
+          fn(refs[k], k, lo, hi, at);
         }
       }
     }
     finish();  // in each thread that walked
   });
+}
+
+// A thread's buffer for the upstream gradient blocks of one group of work-list entries
+// (backward_impl): [kWalkGroup * z], in list order.
+template <typename scalar_t>
+std::vector<scalar_t>& gather_rows() {
+  thread_local std::vector<scalar_t> rows;  // whichever thread pool runs the walk
+  return rows;
 }
 
 // Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself with
@@ -836,10 +852,10 @@ void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* ar
 //   1. the batch is cut into T bag ranges; thread w counts its range's blocks per bucket;
 //   2. prefix sums give every (range, bucket) pair its place in one work list, grouped by bucket
 //      and, within a bucket, in range order; the blocks are written there (fill_list);
-//   3. the upstream gradient is copied into list order (each entry's block gathered from
-//      grad_out, written in order with non-temporal stores), so that step 4 reads it in order;
-//   4. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
-//      order, prefetching its buckets' slots two buckets ahead, and adds.
+//   3. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
+//      order, prefetching its buckets' slots two buckets ahead; it copies each group of up to
+//      kWalkGroup entries' upstream gradient blocks into a small buffer of its own (prefetched a
+//      few entries ahead), then adds them from there.
 // Steps 1 and 2 are skipped when the forward of a one-hot lookup left the same list (ListPool).
 // A bucket's list is the fixed walk order restricted to its slots: every slot sums its terms in
 // the same order whatever T is (and whoever built the list), so gradients are bit-for-bit
@@ -877,28 +893,23 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
     wl = pool.take_free();
     build_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, threads);
   }
-  // The upstream gradient staged in list order: each entry's block read from grad_out (prefetched
-  // a few entries ahead), written in order with non-temporal stores, then read in order by the
-  // walk, which adds into a few KiB of the array at a time. Reading grad_out at random in the
-  // walk itself would leave the walk waiting on those reads (docs/performance.md).
-  const int64_t entries = wl->begin[wl->buckets];
-  at::Tensor staged = hugepage_empty({entries * z}, c10::CppTypeToScalarType<scalar_t>::value);
-  scalar_t* stage = staged.data_ptr<scalar_t>();
+  // The upstream gradient, gathered a group of entries at a time into each thread's own buffer
+  // (it stays in L1) just before they are added: grad_out is read at random either way, and a
+  // whole staging copy in list order (109 MB here) cost a write and a read of it through memory.
   const R* refs = wl->refs<R>();
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = entries * t / threads, k1 = entries * (t + 1) / threads;
-      for (int64_t k = k0; k < k1; ++k) {
-        if (k + kPrefetchAhead < k1) prefetch_lines(grad_out + refs[k + kPrefetchAhead].g, block_bytes, false);
-        stream_row(stage + k * z, grad_out + refs[k].g, z);
-      }
-    }
-    store_fence();
-  });
   walk_list<R>(
       *wl, array_size, threads, target, sizeof(scalar_t), true,
-      [&](const R& r, int64_t k, int64_t lo, int64_t hi) {
-        add_block<scalar_t>(target, r.s, z, lo, hi, alpha * r.factor(), stage + k * z);
+      [&](int64_t k0, int64_t k1, int64_t end) {  // -> the row of entry 0 (group entry k - k0 at k * z)
+        std::vector<scalar_t>& rows = gather_rows<scalar_t>();
+        if (rows.size() < static_cast<size_t>(kWalkGroup * z)) rows.resize(static_cast<size_t>(kWalkGroup * z));
+        for (int64_t k = k0; k < k1; ++k) {
+          if (k + kPrefetchAhead < end) prefetch_lines(grad_out + refs[k + kPrefetchAhead].g, block_bytes, false);
+          std::copy(grad_out + refs[k].g, grad_out + refs[k].g + z, rows.data() + (k - k0) * z);
+        }
+        return static_cast<const scalar_t*>(rows.data()) - k0 * z;
+      },
+      [&](const R& r, int64_t k, int64_t lo, int64_t hi, const scalar_t* rows) {
+        add_block<scalar_t>(target, r.s, z, lo, hi, alpha * r.factor(), rows + k * z);
       },
       [] {});
   pool.put_free(std::move(wl));
@@ -956,8 +967,8 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   place_counts<R>(*wl, ranges.count);
   fill_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, ranges);
   walk_list<R>(
-      *wl, array_size, threads, array, sizeof(scalar_t), false,
-      [&](const R& r, int64_t, int64_t lo, int64_t) {
+      *wl, array_size, threads, array, sizeof(scalar_t), false, [](int64_t, int64_t, int64_t) { return 0; },
+      [&](const R& r, int64_t, int64_t lo, int64_t, int) {
         if (r.s < lo) return;  // the second part of a straddling block: copied from its first bucket
         const scalar_t* src = array + r.s;
         scalar_t* dst = out + r.g;
