@@ -20,9 +20,9 @@ struct Mapping {
   size_t total;
 };
 
-// A step holds up to ~5 distinct buffers (the pooled output, the block starts, a dense gradient,
-// the backward's staging copy, a work list's): the cache keeps 8, so one lookup's buffers and
-// another collection's (or a benchmark's other variant's) do not push each other out each step.
+// A lookup's step holds a few distinct buffers (the pooled output, the block starts, a dense
+// gradient): the cache keeps 8, so one lookup's buffers and another collection's (or a
+// benchmark's other variant's) do not push each other out each step.
 constexpr size_t kMaxCached = 8;
 constexpr size_t kMaxCachedBytes = size_t(512) << 20;
 
@@ -36,8 +36,7 @@ struct BufferCache {
   }();
 
   // The smallest cached mapping of at least `total` bytes and at most 1/8 more (a buffer whose
-  // size moves a little between steps, as the staging copy's does with the blocks that straddle
-  // two buckets, reuses its mapping).
+  // size moves a little between steps, as a batch's ids vary, reuses its mapping).
   bool take(size_t total, Mapping* out) {
     std::lock_guard<std::mutex> lock(mutex);
     size_t best = free.size();
