@@ -814,19 +814,21 @@ void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* ar
         const int64_t plo = std::min(array_size, po * chunk), phi = std::min(array_size, plo + chunk);
         const int64_t lines = po < cut[p + 1] ? ((phi - plo) * element_size + 63) / 64 : 0;
         const char* ahead_at = base + plo * element_size;
-        const int64_t n = std::max<int64_t>(1, stop - begin[o]);
+        const int64_t first = begin[o], n = std::max<int64_t>(1, stop - first);
         int64_t issued = 0;
-        decltype(group(0, 0, 0)) at{};
-        for (int64_t k = begin[o], j = 1; k < stop; ++k, ++j) {
-          if ((k - begin[o]) % kWalkGroup == 0) at = group(k, std::min(stop, k + kWalkGroup), begin[cut[p + 1]]);
-          for (const int64_t want = j * lines / n; issued < want; ++issued) {
-            if (write) {
-              __builtin_prefetch(ahead_at + 64 * issued, 1);
-            } else {
-              __builtin_prefetch(ahead_at + 64 * issued, 0);
+        for (int64_t k0 = first; k0 < stop; k0 += kWalkGroup) {
+          const int64_t k1 = std::min(stop, k0 + kWalkGroup);
+          const auto at = group(k0, k1, begin[cut[p + 1]]);
+          for (int64_t k = k0; k < k1; ++k) {
+            for (const int64_t want = (k - first + 1) * lines / n; issued < want; ++issued) {
+              if (write) {
+                __builtin_prefetch(ahead_at + 64 * issued, 1);
+              } else {
+                __builtin_prefetch(ahead_at + 64 * issued, 0);
+              }
             }
+            fn(refs[k], k, lo, hi, at);
           }
-          fn(refs[k], k, lo, hi, at);
         }
       }
     }
