@@ -29,8 +29,8 @@
 // R = max occurrences). One index per block, never one per element; int32 where the array has at
 // most 2^31 - 1 slots (every start fits: half the bytes written and read again), else int64.
 //
-// Both directions group the blocks by bucket of the array (4096 slots) in a work list and walk it
-// bucket by bucket, so the array is read or updated a few KiB at a time instead of at random; the
+// Both directions group the blocks by bucket of the array (16384 slots) in a work list and walk
+// it bucket by bucket, so the array is read or updated 64 KiB at a time instead of at random; the
 // random accesses go to the output (the forward's non-temporal stores) and to the upstream
 // gradient (prefetched). The forward does so for one-hot lookups (forward_bucketed; bag-major
 // forward_impl otherwise) and leaves its list for the backward, which builds its own where the
@@ -438,11 +438,12 @@ struct SlotDivider {
   }
 };
 
-// Slots of the array per bucket of a work list: a bucket's slots (16 KiB of float32) stay in
-// L1/L2 while its blocks are read or added, so the random accesses go to a few KiB at a time and
-// the array is swept once, in order (docs/performance.md). At most kMaxBuckets buckets: wider
-// ones past 2^28 slots.
-constexpr int64_t kBucketSlots = 4096;
+// Slots of the array per bucket of a work list: a bucket's slots (64 KiB of float32) stay in L2
+// while its blocks are read or added, so the random accesses go to 64 KiB at a time and the array
+// is swept once, in order (docs/performance.md). Few enough buckets (1,648 for 27M slots) for
+// fill_list to write each block straight to its bucket, and 4x narrower ones measured no faster.
+// At most kMaxBuckets buckets: wider ones past 2^30 slots.
+constexpr int64_t kBucketSlots = 16384;
 constexpr int64_t kMaxBuckets = int64_t(1) << 16;
 
 // The slots per bucket with `threads` threads: kBucketSlots (more for huge arrays), or the array
@@ -467,18 +468,13 @@ struct WorkList {
   std::vector<int64_t> begin;
   std::vector<int64_t> pos;     // [ranges * buckets] while building
   std::vector<uint8_t> bytes;   // R[begin[buckets]], R the entry type (BlockRef, UnitRef)
-  // While filling (fill_list): the blocks grouped by super-bucket (R[begin[buckets]]), and the
-  // first and next place of each (range, super-bucket) pair there.
-  std::vector<uint8_t> spill;
-  std::vector<int64_t> spill_begin, spill_next;
   // What it was built from, compared byte for byte before a backward reuses it (ListKey).
   std::vector<uint8_t> key;
 
   template <typename R>
   R* refs() { return reinterpret_cast<R*>(bytes.data()); }
   size_t footprint() const {
-    return bytes.capacity() + spill.capacity() + key.capacity() +
-           8 * (begin.capacity() + pos.capacity() + spill_begin.capacity() + spill_next.capacity());
+    return bytes.capacity() + key.capacity() + 8 * (begin.capacity() + pos.capacity());
   }
 };
 
@@ -644,7 +640,7 @@ void reset_list(WorkList& wl, int64_t array_size, int64_t chunk, int64_t ranges)
 }
 
 // From the counts per (range, bucket) in wl.pos: every pair's first place in the list, grouped
-// by bucket and, within a bucket, in range order; sizes wl.bytes and wl.spill.
+// by bucket and, within a bucket, in range order; sizes wl.bytes.
 template <typename R>
 void place_counts(WorkList& wl, int64_t ranges) {
   int64_t next = 0;
@@ -659,73 +655,28 @@ void place_counts(WorkList& wl, int64_t ranges) {
   wl.begin[wl.buckets] = next;
   const size_t need = static_cast<size_t>(next) * sizeof(R);
   if (wl.bytes.size() < need) wl.bytes.resize(need);
-  if (wl.spill.size() < need) wl.spill.resize(need);
 }
 
-// Buckets per super-bucket of fill_list's first pass: 2^kSuperShift.
-constexpr int64_t kSuperShift = 6;
-
-// Writes every block of the bags into its place(s) in the list, in two stable passes (a radix
-// partition). Writing each block straight to its place would scatter single entries over
-// thousands of buckets at once, whose lines leave the caches between two writes.
-//   1. thread w walks its bag range in walk order and appends each block to `spill`, grouped by
-//      super-bucket (2^kSuperShift buckets), once per super-bucket it touches: ~100 places at a
-//      time per thread, which stay cached;
-//   2. each thread takes a run of super-buckets and, range by range, moves their blocks to the
-//      places of their buckets (a straddling block to each of its buckets in the super-bucket):
-//      2^kSuperShift places per range at a time.
-// Each bucket then holds its blocks in walk order, as writing them directly would place them.
-// Pair (w, S) of range w and super-bucket S fills spill from the place of range w's first entry
-// of S's first bucket in the list: the ranges before w take no more places in spill than in the
-// list (a block that straddles two buckets of S is one spill entry, two list entries).
+// Writes every block of the bags into its place(s) in the list: thread w walks its bag range in
+// walk order and appends each block to its bucket (a straddling block to both) at the range's
+// next place there (wl.pos, from place_counts), so each bucket holds its blocks in walk order.
+// The stores go to ~1,650 places at a time per thread (27M slots), whose lines stay in L2: with
+// four times as many buckets they left the caches between two writes, and a two-pass radix
+// partition through a spill buffer as large as the list was needed (slower in all, and the
+// buffer kept with each pooled list: docs/performance.md).
 template <typename scalar_t, typename R, typename start_t>
 void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
                const start_t* starts, int64_t array_size, const BagRanges& ranges) {
   const SlotDivider bucket_of(wl.chunk, array_size);
-  const int64_t nb = wl.buckets, per_super = int64_t(1) << kSuperShift;
-  const int64_t supers = (nb + per_super - 1) / per_super;
-  const int64_t* begin = wl.begin.data();
-  wl.spill_begin.resize(ranges.count * supers);
-  for (int64_t w = 0; w < ranges.count; ++w) {
-    const int64_t* pos = wl.pos.data() + w * nb;  // begin[o] + the entries of ranges < w in bucket o
-    for (int64_t S = 0; S < supers; ++S) {
-      const int64_t o0 = S * per_super, o1 = std::min(nb, o0 + per_super);
-      int64_t at = begin[o0];
-      for (int64_t o = o0; o < o1; ++o) at += pos[o] - begin[o];
-      wl.spill_begin[w * supers + S] = at;
-    }
-  }
-  wl.spill_next = wl.spill_begin;
-  R* spill = reinterpret_cast<R*>(wl.spill.data());
+  R* refs = wl.refs<R>();
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
-      int64_t* next = wl.spill_next.data() + w * supers;
+      int64_t* next = wl.pos.data() + w * wl.buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
       walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
         const R r = R::make(s, g, scale);
-        const int64_t S = bucket_of(s) >> kSuperShift, last = bucket_of(s + z - 1) >> kSuperShift;
-        spill[next[S]++] = r;
-        if (last != S) spill[next[last]++] = r;
+        for (int64_t o = bucket_of(s), last = bucket_of(s + z - 1); o <= last; ++o) refs[next[o]++] = r;
       });
-    }
-  });
-  std::vector<int64_t> super_begin(supers + 1);
-  for (int64_t S = 0; S <= supers; ++S) super_begin[S] = begin[std::min(nb, S * per_super)];
-  const std::vector<int64_t> cut =
-      balanced_runs(super_begin, supers, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), supers)));
-  R* refs = wl.refs<R>();
-  at::parallel_for(0, static_cast<int64_t>(cut.size()) - 1, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t S = cut[p0]; S < cut[p1]; ++S) {
-      const int64_t o0 = S * per_super, o_last = std::min(nb, o0 + per_super) - 1;
-      for (int64_t w = 0; w < ranges.count; ++w) {
-        int64_t* next = wl.pos.data() + w * nb;
-        for (int64_t k = wl.spill_begin[w * supers + S], k1 = wl.spill_next[w * supers + S]; k < k1; ++k) {
-          const R r = spill[k];
-          const int64_t s = static_cast<int64_t>(r.s);
-          const int64_t last = std::min(o_last, bucket_of(s + z - 1));
-          for (int64_t o = std::max(o0, bucket_of(s)); o <= last; ++o) refs[next[o]++] = r;
-        }
-      }
     }
   });
 }
@@ -792,7 +743,7 @@ constexpr int64_t kWalkGroup = 256;
 // a bucket at a time, at random within the bucket: while it walks bucket o, it prefetches every
 // line of bucket o + kPrefetchBuckets, spread over o's entries, a sequential stream that the
 // memory serves at full speed (the blocks alone, prefetched a few entries ahead, took twice as
-// long in the backward: docs/performance.md). (16 KiB buckets; 64-128 KiB for arrays past 2^28
+// long in the backward: docs/performance.md). (64 KiB buckets; wider for arrays past 2^30
 // slots, bucket_slots.)
 template <typename R, typename Group, typename Fn, typename Finish>
 void walk_list(WorkList& wl, int64_t array_size, int64_t threads, const void* array, int64_t element_size, bool write,
@@ -847,10 +798,10 @@ std::vector<scalar_t>& gather_rows() {
 // Adds alpha * dL/dM into `target` (a zeroed gradient with alpha = 1, or the array itself with
 // alpha = -lr for the fused SGD update).
 //
-// The array's slots are cut into buckets (bucket_slots: 4096 floats, or one range per thread for
+// The array's slots are cut into buckets (bucket_slots: 16384 floats, or one range per thread for
 // small arrays), and each thread adds only into the buckets of its own run: no atomics, no
 // per-thread copies of the array. The blocks are first grouped by bucket in a work list, so each
-// thread reads only its own work and adds into a few KiB of the array at a time:
+// thread reads only its own work and adds into 64 KiB of the array at a time:
 //   1. the batch is cut into T bag ranges; thread w counts its range's blocks per bucket;
 //   2. prefix sums give every (range, bucket) pair its place in one work list, grouped by bucket
 //      and, within a bucket, in range order; the blocks are written there (fill_list);
@@ -920,7 +871,7 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
 // The forward of a one-hot lookup (no bag holds more than one id) through a work list: the
 // bag-major forward_impl reads every block at a random place in the array; this one groups the
 // blocks by bucket of the array first and copies them bucket by bucket, so the array is read
-// once, in order, a few KiB at a time, and the random accesses go to the output, written once
+// once, in order, 64 KiB at a time, and the random accesses go to the output, written once
 // with non-temporal stores (docs/performance.md):
 //   1. thread w hashes its bag range's blocks (the starts) and counts them per bucket; empty
 //      bags' outputs are zeroed;

@@ -337,7 +337,7 @@ def make_one_hot_kjt(tables, batch, seed=0, weighted=False):
 @pytest.mark.parametrize("hash", HASHES)
 def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_count(pooling, weighted, hash):
     """One-hot input into an array of at least 8 MiB takes the bucketed forward (the blocks grouped
-    by 4096-slot buckets of the array, copied bucket by bucket), which leaves its work list for the
+    by 16384-slot buckets of the array, copied bucket by bucket), which leaves its work list for the
     backward. Forward, gradient and fused update: equal to the loop reference and to autograd
     through the pure-PyTorch lookup, the same bits at 1, 2 and 3 threads, and the backward that
     reuses the forward's list gives the bits of one that builds its own."""
@@ -348,7 +348,7 @@ def test_one_hot_lookups_through_work_lists_match_the_reference_at_any_thread_co
     tables = make_tables(pooling)
     kjt = make_one_hot_kjt(tables, batch=512, weighted=weighted)
     g = torch.randn(512, 72, generator=torch.Generator().manual_seed(1))
-    ebc = make_ebc(tables, hash, array_size=LIST_ARRAY, is_weighted=weighted)  # 513 buckets
+    ebc = make_ebc(tables, hash, array_size=LIST_ARRAY, is_weighted=weighted)  # 129 buckets
     ref = reference_lookup(ebc.array.detach(), tables, ebc.robe_config, kjt, weighted=weighted)
     array64 = ebc.array.detach().double().requires_grad_()
     grad_ref = torch.autograd.grad(torch_lookup(ebc, kjt, array64), array64, g.double())[0]
