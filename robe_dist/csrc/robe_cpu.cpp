@@ -336,27 +336,48 @@ void forward_impl(const Problem& pb, const Hash& hash, const scalar_t* array, co
   bad.check(pb);
 }
 
+// What the walks over a lookup's blocks read of feature f for every bag, looked up once per op
+// instead of once per (bag, feature) pair (meta, a division: 15-20% of fill_list's time).
+// start_t is const for the walks that only read the starts.
+template <typename start_t>
+struct FeatureWalk {
+  const int64_t* off;  // the bag offsets of its key (Problem::bag_offsets)
+  start_t* starts;     // where the starts of value 0 as read by it would be (Problem::start_index)
+  int64_t blocks;      // blocks per id: embedding_dim / Z
+  int64_t dim;
+  int64_t out_col;
+  bool mean;
+
+  static std::vector<FeatureWalk> of(const Problem& pb, int64_t z, start_t* starts) {
+    std::vector<FeatureWalk> fw(static_cast<size_t>(pb.num_features));
+    for (int64_t f = 0; f < pb.num_features; ++f) {
+      const int64_t* m = pb.meta + f * kMetaCols;
+      fw[f] = {pb.bag_offsets(f), starts + pb.start_index(f, 0), m[kDim] / z, m[kDim], m[kOutCol],
+               m[kPooling] == kPoolMean};
+    }
+    return fw;
+  }
+  // The starts of value i's blocks.
+  start_t* at(const Problem& pb, int64_t i) const { return starts + i * pb.max_blocks; }
+};
+
 // Calls fn(s, g, scale) for every block of the bags [b0, b1) in the fixed walk order (bag-major,
 // then feature, value, block): the block starts at slot s of the array, its upstream gradient at
 // grad_out[g], and it enters the pooled output with factor `scale` (its weight, times 1 / bag
-// length for MEAN).
+// length for MEAN). fw: FeatureWalk::of the starts.
 template <typename scalar_t, typename start_t, typename Fn>
 inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-                        const start_t* starts, int64_t b0, int64_t b1, Fn&& fn) {
+                        const std::vector<FeatureWalk<const start_t>>& fw, int64_t b0, int64_t b1, Fn&& fn) {
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t f = 0; f < pb.num_features; ++f) {
-      const int64_t* m = pb.meta + f * kMetaCols;
-      const int64_t* off = pb.bag_offsets(f);
-      const int64_t bag_lo = off[b], bag_hi = off[b + 1];
+    for (const FeatureWalk<const start_t>& e : fw) {
+      const int64_t bag_lo = e.off[b], bag_hi = e.off[b + 1];
       if (bag_hi == bag_lo) continue;
-      const int64_t nb = m[kDim] / z;
-      const scalar_t bag_scale =
-          m[kPooling] == kPoolMean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
-      const int64_t grow = b * out_dim + m[kOutCol];
+      const scalar_t bag_scale = e.mean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
+      const int64_t grow = b * out_dim + e.out_col;
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
-        const start_t* st = starts + pb.start_index(f, i);
+        const start_t* st = e.at(pb, i);
         const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
-        for (int64_t blk = 0; blk < nb; ++blk) fn(st[blk], grow + blk * z, scale);
+        for (int64_t blk = 0; blk < e.blocks; ++blk) fn(st[blk], grow + blk * z, scale);
       }
     }
   }
@@ -669,11 +690,12 @@ void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weigh
                const start_t* starts, int64_t array_size, const BagRanges& ranges) {
   const SlotDivider bucket_of(wl.chunk, array_size);
   R* refs = wl.refs<R>();
+  const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* next = wl.pos.data() + w * wl.buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
         const R r = R::make(s, g, scale);
         for (int64_t o = bucket_of(s), last = bucket_of(s + z - 1); o <= last; ++o) refs[next[o]++] = r;
       });
@@ -709,11 +731,12 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
   const int64_t max_start = array_size - z;
   std::atomic<bool> found{false};
   std::atomic<int64_t> bad{0};
+  const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl.pos.data() + w * wl.buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) {
           bad.store(s);
           found.store(true);
@@ -830,14 +853,15 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
       const int64_t max_start = array_size - z;
       bool found = false;  // checked before anything is written (the fused update writes the array)
       int64_t bad = 0;
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+      const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
+      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) found = true, bad = s;
       });
       check_starts_in_array(found, bad, array_size, z);
       for (int64_t b = 0; b < pb.batch; ++b) {
-        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b + 1, std::min(b + 2, pb.batch),
+        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b + 1, std::min(b + 2, pb.batch),
                                        [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
-        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, starts, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
           add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
         });
       }
@@ -892,22 +916,22 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   reset_list(*wl, array_size, bucket_slots(array_size, threads), ranges.count);
   const SlotDivider bucket_of(wl->chunk, array_size);
   BadIds bad;
+  const auto fw = FeatureWalk<start_t>::of(pb, z, starts);
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl->pos.data() + w * wl->buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t f = 0; f < pb.num_features; ++f) {
-          const int64_t* m = pb.meta + f * kMetaCols;
-          const int64_t* off = pb.bag_offsets(f);
-          const int64_t nb = m[kDim] / z;
-          if (off[b + 1] == off[b]) {  // empty bag: zeros (the output is not pre-zeroed)
-            scalar_t* row = out + b * out_dim + m[kOutCol];
-            std::fill(row, row + m[kDim], scalar_t(0));
+          const FeatureWalk<start_t>& e = fw[f];
+          const int64_t nb = e.blocks;
+          if (e.off[b + 1] == e.off[b]) {  // empty bag: zeros (the output is not pre-zeroed)
+            scalar_t* row = out + b * out_dim + e.out_col;
+            std::fill(row, row + e.dim, scalar_t(0));
             continue;
           }
-          const int64_t i = off[b];
-          start_t* st = starts + pb.start_index(f, i);
+          const int64_t i = e.off[b];
+          start_t* st = e.at(pb, i);
           bad.hash(pb, hash, f, i, nb, st);  // (a bad id's blocks, at 0, are counted: the walks agree)
           for (int64_t blk = 0; blk < nb; ++blk) {
             for (int64_t o = bucket_of(st[blk]), last = bucket_of(st[blk] + z - 1); o <= last; ++o) ++count[o];
