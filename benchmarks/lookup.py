@@ -29,9 +29,12 @@ The headline is robe_dmp against torchrec. The allocator is process-wide, so it 
 (``--allocator``): ``glibc`` (the default; large blocks are mmap-ed and returned at every free, so
 a fresh 109 MB output pays its page faults every step), ``thp`` (PyTorch's own switch,
 THP_MEM_ALLOC_ENABLE=1: blocks of 2 MiB and more are 2 MiB-aligned and advised huge pages, so
-they fault in 2 MiB at a time) or ``jemalloc`` (the script re-executes itself with
-libjemalloc preloaded and freed pages kept: MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1).
-TorchRec's best setting is the one to compare with (docs/performance.md: jemalloc here).
+they fault in 2 MiB at a time), ``jemalloc`` (the script re-executes itself with
+libjemalloc preloaded and freed pages kept: MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1) or
+``jemalloc_thp`` (the same, and every arena advised huge pages: MALLOC_CONF=thp:always,...; with
+the kernel's THP mode ``madvise`` or ``always``). A MALLOC_CONF set in the environment replaces
+these. TorchRec's best setting is the one to compare with (docs/performance.md: jemalloc_thp on
+the AMD guest, 2026-12-04).
 
 Also measured: the machine's memory bandwidth (STREAM-like copy and triad over --bw-mb MB arrays,
 all threads; best of several repetitions, before and after the steps), and, per variant, the
@@ -51,7 +54,7 @@ a no-op.
 Run::
 
     python benchmarks/lookup.py                       # the paper's setting, 35-60 s on 2 quiet cores
-    python benchmarks/lookup.py --allocator jemalloc  # TorchRec's best case (apt-get install libjemalloc2)
+    python benchmarks/lookup.py --allocator jemalloc_thp  # TorchRec's best case (apt-get install libjemalloc2)
     python benchmarks/lookup.py --hash paper --json /tmp/lookup.json
 """
 
@@ -94,7 +97,11 @@ def _apply_omp_wait_policy(argv: List[str]) -> str:
     return os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)")
 
 
-ALLOCATORS = ("glibc", "thp", "jemalloc")
+ALLOCATORS = ("glibc", "thp", "jemalloc", "jemalloc_thp")
+# jemalloc's settings per --allocator: keep freed pages (no page faults on the next step's
+# buffers); jemalloc_thp also advises huge pages for all its memory (opt.thp).
+JEMALLOC_CONF = {"jemalloc": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+                 "jemalloc_thp": "thp:always,dirty_decay_ms:-1,muzzy_decay_ms:-1"}
 JEMALLOC_PATHS = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
     "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2",
@@ -113,16 +120,16 @@ def _apply_allocator(argv: List[str]) -> str:
     if choice == "thp":
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         return "thp (THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator, 2 MiB-aligned huge pages for >= 2 MiB)"
-    if choice == "jemalloc":
+    if choice in JEMALLOC_CONF:
         if os.environ.get("_ROBE_DIST_LOOKUP_JEMALLOC") == "1":  # this is the re-executed process
-            return f"jemalloc ({os.environ['LD_PRELOAD']}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
+            return f"{choice} ({os.environ['LD_PRELOAD']}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
         lib = os.environ.get("ROBE_DIST_JEMALLOC") or next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
         if lib is None or not os.path.exists(lib):
-            sys.exit("benchmarks/lookup.py: --allocator jemalloc needs libjemalloc.so.2 (Debian/Ubuntu: apt-get install "
+            sys.exit(f"benchmarks/lookup.py: --allocator {choice} needs libjemalloc.so.2 (Debian/Ubuntu: apt-get install "
                      f"libjemalloc2), not found in {', '.join(JEMALLOC_PATHS)}; or set ROBE_DIST_JEMALLOC=PATH")
         preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
         env = dict(os.environ, LD_PRELOAD=preload, _ROBE_DIST_LOOKUP_JEMALLOC="1",
-                   MALLOC_CONF=os.environ.get("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"))
+                   MALLOC_CONF=os.environ.get("MALLOC_CONF", JEMALLOC_CONF[choice]))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     return "glibc (default malloc)"
 
