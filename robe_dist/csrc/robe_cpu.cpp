@@ -223,21 +223,46 @@ inline void prefetch_lines(const void* p, int64_t bytes, bool write) {
 // Outputs at least this large are written with non-temporal stores (stream_row).
 constexpr int64_t kStreamOutputBytes = int64_t(32) << 20;
 
+// Writes dst[j] = src[j] (kScale: a * src[j]) for j < n with non-temporal stores, and returns
+// true, where it can: float on x86, 32-byte stores (AVX) where dst is 32-byte aligned and n a
+// multiple of 8, else 16-byte ones where dst is 16-byte aligned and n a multiple of 4. Returns
+// false, having written nothing, otherwise. (The one-hot forward's walk is bound by these
+// stores: the forward was 3-9% faster with 32-byte stores than with 16-byte ones.)
+template <bool kScale, typename scalar_t>
+inline bool stream_values(scalar_t* dst, const scalar_t* src, scalar_t a, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(dst);
+#if defined(__AVX__)
+    if ((at & 31) == 0 && n % 8 == 0) {
+      const __m256 va = _mm256_set1_ps(a);
+      for (int64_t j = 0; j < n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(src + j);
+        _mm256_stream_ps(dst + j, kScale ? _mm256_mul_ps(va, v) : v);
+      }
+      return true;
+    }
+#endif
+#if defined(__SSE__)
+    if ((at & 15) == 0 && n % 4 == 0) {
+      const __m128 va = _mm_set1_ps(a);
+      for (int64_t j = 0; j < n; j += 4) {
+        const __m128 v = _mm_loadu_ps(src + j);
+        _mm_stream_ps(dst + j, kScale ? _mm_mul_ps(va, v) : v);
+      }
+      return true;
+    }
+#endif
+  }
+  return false;
+}
+
 // Writes n values from src (a pooled row built in cache) to dst, with non-temporal stores where
-// it can (float, x86, dst 16-byte aligned, n a multiple of 4; plain copies otherwise): a pooled
-// output larger than the caches is written once and read back from memory by the next operator
-// anyway, so this skips the read-for-ownership of each of its lines and keeps the array cached.
+// it can (stream_values; plain copies otherwise): a pooled output larger than the caches is
+// written once and read back from memory by the next operator anyway, so this skips the
+// read-for-ownership of each of its lines and keeps the array cached.
 template <typename scalar_t>
 inline void stream_row(scalar_t* dst, const scalar_t* src, int64_t n) {
-#if defined(__SSE__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0 && n % 4 == 0) {
-      for (int64_t j = 0; j < n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
-      return;
-    }
-  }
-#endif
-  std::copy(src, src + n, dst);
+  if (!stream_values<false>(dst, src, scalar_t(1), n)) std::copy(src, src + n, dst);
 }
 
 inline void store_fence() {
@@ -953,15 +978,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
         const scalar_t* src = array + r.s;
         scalar_t* dst = out + r.g;
         const scalar_t a = r.factor();
-#if defined(__SSE__)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0 && z % 4 == 0) {
-            const __m128 va = _mm_set1_ps(a);
-            for (int64_t j = 0; j < z; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(va, _mm_loadu_ps(src + j)));
-            return;
-          }
-        }
-#endif
+        if (stream && stream_values<true>(dst, src, a, z)) return;
 #pragma omp simd
         for (int64_t j = 0; j < z; ++j) dst[j] = a * src[j];
       },
