@@ -389,18 +389,18 @@ struct FeatureWalk {
 // Calls fn(s, g, scale) for every block of the bags [b0, b1) in the fixed walk order (bag-major,
 // then feature, value, block): the block starts at slot s of the array, its upstream gradient at
 // grad_out[g], and it enters the pooled output with factor `scale` (its weight, times 1 / bag
-// length for MEAN). fw: FeatureWalk::of the starts.
-template <typename scalar_t, typename start_t, typename Fn>
+// length for MEAN). fw: FeatureWalk::of the starts (const or not: they are only read).
+template <typename scalar_t, typename Walk, typename Fn>
 inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-                        const std::vector<FeatureWalk<const start_t>>& fw, int64_t b0, int64_t b1, Fn&& fn) {
+                        const std::vector<Walk>& fw, int64_t b0, int64_t b1, Fn&& fn) {
   for (int64_t b = b0; b < b1; ++b) {
-    for (const FeatureWalk<const start_t>& e : fw) {
+    for (const Walk& e : fw) {
       const int64_t bag_lo = e.off[b], bag_hi = e.off[b + 1];
       if (bag_hi == bag_lo) continue;
       const scalar_t bag_scale = e.mean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
       const int64_t grow = b * out_dim + e.out_col;
       for (int64_t i = bag_lo; i < bag_hi; ++i) {
-        const start_t* st = e.at(pb, i);
+        const auto* st = e.at(pb, i);
         const scalar_t scale = weights ? weights[i] * bag_scale : bag_scale;
         for (int64_t blk = 0; blk < e.blocks; ++blk) fn(st[blk], grow + blk * z, scale);
       }
@@ -709,18 +709,17 @@ void place_counts(WorkList& wl, int64_t ranges) {
 // The stores go to ~1,650 places at a time per thread (27M slots), whose lines stay in L2: with
 // four times as many buckets they left the caches between two writes, and a two-pass radix
 // partition through a spill buffer as large as the list was needed (slower in all, and the
-// buffer kept with each pooled list: docs/performance.md).
-template <typename scalar_t, typename R, typename start_t>
+// buffer kept with each pooled list: docs/performance.md). fw: the caller's FeatureWalk table.
+template <typename scalar_t, typename R, typename Walk>
 void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-               const start_t* starts, int64_t array_size, const BagRanges& ranges) {
+               const std::vector<Walk>& fw, int64_t array_size, const BagRanges& ranges) {
   const SlotDivider bucket_of(wl.chunk, array_size);
   R* refs = wl.refs<R>();
-  const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* next = wl.pos.data() + w * wl.buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
         const R r = R::make(s, g, scale);
         for (int64_t o = bucket_of(s), last = bucket_of(s + z - 1); o <= last; ++o) refs[next[o]++] = r;
       });
@@ -761,7 +760,7 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl.pos.data() + w * wl.buckets;
       const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) {
           bad.store(s);
           found.store(true);
@@ -773,7 +772,7 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
   });
   check_starts_in_array(found.load(), bad.load(), array_size, z);
   place_counts<R>(wl, ranges.count);
-  fill_list<scalar_t, R, start_t>(wl, pb, z, weights, out_dim, starts, array_size, ranges);
+  fill_list<scalar_t, R>(wl, pb, z, weights, out_dim, fw, array_size, ranges);
 }
 
 // Buckets between the one a walk is in and the one it prefetches (walk_list): 64 KiB ahead (a
@@ -883,14 +882,14 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
       bool found = false;  // checked before anything is written (the fused update writes the array)
       int64_t bad = 0;
       const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
-      walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) found = true, bad = s;
       });
       check_starts_in_array(found, bad, array_size, z);
       for (int64_t b = 0; b < pb.batch; ++b) {
-        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b + 1, std::min(b + 2, pb.batch),
+        walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b + 1, std::min(b + 2, pb.batch),
                                        [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
-        walk_blocks<scalar_t, start_t>(pb, z, weights, out_dim, fw, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+        walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
           add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
         });
       }
@@ -971,7 +970,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   });
   bad.check(pb);
   place_counts<R>(*wl, ranges.count);
-  fill_list<scalar_t, R, start_t>(*wl, pb, z, weights, out_dim, starts, array_size, ranges);
+  fill_list<scalar_t, R>(*wl, pb, z, weights, out_dim, fw, array_size, ranges);
   walk_list<R>(
       *wl, array_size, threads, array, sizeof(scalar_t), false, [](int64_t, int64_t, int64_t) { return 0; },
       [&](const R& r, int64_t, int64_t lo, int64_t, int) {
