@@ -386,15 +386,30 @@ struct FeatureWalk {
   start_t* at(const Problem& pb, int64_t i) const { return starts + i * pb.max_blocks; }
 };
 
-// Calls fn(s, g, scale) for every block of the bags [b0, b1) in the fixed walk order (bag-major,
-// then feature, value, block): the block starts at slot s of the array, its upstream gradient at
+// The fixed walk order of a lookup's blocks is feature-major: feature, then bag, value, block (for
+// one-hot input, the KeyedJaggedTensor's own order of values). Its (feature, bag) pairs are
+// numbered q = f * batch + b; this calls fn(f, b0, b1) for each feature f with pairs in [q0, q1),
+// [b0, b1) its bags there, in walk order. (Bag-major, as before, each bag read every feature's
+// offsets, ids and starts at a stride of a whole feature: the one-hot forward took 30-35% longer
+// to hash and count and 13-23% longer to fill its work list, docs/performance.md.)
+template <typename Fn>
+inline void for_feature_runs(const Problem& pb, int64_t q0, int64_t q1, Fn&& fn) {
+  if (pb.batch <= 0) return;
+  for (int64_t f = q0 / pb.batch; f < pb.num_features && f * pb.batch < q1; ++f) {
+    fn(f, std::max<int64_t>(0, q0 - f * pb.batch), std::min(pb.batch, q1 - f * pb.batch));
+  }
+}
+
+// Calls fn(s, g, scale) for every block of the (feature, bag) pairs [q0, q1) in the fixed walk
+// order (for_feature_runs): the block starts at slot s of the array, its upstream gradient at
 // grad_out[g], and it enters the pooled output with factor `scale` (its weight, times 1 / bag
 // length for MEAN). fw: FeatureWalk::of the starts (const or not: they are only read).
 template <typename scalar_t, typename Walk, typename Fn>
 inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-                        const std::vector<Walk>& fw, int64_t b0, int64_t b1, Fn&& fn) {
-  for (int64_t b = b0; b < b1; ++b) {
-    for (const Walk& e : fw) {
+                        const std::vector<Walk>& fw, int64_t q0, int64_t q1, Fn&& fn) {
+  for_feature_runs(pb, q0, q1, [&](int64_t f, int64_t b0, int64_t b1) {
+    const Walk& e = fw[f];
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t bag_lo = e.off[b], bag_hi = e.off[b + 1];
       if (bag_hi == bag_lo) continue;
       const scalar_t bag_scale = e.mean ? scalar_t(1) / static_cast<scalar_t>(bag_hi - bag_lo) : scalar_t(1);
@@ -405,7 +420,7 @@ inline void walk_blocks(const Problem& pb, int64_t z, const scalar_t* weights, i
         for (int64_t blk = 0; blk < e.blocks; ++blk) fn(st[blk], grow + blk * z, scale);
       }
     }
-  }
+  });
 }
 
 // dst[s + j] += alpha * g[j] for the j with lo <= s + j < hi.
@@ -505,8 +520,8 @@ inline int64_t bucket_slots(int64_t array_size, int64_t threads) {
 inline int64_t bucket_count(int64_t array_size, int64_t chunk) { return (array_size + chunk - 1) / chunk; }
 
 // The blocks of one lookup grouped by the bucket of array slots they touch (`chunk` slots each):
-// bucket o's entries are refs[begin[o] : begin[o + 1]], in the fixed walk order (bag-major, then
-// feature, value, block); a block that straddles two buckets is listed in both. Its buffers are
+// bucket o's entries are refs[begin[o] : begin[o + 1]], in the fixed walk order (feature-major,
+// walk_blocks); a block that straddles two buckets is listed in both. Its buffers are
 // kept and reused (the pool below): no page faults in the steady state.
 struct WorkList {
   int64_t chunk = 0;
@@ -666,15 +681,18 @@ std::vector<int64_t> balanced_runs(const std::vector<int64_t>& begin, int64_t bu
   return cut;
 }
 
-// The bag ranges that count and place blocks: one per thread, in batch order.
-struct BagRanges {
+// The ranges of (feature, bag) pairs that count and place blocks: one per thread, consecutive in
+// walk order (for_feature_runs), so that their lists laid end to end are the walk order whatever
+// the thread count.
+struct PairRanges {
+  int64_t pairs;
   int64_t count;
   int64_t per;
-  BagRanges(int64_t batch, int64_t threads)
-      : count(std::max<int64_t>(1, std::min(threads, batch))), per((batch + count - 1) / count) {}
-  std::pair<int64_t, int64_t> bags(int64_t w, int64_t batch) const {
-    return {std::min(batch, w * per), std::min(batch, (w + 1) * per)};
-  }
+  PairRanges(const Problem& pb, int64_t threads)
+      : pairs(pb.num_features * pb.batch),
+        count(std::max<int64_t>(1, std::min(threads, pairs))),
+        per((pairs + count - 1) / count) {}
+  std::pair<int64_t, int64_t> of(int64_t w) const { return {std::min(pairs, w * per), std::min(pairs, (w + 1) * per)}; }
 };
 
 // Prepares wl for `ranges` x buckets of `chunk` slots (wl.pos zeroed for counting).
@@ -703,7 +721,7 @@ void place_counts(WorkList& wl, int64_t ranges) {
   if (wl.bytes.size() < need) wl.bytes.resize(need);
 }
 
-// Writes every block of the bags into its place(s) in the list: thread w walks its bag range in
+// Writes every block of the lookup into its place(s) in the list: thread w walks its pair range in
 // walk order and appends each block to its bucket (a straddling block to both) at the range's
 // next place there (wl.pos, from place_counts), so each bucket holds its blocks in walk order.
 // The stores go to ~1,650 places at a time per thread (27M slots), whose lines stay in L2: with
@@ -712,14 +730,14 @@ void place_counts(WorkList& wl, int64_t ranges) {
 // buffer kept with each pooled list: docs/performance.md). fw: the caller's FeatureWalk table.
 template <typename scalar_t, typename R, typename Walk>
 void fill_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
-               const std::vector<Walk>& fw, int64_t array_size, const BagRanges& ranges) {
+               const std::vector<Walk>& fw, int64_t array_size, const PairRanges& ranges) {
   const SlotDivider bucket_of(wl.chunk, array_size);
   R* refs = wl.refs<R>();
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* next = wl.pos.data() + w * wl.buckets;
-      const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t g, scalar_t scale) {
+      const auto [q0, q1] = ranges.of(w);
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, q0, q1, [&](int64_t s, int64_t g, scalar_t scale) {
         const R r = R::make(s, g, scale);
         for (int64_t o = bucket_of(s), last = bucket_of(s + z - 1); o <= last; ++o) refs[next[o]++] = r;
       });
@@ -749,7 +767,7 @@ inline int64_t count_blocks(const Problem& pb, int64_t z) {
 template <typename scalar_t, typename R, typename start_t>
 void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weights, int64_t out_dim,
                 const start_t* starts, int64_t array_size, int64_t threads) {
-  const BagRanges ranges(pb.batch, threads);
+  const PairRanges ranges(pb, threads);
   reset_list(wl, array_size, bucket_slots(array_size, threads), ranges.count);
   const SlotDivider bucket_of(wl.chunk, array_size);
   const int64_t max_start = array_size - z;
@@ -759,8 +777,8 @@ void build_list(WorkList& wl, const Problem& pb, int64_t z, const scalar_t* weig
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl.pos.data() + w * wl.buckets;
-      const auto [b0, b1] = ranges.bags(w, pb.batch);
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b0, b1, [&](int64_t s, int64_t, scalar_t) {
+      const auto [q0, q1] = ranges.of(w);
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, q0, q1, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) {
           bad.store(s);
           found.store(true);
@@ -853,7 +871,8 @@ std::vector<scalar_t>& gather_rows() {
 // small arrays), and each thread adds only into the buckets of its own run: no atomics, no
 // per-thread copies of the array. The blocks are first grouped by bucket in a work list, so each
 // thread reads only its own work and adds into 64 KiB of the array at a time:
-//   1. the batch is cut into T bag ranges; thread w counts its range's blocks per bucket;
+//   1. the (feature, bag) pairs are cut into T ranges in walk order; thread w counts its range's
+//      blocks per bucket;
 //   2. prefix sums give every (range, bucket) pair its place in one work list, grouped by bucket
 //      and, within a bucket, in range order; the blocks are written there (fill_list);
 //   3. the buckets are cut into T runs of about equal work; thread t walks its run's lists in
@@ -877,19 +896,23 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
   if (!wl) {
     const int64_t chunk = bucket_slots(array_size, threads);
     if (chunk >= array_size || pb.batch < 2 || count_blocks(pb, z) < 4 * bucket_count(array_size, chunk)) {
-      // one bucket, or fewer blocks than buckets: no work list; each bag's slots prefetched a bag ahead
+      // one bucket, or fewer blocks than buckets: no work list; each (feature, bag) pair's slots
+      // prefetched as many pairs ahead as there are features
       const int64_t max_start = array_size - z;
+      const int64_t pairs = pb.num_features * pb.batch, ahead = pb.num_features;
       bool found = false;  // checked before anything is written (the fused update writes the array)
       int64_t bad = 0;
       const auto fw = FeatureWalk<const start_t>::of(pb, z, starts);
-      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, 0, pb.batch, [&](int64_t s, int64_t, scalar_t) {
+      walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, 0, pairs, [&](int64_t s, int64_t, scalar_t) {
         if (s < 0 || s > max_start) found = true, bad = s;
       });
       check_starts_in_array(found, bad, array_size, z);
-      for (int64_t b = 0; b < pb.batch; ++b) {
-        walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b + 1, std::min(b + 2, pb.batch),
-                                       [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
-        walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, b, b + 1, [&](int64_t s, int64_t g, scalar_t scale) {
+      for (int64_t q = 0; q < pairs; ++q) {
+        if (q + ahead < pairs) {
+          walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, q + ahead, q + ahead + 1,
+                                [&](int64_t s, int64_t, scalar_t) { prefetch_lines(target + s, block_bytes, true); });
+        }
+        walk_blocks<scalar_t>(pb, z, weights, out_dim, fw, q, q + 1, [&](int64_t s, int64_t g, scalar_t scale) {
           add_block<scalar_t>(target, s, z, 0, array_size, alpha * scale, grad_out + g);
         });
       }
@@ -925,8 +948,8 @@ void backward_impl(const Problem& pb, int64_t z, const scalar_t* weights, const 
 // blocks by bucket of the array first and copies them bucket by bucket, so the array is read
 // once, in order, 64 KiB at a time, and the random accesses go to the output, written once
 // with non-temporal stores (docs/performance.md):
-//   1. thread w hashes its bag range's blocks (the starts) and counts them per bucket; empty
-//      bags' outputs are zeroed;
+//   1. thread w hashes the blocks of its range of (feature, bag) pairs (the starts) and counts
+//      them per bucket; empty bags' outputs are zeroed;
 //   2. places and fills the work list as the backward builds it (build_list's steps 2, 3);
 //   3. each thread copies the blocks of its run of buckets to the output (alpha * block; a
 //      straddling block once, from the bucket of its start).
@@ -938,7 +961,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t z = hash.z;
   const bool stream = pb.batch * out_dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamOutputBytes;
-  const BagRanges ranges(pb.batch, threads);
+  const PairRanges ranges(pb, threads);
   ListPool& pool = list_pool();
   std::unique_ptr<WorkList> wl = pool.take_free();
   reset_list(*wl, array_size, bucket_slots(array_size, threads), ranges.count);
@@ -948,11 +971,11 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
   at::parallel_for(0, ranges.count, 1, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       int64_t* count = wl->pos.data() + w * wl->buckets;
-      const auto [b0, b1] = ranges.bags(w, pb.batch);
-      for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t f = 0; f < pb.num_features; ++f) {
-          const FeatureWalk<start_t>& e = fw[f];
-          const int64_t nb = e.blocks;
+      const auto [q0, q1] = ranges.of(w);
+      for_feature_runs(pb, q0, q1, [&](int64_t f, int64_t b0, int64_t b1) {
+        const FeatureWalk<start_t>& e = fw[f];
+        const int64_t nb = e.blocks;
+        for (int64_t b = b0; b < b1; ++b) {
           if (e.off[b + 1] == e.off[b]) {  // empty bag: zeros (the output is not pre-zeroed)
             scalar_t* row = out + b * out_dim + e.out_col;
             std::fill(row, row + e.dim, scalar_t(0));
@@ -965,7 +988,7 @@ void forward_bucketed(const Problem& pb, const Hash& hash, const scalar_t* array
             for (int64_t o = bucket_of(st[blk]), last = bucket_of(st[blk] + z - 1); o <= last; ++o) ++count[o];
           }
         }
-      }
+      });
     }
   });
   bad.check(pb);
