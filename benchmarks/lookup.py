@@ -123,8 +123,12 @@ def _apply_allocator(argv: List[str]) -> str:
     if choice in JEMALLOC_CONF:
         if os.environ.get("_ROBE_DIST_LOOKUP_JEMALLOC") == "1":  # this is the re-executed process
             return f"{choice} ({os.environ['LD_PRELOAD']}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
-        lib = os.environ.get("ROBE_DIST_JEMALLOC") or next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-        if lib is None or not os.path.exists(lib):
+        lib = os.environ.get("ROBE_DIST_JEMALLOC")
+        if lib and not os.path.isfile(lib):
+            sys.exit(f"benchmarks/lookup.py: --allocator {choice}: ROBE_DIST_JEMALLOC={lib} is not a file; "
+                     "expected the path of libjemalloc.so.2 (or unset it to search the usual places)")
+        lib = lib or next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+        if lib is None:
             sys.exit(f"benchmarks/lookup.py: --allocator {choice} needs libjemalloc.so.2 (Debian/Ubuntu: apt-get install "
                      f"libjemalloc2), not found in {', '.join(JEMALLOC_PATHS)}; or set ROBE_DIST_JEMALLOC=PATH")
         preload = " ".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
